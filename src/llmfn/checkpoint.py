@@ -1,0 +1,54 @@
+"""Reading safetensors checkpoints (single file or sharded index), mmap'd, never unpickled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from llmfn.config import read_json
+from llmfn.errors import CheckpointError
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from its index when sharded."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise CheckpointError(f"{folder}: only pickle weights (*.bin/*.pt) found; llmfn never unpickles, convert to safetensors")
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_tensors(files: list[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of the given safetensors files by name (mmap'd on CPU)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"{file}: file not found")
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors reports truncation and bad headers this way
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    return tensors
+
+
+def take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], source: Path | str) -> torch.Tensor:
+    """Pop a tensor by name and check its shape, naming it on failure."""
+    if name not in tensors:
+        raise CheckpointError(f"{source}: missing tensor {name!r}")
+    t = tensors.pop(name)
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, config expects {tuple(shape)}")
+    return t

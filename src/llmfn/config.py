@@ -1,0 +1,121 @@
+"""Frozen, hashable configs read from a checkpoint's config.json.
+
+Non-tensor facts (sizes, flags) live here, outside the params pytree, so a config can key
+caches and compiled graphs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmfn.errors import CheckpointError, UnsupportedModelError
+
+# Families that share the Llama forward after their weights are mapped to its layout.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling as in HF `rope_parameters` / `rope_scaling`; kind: default, linear, llama3."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    # Baichuan-2 13B / Qwen-1 style variants (filled by their loaders).
+    position_encoding: str = "rope"  # "rope" or "alibi"
+    norm_head: bool = False
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON file, raising CheckpointError that names it when missing or malformed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _rope(raw: dict) -> tuple[float, RopeScaling]:
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
+    fields = {k: merged[k] for k in ("factor", "low_freq_factor", "high_freq_factor") if k in merged}
+    if "original_max_position_embeddings" in merged:
+        fields["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
+    return theta, RopeScaling(kind=kind, **{k: (float(v) if k != "original_max_position_embeddings" else v) for k, v in fields.items()})
+
+
+def llama_config_from_hf(raw: dict, source: Path | str = "config.json") -> LlamaConfig:
+    """Map an HF config dict of the Llama family (llama, mistral, qwen2) to LlamaConfig."""
+    model_type = raw.get("model_type")
+    if model_type not in LLAMA_FAMILY:
+        raise UnsupportedModelError(f"{source}: model_type {model_type!r} is not a Llama-family model")
+    try:
+        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        theta, scaling = _rope(raw)
+        window = None
+        if model_type == "mistral" or raw.get("use_sliding_window"):
+            window = raw.get("sliding_window")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported")
+        attention_bias = bool(raw.get("attention_bias", False))
+        return LlamaConfig(
+            model_type=model_type,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type == "llama" and attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            sliding_window=int(window) if window else None,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad value ({e})") from None

@@ -1,0 +1,169 @@
+"""Library entry points over a loaded Model: scoring, token generation and chat."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from llmfn.chat_template import apply_chat_template
+from llmfn.errors import RequestError
+from llmfn.model import Model
+from llmfn.models import llama
+from llmfn.sampling import SamplingParams, apply_penalties, fresh_seed, sample
+from llmfn.stopping import StopStrings
+
+
+def _device(model: Model) -> torch.device:
+    return model.params["norm"].device
+
+
+def _dtype(model: Model) -> torch.dtype:
+    return model.params["norm"].dtype
+
+
+def logits(model: Model, tokens: torch.Tensor) -> torch.Tensor:
+    """A full forward without a prior cache. tokens: [B, T] -> fp32 logits [B, T, V]."""
+    _require_causal(model)
+    b, t = tokens.shape
+    cache = llama.init_cache(model.cfg, b, t, _dtype(model), _device(model))
+    positions = torch.arange(t, device=_device(model)).expand(b, t)
+    with torch.inference_mode():
+        out, _ = llama.forward(model.params, model.cfg, tokens.to(_device(model)), positions, cache)
+    return out
+
+
+def _require_causal(model: Model) -> None:
+    if model.kind != "causal-lm":
+        raise RequestError(f"model is a {model.kind} model, not a causal language model", param="model")
+
+
+def check_prompt(model: Model, n_prompt: int, max_tokens: int) -> None:
+    """Raise RequestError when the prompt is empty or prompt + max_tokens exceeds the context."""
+    context = model.cfg.max_position_embeddings
+    if n_prompt == 0:
+        raise RequestError("the prompt is empty", param="prompt")
+    if max_tokens < 1:
+        raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    if n_prompt + max_tokens > context:
+        raise RequestError(
+            f"this model's maximum context length is {context} tokens; the prompt has {n_prompt} tokens "
+            f"and max_tokens asks for {max_tokens} more",
+            param="max_tokens",
+        )
+
+
+def generate(
+    model: Model,
+    prompt_ids: list[int],
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    stop_token_ids: list[int] | None = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+) -> Iterator[int]:
+    """Yield generated token ids; stops after an EOS id (yielded) or max_tokens.
+
+    The token at position p is sampled with key (seed, p), so a seeded run is reproducible."""
+    _require_causal(model)
+    params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed)
+    stops = set(stop_token_ids if stop_token_ids is not None else eos_ids(model))
+    prompt = list(prompt_ids)
+    check_prompt(model, len(prompt), max_tokens)
+    if any(not 0 <= t < model.cfg.vocab_size for t in prompt):
+        raise RequestError(f"prompt token ids must be in [0, {model.cfg.vocab_size})", param="prompt")
+    return _generate(model, prompt, max_tokens, params, stops)
+
+
+def eos_ids(model: Model) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(model.generation.eos_ids + model.tokenizer.eos_ids))
+
+
+def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingParams, stops: set[int]) -> Iterator[int]:
+    cfg, params, device = model.cfg, model.params, _device(model)
+    n = len(prompt)
+    row = lambda v, dt: torch.tensor([v], dtype=dt, device=device)
+    knobs = dict(
+        temperature=row(sp.temperature, torch.float32), top_k=row(sp.top_k, torch.int64),
+        top_p=row(sp.top_p, torch.float32), min_p=row(sp.min_p, torch.float32),
+        seed=row(fresh_seed() if sp.seed is None else sp.seed, torch.int64),
+    )
+    penalties = [row(x, torch.float32) for x in (sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty)]
+    counts = torch.zeros(1, cfg.vocab_size, dtype=torch.int64, device=device)
+    seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=device)
+    seen[0, torch.tensor(prompt, device=device)] = True
+    with torch.inference_mode():
+        cache = llama.init_cache(cfg, 1, n + max_tokens, _dtype(model), device)
+        tokens = torch.tensor([prompt], device=device)
+        positions = torch.arange(n, device=device)[None]
+        out, cache = llama.forward(params, cfg, tokens, positions, cache, logit_index=row(n - 1, torch.int64))
+        for step in range(max_tokens):
+            next_logits = out[:, -1]
+            if sp.penalized:
+                next_logits = apply_penalties(next_logits, counts, seen, *penalties)
+            if sp.greedy:
+                token = next_logits.argmax(-1)
+            else:
+                token = sample(next_logits, step=row(n + step, torch.int64), **knobs)
+            token_id = int(token)
+            yield token_id
+            if token_id in stops or step == max_tokens - 1:
+                return
+            counts[0, token_id] += 1
+            seen[0, token_id] = True
+            out, cache = llama.forward(params, cfg, token[:, None], row(n + step, torch.int64)[:, None], cache)
+
+
+class ChatStream:
+    """Iterate for text deltas (never a split UTF-8 character); afterwards `finish_reason`
+    ("stop" or "length"), `prompt_tokens` and `completion_tokens` are set."""
+
+    def __init__(self, model: Model, prompt_ids: list[int], max_tokens: int, stop: list[str], sampling: dict):
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._tokens = generate(model, prompt_ids, max_tokens=max_tokens, **sampling)
+        self._max_tokens = max_tokens
+        self._stop = stop
+
+    def __iter__(self) -> Iterator[str]:
+        detok = self.model.tokenizer.stream()
+        stops = StopStrings(self._stop)
+        eos = set(eos_ids(self.model))
+        for token in self._tokens:
+            self.completion_tokens += 1
+            if token in eos:
+                self.finish_reason = "stop"
+                break
+            text = stops.push(detok.add(token))
+            if text:
+                yield text
+            if stops.stopped:
+                self.finish_reason = "stop"
+                return
+        tail = stops.push(detok.flush()) + stops.flush()
+        if tail:
+            yield tail
+        if self.finish_reason is None:
+            self.finish_reason = "stop" if stops.stopped else "length"
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+def chat(model: Model, messages: list[dict], *, max_tokens: int, stop: list[str] | str | None = None, **sampling) -> ChatStream:
+    """Stream the assistant's reply to messages, rendered with the model's own chat template."""
+    _require_causal(model)
+    if not model.chat_template:
+        raise RequestError("this model has no chat template; use generate() with a prompt", param="messages")
+    prompt = apply_chat_template(model.tokenizer, model.chat_template, messages)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    return ChatStream(model, prompt, max_tokens, stops, sampling)

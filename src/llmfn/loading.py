@@ -1,0 +1,168 @@
+"""`load(path)`: a checkpoint folder, a GGUF file or a known alias, into a `Model`."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llmfn.checkpoint import read_tensors, weight_files
+from llmfn.config import LLAMA_FAMILY, llama_config_from_hf, read_json
+from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
+from llmfn.model import GenerationDefaults, Model
+from llmfn.models import llama
+from llmfn.registry import ALIASES, converted_path, package_path
+from llmfn.tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# model_type -> loader(folder, raw_config, dtype, device) -> Model, for families outside the
+# Llama layout (BERT, Qwen-1, Baichuan 2); each family module registers itself here.
+FAMILY_LOADERS: dict[str, Callable[..., Model]] = {}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlmfnError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Model:
+    """Load a model: a Hugging Face folder, a .gguf file, or an alias such as "smollm2-135m-instruct".
+
+    dtype defaults to float32 (the fast CPU type here); weights are mmap'd, never unpickled."""
+    dtype = parse_dtype(dtype)
+    folder = resolve(path)
+    raw = read_json(folder / "config.json")
+    model_type = raw.get("model_type")
+    if model_type in LLAMA_FAMILY:
+        return load_causal_lm(folder, raw, dtype or torch.float32, device)
+    _register_families()
+    if model_type in FAMILY_LOADERS:
+        return FAMILY_LOADERS[model_type](folder, raw, dtype or torch.float32, device)
+    known = sorted(set(LLAMA_FAMILY) | set(FAMILY_LOADERS))
+    raise UnsupportedModelError(f"{folder / 'config.json'}: model_type {model_type!r} is not supported ({', '.join(known)} are)")
+
+
+def _register_families() -> None:
+    """Import the optional family modules so they add themselves to FAMILY_LOADERS."""
+    import importlib
+
+    for module in ("llmfn.embed", "llmfn.models.qwen", "llmfn.models.baichuan"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint folder for an alias, a GGUF file (converted once into the cache) or a folder."""
+    name = str(path)
+    if name in ALIASES:
+        source = package_path(ALIASES[name])
+        return ensure_converted(source, name) if source.suffix == ".gguf" else source
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        return ensure_converted(p, p.stem.lower())
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such model folder, GGUF file or alias (aliases: {', '.join(ALIASES)})")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a model folder or a .gguf file")
+    return p
+
+
+def ensure_converted(gguf_file: Path, name: str) -> Path:
+    """Convert a GGUF once into LLMFN_HOME; concurrent first uses each write a temp folder and the
+    first rename wins."""
+    from llmfn.gguf_import import convert_gguf
+
+    if not gguf_file.is_file():
+        raise CheckpointError(f"{gguf_file}: file not found")
+    out = converted_path(name)
+    stamp = f"{gguf_file.stat().st_size}-{int(gguf_file.stat().st_mtime)}"
+    if (out / "config.json").exists() and (out / "SOURCE").exists() and (out / "SOURCE").read_text() == stamp:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
+    try:
+        convert_gguf(gguf_file, tmp)
+        (tmp / "SOURCE").write_text(stamp)
+        if out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            tmp.replace(out)
+        except OSError:  # another process won the race
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def chat_template(folder: Path, tokenizer_config: dict) -> str | None:
+    """The folder's chat template: chat_template.jinja, or tokenizer_config.json's field."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def generation_defaults(folder: Path, raw_config: dict) -> GenerationDefaults:
+    file = folder / "generation_config.json"
+    gen = read_json(file) if file.exists() else {}
+    eos = gen.get("eos_token_id", raw_config.get("eos_token_id"))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    sampling = {}
+    if gen.get("do_sample"):
+        sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
+    return GenerationDefaults(eos_ids=eos_ids, repetition_penalty=float(gen.get("repetition_penalty", 1.0)), **sampling)
+
+
+def cast_params(tree, dtype: torch.dtype, device: str):
+    """Cast floating tensors of a params pytree (keeping fp32 derived tables such as rope)."""
+    if isinstance(tree, dict):
+        return {k: (v.to(device) if k in ("rope_inv_freq", "alibi_slopes") else cast_params(v, dtype, device)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [cast_params(v, dtype, device) for v in tree]
+    if isinstance(tree, torch.Tensor) and tree.is_floating_point():
+        return tree.to(device=device, dtype=dtype)
+    if hasattr(tree, "to"):
+        return tree.to(device)
+    return tree
+
+
+def load_causal_lm(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> Model:
+    cfg = llama_config_from_hf(raw, folder / "config.json")
+    files = weight_files(folder)
+    tensors = read_tensors(files)
+    params = llama.params_from_hf(tensors, cfg, source=files[0] if len(files) == 1 else folder)
+    tied = cfg.tie_word_embeddings and params["lm_head"] is params["embed"]
+    params = cast_params(params, dtype, device)
+    if tied:  # keep one tensor for both after the cast
+        params["lm_head"] = params["embed"]
+    return finish_causal_lm(folder, raw, cfg, params)
+
+
+def finish_causal_lm(folder: Path, raw: dict, cfg, params) -> Model:
+    """Attach tokenizer, template and generation defaults; shared by every causal-LM loader."""
+    tokenizer = load_tokenizer(folder)
+    tok_cfg_file = folder / "tokenizer_config.json"
+    tok_cfg = read_json(tok_cfg_file) if tok_cfg_file.exists() else {}
+    return Model(
+        kind="causal-lm",
+        cfg=cfg,
+        params=params,
+        tokenizer=tokenizer,
+        generation=generation_defaults(folder, raw),
+        chat_template=chat_template(folder, tok_cfg),
+        path=folder,
+    )

@@ -1,0 +1,166 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) as a pure function over a params pytree.
+
+    logits, cache = forward(params, cfg, tokens, positions, cache)
+
+Params layout (every Llama-family checkpoint is mapped onto it at load):
+    embed [V, D]; norm [D]; lm_head [V, D] (the embed tensor itself when tied);
+    rope_inv_freq [hd/2] (fp32, derived from cfg); alibi_slopes [Hq] instead for ALiBi models;
+    layers: list of {attn_norm [D], wqkv [(Hq+2Hk)*hd, D], bqkv? [(Hq+2Hk)*hd], wo [D, Hq*hd], bo? [D],
+                     mlp_norm [D], w_gate_up [2F, D], b_gate_up? [2F], w_down [D, F], b_down? [D]}
+KV cache: {"k": [L, B, Hk, S, hd], "v": [L, B, Hk, S, hd]}; slot j of row b holds position j.
+The cache is donated: forward writes the new keys and values into it in place and returns it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llmfn import kernels
+from llmfn.checkpoint import take
+from llmfn.config import LlamaConfig
+from llmfn.errors import CheckpointError
+from llmfn.linear import embedding, linear
+
+Params = dict
+Cache = dict
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [hd/2] with linear or llama3 scaling, as HF computes them."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    if s.kind == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=torch.float32, device="cpu") -> Cache:
+    """A zeroed KV cache for `batch` rows of `length` positions each."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+    return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+
+
+def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache, v_cache):
+    b, t, _ = x.shape
+    qkv = linear(x, layer["wqkv"], layer.get("bqkv"))  # [b, t, (Hq+2Hk)*hd]
+    q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+    q = q.view(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cos is not None:
+        q, k = kernels.apply_rope(q, k, cos, sin)
+    rows = torch.arange(b, device=x.device)[:, None]  # [b, 1]
+    k_cache[rows, :, positions] = k  # writes [b, t, Hk, hd] into slots `positions`
+    v_cache[rows, :, positions] = v
+    out = kernels.attention(
+        q.transpose(1, 2),  # [b, Hq, t, hd]
+        k_cache,
+        v_cache,
+        positions,
+        1.0 / math.sqrt(cfg.head_dim),
+        params.get("alibi_slopes"),
+        cfg.sliding_window,
+    )
+    out = out.transpose(1, 2).reshape(b, t, cfg.q_size)
+    return linear(out, layer["wo"], layer.get("bo"))
+
+
+def _mlp(x, layer, cfg: LlamaConfig):
+    gate, up = linear(x, layer["w_gate_up"], layer.get("b_gate_up")).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, layer["w_down"], layer.get("b_down"))
+
+
+def forward(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: Cache,
+    logit_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Cache]:
+    """tokens, positions: [B, T] (int64). Returns fp32 logits [B, T, V] and the (donated) cache.
+
+    With logit_index [B] (an index into T per row), only those rows' logits are computed: [B, 1, V]."""
+    x = embedding(params["embed"], tokens)  # [B, T, D]
+    cos = sin = None
+    if "rope_inv_freq" in params:
+        freqs = positions[..., None].float() * params["rope_inv_freq"]  # [B, T, hd/2]
+        cos, sin = freqs.cos(), freqs.sin()
+    for i, layer in enumerate(params["layers"]):
+        h = kernels.rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+        x = x + _attention(h, layer, cfg, params, cos, sin, positions, cache["k"][i], cache["v"][i])
+        h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+        x = x + _mlp(h, layer, cfg)
+    if logit_index is not None:
+        x = x[torch.arange(x.shape[0], device=x.device), logit_index][:, None]  # [B, 1, D]
+    x = kernels.rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    return linear(x, params["lm_head"]).float(), cache
+
+
+def params_from_hf(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, source="model.safetensors") -> Params:
+    """Map HF LlamaForCausalLM-style tensor names onto the llmfn layout, checking every shape.
+
+    Consumes `tensors`; anything left over that is not a known buffer is an error."""
+    D, F_, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    names = {k.removeprefix("model."): k for k in tensors}
+    t = {k.removeprefix("model."): v for k, v in tensors.items()}
+
+    def get(name, shape):
+        return take(t, name, shape, source)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        q = get(p + "self_attn.q_proj.weight", (cfg.q_size, D))
+        k = get(p + "self_attn.k_proj.weight", (cfg.kv_size, D))
+        v = get(p + "self_attn.v_proj.weight", (cfg.kv_size, D))
+        layer = {
+            "attn_norm": get(p + "input_layernorm.weight", (D,)),
+            "wqkv": torch.cat([q, k, v]),
+            "wo": get(p + "self_attn.o_proj.weight", (D, cfg.q_size)),
+            "mlp_norm": get(p + "post_attention_layernorm.weight", (D,)),
+            "w_gate_up": torch.cat(
+                [get(p + "mlp.gate_proj.weight", (F_, D)), get(p + "mlp.up_proj.weight", (F_, D))]
+            ),
+            "w_down": get(p + "mlp.down_proj.weight", (D, F_)),
+        }
+        if cfg.qkv_bias:
+            layer["bqkv"] = torch.cat(
+                [
+                    get(p + "self_attn.q_proj.bias", (cfg.q_size,)),
+                    get(p + "self_attn.k_proj.bias", (cfg.kv_size,)),
+                    get(p + "self_attn.v_proj.bias", (cfg.kv_size,)),
+                ]
+            )
+        if cfg.o_bias:
+            layer["bo"] = get(p + "self_attn.o_proj.bias", (D,))
+        if cfg.mlp_bias:
+            layer["b_gate_up"] = torch.cat([get(p + "mlp.gate_proj.bias", (F_,)), get(p + "mlp.up_proj.bias", (F_,))])
+            layer["b_down"] = get(p + "mlp.down_proj.bias", (D,))
+        layers.append(layer)
+    embed = get("embed_tokens.weight", (cfg.vocab_size, D))
+    norm = get("norm.weight", (D,))
+    head_name = "lm_head.weight"
+    if cfg.tie_word_embeddings and head_name not in t:
+        lm_head = embed
+    else:
+        lm_head = get(head_name, (cfg.vocab_size, D))
+    leftover = [names.get(k, k) for k in t if "rotary_emb" not in k]
+    if leftover:
+        raise CheckpointError(f"{source}: unexpected tensors {leftover[:5]}")
+    return {"embed": embed, "norm": norm, "lm_head": lm_head, "rope_inv_freq": rope_inv_freq(cfg), "layers": layers}

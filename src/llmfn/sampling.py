@@ -1,0 +1,123 @@
+"""Sampling as pure functions of logits, per-row parameters and an explicit (seed, step) key.
+
+Noise is a counter-based hash of (seed, step, token id): the same seed gives the same tokens on
+every run, no global RNG is touched, and a row's draw never depends on the other rows in a batch.
+Sampling uses the exponential-race trick, argmax(probs / Exp(1) noise), which needs no host sync.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (OpenAI / vLLM meanings). temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/vLLM: divides positive logits of seen tokens
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every generated token's logit
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated text
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def fresh_seed() -> int:
+    """A seed from the OS, for requests that gave none (returned so callers can report it)."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser on int64 tensors holding values in [0, 2^32); stays below 2^63."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) noise [B, V], a pure function of seed [B], step [B] and the token id."""
+    seed = seed.to(torch.int64)
+    key = _mix32(seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32)
+    row = _mix32((key + step.to(torch.int64)) & _MASK32)  # [B]
+    ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    h = _mix32((row[:, None] + _mix32(ids)[None, :] * 0x9E3779B1) & _MASK32)  # [B, V]
+    return (h.double() + 0.5) / 4294967296.0
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    generated_counts: torch.Tensor,
+    seen: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """logits [B, V]; generated_counts [B, V] (occurrences in the output so far); seen [B, V] bool
+    (in the prompt or the output); penalties [B]. Returns new logits."""
+    rep = repetition_penalty[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    counts = generated_counts.to(logits.dtype)
+    return logits - presence_penalty[:, None] * (counts > 0) - frequency_penalty[:, None] * counts
+
+
+def allowed_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """The tokens each row may sample, as a bool mask [B, V]: top_k first, then top_p on the
+    renormalised rest, then min_p relative to the most likely token. The top token is always kept."""
+    B, V = logits.shape
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, V)[:, None]
+    keep = rank < k
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    keep &= (probs.cumsum(-1) - probs) < top_p[:, None]
+    keep &= probs >= min_p[:, None] * probs[:, :1]
+    keep[:, 0] = True
+    return torch.zeros_like(keep).scatter(1, order, keep)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+) -> torch.Tensor:
+    """Next token per row [B] from fp32 logits [B, V]. Rows with temperature 0 take the argmax."""
+    mask = allowed_tokens(logits, temperature, top_k, top_p, min_p)
+    scaled = (logits / temperature.clamp_min(1e-6)[:, None]).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1).double()
+    race = probs / -torch.log(uniform_noise(seed, step, logits.shape[-1]))  # Exp(1) noise
+    drawn = race.argmax(dim=-1)
+    return torch.where(temperature <= 0, logits.argmax(dim=-1), drawn)
+
+
+def params_to_tensors(params: list[SamplingParams], seeds: list[int], device="cpu") -> dict[str, torch.Tensor]:
+    """Stack per-request settings into the [B] tensors `sample` takes."""
+    return {
+        "temperature": torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+        "top_k": torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+        "top_p": torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        "min_p": torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+        "seed": torch.tensor(seeds, dtype=torch.int64, device=device),
+    }
