@@ -1,23 +1,49 @@
-"""Public ops: the torch reference on CPU (inlined and fused by torch.compile), Triton on CUDA."""
+"""Public ops: the torch reference on CPU (inlined and fused by torch.compile), Triton on CUDA.
+
+The Triton paths are `torch.library.triton_op`s (torch.ops.llmfn.*), so torch.compile on CUDA
+traces through them without graph breaks. Tests force them on CPU tensors under
+TRITON_INTERPRET=1 by calling the triton_* modules directly."""
 
 import torch
 
 from llmfn.kernels import reference as ref
 
+try:  # triton ships with CUDA builds of torch; without it every device takes the reference
+    from llmfn.kernels import triton_attention, triton_int4, triton_norm, triton_rope
+except ImportError:  # pragma: no cover - depends on the install
+    triton_attention = triton_int4 = triton_norm = triton_rope = None
+
+
+def _triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton_norm is not None
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (fp32 math, HF order). x [..., dim], weight [dim]."""
+    if _triton(x):
+        return triton_norm.rms_norm(x, weight, eps)
     return ref.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), fused into one pass on CUDA."""
+    if _triton(x):
+        return triton_norm.add_rms_norm(x, residual, weight, eps)
     return ref.add_rms_norm(x, residual, weight, eps)
 
 
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding (half-split layout) of q [b, s, hq, d] and k [b, s, hk, d] by cos/sin [b, s, d/2].
+
+    q and k are donated: on CUDA they are rotated in place and returned; on CPU new tensors are
+    returned. Callers must use the returned tensors and not the arguments afterwards."""
+    if _triton(q):
+        triton_rope.rope_(q, k, cos, sin)
+        return q, k
     return ref.apply_rope(q, k, cos, sin)
 
 
@@ -30,4 +56,17 @@ def attention(
     alibi_slopes: torch.Tensor | None = None,
     window: int | None = None,
 ) -> torch.Tensor:
+    """Causal GQA attention over a position-indexed KV cache (see reference.attention).
+    On CUDA: flash-attention prefill, or split-KV decode when s == 1."""
+    if _triton(q):
+        return triton_attention.attention(q, k, v, q_pos, scale, alibi_slopes, window)
     return ref.attention(q, k, v, q_pos, scale, alibi_slopes, window)
+
+
+def int4_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x [..., k] @ int4 weight [n, k] -> [..., n]; the layout is documented in reference.py."""
+    if _triton(x):
+        return triton_int4.int4_matmul(x, qweight, scales, zeros, group_size)
+    return ref.int4_matmul(x, qweight, scales, zeros, group_size)

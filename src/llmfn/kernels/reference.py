@@ -5,6 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llmfn.errors import LlmfnError
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, cast back, then scaled (the Llama / HF order)."""
@@ -78,3 +80,83 @@ def attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# int4 weight-only quantization
+#
+# Layout (the one every int4 path in llmfn uses; AWQ / GGUF Q4_0 / Q4_1 are converted to it at load):
+#   w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]          g = group_size
+#   qweight: uint8 [n, k // 2]; byte (n, i) holds q[n, 2i] in its low nibble and q[n, 2i + 1] in
+#            its high nibble (q unsigned, 0..15). Rows are output features, like nn.Linear.weight.
+#   scales:  float [n, k // g] (fp16 / bf16 / fp32, usually the activation dtype).
+#   zeros:   float [n, k // g], same dtype as scales. Floats, so every format maps on exactly:
+#            AWQ / GPTQ: zeros = z (the unpacked 4-bit zero point); GGUF Q4_0 (w = d * (q - 8)):
+#            scales = d, zeros = 8; GGUF Q4_1 (w = d * q + m): scales = d, zeros = -m / d
+#            (store fp32 zeros for Q4_1 to keep -m / d exact enough; a block with d == 0 is all m).
+#   k must be a multiple of group_size, and group_size even.
+# ---------------------------------------------------------------------------------------------
+
+
+class KernelError(LlmfnError, ValueError):
+    """A tensor handed to a kernel has the wrong shape, dtype or layout."""
+
+
+def check_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> None:
+    """Raises KernelError unless (qweight, scales, zeros) follow the int4 layout above."""
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise KernelError(f"int4 qweight must be uint8 [n, k/2], got {qweight.dtype} {list(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if group_size <= 0 or group_size % 2 or k % group_size:
+        raise KernelError(f"int4 group_size {group_size} must be even and divide k={k}")
+    want = [n, k // group_size]
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if list(t.shape) != want or not t.is_floating_point():
+            raise KernelError(f"int4 {name} must be float {want}, got {t.dtype} {list(t.shape)}")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[n, k] integers in 0..15 -> uint8 [n, k // 2] (even k in the low nibble)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, k // 2] -> uint8 [n, k] values 0..15 (inverse of pack_int4)."""
+    lo = qweight & 0xF
+    hi = qweight >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)  # [n, k/2, 2] -> [n, k]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest int4 quantization of w [n, k] -> (qweight, scales, zeros)
+    in w's dtype. Integer zero points, as AWQ stores them."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    lo = wg.amin(-1).clamp(max=0.0)
+    hi = wg.amax(-1).clamp(min=0.0)
+    scales = ((hi - lo) / 15).clamp(min=1e-8)  # [n, k/g]
+    zeros = (-lo / scales).round().clamp(0, 15)
+    q = (wg / scales[..., None] + zeros[..., None]).round().clamp(0, 15)
+    return pack_int4(q.reshape(n, k)), scales.to(w.dtype), zeros.to(w.dtype)
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The int4 layout above -> dense [n, k] weight in dtype (computed in fp32, then cast)."""
+    q = unpack_int4(qweight).float()  # [n, k]
+    n, k = q.shape
+    q = q.view(n, k // group_size, group_size)
+    w = (q - zeros.float()[..., None]) * scales.float()[..., None]
+    return w.view(n, k).to(dtype)
+
+
+def int4_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x [..., k] @ dequantized(w).T -> [..., n]: dequantize to x's dtype, then a dense matmul."""
+    return F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype))
+
+
+int4_matmul_reference = int4_matmul
