@@ -1,0 +1,127 @@
+"""Broken checkpoints give one clear llmfn error naming the file and the problem."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import llmfn
+from llmfn.errors import CheckpointError, UnsupportedModelError
+from tiny import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    make_checkpoint(folder, "llama")
+    return folder
+
+
+def _copy(good, tmp_path):
+    out = tmp_path / "ckpt"
+    shutil.copytree(good, out)
+    return out
+
+
+def test_loads_and_documents_layout(good):
+    model = llmfn.load(good)
+    assert model.kind == "causal-lm"
+    layer = model.params["layers"][0]
+    assert layer["wqkv"].shape == ((4 + 2 * 2) * 16, 64)
+    assert layer["w_gate_up"].shape == (2 * 96, 64)
+    assert model.chat_template and model.tokenizer.eos_ids
+
+
+def test_missing_folder():
+    with pytest.raises(CheckpointError, match="no such model"):
+        llmfn.load("/nonexistent/model")
+
+
+def test_missing_config(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: file not found"):
+        llmfn.load(folder)
+
+
+def test_corrupt_config(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        llmfn.load(folder)
+
+
+def test_truncated_safetensors(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated"):
+        llmfn.load(folder)
+
+
+def test_garbage_safetensors(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        llmfn.load(folder)
+
+
+def test_wrong_shape_names_the_tensor(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(95, 64)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.weight.*\(95, 64\).*\(96, 64\)"):
+        llmfn.load(folder)
+
+
+def test_missing_tensor(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor 'norm.weight'"):
+        llmfn.load(folder)
+
+
+def test_unsupported_architecture(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        llmfn.load(folder)
+
+
+def test_pickle_weights_are_refused(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        llmfn.load(folder)
+
+
+def test_sharded_checkpoint(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, folder / file)
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    a, b = llmfn.load(good), llmfn.load(folder)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(llmfn.logits(a, tokens), llmfn.logits(b, tokens))
+
+
+def test_bfloat16_load(good):
+    model = llmfn.load(good, dtype="bfloat16")
+    assert model.params["layers"][0]["wqkv"].dtype == torch.bfloat16
+    out = llmfn.logits(model, torch.tensor([[1, 2, 3]]))
+    ref = llmfn.logits(llmfn.load(good), torch.tensor([[1, 2, 3]]))
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1

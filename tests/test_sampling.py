@@ -1,0 +1,95 @@
+"""Sampling: pure, seeded, and never outside the allowed set."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmfn.sampling import allowed_tokens, apply_penalties, sample, uniform_noise
+
+
+def _row(v, dtype):
+    return torch.tensor([v], dtype=dtype)
+
+
+def _knobs(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0):
+    return dict(temperature=_row(temperature, torch.float32), top_k=_row(top_k, torch.int64),
+                top_p=_row(top_p, torch.float32), min_p=_row(min_p, torch.float32), seed=_row(seed, torch.int64))
+
+
+logits_strategy = st.integers(2, 64).flatmap(
+    lambda v: st.lists(st.floats(-20, 20, allow_nan=False), min_size=v, max_size=v)
+)
+
+
+def test_noise_is_a_pure_function_of_seed_and_step():
+    a = uniform_noise(torch.tensor([7, 7, 8]), torch.tensor([3, 4, 3]), 1000)
+    b = uniform_noise(torch.tensor([7, 7, 8]), torch.tensor([3, 4, 3]), 1000)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    assert 0 < a.min() and a.max() < 1
+    assert abs(a.mean().item() - 0.5) < 0.02
+
+
+def test_fixed_seed_reproduces_and_seeds_differ():
+    logits = torch.randn(1, 500, generator=torch.Generator().manual_seed(0))
+    draws = lambda seed: [int(sample(logits, step=_row(s, torch.int64), **_knobs(seed=seed))) for s in range(40)]
+    assert draws(11) == draws(11)
+    assert draws(11) != draws(12)
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    picks = [int(sample(logits, step=_row(s, torch.int64), **_knobs(seed=3))) for s in range(3000)]
+    freq = torch.bincount(torch.tensor(picks), minlength=3).float() / len(picks)
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits_strategy, st.integers(0, 5))
+def test_top_k_one_is_greedy(values, seed):
+    logits = torch.tensor([values])
+    got = sample(logits, step=_row(seed, torch.int64), **_knobs(top_k=1, seed=seed, temperature=0.8))
+    assert logits[0, got].item() == logits.max().item()
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits_strategy, st.floats(0.05, 1.0), st.floats(0.0, 0.9), st.floats(0.1, 2.0), st.integers(0, 1000))
+def test_top_p_and_min_p_never_pick_outside_the_allowed_set(values, top_p, min_p, temperature, seed):
+    logits = torch.tensor([values])
+    probs = torch.softmax(logits / temperature, -1)[0].double()
+    # Independent statement of the allowed set: the smallest prefix (by probability) whose mass
+    # reaches top_p, intersected with tokens whose probability is at least min_p * max.
+    order = probs.argsort(descending=True)
+    cum, nucleus = 0.0, set()
+    for i in order.tolist():
+        if cum >= top_p and nucleus:
+            break
+        nucleus.add(i)
+        cum += probs[i].item()
+    for s in range(5):
+        token = int(sample(logits, step=_row(s, torch.int64), **_knobs(temperature, 0, top_p, min_p, seed)))
+        assert token in nucleus or probs[token] >= probs[order[0]] * (1 - 1e-6)
+        assert probs[token] >= min_p * probs.max() * (1 - 1e-6)
+
+
+def test_top_k_limits_the_set():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    mask = allowed_tokens(logits, _row(1.0, torch.float32), _row(2, torch.int64), _row(1.0, torch.float32), _row(0.0, torch.float32))
+    assert mask.tolist() == [[True, True, False, False, False]]
+
+
+def test_greedy_rows_take_argmax():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    knobs = _knobs()
+    knobs = {k: v.repeat(3) for k, v in knobs.items()}
+    knobs["temperature"] = torch.tensor([0.0, 1.0, 0.0])
+    out = sample(logits, step=torch.tensor([0, 0, 0]), **knobs)
+    assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    counts = torch.tensor([[2, 0, 1, 0]])
+    seen = torch.tensor([[True, True, True, False]])
+    out = apply_penalties(logits, counts, seen, _row(2.0, torch.float32), _row(0.5, torch.float32), _row(0.25, torch.float32))
+    assert torch.allclose(out, torch.tensor([[1.0 - 0.5 - 0.5, -4.0, 0.5 - 0.5 - 0.25, 0.5]]))
