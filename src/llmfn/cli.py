@@ -1,0 +1,329 @@
+"""The `llmfn` command: serve, chat, run, convert, bench, doctor, models.
+
+Every deliberate failure is an LlmfnError (or an OSError) and is printed as one line,
+`llmfn: error: <message>`, with exit status 1; `--debug` adds the traceback. Usage errors exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from llmfn.errors import LlmfnError
+from llmfn.registry import DEFAULT_CHAT_MODEL
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+
+# (flag, generate() keyword, type, help) for the sampling settings shared by chat, run and bench
+SAMPLING_FLAGS = (
+    ("--temperature", "temperature", float, "0 is greedy (default: the model's generation_config)"),
+    ("--top-p", "top_p", float, "nucleus sampling mass"),
+    ("--top-k", "top_k", int, "keep the k most likely tokens (0: all)"),
+    ("--min-p", "min_p", float, "drop tokens below min_p times the top probability"),
+    ("--repetition-penalty", "repetition_penalty", float, "divide the logits of seen tokens (HF meaning)"),
+    ("--presence-penalty", "presence_penalty", float, "OpenAI presence penalty"),
+    ("--frequency-penalty", "frequency_penalty", float, "OpenAI frequency penalty"),
+    ("--seed", "seed", int, "sampling seed (default: a fresh one per answer)"),
+)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, LlmfnError) or isinstance(error, OSError):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_model(name: str, dtype: str | None = None, device: str = "cpu"):
+    """llmfn.load with progress: GGUF first-use preparation and loading each get a spinner on a TTY."""
+    import llmfn
+    from llmfn.cli_progress import spinner
+    from llmfn.loading import resolve
+    from llmfn.registry import ALIASES, converted_path
+
+    stem = name if name in ALIASES else Path(name).stem.lower()
+    first_use = str(name).endswith(".gguf") or (name in ALIASES and ALIASES[name].relative.endswith(".gguf"))
+    first_use = first_use and not (converted_path(stem) / "config.json").exists()
+    with spinner(f"preparing {name} (first use: converting the GGUF into the cache)" if first_use else f"resolving {name}"):
+        folder = resolve(name)
+    with spinner(f"loading {name}"):
+        return llmfn.load(folder, dtype=dtype, device=device)
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """The sampling flags that were given, as generate() keywords."""
+    return {key: getattr(args, key) for _, key, _, _ in SAMPLING_FLAGS if getattr(args, key, None) is not None}
+
+
+def model_defaults(model) -> dict:
+    """Sampling defaults from the model's generation_config.json."""
+    g = model.generation
+    return {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "repetition_penalty": g.repetition_penalty}
+
+
+def write(stream, text: str) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, help=max_tokens_help)
+    for flag, key, kind, text in SAMPLING_FLAGS:
+        g.add_argument(flag, dest=key, type=kind, help=text)
+
+
+# --------------------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmfn import serve
+    from llmfn.serve.config import load_config
+
+    config = serve_overrides(load_config(args.config), args.model, args.api_key)
+    serve.run(config, args.host, args.port, args.workers)
+    return 0
+
+
+def serve_overrides(config, models: list[str] | None, api_key: str | None):
+    """The server config with `--model` replacing its models and `--api-key` added to its keys."""
+    import msgspec
+
+    from llmfn.serve.config import check_config, models_from_paths
+
+    changes = {}
+    if models:
+        changes["models"] = models_from_paths(models)
+    if api_key:
+        changes["api_keys"] = [*config.api_keys, api_key]
+    return check_config(msgspec.structs.replace(config, **changes)) if changes else config
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llmfn.cli_chat import run_chat
+
+    model = load_model(args.model, args.dtype, args.device)
+    return run_chat(model, args.model, sampling_settings(args), args.max_tokens, args.system, args.perf)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from llmfn.cli_chat import answer_once
+
+    if len(args.words) > 2:
+        args.parser.error("run takes [MODEL] PROMPT; quote the prompt")
+    name, prompt = (args.words if len(args.words) == 2 else (DEFAULT_CHAT_MODEL, args.words[0]))
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model = load_model(name, args.dtype, args.device)
+    return answer_once(model, prompt, sampling_settings(args), args.max_tokens, args.system, args.raw, args.perf)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    import statistics
+
+    from llmfn.perf import format_report, measure
+
+    model = load_model(args.model, args.dtype, args.device)
+    if model.kind != "causal-lm":
+        raise LlmfnError(f"{args.model} is a {model.kind} model; bench times text generation")
+    prompt = bench_prompt(model, args.prompt_tokens)
+    sampling = {**model_defaults(model), "temperature": 0.0, **sampling_settings(args)}
+    for _ in range(args.warmup):
+        measure(model, prompt, args.max_tokens, **sampling)
+    reports = [measure(model, prompt, args.max_tokens, **sampling) for _ in range(args.repeat)]
+    median = sorted(reports, key=lambda r: r.decode_tok_s)[len(reports) // 2]
+    if args.json:
+        print(json.dumps({"model": args.model, "device": args.device, "median": median.as_dict(),
+                          "runs": [r.as_dict() for r in reports]}, indent=2))
+        return 0
+    print(f"{args.model} on {args.device}, {args.repeat} run(s) after {args.warmup} warm-up, median by decode tok/s:")
+    print(format_report(median))
+    if len(reports) > 1:
+        spread = [r.decode_tok_s for r in reports]
+        print(f"decode tok/s over runs: min {min(spread):.1f}, median {statistics.median(spread):.1f}, max {max(spread):.1f}")
+    return 0
+
+
+def bench_prompt(model, n: int) -> list[int]:
+    """A prompt of exactly n tokens: English text, repeated and cut to length."""
+    text = ("The quick brown fox jumps over the lazy dog while the scientist writes notes about "
+            "rotary embeddings, caches and the speed of matrix multiplication. ")
+    ids = model.tokenizer.encode(text)
+    if n < 1:
+        raise LlmfnError(f"--prompt-tokens must be at least 1, got {n}")
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from llmfn.cli_progress import spinner
+    from llmfn.gguf_import import convert_gguf
+    from llmfn.loading import parse_dtype
+
+    with spinner(f"converting {args.input}"):
+        out = convert_gguf(args.input, args.output, dtype=parse_dtype(args.dtype))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_convert_gptq_to_awq(args: argparse.Namespace) -> int:
+    from llmfn.cli_progress import Progress
+    from llmfn.convert import convert_gptq_to_awq
+
+    with Progress("gptq -> awq") as progress:
+        out = convert_gptq_to_awq(args.input, args.output, progress=progress)
+    print(f"wrote {out or args.output}")
+    return 0
+
+
+def cmd_convert_quantize(args: argparse.Namespace) -> int:
+    from llmfn.cli_progress import Progress
+    from llmfn.convert import quantize_checkpoint
+
+    with Progress(f"quantizing ({args.method})") as progress:
+        out = quantize_checkpoint(args.input, args.output, args.method, group_size=args.group_size, progress=progress)
+    print(f"wrote {out or args.output}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from llmfn.cli_doctor import doctor
+
+    return doctor(config_path=args.config, models=args.model, check_models=not args.no_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from llmfn.cli_doctor import list_models
+
+    return list_models(as_json=args.json)
+
+
+# ----------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="llmfn", description="llmfn: a pure-functional LLM runtime over PyTorch.",
+        epilog="Run `llmfn COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, func, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=description or help_text)
+        p.set_defaults(func=func, parser=p)
+        return p
+
+    p = command("serve", "serve models over an OpenAI-compatible HTTP API (and a web chat at /)", cmd_serve)
+    p.add_argument("--config", metavar="FILE", help="server config file (default: the built-in defaults)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--model", action="append", metavar="PATH_OR_ALIAS",
+                   help="serve this model instead of the configured ones (repeatable)")
+    p.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on the API")
+
+    p = command("chat", "interactive chat in the terminal (type /help inside)", cmd_chat,
+                "Interactive chat with streamed answers and history. Reads lines from stdin when it is "
+                "piped (answers go to stdout, notes to stderr). Commands: /help, /exit, /clear, /undo, "
+                "/system TEXT, /set KEY VALUE, /perf.")
+    p.add_argument("model", nargs="?", default=DEFAULT_CHAT_MODEL, metavar="MODEL",
+                   help=f"alias, checkpoint folder or .gguf file (default {DEFAULT_CHAT_MODEL})")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    p.add_argument("--perf", action="store_true", help="print the decoder perf report after each answer")
+    _add_model_flags(p)
+    _add_sampling_flags(p, "most tokens per answer (default 512, capped by the context)")
+
+    p = command("run", "answer one prompt and print the answer to stdout", cmd_run,
+                "Answer one prompt with the model's chat template (or --raw text completion). "
+                "PROMPT '-' reads the prompt from stdin.")
+    p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
+                   help=f"model (alias, folder or .gguf; default {DEFAULT_CHAT_MODEL}) and the prompt")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    p.add_argument("--raw", action="store_true", help="complete the prompt as plain text (no chat template)")
+    p.add_argument("--perf", action="store_true", help="print the decoder perf report to stderr")
+    _add_model_flags(p)
+    _add_sampling_flags(p, "most tokens to generate (default 256, capped by the context)")
+
+    p = command("convert", "convert checkpoints: gguf, gptq-to-awq, quantize", None)
+    conv = p.add_subparsers(dest="conversion", metavar="KIND", required=True)
+    c = conv.add_parser("gguf", parents=[common], help="a llama.cpp GGUF file to a Hugging Face-style folder",
+                        description="Dequantize a GGUF (llama, qwen2) into a folder llmfn loads.")
+    c.set_defaults(func=cmd_convert_gguf, parser=c)
+    c.add_argument("input", metavar="IN.gguf")
+    c.add_argument("output", metavar="OUT_DIR")
+    c.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="weight dtype (default float32)")
+    c = conv.add_parser("gptq-to-awq", parents=[common], help="repack a GPTQ int4 checkpoint as AWQ",
+                        description="Repack a GPTQ int4 checkpoint folder into the AWQ layout.")
+    c.set_defaults(func=cmd_convert_gptq_to_awq, parser=c)
+    c.add_argument("input", metavar="IN_DIR")
+    c.add_argument("output", metavar="OUT_DIR")
+    c = conv.add_parser("quantize", parents=[common], help="quantize a checkpoint's weights",
+                        description="Quantize a Hugging Face checkpoint folder's linear weights.")
+    c.set_defaults(func=cmd_convert_quantize, parser=c)
+    c.add_argument("input", metavar="IN_DIR")
+    c.add_argument("output", metavar="OUT_DIR")
+    c.add_argument("--method", required=True, help="quantization method, e.g. awq or gptq (int4)")
+    c.add_argument("--group-size", type=int, default=128, help="quantization group size (default 128)")
+
+    p = command("bench", "the decoder perf report: prefill s, decode s, decode and average tok/s", cmd_bench)
+    p.add_argument("model", nargs="?", default=DEFAULT_CHAT_MODEL, metavar="MODEL",
+                   help=f"alias, checkpoint folder or .gguf file (default {DEFAULT_CHAT_MODEL})")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    _add_model_flags(p)
+    _add_sampling_flags(p, "tokens to generate, EOS ignored (default 128)")
+    p.set_defaults(max_tokens=128)
+
+    p = command("doctor", "check the install: versions, devices, Triton, a tiny forward, the models", cmd_doctor)
+    p.add_argument("--config", metavar="FILE", help="server config whose models to check (default: built-in)")
+    p.add_argument("--model", action="append", metavar="PATH_OR_ALIAS",
+                   help="check this model instead of the configured ones (repeatable)")
+    p.add_argument("--no-models", action="store_true", help="skip loading the models")
+
+    p = command("models", "list the known aliases and the cached models", cmd_models)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # never die on a character the terminal can't show
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("\nllmfn: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `llmfn run ... | head -1`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # noqa: BLE001 - the one place every error becomes one line
+        if args.debug:
+            traceback.print_exc()
+        deliberate = isinstance(e, (LlmfnError, OSError))
+        hint = "" if deliberate or args.debug else " (an internal error; run with --debug for the traceback)"
+        print(f"llmfn: error: {one_line(e)}{hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Progress display for the command line (tqdm on stderr), silent when stderr is not a terminal.
+
+    with spinner("loading model"): ...          # elapsed time for a call with no steps to count
+    with Progress("quantizing") as progress:     # a bar driven by a library progress callback
+        quantize_checkpoint(..., progress=progress)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+
+def enabled() -> bool:
+    """Bars only on an interactive terminal (and never with LLMFN_NO_PROGRESS set)."""
+    return sys.stderr.isatty() and not os.environ.get("LLMFN_NO_PROGRESS")
+
+
+@contextmanager
+def spinner(desc: str, delay: float = 0.5):
+    """Show `desc: <elapsed>` while the block runs, if it takes longer than `delay` seconds."""
+    if not enabled():
+        yield
+        return
+    from tqdm import tqdm
+
+    stop = threading.Event()
+
+    def tick():
+        if stop.wait(delay):
+            return
+        bar = tqdm(desc=desc, total=None, bar_format="{desc}: {elapsed}", file=sys.stderr, leave=False)
+        while not stop.wait(0.2):
+            bar.refresh()
+        bar.close()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Progress:
+    """A callable progress sink for library functions that take `progress=`.
+
+    Accepts `progress(done, total)`, `progress(done, total, desc)` or `progress(desc=..., done=...,
+    total=...)`: `done` and `total` count steps (tensors, layers, bytes); `desc` names the stage.
+    The bar is drawn on a terminal only; elsewhere calls are ignored."""
+
+    def __init__(self, desc: str, unit: str = "it"):
+        self.desc = desc
+        self.unit = unit
+        self._bar: Any = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, done: int | None = None, total: int | None = None, desc: str | None = None, **_) -> None:
+        if not enabled():
+            return
+        from tqdm import tqdm
+
+        label = f"{self.desc}: {desc}" if desc else self.desc
+        if self._bar is None or (total is not None and self._bar.total != total):
+            self.close()
+            self._bar = tqdm(desc=label, total=total, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        if label != self._bar.desc:
+            self._bar.set_description(label, refresh=False)
+        if done is not None:
+            self._bar.update(done - self._bar.n)
+        else:
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
