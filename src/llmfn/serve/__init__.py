@@ -1,0 +1,55 @@
+"""The OpenAI-compatible HTTP server: `run(config, host, port, workers)` serves
+`llmfn.serve.app.create_app` on Granian's ASGI interface.
+
+    from llmfn.serve import load_config, run
+    run(load_config("server.toml"), host="127.0.0.1", port=8000, workers=1)
+
+Each Granian worker is a separate process that loads its own copy of every model (N workers hold
+N copies, and /metrics answers for the worker that serves the scrape). One worker is the default:
+its engine already batches concurrent requests.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llmfn.serve.config import (
+    CONFIG_ENV,
+    ServerConfig,
+    check_model_paths,
+    encode_env,
+    load_config,
+    models_from_paths,
+)
+
+__all__ = ["ServerConfig", "load_config", "models_from_paths", "run"]
+
+
+def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, *,
+        log_access: bool = False) -> None:  # fmt: skip
+    """Serve until interrupted. Raises LlmfnError (one line) for a model path that does not exist;
+    a model that exists but fails to load stops the server with the error in the log."""
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    from llmfn.errors import LlmfnError
+    from llmfn.serve.models import EXIT_ON_LOAD_ERROR_ENV
+
+    if workers < 1:
+        raise LlmfnError(f"--workers must be at least 1, got {workers}")
+    if not 0 <= port <= 65535:
+        raise LlmfnError(f"--port must be in [0, 65535], got {port}")
+    check_model_paths(config)
+    os.environ[CONFIG_ENV] = encode_env(config)  # read by create_app() in each worker process
+    os.environ[EXIT_ON_LOAD_ERROR_ENV] = "1"
+    server = Granian(
+        "llmfn.serve.app:create_app",
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        factory=True,
+        log_access=log_access,
+        backlog=1024,
+    )
+    server.serve()

@@ -1,0 +1,167 @@
+"""Server configuration: a TOML file decoded into msgspec Structs, or the embedded defaults.
+
+    api_keys = ["sk-local-1"]            # optional; LLMFN_API_KEYS (comma-separated) adds more
+    cors_origins = ["http://localhost:3000"]   # or ["*"]; empty: no CORS headers
+
+    [limits]
+    max_running = 8          # requests decoded together per model
+    max_queued = 64          # waiting beyond that; more gets 503
+    max_tokens = 4096        # cap on max_tokens (and the default when a request gives none)
+    max_body_bytes = 4194304 # larger request bodies get 413
+
+    [[models]]
+    name = "smollm2"                  # the `model` clients send
+    path = "smollm2-135m-instruct"    # a folder, a .gguf file or a known alias
+    aliases = ["gpt-4o-mini"]         # more names for the same model
+    dtype = "float32"                 # optional
+    device = "cpu"                    # optional
+    type = "causal-lm"                # optional: "causal-lm" or "embedding" (else from config.json)
+
+Every mistake is a `LlmfnError` with one line naming the file and the field at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from llmfn.errors import LlmfnError
+
+API_KEYS_ENV = "LLMFN_API_KEYS"  # comma-separated bearer keys, added to the file's api_keys
+CONFIG_ENV = "LLMFN_SERVE_CONFIG"  # JSON of a ServerConfig, how `run` hands it to Granian's workers
+CONFIG_FILE_ENV = "LLMFN_SERVE_CONFIG_FILE"  # or a TOML path, for `granian --factory` by hand
+
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+ModelType = Literal["causal-lm", "embedding"]
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One served model."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    path: Annotated[str, msgspec.Meta(min_length=1)]
+    aliases: list[str] = []
+    dtype: Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] | None = None
+    device: str = "cpu"
+    type: ModelType | None = None
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    max_running: Annotated[int, msgspec.Meta(ge=1)] = 8
+    max_queued: Annotated[int, msgspec.Meta(ge=0)] = 64
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    models: list[ModelConfig] = []
+    api_keys: list[str] = []
+    cors_origins: list[str] = []
+    limits: Limits = Limits()
+
+
+def default_models() -> list[ModelConfig]:
+    """SmolLM2-135M-Instruct for chat and all-MiniLM-L6-v2 for embeddings (the registry aliases)."""
+    from llmfn.registry import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
+
+    return [
+        ModelConfig(name=DEFAULT_CHAT_MODEL, path=DEFAULT_CHAT_MODEL, type="causal-lm"),
+        ModelConfig(name=DEFAULT_EMBEDDING_MODEL, path=DEFAULT_EMBEDDING_MODEL, type="embedding"),
+    ]
+
+
+def models_from_paths(paths: list[str]) -> list[ModelConfig]:
+    """ModelConfigs for `llmfn serve --model PATH ...`: each named after its alias, file or folder."""
+    out = []
+    for p in paths:
+        name = Path(p).stem if p.endswith(".gguf") else Path(p.rstrip("/")).name or p
+        out.append(ModelConfig(name=name, path=p))
+    return out
+
+
+def load_config(path: str | Path | None = None) -> ServerConfig:
+    """The config in a TOML file, or the defaults when path is None; models default as well when the
+    file lists none. Raises LlmfnError (one line) for unreadable, malformed or inconsistent files."""
+    if path is None:
+        return check_config(ServerConfig(models=default_models()))
+    file = Path(path).expanduser()
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise LlmfnError(f"{file}: cannot read config ({e.strerror or e})") from None
+    try:
+        config = msgspec.toml.decode(raw, type=ServerConfig)
+    except msgspec.ValidationError as e:
+        raise LlmfnError(f"{file}: {_field_message(str(e))}") from None
+    except msgspec.DecodeError as e:
+        raise LlmfnError(f"{file}: not valid TOML ({_one_line(str(e))})") from None
+    if not config.models:
+        config = msgspec.structs.replace(config, models=default_models())
+    return check_config(config, file)
+
+
+def check_config(config: ServerConfig, file: Path | str = "config") -> ServerConfig:
+    """Cross-field checks msgspec cannot express: unique model names, non-empty keys."""
+    seen: dict[str, str] = {}
+    for i, m in enumerate(config.models):
+        for name in (m.name, *m.aliases):
+            if not name:
+                raise LlmfnError(f"{file}: models[{i}] has an empty alias")
+            if name in seen:
+                raise LlmfnError(
+                    f"{file}: model name {name!r} is used twice (by {seen[name]!r} and {m.name!r})"
+                )
+            seen[name] = m.name
+    if any(not k.strip() for k in config.api_keys):
+        raise LlmfnError(f"{file}: api_keys contains an empty key")
+    return config
+
+
+def api_keys(config: ServerConfig) -> list[str]:
+    """The file's keys plus those in LLMFN_API_KEYS."""
+    extra = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return list(dict.fromkeys([*config.api_keys, *extra]))
+
+
+def check_model_paths(config: ServerConfig) -> None:
+    """Fail fast, before any server starts, on a model path that is neither a file, a folder nor an
+    alias whose weights package is installed. (Loading itself happens in each worker.)"""
+    from llmfn.registry import ALIASES, package_path
+
+    for m in config.models:
+        if m.path in ALIASES:
+            package_path(ALIASES[m.path])  # raises CheckpointError naming the pip package
+        elif not Path(m.path).expanduser().exists():
+            raise LlmfnError(
+                f"model {m.name!r}: {m.path}: no such model folder, GGUF file or alias "
+                f"(aliases: {', '.join(ALIASES)})"
+            )
+
+
+def encode_env(config: ServerConfig) -> str:
+    return msgspec.json.encode(config).decode()
+
+
+def config_from_env() -> ServerConfig:
+    """The config `run` put in the environment, else LLMFN_SERVE_CONFIG_FILE, else the defaults."""
+    if raw := os.environ.get(CONFIG_ENV):
+        try:
+            return check_config(msgspec.json.decode(raw, type=ServerConfig), CONFIG_ENV)
+        except msgspec.MsgspecError as e:
+            raise LlmfnError(f"{CONFIG_ENV}: {_field_message(str(e))}") from None
+    return load_config(os.environ.get(CONFIG_FILE_ENV) or None)
+
+
+def _field_message(message: str) -> str:
+    """msgspec's 'Expected `int`, got `str` - at `$.limits.max_tokens`' as 'limits.max_tokens: ...'."""
+    text, sep, where = message.rpartition(" - at ")
+    if not sep:
+        return _one_line(message)
+    return f"{where.strip('`').removeprefix('$.').removeprefix('$')}: {_one_line(text)}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

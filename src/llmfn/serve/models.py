@@ -1,0 +1,165 @@
+"""The served models: loaded in a background thread at start-up (so /health can answer 503 while
+they load), one `llmfn.engine.Engine` per causal LM, looked up by name or alias."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from llmfn.errors import LlmfnError
+from llmfn.model import Model
+from llmfn.serve.config import ModelConfig, ServerConfig
+from llmfn.serve.http import ApiError
+
+log = logging.getLogger("llmfn.serve")
+EXIT_ON_LOAD_ERROR_ENV = (
+    "LLMFN_SERVE_EXIT_ON_LOAD_ERROR"  # set by `run`: a model that fails to load stops the server
+)
+
+
+@dataclass
+class Served:
+    name: str
+    spec: ModelConfig
+    model: Model
+    engine: object | None = None  # llmfn.engine.Engine for causal LMs
+    embed_lock: threading.Lock = field(default_factory=threading.Lock)  # one embedding batch at a time
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.model.cfg
+        if self.kind == "embedding":
+            return int(self.model.extra.get("max_seq_length") or getattr(cfg, "max_positions", 512))
+        return int(cfg.max_position_embeddings)
+
+
+def load_model(spec: ModelConfig) -> Model:
+    """llmfn.load, with a fallback to llmfn.embed for sentence-transformers folders that the generic
+    loader does not know yet; the result must match spec.type when given."""
+    from llmfn.errors import UnsupportedModelError
+    from llmfn.loading import load, parse_dtype, resolve
+
+    try:
+        model = load(spec.path, dtype=spec.dtype, device=spec.device)
+    except UnsupportedModelError:
+        folder = resolve(spec.path)
+        if spec.type != "embedding" and not (folder / "modules.json").exists():
+            raise
+        from llmfn.embed import load_embedding_model
+
+        model = load_embedding_model(folder, dtype=parse_dtype(spec.dtype), device=spec.device)
+    if spec.type is not None and model.kind != spec.type:
+        raise LlmfnError(f"{spec.path} is a {model.kind} model, but the config says type = {spec.type!r}")
+    return model
+
+
+class ModelPool:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.served: dict[str, Served] = {}  # name and every alias -> Served
+        self.order: list[Served] = []
+        self.status = "loading"  # "loading" | "ok" | "error"
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def start(self) -> None:
+        """Load every model in a daemon thread (idempotent)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._load_all, name="llmfn-model-loader", daemon=True)
+                self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status == "ok"
+
+    def _load_all(self) -> None:
+        from llmfn.engine import Engine
+
+        limits = self.config.limits
+        spec = None
+        try:
+            for spec in self.config.models:
+                t0 = time.perf_counter()
+                model = load_model(spec)
+                served = Served(spec.name, spec, model)
+                if model.kind == "causal-lm":
+                    served.engine = Engine(
+                        model, max_running=limits.max_running, max_queued=limits.max_queued
+                    )
+                    served.engine.start()
+                if self._stopped:
+                    self._shutdown_one(served)
+                    return
+                for name in (spec.name, *spec.aliases):
+                    self.served[name] = served
+                self.order.append(served)
+                log.info(
+                    "loaded %s (%s, %s) in %.1fs", spec.name, model.kind, spec.path, time.perf_counter() - t0
+                )
+            self.status = "ok"
+            log.info("ready: %s", ", ".join(s.name for s in self.order))
+        except Exception as e:  # a model that cannot load: report it on /health and in the log
+            self.error = f"model {spec.name!r} failed to load: {e}" if spec else str(e)
+            self.status = "error"
+            log.error("%s", self.error, exc_info=not isinstance(e, LlmfnError))
+            if os.environ.get(EXIT_ON_LOAD_ERROR_ENV):
+                os._exit(3)
+
+    def get(self, name: str | None, kind: str) -> Served:
+        """The model a request names (or the first of `kind` when it names none)."""
+        if self.status != "ok":
+            if self.status == "error":
+                raise ApiError(503, self.error or "model loading failed", code="model_load_failed")
+            raise ApiError(503, "the server is still loading its models; retry shortly", code="loading",
+                           headers=[(b"retry-after", b"2")])  # fmt: skip
+        if name is None:
+            served = next((s for s in self.order if s.kind == kind), None)
+            if served is None:
+                raise ApiError(400, f"this server has no {kind} model", param="model", code="model_not_found")
+            return served
+        served = self.served.get(name)
+        if served is None:
+            names = ", ".join(sorted(self.served))
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist (served: {names})",
+                param="model",
+                code="model_not_found",
+            )
+        if served.kind != kind:
+            what = "an embedding model" if kind == "embedding" else "a chat/completion model"
+            raise ApiError(400, f"the model {name!r} is a {served.kind} model, not {what}", param="model",
+                           code="wrong_model_type")  # fmt: skip
+        return served
+
+    def get_any(self, name: str | None) -> Served:
+        if name is None or self.status != "ok":
+            return self.get(name, "causal-lm")
+        if name not in self.served:
+            return self.get(name, "causal-lm")  # 404
+        return self.served[name]
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        for served in self.order:
+            self._shutdown_one(served)
+
+    @staticmethod
+    def _shutdown_one(served: Served) -> None:
+        if served.engine is not None:
+            try:
+                served.engine.shutdown()
+            except Exception:
+                log.exception("engine shutdown failed for %s", served.name)
