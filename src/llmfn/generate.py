@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from llmfn.chat_template import apply_chat_template
+from llmfn.compile import decode_forward
 from llmfn.errors import RequestError
 from llmfn.model import Model
 from llmfn.models import llama
@@ -98,6 +99,7 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
     counts = torch.zeros(1, cfg.vocab_size, dtype=torch.int64, device=device)
     seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=device)
     seen[0, torch.tensor(prompt, device=device)] = True
+    step_forward = decode_forward(model)
     with torch.inference_mode():
         cache = llama.init_cache(cfg, 1, n + max_tokens, _dtype(model), device)
         tokens = torch.tensor([prompt], device=device)
@@ -117,7 +119,7 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
                 return
             counts[0, token_id] += 1
             seen[0, token_id] = True
-            out, cache = llama.forward(params, cfg, token[:, None], row(n + step, torch.int64)[:, None], cache)
+            out, cache = step_forward(params, cfg, token[:, None], row(n + step, torch.int64)[:, None], cache)
 
 
 class ChatStream:

@@ -33,11 +33,20 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Model:
+def load(
+    path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu", compile: bool | None = None
+) -> Model:
     """Load a model: a Hugging Face folder, a .gguf file, or an alias such as "smollm2-135m-instruct".
 
-    dtype defaults to float32 (the fast CPU type here); weights are mmap'd, never unpickled."""
-    dtype = parse_dtype(dtype)
+    dtype defaults to float32 (the fast CPU type here); weights are mmap'd, never unpickled.
+    compile: torch.compile the decode step (None: on for models large enough to gain, see compile.py)."""
+    model = _load(path, parse_dtype(dtype), device)
+    if compile is not None:
+        model.extra["compile"] = compile
+    return model
+
+
+def _load(path: str | Path, dtype: torch.dtype | None, device: str) -> Model:
     folder = resolve(path)
     raw = read_json(folder / "config.json")
     model_type = raw.get("model_type")

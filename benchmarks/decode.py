@@ -1,0 +1,165 @@
+"""Decoder perf report for SmolLM2-135M on this machine: llmfn (fp32 compiled and eager, bf16)
+beside Hugging Face transformers on the same weights, and llama.cpp (f32 GGUF of the same
+weights) when llama-cpp-python is installed (`make bench-setup`). Prints one table.
+
+    python benchmarks/decode.py [--prompt-tokens 128] [--gen-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import llmfn
+from llmfn.loading import resolve
+from llmfn.perf import PerfReport, measure
+
+TEXT = (
+    "The history of computing is a story of ideas made practical: from mechanical calculators to "
+    "stored-program machines, from transistors to integrated circuits, each step made the next one "
+    "possible. Explain, in a few paragraphs, how these developments shaped modern software. "
+)
+
+
+def prompt_ids(model, n: int) -> list[int]:
+    ids = model.tokenizer.encode(TEXT * (n // 20 + 1))
+    return ids[:n]
+
+
+def llmfn_row(name, model, ids, gen) -> tuple[str, PerfReport, float]:
+    t0 = time.perf_counter()
+    measure(model, ids[:8], max_tokens=4)  # warm-up (includes compile when on)
+    warm = time.perf_counter() - t0
+    return name, measure(model, ids, max_tokens=gen), warm
+
+
+def transformers_row(folder: Path, ids, gen, dtype) -> tuple[str, PerfReport, float]:
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    tokens = torch.tensor([ids])
+
+    def run(tokens, gen):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            cache = DynamicCache(config=model.config)
+            out = model(tokens, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            int(token)
+            t1 = time.perf_counter()
+            for _ in range(gen - 1):
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                int(token)
+            t2 = time.perf_counter()
+        return PerfReport.of(len(tokens[0]), gen, t1 - t0, t2 - t1)
+
+    t0 = time.perf_counter()
+    run(tokens[:, :8], 4)
+    warm = time.perf_counter() - t0
+    return f"transformers {str(dtype).removeprefix('torch.')} eager", run(tokens, gen), warm
+
+
+def write_f32_gguf(source: Path, out: Path) -> None:
+    """The same weights as an f32 GGUF for llama.cpp: every tensor dequantized, metadata copied."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(out), arch=reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        value_type = field.types[0]
+        if value_type == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), value_type)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_rows(ids, gen) -> list[tuple[str, PerfReport, float]]:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed (make bench-setup); no llama.cpp rows")
+        return []
+    from llmfn.registry import ALIASES, package_path
+
+    q4 = package_path(ALIASES["smollm2-135m-instruct"])
+    f32 = Path(tempfile.gettempdir()) / "smollm2-135m-f32.gguf"
+    if not f32.exists():
+        write_f32_gguf(q4, f32)
+    rows = []
+    for name, path in (("llama.cpp f32", f32), ("llama.cpp Q4_1", q4)):
+        llm = Llama(str(path), n_ctx=len(ids) + gen + 8, n_threads=os.cpu_count(), verbose=False)
+
+        def run(n_gen):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            token = llm.sample(temp=0.0)
+            t1 = time.perf_counter()
+            for _ in range(n_gen - 1):
+                llm.eval([token])
+                token = llm.sample(temp=0.0)
+            return PerfReport.of(len(ids), n_gen, t1 - t0, time.perf_counter() - t1)
+
+        t0 = time.perf_counter()
+        run(4)
+        rows.append((name, run(gen), time.perf_counter() - t0))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--skip-peers", action="store_true")
+    args = parser.parse_args()
+
+    folder = resolve("smollm2-135m-instruct")
+    fp32 = llmfn.load(folder)
+    ids = prompt_ids(fp32, args.prompt_tokens)
+    gen = args.gen_tokens
+    rows = [
+        llmfn_row("llmfn fp32 compiled", llmfn.load(folder, compile=True), ids, gen),
+        llmfn_row("llmfn fp32 eager", llmfn.load(folder, compile=False), ids, gen),
+        llmfn_row("llmfn bf16 compiled", llmfn.load(folder, dtype="bfloat16", compile=True), ids, gen),
+    ]
+    if not args.skip_peers:
+        rows.append(transformers_row(folder, ids, gen, torch.float32))
+        rows += llama_cpp_rows(ids, gen)
+
+    print(f"# SmolLM2-135M-Instruct decode, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"# prompt {len(ids)} tokens, {gen} generated, greedy; warm-up (incl. compile) not counted\n")
+    print("| runtime | prefill tok/s | prefill s | decode tok/s | decode s | avg tok/s | warm-up s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r, warm in rows:
+        print(f"| {name} | {r.prompt_tokens / r.prefill_s:.0f} | {r.prefill_s:.3f} | {r.decode_tok_s:.1f} | "
+              f"{r.decode_s:.2f} | {r.avg_tok_s:.1f} | {warm:.1f} |")
+    base = {name: r for name, r, _ in rows}
+    hf = base.get("transformers float32 eager")
+    if hf:
+        ours = base["llmfn fp32 compiled"]
+        print(f"\nllmfn fp32 compiled / transformers fp32: decode {ours.decode_tok_s / hf.decode_tok_s:.2f}x, "
+              f"prefill {(ours.prompt_tokens / ours.prefill_s) / (hf.prompt_tokens / hf.prefill_s):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""When and how the decode step is compiled with torch.compile.
+
+The whole forward compiles as one graph (fullgraph=True: no graph breaks) with static shapes;
+positions are tensors, so successive decode steps reuse the graph instead of recompiling.
+Compile pays off for real models (it removes the per-op overhead of ~40 small ops per layer),
+not for tiny test models, so it is on by default above COMPILE_MIN_PARAMS parameters.
+LLMFN_COMPILE=0/1 or load(..., compile=False/True) overrides the default. Inductor's caches go to
+LLMFN_HOME/inductor so a second run skips most of the compile time."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from llmfn.model import Model
+from llmfn.models import llama
+from llmfn.registry import home
+
+COMPILE_MIN_PARAMS = 50_000_000
+
+
+def param_count(tree) -> int:
+    if isinstance(tree, dict):
+        return sum(param_count(v) for v in tree.values())
+    if isinstance(tree, list):
+        return sum(param_count(v) for v in tree)
+    return tree.numel() if isinstance(tree, torch.Tensor) else getattr(tree, "numel", lambda: 0)()
+
+
+def should_compile(model: Model) -> bool:
+    env = os.environ.get("LLMFN_COMPILE")
+    if env is not None:
+        return env.lower() not in ("0", "false", "no", "")
+    choice = model.extra.get("compile")
+    if choice is None:
+        choice = model.extra["compile"] = param_count(model.params) >= COMPILE_MIN_PARAMS
+    return choice
+
+
+@functools.cache
+def compiled_forward():
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home() / "inductor"))
+    return torch.compile(llama.forward, fullgraph=True)
+
+
+def decode_forward(model: Model):
+    """The forward for decode steps: compiled or eager, per should_compile."""
+    return compiled_forward() if should_compile(model) else llama.forward
