@@ -47,7 +47,11 @@ class LlamaConfig:
     sliding_window: int | None = None
     # Baichuan-2 13B / Qwen-1 style variants (filled by their loaders).
     position_encoding: str = "rope"  # "rope" or "alibi"
-    norm_head: bool = False
+    norm_head: bool = False  # lm_head rows were unit-normalised at load (Baichuan 2)
+    # Qwen-1 long context, off (None) elsewhere: past this trained length the rope base grows with
+    # the row's length (dynamic NTK), and queries are scaled by log(pos + 1) / log(length) (logn).
+    dynamic_ntk_length: int | None = None
+    logn_length: int | None = None
 
     @property
     def q_size(self) -> int:

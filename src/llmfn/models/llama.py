@@ -49,13 +49,39 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
+def dynamic_ntk_inv_freq(cfg: LlamaConfig, positions: torch.Tensor) -> torch.Tensor:
+    """Qwen-1's dynamic NTK rope, per row: inverse frequencies [B, 1, hd/2].
+
+    Qwen-1 (modeling_qwen.py, get_ntk_alpha / RotaryEmbedding) takes the sequence length L seen by
+    a forward, alpha = max(2 ** ceil(log2(L / seq_length) + 1) - 1, 1), and rebuilds the rotary base
+    as base * alpha ** (hd / (hd - 2)). Kept pure: L is each row's largest position + 1, computed
+    in-graph from the positions tensor (no host sync, no state), so a whole-prompt prefill matches
+    the original exactly. The original then keeps its prefill alpha for the decode steps that follow;
+    here a step past a doubling of seq_length uses the alpha of its own length (as HF's dynamic-NTK
+    Llama does), and a prompt prefilled in chunks gets each chunk's alpha. Within seq_length alpha is 1."""
+    hd = cfg.head_dim
+    length = positions.amax(dim=-1).float() + 1  # [B]
+    alpha = (2.0 ** (torch.ceil(torch.log2(length / cfg.dynamic_ntk_length)) + 1) - 1).clamp(min=1.0)  # [B]
+    base = cfg.rope_theta * alpha ** (hd / (hd - 2))  # [B]
+    exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=positions.device).float() / hd  # [hd/2]
+    return 1.0 / (base[:, None, None] ** exponent)  # [B, 1, hd/2]
+
+
+def logn_scale(cfg: LlamaConfig, positions: torch.Tensor) -> torch.Tensor:
+    """Qwen-1's logn attention: the query at position p is scaled by log(p + 1) / log(seq_length)
+    when p + 1 > seq_length, else 1 (modeling_qwen.py's logn_tensor). [B, T] -> [B, T, 1, 1]."""
+    n = positions.float() + 1  # [B, T]
+    scale = torch.where(n > cfg.logn_length, n.log() / math.log(cfg.logn_length), torch.ones_like(n))
+    return scale[..., None, None]
+
+
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=torch.float32, device="cpu") -> Cache:
     """A zeroed KV cache for `batch` rows of `length` positions each."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
 
 
-def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache, v_cache):
+def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache, v_cache, q_scale=None):
     b, t, _ = x.shape
     qkv = linear(x, layer["wqkv"], layer.get("bqkv"))  # [b, t, (Hq+2Hk)*hd]
     q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
@@ -64,6 +90,8 @@ def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache,
     v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cos is not None:
         q, k = kernels.apply_rope(q, k, cos, sin)
+    if q_scale is not None:
+        q = q * q_scale.to(q.dtype)  # [b, t, 1, 1]: logn scaling
     rows = torch.arange(b, device=x.device)[:, None]  # [b, 1]
     k_cache[rows, :, positions] = k  # writes [b, t, Hk, hd] into slots `positions`
     v_cache[rows, :, positions] = v
@@ -99,11 +127,15 @@ def forward(
     x = embedding(params["embed"], tokens)  # [B, T, D]
     cos = sin = None
     if "rope_inv_freq" in params:
-        freqs = positions[..., None].float() * params["rope_inv_freq"]  # [B, T, hd/2]
+        inv_freq = params["rope_inv_freq"]  # [hd/2]
+        if cfg.dynamic_ntk_length:
+            inv_freq = dynamic_ntk_inv_freq(cfg, positions)  # [B, 1, hd/2]
+        freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
         cos, sin = freqs.cos(), freqs.sin()
+    q_scale = logn_scale(cfg, positions) if cfg.logn_length else None
     for i, layer in enumerate(params["layers"]):
         h = kernels.rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        x = x + _attention(h, layer, cfg, params, cos, sin, positions, cache["k"][i], cache["v"][i])
+        x = x + _attention(h, layer, cfg, params, cos, sin, positions, cache["k"][i], cache["v"][i], q_scale)
         h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
         x = x + _mlp(h, layer, cfg)
     if logit_index is not None:

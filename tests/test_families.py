@@ -1,0 +1,365 @@
+"""Qwen-1, Baichuan 2 and Llama 2 checkpoints in their original layouts, written here from tiny
+random transformers models, against transformers and plain torch references."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import llmfn
+from llmfn import chat_formats
+from llmfn.kernels import reference as ref
+from llmfn.models import llama
+from llmfn.models.baichuan import baichuan_config
+from llmfn.models.qwen import qwen_config
+from tiny import write_tokenizer
+
+V, D, HEADS, FF, LAYERS = 384, 64, 4, 96, 2
+GEN = torch.Generator().manual_seed(1)
+
+
+def _tokens(b, t, seed=1):
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf(family, seed=0, **overrides):
+    """A tiny random transformers model: Qwen2 (q/k/v bias) or Llama, multi-head (as Qwen-1 and Baichuan)."""
+    import transformers
+
+    kwargs = dict(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2)
+    kwargs.update(overrides)
+    cfg_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM")}[family]
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kwargs)).eval()
+
+
+def _write(folder, config, tensors, *, template=False):
+    """config.json, model.safetensors and a byte-level BPE tokenizer.json (no template unless asked)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    write_tokenizer(folder, V)
+    if not template:
+        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        del tok_cfg["chat_template"]
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen-1: the QWenLMHeadModel layout made from a Qwen2 model (the same math within seq_length)
+# ---------------------------------------------------------------------------------------------
+
+
+def write_qwen1(folder, hf, *, seq_length=64, ntk=True, logn=True):
+    """Qwen2 weights under Qwen-1's names: c_attn = [q; k; v] with its bias, w2 = gate, w1 = up."""
+    sd = hf.state_dict()
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(hf.config.num_hidden_layers):
+        a, p = f"model.layers.{i}.", f"transformer.h.{i}."
+        out[p + "ln_1.weight"] = sd[a + "input_layernorm.weight"]
+        out[p + "ln_2.weight"] = sd[a + "post_attention_layernorm.weight"]
+        out[p + "attn.c_attn.weight"] = torch.cat([sd[a + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        out[p + "attn.c_attn.bias"] = torch.cat([sd[a + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+        out[p + "attn.c_proj.weight"] = sd[a + "self_attn.o_proj.weight"]
+        out[p + "mlp.w1.weight"] = sd[a + "mlp.up_proj.weight"]
+        out[p + "mlp.w2.weight"] = sd[a + "mlp.gate_proj.weight"]
+        out[p + "mlp.c_proj.weight"] = sd[a + "mlp.down_proj.weight"]
+    c = hf.config
+    config = {
+        "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+        "num_hidden_layers": c.num_hidden_layers, "intermediate_size": 2 * c.intermediate_size,
+        "kv_channels": c.hidden_size // c.num_attention_heads, "rotary_emb_base": 10000, "rotary_pct": 1.0,
+        "layer_norm_epsilon": c.rms_norm_eps, "seq_length": seq_length, "max_position_embeddings": 4 * seq_length,
+        "use_dynamic_ntk": ntk, "use_logn_attn": logn, "no_bias": True, "tie_word_embeddings": False,
+    }
+    return _write(folder, config, out)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    hf = _hf("qwen2")
+    folder = write_qwen1(tmp_path_factory.mktemp("qwen1"), hf, seq_length=32)
+    return hf, llmfn.load(folder)
+
+
+def test_qwen1_layout_gives_qwen2_logits_within_trained_length(qwen):
+    hf, model = qwen
+    assert model.cfg.dynamic_ntk_length == 32 and model.cfg.logn_length == 32
+    tokens = _tokens(2, 32)
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (llmfn.logits(model, tokens) - expected).abs().max().item() <= 1e-4
+
+
+def test_qwen1_greedy_decode_matches_qwen2(qwen):
+    hf, model = qwen
+    prompt = [5, 17, 100, 33, 250, 7]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert list(llmfn.generate(model, prompt, max_tokens=20, stop_token_ids=[])) == want
+
+
+def test_qwen1_chatml_fallback_and_stops(qwen):
+    _, model = qwen
+    assert model.chat_template == chat_formats.QWEN_CHATML
+    tok = model.tokenizer
+    assert {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|im_start|>")} <= set(model.generation.eos_ids)
+
+
+def qwen1_reference(sd, config, tokens):
+    """Qwen-1's forward for one whole sequence, written from its published formulas: dynamic NTK
+    (alpha from the sequence length, rotary base * alpha ** (d / (d - 2))) and logn query scaling."""
+    L, S, hd = tokens.shape[1], config["seq_length"], config["kv_channels"]
+    H = config["num_attention_heads"]
+    alpha = 1.0
+    if config["use_dynamic_ntk"]:
+        alpha = max(2 ** math.ceil(math.log(L / S, 2) + 1) - 1, 1)
+    base = config["rotary_emb_base"] * alpha ** (hd / (hd - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2).float() / hd))
+    emb = torch.outer(torch.arange(L).float(), inv_freq).repeat(1, 2)[None, :, None, :]  # [1, L, 1, hd]
+
+    def rope(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * emb.cos() + torch.cat((-t2, t1), dim=-1) * emb.sin()
+
+    logn = torch.tensor([math.log(i, S) if i > S else 1.0 for i in range(1, L + 1)])[None, :, None, None]
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config["layer_norm_epsilon"]))
+
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    x = sd["transformer.wte.weight"][tokens]
+    for i in range(config["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        h = rms(x, sd[p + "ln_1.weight"])
+        q, k, v = F.linear(h, sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]).view(*tokens.shape, 3, H, hd).unbind(2)
+        q, k = rope(q), rope(k)
+        if config["use_logn_attn"] and L > S:
+            q = q * logn
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + F.linear(torch.einsum("bhqk,bkhd->bqhd", probs, v).flatten(2), sd[p + "attn.c_proj.weight"])
+        h = rms(x, sd[p + "ln_2.weight"])
+        a1, a2 = F.linear(h, sd[p + "mlp.w1.weight"]), F.linear(h, sd[p + "mlp.w2.weight"])
+        x = x + F.linear(a1 * F.silu(a2), sd[p + "mlp.c_proj.weight"])
+    return F.linear(rms(x, sd["transformer.ln_f.weight"]), sd["lm_head.weight"])
+
+
+@pytest.mark.parametrize("length", [16, 17, 33, 70])
+@pytest.mark.parametrize("ntk, logn", [(True, True), (True, False), (False, True)])
+def test_qwen1_dynamic_ntk_and_logn_past_seq_length_match_reference(tmp_path, length, ntk, logn):
+    from safetensors.torch import load_file
+
+    folder = write_qwen1(tmp_path / "q", _hf("qwen2", seed=3), seq_length=16, ntk=ntk, logn=logn)
+    model = llmfn.load(folder)
+    config = json.loads((folder / "config.json").read_text())
+    tokens = _tokens(1, length, seed=length)
+    want = qwen1_reference(load_file(str(folder / "model.safetensors")), config, tokens)
+    assert (llmfn.logits(model, tokens) - want).abs().max().item() <= 1e-4
+
+
+def test_dynamic_ntk_alpha_and_logn_follow_the_formulas():
+    cfg = qwen_config({"model_type": "qwen", "vocab_size": 8, "hidden_size": 64, "num_attention_heads": 4,
+                       "num_hidden_layers": 1, "intermediate_size": 32, "seq_length": 16,
+                       "use_dynamic_ntk": True, "use_logn_attn": True})
+    hd = cfg.head_dim
+    lengths = list(range(1, 300)) + [1024, 1025, 4096, 4097]
+    positions = torch.tensor([[n - 1] for n in lengths])  # one decode step per row, at length n
+    got = llama.dynamic_ntk_inv_freq(cfg, positions)[:, 0]  # [rows, hd/2]
+    for n, row in zip(lengths, got, strict=True):
+        alpha = max(2 ** math.ceil(math.log(n / 16, 2) + 1) - 1, 1)
+        base = 10000.0 * alpha ** (hd / (hd - 2))
+        torch.testing.assert_close(row, 1.0 / (base ** (torch.arange(0, hd, 2).float() / hd)), rtol=1e-6, atol=0)
+    scale = llama.logn_scale(cfg, torch.arange(300)[None])[0, :, 0, 0]
+    want = torch.tensor([math.log(i, 16) if i > 16 else 1.0 for i in range(1, 301)])
+    torch.testing.assert_close(scale, want, rtol=1e-6, atol=0)
+    assert (scale[:16] == 1).all()
+
+
+def test_qwen1_config_mapping():
+    raw = {"model_type": "qwen", "vocab_size": 151936, "hidden_size": 4096, "num_attention_heads": 32,
+           "num_hidden_layers": 32, "intermediate_size": 22016, "kv_channels": 128, "rotary_emb_base": 10000,
+           "rotary_pct": 1.0, "layer_norm_epsilon": 1e-6, "seq_length": 8192, "max_position_embeddings": 32768,
+           "use_dynamic_ntk": True, "use_logn_attn": True, "no_bias": True}
+    cfg = qwen_config(raw)
+    assert (cfg.intermediate_size, cfg.head_dim, cfg.num_kv_heads) == (11008, 128, 32)
+    assert (cfg.dynamic_ntk_length, cfg.logn_length, cfg.max_position_embeddings) == (8192, 8192, 32768)
+    assert cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias
+    plain = qwen_config({**raw, "use_dynamic_ntk": False, "use_logn_attn": False})
+    assert plain.dynamic_ntk_length is None and plain.logn_length is None
+    with pytest.raises(llmfn.UnsupportedModelError, match="rotary_pct"):
+        qwen_config({**raw, "rotary_pct": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------
+# Baichuan 2: 7B layout (W_pack, RoPE) from a Llama; 13B layout (ALiBi) against a torch reference
+# ---------------------------------------------------------------------------------------------
+
+
+def baichuan_tensors(hf):
+    """Llama weights under Baichuan's names: W_pack = [q; k; v]."""
+    sd = hf.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if "k_proj" in k or "v_proj" in k or "rotary" in k:
+            continue
+        if "q_proj" in k:
+            a = k.removesuffix("q_proj.weight")
+            out[a + "W_pack.weight"] = torch.cat([sd[a + f"{x}_proj.weight"] for x in "qkv"])
+        else:
+            out[k] = v
+    return out
+
+
+def baichuan_config_json(hf, *, alibi, vocab=V):
+    c = hf.config
+    config = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "vocab_size": vocab,
+              "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+              "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
+              "hidden_act": "silu", "model_max_length": 256, "rms_norm_eps": c.rms_norm_eps,
+              "tie_word_embeddings": False, "z_loss_weight": 0, "norm_head": True}
+    if not alibi:
+        config["max_position_embeddings"] = 256
+    return config
+
+
+@pytest.fixture(scope="module")
+def baichuan7b(tmp_path_factory):
+    hf = _hf("llama", seed=5)
+    folder = _write(tmp_path_factory.mktemp("baichuan7b"), baichuan_config_json(hf, alibi=False), baichuan_tensors(hf))
+    return hf, llmfn.load(folder)
+
+
+def test_baichuan2_7b_layout_gives_llama_logits_with_norm_head(baichuan7b):
+    hf, model = baichuan7b
+    assert model.cfg.position_encoding == "rope" and model.cfg.norm_head and "rope_inv_freq" in model.params
+    tokens = _tokens(2, 23)
+    with torch.no_grad():
+        hidden = hf.model(tokens).last_hidden_state
+        expected = F.linear(hidden, F.normalize(hf.lm_head.weight, dim=-1))
+    assert (llmfn.logits(model, tokens) - expected).abs().max().item() <= 1e-4
+    torch.testing.assert_close(model.params["lm_head"].norm(dim=-1), torch.ones(V))
+
+
+def baichuan13b_reference(sd, config, tokens):
+    """Baichuan 2 13B's forward written from its modeling code: ALiBi as its future mask
+    (slope * key position, -inf above the diagonal), W_pack split in three, NormHead."""
+    H, D_ = config["num_attention_heads"], config["hidden_size"]
+    hd, L = D_ // H, tokens.shape[1]
+
+    def interleave(n):  # Baichuan's _get_interleave
+        if math.log2(n).is_integer():
+            start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+            return [start * start**i for i in range(n)]
+        closest = 2 ** math.floor(math.log2(n))
+        return interleave(closest) + interleave(2 * closest)[0::2][: n - closest]
+
+    slopes = torch.tensor(interleave(H))
+    mask = torch.full((L, L), float("-inf")).triu(1)[None] + slopes[:, None, None] * torch.arange(L)[None, None, :]
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config["rms_norm_eps"]))
+
+    x = sd["model.embed_tokens.weight"][tokens]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        q, k, v = F.linear(h, sd[p + "self_attn.W_pack.weight"]).view(*tokens.shape, 3, H, hd).unbind(2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + mask
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).flatten(2)
+        x = x + F.linear(out, sd[p + "self_attn.o_proj.weight"])
+        h = rms(x, sd[p + "post_attention_layernorm.weight"])
+        gate, up = F.linear(h, sd[p + "mlp.gate_proj.weight"]), F.linear(h, sd[p + "mlp.up_proj.weight"])
+        x = x + F.linear(F.silu(gate) * up, sd[p + "mlp.down_proj.weight"])
+    return F.linear(rms(x, sd["model.norm.weight"]), F.normalize(sd["lm_head.weight"], dim=-1))
+
+
+@pytest.fixture(scope="module", params=[4, 6])
+def baichuan13b(request, tmp_path_factory):
+    heads = request.param  # 6: not a power of two, as the real 13B's 40 heads
+    hf = _hf("llama", seed=7, num_attention_heads=heads, num_key_value_heads=heads, hidden_size=16 * heads)
+    tensors = baichuan_tensors(hf)
+    folder = _write(tmp_path_factory.mktemp("baichuan13b"), baichuan_config_json(hf, alibi=True), tensors)
+    return {k: v.clone() for k, v in tensors.items()}, json.loads((folder / "config.json").read_text()), llmfn.load(folder)
+
+
+def test_baichuan2_13b_alibi_forward_matches_torch_reference(baichuan13b):
+    sd, config, model = baichuan13b
+    assert model.cfg.position_encoding == "alibi" and "rope_inv_freq" not in model.params
+    tokens = _tokens(2, 29)
+    want = baichuan13b_reference(sd, config, tokens)
+    assert (llmfn.logits(model, tokens) - want).abs().max().item() <= 1e-4
+
+
+def test_baichuan2_13b_cached_decode_equals_full_forward(baichuan13b):
+    _, _, model = baichuan13b
+    tokens = _tokens(1, 12, seed=4)
+    full = llmfn.logits(model, tokens)
+    cache = llama.init_cache(model.cfg, 1, 16)
+    with torch.inference_mode():
+        first, cache = llama.forward(model.params, model.cfg, tokens[:, :5], torch.arange(5)[None], cache)
+        steps = [first]
+        for p in range(5, 12):
+            out, cache = llama.forward(model.params, model.cfg, tokens[:, p : p + 1], torch.tensor([[p]]), cache)
+            steps.append(out)
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_baichuan_config_detection():
+    base = {"model_type": "baichuan", "hidden_size": 5120, "intermediate_size": 13696, "num_attention_heads": 40,
+            "num_hidden_layers": 40, "model_max_length": 4096, "rms_norm_eps": 1e-6, "vocab_size": 125696}
+    b13 = baichuan_config(base)  # Baichuan2-13B: no rope fields
+    assert (b13.position_encoding, b13.norm_head, b13.max_position_embeddings) == ("alibi", True, 4096)
+    b7 = baichuan_config({**base, "hidden_size": 4096, "num_attention_heads": 32, "max_position_embeddings": 4096})
+    assert (b7.position_encoding, b7.norm_head, b7.head_dim) == ("rope", True, 128)
+    v1 = baichuan_config({**base, "vocab_size": 64000})  # Baichuan 1: plain lm_head
+    assert not v1.norm_head
+    forced = baichuan_config({**base, "max_position_embeddings": 4096, "position_encoding": "alibi", "norm_head": False})
+    assert (forced.position_encoding, forced.norm_head) == ("alibi", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi: slopes and bias against transformers' BLOOM, through the kernels' bias path
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 32, 40, 64, 80])
+def test_alibi_slopes_equal_bloom(heads):
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    bloom = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)  # [heads, 1, 2]: slope * key position
+    torch.testing.assert_close(ref.alibi_slopes(heads), bloom[:, 0, 1], rtol=1e-5, atol=0)
+
+
+def _bloom_attention(q, k, v, scale):
+    """Plain softmax attention with BLOOM's ALiBi tensor (slope * key position) and a causal mask."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    b, h, s, _ = q.shape
+    alibi = build_alibi_tensor(torch.ones(b, s), h, torch.float32).view(b, h, 1, s)
+    scores = q @ k.transpose(-1, -2) * scale + alibi
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("heads", [5, 8])
+def test_alibi_attention_bias_equals_bloom(heads):
+    g = torch.Generator().manual_seed(heads)
+    q, k, v = (torch.randn(2, heads, 19, 16, generator=g) for _ in range(3))
+    pos = torch.arange(19).expand(2, 19)
+    slopes = ref.alibi_slopes(heads)
+    want = _bloom_attention(q, k, v, 0.25)
+    torch.testing.assert_close(llmfn.kernels.attention(q, k, v, pos, 0.25, slopes), want, rtol=1e-5, atol=1e-5)
+    triton_attention = pytest.importorskip("llmfn.kernels.triton_attention")
+    torch.testing.assert_close(triton_attention.prefill(q, k, v, pos, 0.25, slopes), want, rtol=1e-4, atol=1e-4)
+    last = triton_attention.decode(q[:, :, -1:], k, v, pos[:, -1:], 0.25, slopes)
+    torch.testing.assert_close(last, want[:, :, -1:], rtol=1e-4, atol=1e-4)
