@@ -16,6 +16,7 @@
     dtype = "float32"                 # optional
     device = "cpu"                    # optional
     type = "causal-lm"                # optional: "causal-lm" or "embedding" (else from config.json)
+    compile = true                    # optional: torch.compile the decode step (default: llmfn decides by size)
 
 Every mistake is a `LlmfnError` with one line naming the file and the field at fault.
 """
@@ -47,6 +48,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     dtype: Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] | None = None
     device: str = "cpu"
     type: ModelType | None = None
+    compile: bool | None = None
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -48,7 +48,7 @@ def load_model(spec: ModelConfig) -> Model:
     from llmfn.loading import load, parse_dtype, resolve
 
     try:
-        model = load(spec.path, dtype=spec.dtype, device=spec.device)
+        model = load(spec.path, dtype=spec.dtype, device=spec.device, compile=spec.compile)
     except UnsupportedModelError:
         folder = resolve(spec.path)
         if spec.type != "embedding" and not (folder / "modules.json").exists():
@@ -59,6 +59,18 @@ def load_model(spec: ModelConfig) -> Model:
     if spec.type is not None and model.kind != spec.type:
         raise LlmfnError(f"{spec.path} is a {model.kind} model, but the config says type = {spec.type!r}")
     return model
+
+
+def warm_up(engine, model: Model) -> None:
+    """One short generation before the server reports ready, so that first-use costs (torch.compile,
+    allocator growth) are paid while /health still says 503, not by the first client."""
+    from llmfn.engine import GenerationRequest
+    from llmfn.sampling import SamplingParams
+
+    prompt = model.tokenizer.encode("Hello") or [0]
+    engine.generate_many(
+        [GenerationRequest(prompt_ids=prompt, max_tokens=2, sampling=SamplingParams(temperature=0.0))]
+    )
 
 
 class ModelPool:
