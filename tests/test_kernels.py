@@ -49,7 +49,7 @@ def assert_rule(triton_out: torch.Tensor, lowp: torch.Tensor, expected: torch.Te
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@examples(12)
+@examples(25)
 @given(
     rows=st.integers(1, 7),
     dim=st.sampled_from([16, 33, 64, 96, 100, 256]),
@@ -96,7 +96,7 @@ def rope_tables(pos: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@examples(12)
+@examples(25)
 @given(
     b=st.integers(1, 2),
     s=st.integers(1, 7),
@@ -148,7 +148,7 @@ def check_attention(run, q, k, v, pos, alibi, window, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@examples(15)
+@examples(30)
 @given(
     b=st.integers(1, 2),
     hk=st.integers(1, 2),
@@ -156,23 +156,27 @@ def check_attention(run, q, k, v, pos, alibi, window, dtype):
     s=st.integers(1, 21),
     starts=st.lists(st.integers(0, 12), min_size=2, max_size=2),
     slack=st.integers(0, 5),
-    dim=st.sampled_from([16, 32, 64, 80, 96]),
+    shuffle=st.booleans(),
+    dim=st.sampled_from([16, 32, 64, 80, 96, 128]),
     alibi=st.booleans(),
     window=st.one_of(st.none(), st.integers(1, 9)),
     seed=st.integers(0, 2**16),
 )
-def test_attention_prefill(dtype, b, hk, group, s, starts, slack, dim, alibi, window, seed):
-    """Chunked prefill: row i holds positions starts[i] .. starts[i] + s - 1 of a cache of t slots."""
+def test_attention_prefill(dtype, b, hk, group, s, starts, slack, shuffle, dim, alibi, window, seed):
+    """Chunked prefill: row i holds positions starts[i] .. starts[i] + s - 1 of a cache of t slots
+    (in a random order with shuffle: the kernel must not assume sorted positions)."""
     gen = torch.Generator().manual_seed(seed)
     starts = torch.tensor(starts[:b])
     t = int(starts.max()) + s + slack
     pos = starts[:, None] + torch.arange(s)[None, :]  # [b, s]
+    if shuffle:
+        pos = pos[:, torch.randperm(s, generator=gen)]
     q, k, v, pos = attention_case(gen, dtype, b, hk, group, s, t, dim, pos)
     check_attention(triton_attention.prefill, q, k, v, pos, alibi, window, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@examples(15)
+@examples(25)
 @given(
     b=st.integers(1, 3),
     hk=st.integers(1, 2),
@@ -180,7 +184,7 @@ def test_attention_prefill(dtype, b, hk, group, s, starts, slack, dim, alibi, wi
     t=st.integers(1, 70),
     fracs=st.lists(st.floats(0, 1), min_size=3, max_size=3),
     splits=st.sampled_from([0, 1, 2, 3, 5]),
-    dim=st.sampled_from([16, 32, 64, 80]),
+    dim=st.sampled_from([16, 32, 64, 80, 128]),
     alibi=st.booleans(),
     window=st.one_of(st.none(), st.integers(1, 20)),
     seed=st.integers(0, 2**16),
@@ -195,6 +199,19 @@ def test_attention_decode(dtype, b, hk, group, t, fracs, splits, dim, alibi, win
         return triton_attention.decode(*args, num_splits=splits)
 
     check_attention(run, q, k, v, pos, alibi, window, dtype)
+
+
+def test_attention_query_that_sees_no_key_gives_zeros():
+    """Position -1 (a padding row) sees no key: zeros, as torch's SDPA gives for a fully masked row."""
+    gen = torch.Generator().manual_seed(2)
+    pos = torch.tensor([[-1, 0, 1], [4, -1, 5]])
+    q, k, v, pos = attention_case(gen, torch.float32, 2, 1, 2, 3, 7, 16, pos)
+    expected = ref.attention(q, k, v, pos, 0.25)
+    assert expected[0, :, 0].abs().max() == 0 and expected[1, :, 1].abs().max() == 0
+    torch.testing.assert_close(triton_attention.prefill(q, k, v, pos, 0.25), expected)
+    one = pos[:, :1] * 0 - 1  # every row at -1
+    out = triton_attention.decode(q[:, :, :1], k, v, one, 0.25, num_splits=2)
+    assert out.abs().max() == 0
 
 
 def test_attention_op_picks_decode_for_one_query():
@@ -246,7 +263,7 @@ def test_int4_bad_layout_raises():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@examples(12)
+@examples(25)
 @given(
     m=st.sampled_from([1, 2, 5, 17]),
     n=st.integers(1, 70),

@@ -243,8 +243,8 @@ def prefill(q, k, v, q_pos, scale, alibi_slopes=None, window=None, block_m=None,
     if interpreting():  # small blocks: tests with small shapes still cross block edges
         block_m, block_n = block_m or 16, block_n or 16
     else:
-        block_m = block_m or (16 if seq <= 16 else 64 if bd <= 64 else 32)
-        block_n = block_n or (64 if bd <= 64 else 32)
+        block_m = block_m or (16 if seq <= 16 else 64)  # FA2-style tiles; untuned (no GPU yet)
+        block_n = block_n or (64 if bd <= 128 else 32)
     slopes = alibi_slopes if alibi_slopes is not None else q_pos
     grid = (triton.cdiv(seq, block_m), bsz * hq)
     wrap_triton(_prefill_kernel)[grid](
@@ -253,7 +253,7 @@ def prefill(q, k, v, q_pos, scale, alibi_slopes=None, window=None, block_m=None,
         seq, t, hq, hq // hk, dim, window or 0, scale * LOG2E,
         HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None, DOT_FP32=dot_in_fp32(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd,
-        num_warps=4 if bd <= 64 else 8, num_stages=2,
+        num_warps=4 if bd <= 64 else 8, num_stages=3 if bd <= 64 else 2,
     )  # fmt: skip
     return out
 
@@ -288,7 +288,7 @@ def decode(q, k, v, q_pos, scale, alibi_slopes=None, window=None, num_splits=0, 
         acc, maxes, sums, out,
         out.stride(0), out.stride(1), out.stride(3),
         hq, dim, splits,
-        BLOCK_S=block(splits, 1), BLOCK_D=bd,
+        BLOCK_S=block(splits, 2), BLOCK_D=bd,
         num_warps=4,
     )  # fmt: skip
     return out

@@ -18,5 +18,6 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
 
 
 def block(n: int, least: int = 16) -> int:
-    """Next power of two >= n, and at least `least` (tl.dot wants dims >= 16)."""
+    """Next power of two >= n, and at least `least` (tl.dot wants dims >= 16; 2 keeps tl.arange
+    away from size-1 blocks)."""
     return max(least, triton.next_power_of_2(n))

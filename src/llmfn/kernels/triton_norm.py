@@ -47,7 +47,7 @@ def _launch(x, residual, weight, eps):
     out = torch.empty(x.shape, dtype=torch.promote_types(in_dtype, weight.dtype), device=x.device)
     summed = torch.empty(x.shape, dtype=in_dtype, device=x.device) if residual is not None else out
     rs = _rows(residual) if residual is not None else xs
-    bd = block(dim, 1)
+    bd = block(dim, 2)
     wrap_triton(_rms_norm_kernel)[(rows,)](
         xs, rs, weight, out, summed,
         xs.stride(0), rs.stride(0), dim, dim,

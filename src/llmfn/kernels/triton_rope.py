@@ -56,5 +56,5 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         q, k, cos, sin,
         *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
         seq, hq, k.shape[2],
-        HALF=half, BLOCK_HALF=block(half, 1), BLOCK_HQ=block(hq, 1), BLOCK_HK=block(k.shape[2], 1),
+        HALF=half, BLOCK_HALF=block(half, 2), BLOCK_HQ=block(hq, 2), BLOCK_HK=block(k.shape[2], 2),
     )  # fmt: skip
