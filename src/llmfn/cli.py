@@ -62,7 +62,8 @@ def sampling_settings(args: argparse.Namespace) -> dict:
 def model_defaults(model) -> dict:
     """Sampling defaults from the model's generation_config.json."""
     g = model.generation
-    return {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "repetition_penalty": g.repetition_penalty}
+    return {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "min_p": 0.0,
+            "repetition_penalty": g.repetition_penalty, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 def write(stream, text: str) -> None:
