@@ -11,11 +11,12 @@ from safetensors.torch import save_file
 
 import llmfn
 from llmfn import chat_formats
+from llmfn.chat_template import apply_chat_template, render
 from llmfn.kernels import reference as ref
 from llmfn.models import llama
 from llmfn.models.baichuan import baichuan_config
 from llmfn.models.qwen import qwen_config
-from tiny import write_tokenizer
+from tiny import CORPUS, write_tokenizer
 
 V, D, HEADS, FF, LAYERS = 384, 64, 4, 96, 2
 GEN = torch.Generator().manual_seed(1)
@@ -363,3 +364,208 @@ def test_alibi_attention_bias_equals_bloom(heads):
     torch.testing.assert_close(triton_attention.prefill(q, k, v, pos, 0.25, slopes), want, rtol=1e-4, atol=1e-4)
     last = triton_attention.decode(q[:, :, -1:], k, v, pos[:, -1:], 0.25, slopes)
     torch.testing.assert_close(last, want[:, :, -1:], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers of the original folders and the built-in chat formats
+# ---------------------------------------------------------------------------------------------
+
+CHAT_CORPUS = CORPUS + [
+    "You are a helpful assistant. Answer briefly and politely.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Tell me a joke about cats. Why did the cat sit on the computer? To keep an eye on the mouse!",
+    "[INST] <<SYS>> system prompt <</SYS>> [/INST] user assistant",
+] * 8
+CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "Tell me a joke about cats."},
+]
+
+
+def _needs_template_specials(tokenizer, *names):
+    """chat_template matches special tokens through its own table; skip until it sees these."""
+    from llmfn.chat_template import special_token_ids
+
+    missing = [n for n in names if n not in special_token_ids(tokenizer)]
+    if missing:
+        pytest.skip(f"llmfn.chat_template does not match {missing} of a {tokenizer.format} tokenizer yet")
+
+
+def train_sentencepiece(path, **options):
+    """A small SentencePiece BPE model with byte fallback trained on a few sentences."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CHAT_CORPUS), model_writer=out, model_type="bpe", vocab_size=600,
+        hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0, num_threads=1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, **options,
+    )
+    path.write_bytes(out.getvalue())
+    return spm.SentencePieceProcessor(model_proto=out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def llama2(tmp_path_factory):
+    """A Llama 2 folder with only a SentencePiece tokenizer.model (no tokenizer.json, no template)."""
+    folder = tmp_path_factory.mktemp("llama2")
+    sp = train_sentencepiece(folder / "tokenizer.model", add_dummy_prefix=True)
+    hf = _hf("llama", seed=11, vocab_size=sp.get_piece_size())
+    hf.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    return sp, folder
+
+
+def test_llama2_sentencepiece_folder_gets_the_llama2_chat_format(llama2):
+    sp, folder = llama2
+    model = llmfn.load(folder)
+    assert model.tokenizer.format == "sentencepiece" and model.tokenizer.eos_ids == (2,)
+    raw = json.loads((folder / "config.json").read_text())
+    assert chat_formats.fallback_template(folder, raw, model.tokenizer) == chat_formats.LLAMA2
+    if model.chat_template != chat_formats.LLAMA2:
+        pytest.skip("llmfn.loading.finish_causal_lm does not call chat_formats.fallback_template yet")
+
+
+def meta_llama2_dialog(messages):
+    """The Llama 2 chat prompt as Meta's chat_completion() builds it: (text, [(bos?, text, eos?)])."""
+    B_INST, E_INST, B_SYS, E_SYS = "[INST]", "[/INST]", "<<SYS>>\n", "\n<</SYS>>\n\n"
+    if messages[0]["role"] == "system":
+        messages = [{"role": messages[1]["role"], "content": B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]}] + messages[2:]
+    pieces = [f"{B_INST} {p['content'].strip()} {E_INST} {a['content'].strip()} " for p, a in zip(messages[::2], messages[1::2], strict=False)]
+    last = f"{B_INST} {messages[-1]['content'].strip()} {E_INST}"
+    return pieces, last
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_llama2_format_renders_as_meta_chat_completion(llama2, system):
+    sp, folder = llama2
+    messages = CONVERSATION if system else CONVERSATION[1:]
+    pieces, last = meta_llama2_dialog(messages)
+    text = render(chat_formats.LLAMA2, messages, bos_token="<s>", eos_token="</s>")
+    assert text == "".join(f"<s>{p}</s>" for p in pieces) + f"<s>{last}"
+    tokenizer = llmfn.load_tokenizer(folder)
+    _needs_template_specials(tokenizer, "<s>", "</s>")
+    want = sum(([1, *sp.encode(p), 2] for p in pieces), []) + [1, *sp.encode(last)]
+    assert apply_chat_template(tokenizer, chat_formats.LLAMA2, messages) == want
+
+
+def test_llama2_format_rejects_non_alternating_roles():
+    with pytest.raises(llmfn.RequestError, match="alternate"):
+        render(chat_formats.LLAMA2, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+               bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def baichuan2_chat(tmp_path_factory):
+    """A Baichuan 2 7B-layout folder with a SentencePiece tokenizer whose user-defined
+    <reserved_106> / <reserved_107> sit at ids 195 / 196, as in the original."""
+    folder = tmp_path_factory.mktemp("baichuan2chat")
+    reserved = [f"<filler_{i}>" for i in range(192)] + ["<reserved_106>", "<reserved_107>"]
+    sp = train_sentencepiece(folder / "tokenizer.model", add_dummy_prefix=False, user_defined_symbols=reserved)
+    assert (sp.piece_to_id("<reserved_106>"), sp.piece_to_id("<reserved_107>")) == (195, 196)
+    hf = _hf("llama", seed=13, vocab_size=sp.get_piece_size())
+    (folder / "config.json").write_text(json.dumps(baichuan_config_json(hf, alibi=False, vocab=sp.get_piece_size())))
+    save_file({k: v.contiguous() for k, v in baichuan_tensors(hf).items()}, str(folder / "model.safetensors"))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "user_token_id": 195, "assistant_token_id": 196,
+         "do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.05}))
+    return sp, folder
+
+
+def baichuan2_chat_input(sp, messages, user=195, assistant=196):
+    """Baichuan 2's build_chat_input() without its token budget: the system text, then each turn's
+    role token and content, then the assistant token unless the assistant spoke last."""
+    system, turns = "", messages
+    if messages[0]["role"] == "system":
+        system, turns = messages[0]["content"], messages[1:]
+    ids = sp.encode(system)
+    for m in turns:
+        ids += [user if m["role"] == "user" else assistant] + sp.encode(m["content"])
+    return ids + ([assistant] if messages[-1]["role"] != "assistant" else [])
+
+
+@pytest.mark.parametrize("turns", [1, 3, 4])
+def test_baichuan2_chat_format_tokens_equal_build_chat_input(baichuan2_chat, turns):
+    sp, folder = baichuan2_chat
+    model = llmfn.load(folder)
+    assert model.chat_template == chat_formats.BAICHUAN2 and model.cfg.norm_head
+    assert model.generation.eos_ids == (2,) and model.generation.top_k == 5
+    messages = CONVERSATION[: turns + 1] if turns > 1 else CONVERSATION[1:2]
+    text = render(model.chat_template, messages)
+    assert text.endswith("<reserved_107>") != (messages[-1]["role"] == "assistant")
+    _needs_template_specials(model.tokenizer, "<reserved_106>", "<reserved_107>")
+    assert apply_chat_template(model.tokenizer, model.chat_template, messages) == baichuan2_chat_input(sp, messages)
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+
+
+@pytest.fixture(scope="module")
+def qwen_tiktoken(tmp_path_factory):
+    """A Qwen-1 folder with a full-size qwen.tiktoken (151,643 ranks: every byte, every byte pair,
+    then three-byte tokens; made up, but shaped as the original so it is recognised by name),
+    generation_config as Qwen-7B-Chat's, and a small model over the 151,936-token vocabulary."""
+    import base64
+    import itertools
+
+    folder = tmp_path_factory.mktemp("qwen_tiktoken")
+    ranks = [bytes([b]) for b in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)]
+    three = (bytes([a, b, c]) for a in range(97, 123) for b in range(256) for c in range(256))
+    ranks += list(itertools.islice(three, 151643 - len(ranks)))
+    (folder / "qwen.tiktoken").write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(ranks)))
+    hf = _hf("qwen2", seed=17, vocab_size=151936, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+             intermediate_size=32, num_hidden_layers=1)
+    write_qwen1(folder, hf, seq_length=64)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
+         "do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1}))
+    return ranks, folder
+
+
+def qwen_make_context(enc, messages):
+    """Qwen-1's make_context() (chatml) without its window: (raw_text, tokens). Each role and content
+    is encoded on its own, specials as text, and turns are joined by a newline token."""
+    im_start, im_end, nl = [151644], [151645], enc.encode("\n")
+    system, turns = "You are a helpful assistant.", messages
+    if messages[0]["role"] == "system":
+        system, turns = messages[0]["content"], messages[1:]
+
+    def turn(role, content):
+        return im_start + enc.encode(role, disallowed_special=()) + nl + enc.encode(content, disallowed_special=()) + im_end
+
+    tokens = turn("system", system)
+    text = f"<|im_start|>system\n{system}<|im_end|>"
+    for m in turns:
+        tokens += nl + turn(m["role"], m["content"])
+        text += f"\n<|im_start|>{m['role']}\n{m['content']}<|im_end|>"
+    return text + "\n<|im_start|>assistant\n", tokens + nl + im_start + enc.encode("assistant") + nl
+
+
+@pytest.mark.parametrize("turns", [1, 3])
+def test_qwen1_tiktoken_folder_chatml_equals_make_context(qwen_tiktoken, turns):
+    import tiktoken
+
+    from llmfn.tokenization.tiktoken_file import KNOWN
+
+    ranks, folder = qwen_tiktoken
+    model = llmfn.load(folder)
+    assert model.tokenizer.format == "tiktoken" and model.chat_template == chat_formats.QWEN_CHATML
+    assert {151643, 151644, 151645} <= set(model.generation.eos_ids)
+    enc = tiktoken.Encoding("qwen", pat_str=KNOWN["qwen"].pattern, mergeable_ranks={t: i for i, t in enumerate(ranks)},
+                            special_tokens={s: 151643 + i for i, s in enumerate(QWEN_SPECIALS)})
+    messages = CONVERSATION[1:2] if turns == 1 else CONVERSATION[1:] if turns == 3 else CONVERSATION
+    text, tokens = qwen_make_context(enc, messages)
+    assert render(model.chat_template, messages) == text
+    text_sys, _ = qwen_make_context(enc, CONVERSATION)
+    assert render(model.chat_template, CONVERSATION) == text_sys
+    _needs_template_specials(model.tokenizer, "<|im_start|>", "<|im_end|>")
+    assert apply_chat_template(model.tokenizer, model.chat_template, messages) == tokens
+    reply = list(llmfn.generate(model, tokens, max_tokens=4, stop_token_ids=[]))
+    assert len(reply) == 4
