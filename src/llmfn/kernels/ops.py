@@ -8,10 +8,14 @@ import torch
 
 from llmfn.kernels import reference as ref
 
-try:  # triton ships with CUDA builds of torch; without it every device takes the reference
-    from llmfn.kernels import triton_attention, triton_int4, triton_norm, triton_rope
-except ImportError:  # pragma: no cover - depends on the install
-    triton_attention = triton_int4 = triton_norm = triton_rope = None
+# Importing the Triton paths pulls in triton and torch._inductor (seconds), so CPU-only machines
+# skip it; without triton every device takes the reference.
+triton_attention = triton_int4 = triton_norm = triton_rope = None
+if torch.cuda.is_available():
+    try:
+        from llmfn.kernels import triton_attention, triton_int4, triton_norm, triton_rope
+    except ImportError:  # pragma: no cover - depends on the install
+        pass
 
 
 def _triton(t: torch.Tensor) -> bool:
