@@ -358,7 +358,7 @@ def _load_tiktoken(file: Path, pattern: str | None, special_tokens: dict[str, in
 def _load_vocab_txt(file: Path) -> Tokenizer:
     from llmfn.tokenization import wordpiece
 
-    hf, roles = wordpiece.build(file, wordpiece.folder_config(file.parent))
+    hf, roles, fix = wordpiece.build(file, wordpiece.folder_config(file.parent))
     ids = {role: hf.token_to_id(tok) for role, tok in roles.items()}
     return Tokenizer(
         hf,
@@ -366,6 +366,7 @@ def _load_vocab_txt(file: Path) -> Tokenizer:
         eos_ids=[ids["sep_token"]] if "sep_token" in ids else [],
         pad_id=ids.get("pad_token"),
         unk_id=ids.get("unk_token"),
+        normalize=fix,
         format="wordpiece",
     )
 

@@ -1,9 +1,21 @@
 """BERT WordPiece from a `vocab.txt`, with lowercasing, accent stripping and Chinese-character
-splitting taken from the folder's `tokenizer_config.json` (as transformers' BertTokenizer)."""
+splitting taken from the folder's `tokenizer_config.json` (as transformers' BertTokenizer).
+
+The reference is BERT's own Python tokenizer (transformers' BasicTokenizer + WordpieceTokenizer),
+whose character classes come from Python's `unicodedata`; `tokenizers` uses older Unicode tables.
+`BertTextFix` closes the gap before the Rust pipeline runs: it removes the characters Python drops
+(unassigned and format characters, new combining marks) and spaces out the punctuation and CJK
+characters Python splits, for exactly the characters where `tokenizers` would act otherwise. Three
+code points remain different (U+166D, which `tokenizers` splits as punctuation, and U+1734 and
+U+11938, which it strips as combining marks); ASCII text skips the fix entirely.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
+from functools import cache
 from pathlib import Path
 
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
@@ -47,8 +59,97 @@ def _content(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
-def build(vocab_file: Path, cfg: dict) -> tuple[HFTokenizer, dict[str, str]]:
-    """The pipeline and the special-token roles (role -> token string) found in the vocabulary."""
+def _ranges_class(cps: list[int]) -> str:
+    parts, i = [], 0
+    cps = sorted(cps)
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        lo, hi = re.escape(chr(cps[i])), re.escape(chr(cps[j]))
+        parts.append(lo if i == j else f"{lo}-{hi}")
+        i = j + 1
+    return "[" + "".join(parts) + "]"
+
+
+def _py_is_punctuation(cp: int, cat: str) -> bool:
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or cat.startswith("P")
+
+
+def _py_is_chinese(cp: int) -> bool:
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
+
+
+class BertTextFix:
+    """Make `tokenizers`' BertNormalizer + BertPreTokenizer treat text as Python's BERT does.
+
+    The character classes take about a second to compute (a scan of all code points), so they
+    are built on the first non-ASCII text and shared by every tokenizer with the same options."""
+
+    def __init__(self, lowercase: bool, strip_accents: bool, chinese: bool):
+        self.options = (lowercase, strip_accents, chinese)
+
+    def __call__(self, text: str) -> str:
+        if text.isascii():
+            return text
+        remove, space = _fix_patterns(*self.options)
+        if remove is not None:
+            text = remove.sub("", text)
+        if space is not None:
+            text = space.sub(r" \g<0> ", text)
+        return text
+
+
+def bert_text_fix(lowercase: bool, strip_accents: bool, chinese: bool) -> BertTextFix:
+    return BertTextFix(lowercase, strip_accents, chinese)
+
+
+@cache
+def _fix_patterns(
+    lowercase: bool, strip_accents: bool, chinese: bool
+) -> tuple[re.Pattern | None, re.Pattern | None]:
+    hf = HFTokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=chinese, strip_accents=strip_accents, lowercase=lowercase
+    )
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    remove, split = [], []
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        cat = unicodedata.category(c)
+        if cp in (0, 0xFFFD) or (cat[0] == "C" and c not in "\t\n\r"):
+            remove.append(cp)
+        elif strip_accents and cat == "Mn":
+            remove.append(cp)
+        elif _py_is_punctuation(cp, cat) or (chinese and _py_is_chinese(cp)):
+            split.append(cp)
+    # Keep only the characters `tokenizers` does not already treat the same way.
+    kept = set(hf.normalizer.normalize_str("".join(map(chr, remove))))
+    remove = [cp for cp in remove if chr(cp) in kept]
+    probe = "a" + "a".join(map(chr, split)) + "a"
+    words = [w for w, _ in hf.pre_tokenizer.pre_tokenize_str(hf.normalizer.normalize_str(probe))]
+    joined = {ch for w in words if len(w) > 1 for ch in w if ch != "a"}
+    split = [cp for cp in split if chr(cp) in joined]
+    return (
+        re.compile(_ranges_class(remove)) if remove else None,
+        re.compile(_ranges_class(split)) if split else None,
+    )
+
+
+def build(vocab_file: Path, cfg: dict) -> tuple[HFTokenizer, dict[str, str], BertTextFix]:
+    """The pipeline, the special-token roles (role -> token string) found in the vocabulary, and
+    the text fix that makes the pipeline agree with Python's BERT tokenizer."""
     vocab = read_vocab(vocab_file)
     roles = {role: _content(cfg.get(role, default)) for role, default in _DEFAULT_SPECIALS.items()}
     roles = {role: tok for role, tok in roles.items() if tok and tok in vocab}
@@ -56,14 +157,14 @@ def build(vocab_file: Path, cfg: dict) -> tuple[HFTokenizer, dict[str, str]]:
     if unk is None:
         raise TokenizerError(f"{vocab_file}: no unknown token ([UNK]) in the vocabulary")
     lowercase = bool(cfg.get("do_lower_case", True))
+    strip = cfg.get("strip_accents")
+    strip = lowercase if strip is None else bool(strip)
+    chinese = bool(cfg.get("tokenize_chinese_chars", True))
     hf = HFTokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
     hf.normalizer = normalizers.BertNormalizer(
-        clean_text=True,
-        handle_chinese_chars=bool(cfg.get("tokenize_chinese_chars", True)),
-        strip_accents=cfg.get("strip_accents"),
-        lowercase=lowercase,
+        clean_text=True, handle_chinese_chars=chinese, strip_accents=strip, lowercase=lowercase
     )
     hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     hf.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     hf.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in roles.values()])
-    return hf, roles
+    return hf, roles, bert_text_fix(lowercase, strip, chinese)
