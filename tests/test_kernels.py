@@ -214,6 +214,16 @@ def test_attention_query_that_sees_no_key_gives_zeros():
     assert out.abs().max() == 0
 
 
+def test_attention_bad_shapes_raise():
+    q, k, v = torch.zeros(1, 3, 2, 16), torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16)
+    with pytest.raises(KernelError, match="attention"):  # 3 q heads over 2 kv heads
+        triton_attention.prefill(q, k, v, torch.zeros(1, 2, dtype=torch.long), 0.25)
+    with pytest.raises(KernelError, match="q_pos"):
+        triton_attention.prefill(q[:, :2], k, v, torch.zeros(1, 3, dtype=torch.long), 0.25)
+    with pytest.raises(KernelError, match="one query"):
+        triton_attention.decode(q[:, :2], k, v, torch.zeros(1, 2, dtype=torch.long), 0.25)
+
+
 def test_attention_op_picks_decode_for_one_query():
     """The registered op (torch.ops.llmfn.attention) agrees with the reference for s == 1 and s > 1."""
     gen = torch.Generator().manual_seed(1)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from llmfn.kernels.reference import KernelError
 from llmfn.kernels.triton_common import block, dot_in_fp32, interpreting
 
 LOG2E = 1.4426950408889634
@@ -228,12 +229,25 @@ def decode_splits(batch: int, kv_heads: int, t: int, device: torch.device, block
     return max(1, min(blocks, want, 64))
 
 
-def _check(q, k, v, q_pos):
-    assert q.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] == q_pos.shape[0]
-    assert q.shape[1] % k.shape[1] == 0 and q.shape[3] == k.shape[3] and q_pos.shape[1] == q.shape[2]
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> None:
+    b, hq, s, d = q.shape
+    if not (k.shape == v.shape and k.shape[0] == b and k.shape[3] == d and hq % k.shape[1] == 0):
+        raise KernelError(f"attention: q {list(q.shape)} vs k {list(k.shape)} / v {list(v.shape)}")
+    if list(q_pos.shape) != [b, s]:
+        raise KernelError(f"attention: q_pos {list(q_pos.shape)} should be [{b}, {s}]")
 
 
-def prefill(q, k, v, q_pos, scale, alibi_slopes=None, window=None, block_m=None, block_n=None):
+def prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    window: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
     """Launches the flash-attention kernel (any number of queries). Returns [b, hq, s, d]."""
     _check(q, k, v, q_pos)
     bsz, hq, seq, dim = q.shape
@@ -258,11 +272,23 @@ def prefill(q, k, v, q_pos, scale, alibi_slopes=None, window=None, block_m=None,
     return out
 
 
-def decode(q, k, v, q_pos, scale, alibi_slopes=None, window=None, num_splits=0, block_n=None):
-    """Launches split-KV decode for one query per row (q [b, hq, 1, d]). Returns [b, hq, 1, d]."""
+def decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    window: int | None = None,
+    num_splits: int = 0,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Launches split-KV decode for one query per row (q [b, hq, 1, d]). Returns [b, hq, 1, d].
+    num_splits = 0 picks enough splits to fill the GPU (decode_splits)."""
     _check(q, k, v, q_pos)
     bsz, hq, seq, dim = q.shape
-    assert seq == 1, "decode takes one query per row"
+    if seq != 1:
+        raise KernelError(f"attention decode takes one query per row, got {seq}")
     hk, t = k.shape[1], k.shape[2]
     group = hq // hk
     bd = block(dim)
