@@ -1,0 +1,292 @@
+"""The web chat page (GET /) in a real headless Chromium (Debian's `chromium`, driven by Playwright).
+
+Mocked tests serve the page from the package folder and answer /v1/* through `page.route`, so the
+rendering and request shapes are checked exactly (hostile markup in the answer, auth); live tests run
+`llmfn serve` with a tiny model: a streamed answer appears, and Stop aborts the request and the server
+cancels the generation. Screenshots go to test-artifacts/.
+
+Chromium is a test requirement, not optional hardware: without it these tests fail and say how to
+install it (set LLMFN_SKIP_BROWSER_TESTS=1 to skip them on purpose)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server_util import start_server, write_config
+from tiny import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "src" / "llmfn" / "serve" / "static" / "index.html"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = os.environ.get("LLMFN_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+MOCK = "http://llmfn.test"  # the page's origin in the mocked tests: every request is answered by a route
+HOSTILE = ('Look: <script>window.pwned = 1; alert("script")</script> and <img src=x onerror="window.pwned = 2; '
+           'alert(1)"> and <b>bold?</b> [click](javascript:alert(3)) **really bold** `<i>code</i>`\n\n'
+           '```html\n<script>alert(4)</script>\n```\n- <svg onload=alert(5)>\n')  # fmt: skip
+
+if os.environ.get("LLMFN_SKIP_BROWSER_TESTS"):
+    pytest.skip("LLMFN_SKIP_BROWSER_TESTS is set", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"the web chat tests need Chromium at {CHROMIUM}: `apt-get install -y chromium` (Debian), or "
+                    "set LLMFN_CHROMIUM to its path (LLMFN_SKIP_BROWSER_TESTS=1 skips these tests)", pytrace=False)  # fmt: skip
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the web chat tests need Playwright's Python package: `pip install playwright` "
+                    "(its own browser download is not needed)", pytrace=False)  # fmt: skip
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    context = browser.new_context(viewport={"width": 1000, "height": 760})
+    page = context.new_page()
+    page.errors = []
+    page.dialogs = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
+    page.set_default_timeout(30_000)
+    yield page
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"webchat-{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+def sse(*chunks: dict) -> str:
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def delta(text: str | None = None, finish: str | None = None, usage: dict | None = None) -> dict:
+    choices = [] if usage else [{"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}]
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "tiny", "choices": choices}
+    if usage:
+        chunk["usage"] = usage
+    return chunk
+
+
+def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "other")) -> list:
+    """Serve the page at MOCK/ and answer /v1/models and /v1/chat/completions; returns the chat requests."""
+    requests = []
+
+    def authorized(route) -> bool:
+        if key is None or route.request.headers.get("authorization") == f"Bearer {key}":
+            return True
+        route.fulfill(status=401, content_type="application/json",
+                      body=json.dumps({"error": {"message": "invalid or missing API key", "type": "auth"}}))  # fmt: skip
+        return False
+
+    def index(route):
+        route.fulfill(status=200, content_type="text/html; charset=utf-8", body=PAGE.read_text())
+
+    def list_models(route):
+        if authorized(route):
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "llmfn", "type": "causal-lm"} for m in models]
+            data.append({"id": "minilm", "object": "model", "created": 0, "owned_by": "llmfn", "type": "embedding"})
+            route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": data}))
+
+    def chat(route):
+        requests.append({"body": json.loads(route.request.post_data), "headers": route.request.headers})
+        if authorized(route):
+            pieces = [answer[i : i + 7] for i in range(0, len(answer), 7)]  # splits tags across chunks
+            body = sse(delta(""), *(delta(p) for p in pieces), delta(finish="stop"),
+                       delta(usage={"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}))  # fmt: skip
+            route.fulfill(status=200, content_type="text/event-stream", body=body)
+
+    page.route(f"{MOCK}/", index)
+    page.route(f"{MOCK}/v1/models", list_models)
+    page.route(f"{MOCK}/v1/chat/completions", chat)
+    return requests
+
+
+def send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def last_answer(page):
+    return page.locator(".msg.assistant").last
+
+
+# ------------------------------------------------------------------------------------------ mocked
+
+
+def test_model_output_is_shown_as_text_never_run(page):
+    requests = mock_server(page, HOSTILE)
+    page.goto(f"{MOCK}/")
+    send(page, 'user text <img src=x onerror="window.pwned = 3">')
+    answer = last_answer(page)
+    answer.and_(page.locator("[data-state=done]")).wait_for()
+    text = answer.locator(".content").inner_text()
+    for shown in ('<script>window.pwned = 1; alert("script")</script>', '<img src=x onerror="window.pwned = 2; alert(1)">',
+                  "<b>bold?</b>", "[click](javascript:alert(3))", "<i>code</i>", "<script>alert(4)</script>",
+                  "<svg onload=alert(5)>"):  # fmt: skip
+        assert shown in text
+    messages = page.locator("#messages")
+    assert messages.locator("script, img, svg, iframe, b, i, [onerror], [onload]").count() == 0
+    assert page.locator(".msg.user").inner_text() == 'user text <img src=x onerror="window.pwned = 3">'
+    # the markdown that is allowed still renders: bold, inline code, a code block, a list
+    assert answer.locator("strong").inner_text() == "really bold"
+    assert answer.locator("p code").inner_text() == "<i>code</i>"
+    assert answer.locator("pre code").inner_text() == "<script>alert(4)</script>"
+    assert answer.locator("li").inner_text() == "<svg onload=alert(5)>"
+    assert answer.locator("a").count() == 0  # a javascript: link is never made clickable
+    page.wait_for_timeout(300)  # give any injected handler the chance to fire
+    assert page.evaluate("window.pwned") is None
+    assert page.dialogs == [] and page.errors == []
+    assert re.search(r"\d+ tokens, [\d.]+ tok/s", answer.locator(".meta").inner_text())
+    body = requests[0]["body"]
+    assert body["stream"] is True and body["model"] == "tiny"
+    assert body["messages"] == [{"role": "user", "content": 'user text <img src=x onerror="window.pwned = 3">'}]
+
+
+def test_markdown_rendering(page):
+    mock_server(page, "")
+    page.goto(f"{MOCK}/")
+    html = page.evaluate("""(text) => { const d = document.createElement('div'); window.llmfnChat.renderMarkdown(text, d);
+                                          return d.innerHTML; }""",  # fmt: skip
+                         "# Title\n\nSome *em* and **strong** with `code`.\n\n1. one\n2. two\n\n> quoted\n\n"
+                         "See [docs](https://example.com/a?b=1) or https://example.org.\n\n```python\nx = '<b>'\n```")  # fmt: skip
+    assert "<h1>Title</h1>" in html
+    assert "<em>em</em>" in html and "<strong>strong</strong>" in html and "<code>code</code>" in html
+    assert "<ol><li>one</li><li>two</li></ol>" in html
+    assert "<blockquote><p>quoted</p></blockquote>" in html
+    assert '<a href="https://example.com/a?b=1" target="_blank" rel="noopener noreferrer nofollow">docs</a>' in html
+    assert '<a href="https://example.org/"' in html and "</a>." in html
+    assert '<code data-lang="python">x = \'&lt;b&gt;\'</code>' in html
+
+
+def test_request_carries_settings_and_conversation(page):
+    requests = mock_server(page, "Paris.")
+    page.goto(f"{MOCK}/")
+    page.locator("#model option").first.wait_for(state="attached")
+    assert page.locator("#model option").all_inner_texts() == ["tiny", "other"]  # embedding models left out
+    page.select_option("#model", "other")
+    page.click("#settings summary")
+    assert not page.locator("#api-key").is_visible()  # no auth on this server: no key field
+    page.fill("#system", "Be brief.")
+    page.fill("#temperature", "0.25")
+    page.fill("#max-tokens", "33")
+    send(page, "Capital of France?")
+    last_answer(page).and_(page.locator("[data-state=done]")).wait_for()
+    send(page, "And of Italy?")
+    page.locator(".msg.assistant[data-state=done]").nth(1).wait_for()
+    body = requests[1]["body"]
+    assert (body["model"], body["temperature"], body["max_tokens"]) == ("other", 0.25, 33)
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    assert "authorization" not in requests[1]["headers"]
+    page.click("#reset")  # a new chat forgets the conversation
+    assert page.locator(".msg").count() == 0
+    send(page, "Hello")
+    last_answer(page).and_(page.locator("[data-state=done]")).wait_for()
+    assert requests[2]["body"]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+
+
+def test_api_key_field_appears_and_is_sent(page):
+    requests = mock_server(page, "Welcome.", key="sk-secret")
+    page.goto(f"{MOCK}/")
+    page.locator("#api-key").wait_for(state="visible")  # shown once /v1/models answers 401
+    assert page.locator("#model option").count() == 0
+    assert "API key" in page.locator("#status").inner_text()
+    page.fill("#api-key", "sk-secret")
+    page.locator("#api-key").dispatch_event("change")
+    page.locator("#model option").first.wait_for(state="attached")
+    send(page, "Hi")
+    last_answer(page).and_(page.locator("[data-state=done]")).wait_for()
+    assert requests[-1]["headers"]["authorization"] == "Bearer sk-secret"
+    assert last_answer(page).locator(".content").inner_text() == "Welcome."
+
+
+# -------------------------------------------------------------------------------------------- live
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    """`llmfn serve` with a tiny model that never emits EOS, so an answer runs to max_tokens."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("webchat") / "tiny"
+    make_checkpoint(folder, max_position_embeddings=4096)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["lm_head.weight"][2] = 0.0  # <|im_end|> (EOS) gets logit 0: greedy decoding never picks it
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = write_config(folder.parent, [{"name": "tiny", "path": str(folder)}])
+    command = [str(Path(sys.executable).parent / "llmfn"), "serve", "--api-key", LIVE_KEY]  # auth on
+    with start_server(config, command=command) as server:
+        yield server
+
+
+LIVE_KEY = "sk-live-test"
+
+
+def open_live(page, server) -> None:
+    """Open the page, give it the API key it asks for, wait for the model list."""
+    page.goto(server.url("/"))
+    page.locator("#api-key").wait_for(state="visible")
+    page.fill("#api-key", LIVE_KEY)
+    page.locator("#api-key").dispatch_event("change")
+    page.locator("#model option").first.wait_for(state="attached")
+
+
+def test_live_chat_streams_an_answer(page, live_server):
+    open_live(page, live_server)
+    assert page.locator("#model").input_value() == "tiny"
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "40")
+    send(page, "Hello, who are you?")
+    answer = last_answer(page)
+    answer.and_(page.locator("[data-state=done]")).wait_for(timeout=60_000)
+    assert answer.locator(".content").inner_text().strip()
+    assert re.fullmatch(r"40 tokens, [\d.]+ tok/s · cut at max tokens", answer.locator(".meta").inner_text())
+    assert page.errors == []
+
+
+def cancelled_total(server) -> float:
+    metrics = httpx.get(server.url("/metrics"), timeout=10).text
+    return sum(float(m) for m in re.findall(r'llmfn_generations_total\{[^}]*reason="cancelled"[^}]*\} ([\d.]+)', metrics))
+
+
+def test_live_stop_aborts_and_the_server_cancels(page, live_server):
+    open_live(page, live_server)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "4000")  # far more than it can write before Stop
+    before = cancelled_total(live_server)
+    send(page, "Tell me a very long story.")
+    answer = last_answer(page)
+    page.wait_for_function("() => document.querySelector('.msg.assistant .content').textContent.length > 0")
+    page.locator("#stop").click()
+    answer.and_(page.locator("[data-state=stopped]")).wait_for(timeout=10_000)
+    assert page.locator("#send").is_visible() and not page.locator("#stop").is_visible()
+    assert "stopped" in answer.locator(".meta").inner_text()
+    stopped_text = answer.locator(".content").inner_text()
+    page.wait_for_timeout(500)
+    assert answer.locator(".content").inner_text() == stopped_text  # nothing arrives after Stop
+    deadline = time.monotonic() + 20
+    while cancelled_total(live_server) <= before:  # the server saw the disconnect and cancelled
+        assert time.monotonic() < deadline, "the server did not record a cancelled generation"
+        time.sleep(0.2)
+    page.fill("#max-tokens", "5")
+    send(page, "Short one?")  # the page and the server take the next question
+    page.locator(".msg.assistant").nth(1).and_(page.locator("[data-state=done]")).wait_for(timeout=60_000)
