@@ -27,13 +27,11 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer as HFTokenizer
 
 from llmfn.errors import CheckpointError, RequestError, UnsupportedModelError
 from llmfn.model import Model
@@ -124,7 +122,7 @@ def _modules(root: Path) -> tuple[Path, Path | None, bool]:
 
 def _wrap_ids(tok: Tokenizer, folder: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The ids the tokenizer's post-processor puts before and after a single text ([CLS], [SEP])."""
-    enc = _plain(tok).encode("a", add_special_tokens=True)
+    enc = tok.hf.encode("a", add_special_tokens=True)
     content = [i for i, s in enumerate(enc.special_tokens_mask) if not s]
     if content and len(enc.ids) > len(content):
         return tuple(enc.ids[: content[0]]), tuple(enc.ids[content[-1] + 1 :])
@@ -149,8 +147,6 @@ def load_embedding_model(path: str | Path, *, dtype: torch.dtype | None = None, 
     cfg = bert.read_config(folder)
     params = bert.load_params(folder, cfg, dtype=dtype or torch.float32, device=device)
     tok = load_tokenizer(folder)
-    tok.hf.no_padding()  # some tokenizer.json files (all-MiniLM's) pad and truncate to 128 on every encode
-    tok.hf.no_truncation()
 
     modes: tuple[str, ...] = ("mean",)
     if pooling_dir is not None:
@@ -184,22 +180,6 @@ def load_embedding_model(path: str | Path, *, dtype: torch.dtype | None = None, 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
 
-_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _plain(tok: Tokenizer) -> HFTokenizer:
-    """A private copy of the Hugging Face tokenizer that never parses special tokens in the text and
-    neither pads nor truncates (we do both per batch)."""
-    hf = _PLAIN.get(tok)
-    if hf is None:
-        hf = HFTokenizer.from_str(tok.hf.to_str())
-        hf.no_padding()
-        hf.no_truncation()
-        hf.encode_special_tokens = True
-        _PLAIN[tok] = hf
-    return hf
-
-
 def _as_inputs(inputs: Input) -> list:
     if isinstance(inputs, str):
         return [inputs]
@@ -226,8 +206,8 @@ def tokenize(model: Model, inputs: Input) -> list[list[int]]:
                 raise RequestError(f"input[{i}]: token id out of range [0, {model.cfg.vocab_size})", param="input")
         else:
             raise RequestError(f"input[{i}] must be a string or a list of token ids", param="input")
-    encoded = _plain(model.tokenizer).encode_batch_fast(list(texts.values()), add_special_tokens=False)
-    text_ids = dict(zip(texts, (e.ids for e in encoded), strict=True))
+    # Tokenizer.encode_batch: plain text (special strings stay text), no padding or truncation
+    text_ids = dict(zip(texts, model.tokenizer.encode_batch(list(texts.values())), strict=True))
     return [prefix + list(text_ids.get(i, item))[:budget] + suffix for i, item in enumerate(items)]
 
 
@@ -264,19 +244,35 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, modes: Sequence[str]) -> t
 # ---------------------------------------------------------------------------------------------- embedding
 
 
+SPLIT_MIN_TOKENS = 32  # below this, one more forward costs more than the padding it saves
+
+
+def batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped longest first into batches of at most batch_size rows. A batch also ends
+    where the next row is under half its longest (once that is >= SPLIT_MIN_TOKENS), so a short
+    text is never padded to more than twice its length by a long one."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if out and len(out[-1]) < batch_size:
+            longest = lengths[out[-1][0]]
+            if longest < SPLIT_MIN_TOKENS or 2 * lengths[i] >= longest:
+                out[-1].append(i)
+                continue
+        out.append([i])
+    return out
+
+
 @torch.inference_mode()
 def embed_ids(model: Model, seqs: list[list[int]], *, normalize: bool | None = None, batch_size: int = 32) -> torch.Tensor:
-    """Embeddings [n, dim] (fp32, CPU) of full encoder id lists, in input order. Batches are taken
-    longest first and padded only to their own longest row."""
+    """Embeddings [n, dim] (fp32, CPU) of full encoder id lists, in input order. Batches (see
+    `batches`) are taken longest first and padded only to their own longest row."""
     if batch_size < 1:
         raise RequestError("batch_size must be >= 1", param="batch_size")
     ex, cfg = model.extra, model.cfg
     normalize = ex["normalize"] if normalize is None else normalize
     device = model.params["tok_embed"].device
     out = torch.empty(len(seqs), cfg.dim * len(ex["pooling"]), dtype=torch.float32)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in batches([len(s) for s in seqs], batch_size):
         lens = [len(seqs[i]) for i in idx]
         T = lens[0]
         tokens = torch.tensor([seqs[i] + [cfg.pad_id] * (T - len(seqs[i])) for i in idx], dtype=torch.long)
@@ -313,6 +309,6 @@ def to_base64(vectors: torch.Tensor) -> list[str]:
 
 
 __all__ = [
-    "ALIASES", "DEFAULT_EMBEDDING_MODEL", "POOLING_MODES", "alias_path", "embed", "embed_ids",
+    "ALIASES", "DEFAULT_EMBEDDING_MODEL", "POOLING_MODES", "alias_path", "batches", "embed", "embed_ids",
     "embed_with_usage", "load_embedding_model", "pool", "to_base64", "tokenize",
 ]  # fmt: skip
