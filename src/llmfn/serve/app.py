@@ -132,6 +132,7 @@ class App:
         started = time.perf_counter()
         route, status = "unmatched", 500
         response_started = False
+        request: Request | None = None
 
         async def tracked_send(message):
             nonlocal status, response_started
@@ -147,7 +148,8 @@ class App:
                     (v for k, v in scope.get("headers", ()) if k.lower() == b"content-length"), None
                 )
                 body = await read_body(receive, self.config.limits.max_body_bytes, declared)
-            response = await until_disconnect(receive, handler(Request(scope, body, params)))
+            request = Request(scope, body, params)
+            response = await until_disconnect(receive, handler(request))
             if isinstance(response, StreamingResponse):
                 await until_disconnect(receive, response.send(tracked_send))
             else:
@@ -166,6 +168,8 @@ class App:
                     .send(tracked_send)
                 )
         finally:
+            for events in request.cleanup if request is not None else ():
+                await _aclose(events)
             self.metrics.requests.inc(route=route, status=str(status))
             self.metrics.latency.observe(time.perf_counter() - started, route=route)
 
@@ -206,26 +210,25 @@ class App:
             prompt, max_tokens, body, (body.top_logprobs or 0) if body.logprobs else None
         )
         t0 = time.perf_counter()
-        first, events = await self._open(served, request)
+        first, events = await self._open(req, served, request)
         track = Tracking(self.metrics, served.name, t0)
         name = body.model or served.name
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                self._chat_stream(
-                    served, first, events, track, cid, created, name, include_usage, body.logprobs
-                )
-            )
+            return StreamingResponse(self._chat_stream(served, first, events, track, cid, created, name,
+                                                       include_usage, body.logprobs))  # fmt: skip
         text, logprobs, last = [], [], None
-        async for ev in _chain(first, events):
-            track.event(ev)
-            _raise_event_error(ev)
-            text.append(ev.text)
-            if body.logprobs:
-                logprobs += _token_logprobs(served, ev)
-            last = ev
-        track.done(last)
+        try:
+            async for ev in _chain(first, events):
+                track.event(ev)
+                _raise_event_error(ev)
+                text.append(ev.text)
+                if body.logprobs:
+                    logprobs += _token_logprobs(served, ev)
+                last = ev
+        finally:
+            track.close()
         choice = s.ChatChoice(0, s.AssistantMessage("assistant", "".join(text)),
                               s.ChoiceLogprobs(logprobs) if body.logprobs else None, _finish(last))  # fmt: skip
         return Response.json(s.ChatCompletion(cid, created, name, [choice], _usage(last)))
@@ -239,12 +242,10 @@ class App:
             choice = s.ChatChunkChoice(0, delta, logprobs, finish)
             return sse(s.ChatCompletionChunk(cid, created, name, [choice], usage=usage))
 
-        yield chunk(s.ChatDelta(role="assistant", content=""))
-        last = None
         try:
+            yield chunk(s.ChatDelta(role="assistant", content=""))
             async for ev in _chain(first, events):
                 track.event(ev)
-                last = ev
                 if _event_error(ev):
                     yield sse(_event_error(ev).body())
                     break
@@ -260,7 +261,8 @@ class App:
         except Exception as e:
             log.exception("stream failed")
             yield sse(ApiError(500, f"generation failed: {e}", code="internal_error").body())
-        track.done(last)
+        finally:
+            track.close()
         yield SSE_DONE
 
     # ------------------------------------------------------------------------------------------ completions
@@ -279,14 +281,7 @@ class App:
             max_tokens = self._max_tokens(served, len(ids), body.max_tokens, "prompt", "max_tokens")
             requests.append(_generation_request(ids, max_tokens, body, body.logprobs))
         t0 = time.perf_counter()
-        opened = []
-        try:
-            for r in requests:
-                opened.append(await self._open(served, r))
-        except BaseException:
-            for _, events in opened:
-                await _aclose(events)
-            raise
+        opened = [await self._open(req, served, r) for r in requests]  # req.cleanup closes them on any exit
         tracks = [Tracking(self.metrics, served.name, t0) for _ in opened]
         name = body.model or served.name
         cid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
@@ -298,26 +293,21 @@ class App:
                                                              include_usage, body.logprobs))  # fmt: skip
 
         async def collect(i: int):
-            text, last, lp = (
-                [echoes[i]],
-                None,
-                _CompletionLogprobs(served) if body.logprobs is not None else None,
-            )
-            async for ev in streams[i]:
-                tracks[i].event(ev)
-                _raise_event_error(ev)
-                text.append(ev.text)
-                if lp is not None:
-                    lp.add(ev, len("".join(text)) - len(ev.text))
-                last = ev
-            tracks[i].done(last)
+            text, last = [echoes[i]], None
+            lp = _CompletionLogprobs(served) if body.logprobs is not None else None
+            try:
+                async for ev in streams[i]:
+                    tracks[i].event(ev)
+                    _raise_event_error(ev)
+                    text.append(ev.text)
+                    if lp is not None:
+                        lp.add(ev, len("".join(text)) - len(ev.text))
+                    last = ev
+            finally:
+                tracks[i].close()
             return s.CompletionChoice(i, "".join(text), lp.result() if lp else None, _finish(last)), last
 
-        try:
-            results = await asyncio.gather(*(collect(i) for i in range(len(streams))))
-        finally:
-            for stream in streams:
-                await _aclose(stream)
+        results = await asyncio.gather(*(collect(i) for i in range(len(streams))))
         usage = _sum_usage([last for _, last in results])
         return Response.json(s.Completion(cid, created, name, [c for c, _ in results], usage=usage))
 
@@ -331,12 +321,12 @@ class App:
                 s.Completion(cid, created, name, [s.CompletionChoice(i, text, lp, finish)], usage=usage)
             )
 
-        for i, echo in enumerate(echoes):
-            if echo:
-                yield chunk(i, echo)
         lasts: list = [None] * len(streams)
         offsets = [len(e) for e in echoes]
         try:
+            for i, echo in enumerate(echoes):
+                if echo:
+                    yield chunk(i, echo)
             async with contextlib.aclosing(_merge(streams)) as merged:
                 async for i, ev in merged:
                     tracks[i].event(ev)
@@ -354,7 +344,6 @@ class App:
                         yield chunk(i, ev.text, lp=lp)
                     if ev.finish_reason is not None:
                         yield chunk(i, "", _finish(ev))
-                        tracks[i].done(ev)
                 else:
                     if include_usage:
                         yield sse(s.Completion(cid, created, name, [], usage=_sum_usage(lasts)))
@@ -363,6 +352,9 @@ class App:
         except Exception as e:
             log.exception("stream failed")
             yield sse(ApiError(500, f"generation failed: {e}", code="internal_error").body())
+        finally:
+            for track in tracks:
+                track.close()
         yield SSE_DONE
 
     # ------------------------------------------------------------------------------------------ generation plumbing
@@ -388,23 +380,20 @@ class App:
             raise ApiError(400, f"{param} is {requested}, over this server's limit of {limit}", param=param)
         return requested
 
-    async def _open(self, served: Served, request):
+    async def _open(self, req: Request, served: Served, request):
         """Submit to the engine and wait for its first event, so that a rejected request (bad
-        parameter, full queue) is still an HTTP error rather than a broken stream."""
-        events = None
+        parameter, full queue) is still an HTTP error rather than a broken stream. The iterator is
+        registered on req.cleanup: however the request ends, the server closes it (cancelling the
+        generation if it still runs)."""
         try:
             events = served.engine.submit(request)
             if inspect.isawaitable(events):
                 events = await events
+            req.cleanup.append(events)
             first = await anext(events)
-        except BaseException as e:
-            if events is not None and not inspect.isawaitable(events):
-                await _aclose(events)
-            if isinstance(e, LlmfnError):
-                raise _engine_error(e) from None
-            raise
+        except LlmfnError as e:
+            raise _engine_error(e) from None
         if _event_error(first) is not None:
-            await _aclose(events)
             raise _event_error(first)
         return first, events
 
@@ -533,25 +522,30 @@ class Tracking:
     def __init__(self, metrics: Metrics, model: str, t0: float):
         self.metrics, self.model, self.t0 = metrics, model, t0
         self.first: float | None = None
-        self.recorded = False
+        self.last = None
+        self.closed = False
 
     def event(self, ev) -> None:
+        self.last = ev
         if self.first is None and ev.token_ids:
             self.first = time.perf_counter()
             self.metrics.ttft.observe(self.first - self.t0, model=self.model)
 
-    def done(self, last) -> None:
-        if self.recorded or last is None:
+    def close(self) -> None:
+        """Record the outcome once; a generation that ended without a finish_reason was abandoned
+        (client gone, or an error) and counts as "cancelled"."""
+        if self.closed:
             return
-        self.recorded = True
-        m = self.metrics
+        self.closed = True
+        m, last = self.metrics, self.last
+        reason = "cancelled" if last is None or last.finish_reason is None else last.finish_reason
+        m.finished.inc(model=self.model, reason=reason)
+        if last is None:
+            return
         m.prompt_tokens.inc(last.prompt_tokens, model=self.model)
         m.generation_tokens.inc(last.completion_tokens, model=self.model)
-        m.finished.inc(model=self.model, reason=str(last.finish_reason))
-        if self.first is not None and last.completion_tokens > 1:
-            m.tpot.observe(
-                (time.perf_counter() - self.first) / (last.completion_tokens - 1), model=self.model
-            )
+        if reason != "cancelled" and self.first is not None and last.completion_tokens > 1:
+            m.tpot.observe((time.perf_counter() - self.first) / (last.completion_tokens - 1), model=self.model)
 
 
 def _check_common(n: int | None, stream_options, stream: bool | None) -> None:
@@ -612,7 +606,8 @@ def _generation_request(prompt: list[int], max_tokens: int, body, logprobs: int 
 
 def _engine_error(e: LlmfnError) -> ApiError:
     if type(e).__name__ == "QueueFullError":
-        return ApiError(503, f"the server is busy: {e}", code="queue_full", headers=[(b"retry-after", b"1")])
+        retry = str(getattr(e, "retry_after", 1)).encode()
+        return ApiError(429, f"the server is busy: {e}", code="queue_full", headers=[(b"retry-after", retry)])
     if isinstance(e, RequestError):
         return ApiError(400, str(e), param=e.param)
     return ApiError(400, str(e))
@@ -768,15 +763,24 @@ def _embedding_dim(served: Served) -> int:
 
 def _token_logprobs(served: Served, ev) -> list[s.TokenLogprob]:
     """OpenAI chat logprobs for the tokens of one event, from the engine's per-token data."""
-    entries = getattr(ev, "logprobs", None) or []
     out = []
-    for entry in entries:
+    for entry in getattr(ev, "logprobs", None) or []:
         token_id, logprob, tops = _logprob_entry(entry)
-        text = served.model.tokenizer.decode([token_id])
-        top = [s.TopLogprob(served.model.tokenizer.decode([t]), lp, list(served.model.tokenizer.decode([t]).encode()))
-               for t, lp in tops]  # fmt: skip
-        out.append(s.TokenLogprob(text, logprob, list(text.encode()), top))
+        top = [s.TopLogprob(*_token_text(served, t), lp) for t, lp in tops]
+        text, raw = _token_text(served, token_id)
+        out.append(s.TokenLogprob(text, raw, logprob, top))
     return out
+
+
+def _token_text(served: Served, token_id: int) -> tuple[str, list[int]]:
+    """(text, UTF-8 bytes) of one token; the bytes are exact even when the text is a partial character."""
+    tok = served.model.tokenizer
+    text = tok.decode([token_id])
+    try:
+        raw = bytes(tok.token_bytes(token_id))
+    except Exception:
+        raw = text.encode()
+    return text, list(raw)
 
 
 def _logprob_entry(entry) -> tuple[int, float, list[tuple[int, float]]]:

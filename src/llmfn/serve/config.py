@@ -17,6 +17,8 @@
     device = "cpu"                    # optional
     type = "causal-lm"                # optional: "causal-lm" or "embedding" (else from config.json)
     compile = true                    # optional: torch.compile the decode step (default: llmfn decides by size)
+    context_length = 2048             # optional: tokens per request (prompt + completion), below the model's
+                                      # context; each of max_running KV slots holds this many (default: all)
 
 Every mistake is a `LlmfnError` with one line naming the file and the field at fault.
 """
@@ -49,6 +51,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     device: str = "cpu"
     type: ModelType | None = None
     compile: bool | None = None
+    context_length: Annotated[int, msgspec.Meta(ge=2)] | None = None
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -45,6 +45,7 @@ class Request:
     scope: dict
     body: bytes = b""
     path_params: dict[str, str] = field(default_factory=dict)
+    cleanup: list = field(default_factory=list)  # engine iterators the server closes when the request ends
 
     @property
     def method(self) -> str:

@@ -35,10 +35,11 @@ class Served:
 
     @property
     def context_length(self) -> int:
+        """Tokens a request may use in all: the model's context, or the engine's shorter slot."""
         cfg = self.model.cfg
         if self.kind == "embedding":
             return int(self.model.extra.get("max_seq_length") or getattr(cfg, "max_positions", 512))
-        return int(cfg.max_position_embeddings)
+        return min(int(cfg.max_position_embeddings), int(getattr(self.engine, "slot_len", 1 << 62)))
 
 
 def load_model(spec: ModelConfig) -> Model:
@@ -59,6 +60,16 @@ def load_model(spec: ModelConfig) -> Model:
     if spec.type is not None and model.kind != spec.type:
         raise LlmfnError(f"{spec.path} is a {model.kind} model, but the config says type = {spec.type!r}")
     return model
+
+
+def cache_tokens(spec: ModelConfig, max_running: int) -> int | None:
+    """The engine's KV budget for a context_length cap: every slot (max_running rounded up to the
+    engine's row alignment) gets context_length positions."""
+    if spec.context_length is None:
+        return None
+    from llmfn.engine import ROW_ALIGN
+
+    return spec.context_length * (-(-max_running // ROW_ALIGN) * ROW_ALIGN)
 
 
 def warm_up(engine, model: Model) -> None:
@@ -107,9 +118,8 @@ class ModelPool:
                 model = load_model(spec)
                 served = Served(spec.name, spec, model)
                 if model.kind == "causal-lm":
-                    served.engine = Engine(
-                        model, max_running=limits.max_running, max_queued=limits.max_queued
-                    )
+                    served.engine = Engine(model, max_running=limits.max_running, max_queued=limits.max_queued,
+                                           max_cache_tokens=cache_tokens(spec, limits.max_running))  # fmt: skip
                     served.engine.start()
                 if self._stopped:
                     self._shutdown_one(served)

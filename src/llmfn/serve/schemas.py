@@ -94,14 +94,14 @@ class ChatCompletionRequest(Struct, frozen=True):
 
 class TopLogprob(Struct):
     token: str
-    logprob: float
     bytes: list[int] | None
+    logprob: float
 
 
 class TokenLogprob(Struct):
     token: str
-    logprob: float
     bytes: list[int] | None
+    logprob: float
     top_logprobs: list[TopLogprob]
 
 
@@ -133,7 +133,7 @@ class ChatCompletion(Struct):
     system_fingerprint: str = "llmfn"
 
 
-class ChatDelta(Struct, omit_defaults=True):
+class ChatDelta(Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
 
@@ -145,7 +145,7 @@ class ChatChunkChoice(Struct):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(Struct, omit_defaults=True):
+class ChatCompletionChunk(Struct):
     id: str
     created: int
     model: str
@@ -198,7 +198,7 @@ class CompletionChoice(Struct):
     finish_reason: str | None
 
 
-class Completion(Struct, omit_defaults=True):
+class Completion(Struct):
     id: str
     created: int
     model: str
