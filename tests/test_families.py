@@ -19,7 +19,6 @@ from llmfn.models.qwen import qwen_config
 from tiny import CORPUS, write_tokenizer
 
 V, D, HEADS, FF, LAYERS = 384, 64, 4, 96, 2
-GEN = torch.Generator().manual_seed(1)
 
 
 def _tokens(b, t, seed=1):
@@ -39,16 +38,15 @@ def _hf(family, seed=0, **overrides):
     return getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kwargs)).eval()
 
 
-def _write(folder, config, tensors, *, template=False):
-    """config.json, model.safetensors and a byte-level BPE tokenizer.json (no template unless asked)."""
+def _write(folder, config, tensors):
+    """config.json, model.safetensors and a byte-level BPE tokenizer.json without a chat template."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
     write_tokenizer(folder, V)
-    if not template:
-        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
-        del tok_cfg["chat_template"]
-        (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    del tok_cfg["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     return folder
 
 
