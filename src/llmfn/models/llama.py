@@ -81,7 +81,7 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=torch.float32, d
     return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
 
 
-def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache, v_cache, q_scale=None):
+def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache, v_cache, q_scale=None, attention=None):
     b, t, _ = x.shape
     qkv = linear(x, layer["wqkv"], layer.get("bqkv"))  # [b, t, (Hq+2Hk)*hd]
     q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
@@ -95,7 +95,7 @@ def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache,
     rows = torch.arange(b, device=x.device)[:, None]  # [b, 1]
     k_cache[rows, :, positions] = k  # writes [b, t, Hk, hd] into slots `positions`
     v_cache[rows, :, positions] = v
-    out = kernels.attention(
+    out = (attention or kernels.attention)(
         q.transpose(1, 2),  # [b, Hq, t, hd]
         k_cache,
         v_cache,
@@ -120,10 +120,13 @@ def forward(
     positions: torch.Tensor,
     cache: Cache,
     logit_index: torch.Tensor | None = None,
+    attention=None,
 ) -> tuple[torch.Tensor, Cache]:
     """tokens, positions: [B, T] (int64). Returns fp32 logits [B, T, V] and the (donated) cache.
 
-    With logit_index [B] (an index into T per row), only those rows' logits are computed: [B, 1, V]."""
+    With logit_index [B] (an index into T per row), only those rows' logits are computed: [B, 1, V].
+    attention: an op with kernels.attention's signature to use instead of it (the engine passes a
+    batch-invariant one for its decode steps)."""
     x = embedding(params["embed"], tokens)  # [B, T, D]
     cos = sin = None
     if "rope_inv_freq" in params:
@@ -135,7 +138,7 @@ def forward(
     q_scale = logn_scale(cfg, positions) if cfg.logn_length else None
     for i, layer in enumerate(params["layers"]):
         h = kernels.rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        x = x + _attention(h, layer, cfg, params, cos, sin, positions, cache["k"][i], cache["v"][i], q_scale)
+        x = x + _attention(h, layer, cfg, params, cos, sin, positions, cache["k"][i], cache["v"][i], q_scale, attention)
         h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
         x = x + _mlp(h, layer, cfg)
     if logit_index is not None:
