@@ -1,0 +1,730 @@
+"""Continuous batching: one engine thread serves many requests, one batched forward per step.
+
+    engine = llmfn.Engine(model, max_running=8)
+    async for event in engine.submit(GenerationRequest(prompt_ids, max_tokens=64)):
+        print(event.text, end="")
+    results = engine.generate_many(["Hello", "Once upon a time"], max_tokens=32)  # blocking, offline
+
+A step (1) frees the slots of cancelled requests, (2) admits waiting requests into free slots,
+(3) decodes one token for every decoding sequence in one `forward` of fixed shape, (4) prefills at
+most `prefill_chunk` prompt tokens, so a long prompt never stalls the running decodes for more than
+one chunk, and (5) retires finished sequences (eos / stop string / max_tokens), freeing their slots.
+
+KV memory: static slots, not paged blocks. The cache is `llama.init_cache(cfg, rows, slot_len)`,
+the layout `forward` already takes (slot j of row b holds position j); a sequence owns one row for
+its whole life. Chosen over paged blocks because it needs no block tables and no new attention
+kernel, and because every decode step then has one fixed shape, which batch invariance needs (below).
+The price: a sequence reserves slot_len positions whatever its length, and attention reads the whole
+slot every step (paged blocks would pack more short sequences into the same memory and read less).
+Budget: `max_cache_tokens` = rows * slot_len positions (default slot_len: the model's context), at
+`kv_bytes_per_token` each. A request whose prompt + max_tokens exceeds slot_len is refused at submit
+with a RequestError naming both numbers, never truncated; when every slot is busy requests wait.
+
+Batch invariance: a request's tokens are identical whether it runs alone or among other requests.
+- Decode always runs all `rows` rows (idle rows feed token 0 at position slot_len - 1 of their own
+  slot, a position no real query ever reads), so its shape never depends on the traffic.
+- rows is max_running rounded up to a multiple of ROW_ALIGN (8): MKL's sgemm computes the tail rows
+  of a short batch (M = 5, 6, 7, 9, ...) with another kernel than the rest, so a row's result would
+  depend on its place; with M a multiple of 8 every row takes the same path (the extra rows are
+  scratch slots, counted in the memory budget).
+- Attention covers the full slot with the position mask; masked keys add exact zeros, so a row's
+  softmax never sees another row or the stale contents of its own slot. Decode steps use
+  `batch_invariant_attention` (passed to `forward`): torch's CPU flash-attention kernel gives rows
+  handled by the calling thread and by an OpenMP worker different last bits (MKL threads its M=1
+  products only on the calling thread), so a row's result would depend on its place in the batch.
+- Prefill runs per request, alone, in chunks [k*C, (k+1)*C) of the prompt (C = prefill_chunk): its
+  shapes depend only on the request's own prompt length.
+- Sampling keys noise by (request seed, position of the sampled token), as `llmfn.generate` does;
+  the first token is sampled in a [1, V] call, later ones in the fixed [rows, V] decode call.
+tests/test_engine.py proves it: 16 mixed requests together give exactly the tokens each gives alone.
+
+Prefix caching: a slot remembers the prompt chunks whose KV it holds (whole chunks only; they stay
+valid after the sequence finishes, until the slot is reused). A new prompt that starts with the same
+chunks skips their prefill: it takes the free slot holding the longest match, or copies the match
+from another slot. A chunk's KV depends only on the tokens up to its end, computed in the same shape,
+so reused KV is bitwise what prefill would have written and outputs stay identical.
+
+Threads: the step loop runs in a daemon thread under torch.inference_mode. `submit` (called on an
+asyncio loop) validates synchronously and returns a RequestStream fed through a per-request
+asyncio.Queue with `loop.call_soon_threadsafe`. Closing the stream (aclose, task cancelled, garbage
+collected) marks the request cancelled; the next step frees its slot. An exception in a step fails
+the requests of that forward with finish_reason "error"; the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from llmfn import kernels
+from llmfn.errors import LlmfnError, RequestError
+from llmfn.generate import check_prompt, eos_ids
+from llmfn.kernels.reference import visible_keys
+from llmfn.model import Model
+from llmfn.models import llama
+from llmfn.sampling import SamplingParams, apply_penalties, fresh_seed, sample
+from llmfn.stopping import StopStrings
+
+log = logging.getLogger("llmfn.engine")
+
+ROW_ALIGN = 8  # decode batch rows are a multiple of this (see the module docstring)
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
+_INT64 = (-(2**63), 2**63)
+GREEDY = SamplingParams()
+
+
+class QueueFullError(LlmfnError):
+    """The engine's queue is full; retry after `retry_after` seconds (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()  # seed None -> fresh_seed(), reported in events
+    stop: tuple[str, ...] = ()  # stop strings (never emitted)
+    stop_token_ids: tuple[int, ...] | None = None  # None -> the model's EOS ids
+    logprobs: int | None = None  # top-N logprobs per token (0: only the sampled token's)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The sampled token's log-probability under the model (raw logits, before penalties and
+    temperature) and the `top` most likely tokens as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class GenerationEvent:  # one per engine step for a request, streamed in order
+    text: str  # new complete-UTF-8 text (may be "")
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when requested
+
+
+@dataclass
+class GenerationResult:
+    """A finished request from `generate_many`: all its text and tokens."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class _Seq:
+    """A request inside the engine. The loop thread owns every field except `cancelled`."""
+
+    def __init__(self, request: GenerationRequest, seed: int, stops: frozenset[int], detok):
+        self.request = request
+        self.prompt = list(request.prompt_ids)
+        self.seed = seed
+        self.stops = stops
+        self.detok = detok
+        self.stop_strings = StopStrings(request.stop)
+        self.sink: Callable[[GenerationEvent], None] = lambda event: None
+        self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens whose KV is in the slot
+        self.tokens: list[int] = []  # generated so far
+        self.cancelled = False
+        self.done = False
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+class RequestStream:
+    """The events of one submitted request: an async iterator (also awaitable, returning itself, so
+    `await engine.submit(r)` and `engine.submit(r)` both work). Closing it cancels the request."""
+
+    def __init__(self, engine: Engine, seq: _Seq, queue: asyncio.Queue):
+        self._engine = engine
+        self._seq = seq
+        self._queue = queue
+        self._finished = False
+        self.seed = seq.seed
+        self.prompt_tokens = len(seq.prompt)
+
+    def __await__(self):
+        return self
+        yield  # unreachable: makes this a generator, as __await__ must return an iterator
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except BaseException:  # the consumer's task was cancelled (client gone, timeout)
+            self.cancel()
+            raise
+        if event.finish_reason is not None:
+            self._finished = True
+        return event
+
+    def cancel(self) -> None:
+        """Cancel the request; the engine frees its slot at the next step."""
+        if not self._finished:
+            self._seq.cancelled = True
+            self._engine._wake()
+
+    async def aclose(self) -> None:
+        self.cancel()
+        self._finished = True
+
+    def __del__(self):
+        if not self._finished:
+            self._seq.cancelled = True  # no lock here: __del__ may run anywhere
+
+
+class Engine:
+    """Owns a causal LM, its KV slots and the step-loop thread. See the module docstring."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        max_running: int = 8,
+        max_queued: int = 64,
+        max_cache_tokens: int | None = None,
+        prefill_chunk: int = 256,
+        prefix_cache: bool = True,
+    ):
+        if model.kind != "causal-lm":
+            raise LlmfnError(f"the engine needs a causal language model, got a {model.kind} model")
+        if max_running < 1 or max_queued < 0 or prefill_chunk < 1:
+            raise LlmfnError(
+                f"need max_running >= 1, max_queued >= 0, prefill_chunk >= 1; got {max_running}, {max_queued}, {prefill_chunk}"
+            )
+        cfg = model.cfg
+        self.model = model
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
+        self.rows = -(-max_running // ROW_ALIGN) * ROW_ALIGN
+        context = cfg.max_position_embeddings
+        self.slot_len = context if max_cache_tokens is None else min(context, max_cache_tokens // self.rows)
+        if self.slot_len < 2:
+            raise LlmfnError(
+                f"max_cache_tokens={max_cache_tokens} leaves {self.slot_len} positions per slot for {self.rows} "
+                f"rows (max_running={max_running} rounded up to a multiple of {ROW_ALIGN}); need at least 2"
+            )
+        self._device = model.params["norm"].device
+        dtype = model.params["norm"].dtype
+        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        self._eos = frozenset(eos_ids(model))
+        R, V = self.rows, cfg.vocab_size
+        with torch.inference_mode():
+            self._cache = llama.init_cache(cfg, R, self.slot_len, dtype, self._device)
+            zeros = lambda dt: torch.zeros(R, dtype=dt, device=self._device)  # noqa: E731
+            ones = lambda: torch.ones(R, dtype=torch.float32, device=self._device)  # noqa: E731
+            # Per-row sampling settings, set when a sequence takes the row (llmfn.sampling meanings).
+            self._knobs = {"temperature": zeros(torch.float32), "top_k": zeros(torch.int64), "top_p": ones(),
+                           "min_p": zeros(torch.float32), "seed": zeros(torch.int64)}  # fmt: skip
+            self._penalty = {"repetition_penalty": ones(), "presence_penalty": zeros(torch.float32),
+                             "frequency_penalty": zeros(torch.float32)}  # fmt: skip
+            self._counts = torch.zeros(R, V, dtype=torch.int64, device=self._device)  # generated occurrences
+            self._seen = torch.zeros(R, V, dtype=torch.bool, device=self._device)  # in prompt or output
+        self._slots: list[_Seq | None] = [None] * R  # rows >= max_running stay None: scratch
+        self._prefix: list[list[int]] = [[] for _ in range(R)]  # prompt tokens (whole chunks) with valid KV
+        self._freed_at = [0] * R
+        self._prefilling: deque[_Seq] = deque()
+        self._waiting: deque[_Seq] = deque()  # guarded by _cv
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._step_s = 0.0  # moving average of a step's wall time, for Retry-After
+        self._n = {"steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "prefix_cache_hit_tokens": 0,
+                   "finished": 0, "cancelled": 0, "errors": 0}  # fmt: skip
+
+    # ----------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the step-loop thread (idempotent; submit and generate_many call it)."""
+        with self._cv:
+            if self._closed:
+                raise LlmfnError("the engine is shut down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llmfn-engine", daemon=True)
+                self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still queued or running finish with "cancelled"."""
+        with self._cv:
+            self._closed = self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        if thread is None:
+            self._cancel_all()
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # ----------------------------------------------------------------------------------- submitting
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; its events arrive through the returned async iterator. Call it on a running
+        asyncio loop. Raises RequestError (with .param) for an invalid request and QueueFullError when
+        max_queued requests already wait."""
+        loop = asyncio.get_running_loop()
+        seq = self._prepare(request)
+        queue: asyncio.Queue = asyncio.Queue()
+        seq.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+        stream = RequestStream(self, seq, queue)
+        self._enqueue(seq)
+        return stream
+
+    def generate_many(
+        self,
+        requests: Iterable[GenerationRequest | str | list[int]],
+        *,
+        max_tokens: int | None = None,
+        sampling: SamplingParams = GREEDY,
+        stop: tuple[str, ...] = (),
+    ) -> list[GenerationResult]:
+        """Generate for every request, batched, and block until all finish; results in input order.
+        Plain prompts (text, encoded with the model's tokenizer, or token ids) take max_tokens,
+        sampling and stop from the keywords. All requests are validated before any is queued; when
+        the queue is full the rest wait for room instead of failing."""
+        reqs = [self._as_request(r, max_tokens, sampling, stop) for r in requests]
+        seqs = [self._prepare(r) for r in reqs]
+        results = [GenerationResult("", [], "", len(s.prompt), 0, s.seed) for s in seqs]
+        texts: list[list[str]] = [[] for _ in seqs]
+        done = threading.Condition()
+        pending = [len(seqs)]
+
+        def sink_for(i: int) -> Callable[[GenerationEvent], None]:
+            def sink(event: GenerationEvent) -> None:
+                r = results[i]
+                texts[i].append(event.text)
+                r.token_ids += event.token_ids
+                r.completion_tokens = event.completion_tokens
+                if event.logprobs is not None:
+                    r.logprobs = (r.logprobs or []) + event.logprobs
+                if event.finish_reason is not None:
+                    r.finish_reason, r.error = event.finish_reason, event.error
+                    r.text = "".join(texts[i])
+                    with done:
+                        pending[0] -= 1
+                        done.notify_all()
+
+            return sink
+
+        for i, seq in enumerate(seqs):
+            seq.sink = sink_for(i)
+            while True:
+                try:
+                    self._enqueue(seq)
+                    break
+                except QueueFullError:
+                    with done:
+                        done.wait(0.05)
+        with done:
+            while pending[0]:
+                done.wait()
+        return results
+
+    def _as_request(self, item, max_tokens, sampling, stop) -> GenerationRequest:
+        if isinstance(item, GenerationRequest):
+            return item
+        if max_tokens is None:
+            raise RequestError("generate_many needs max_tokens for plain prompts", param="max_tokens")
+        ids = self.model.tokenizer.encode(item) if isinstance(item, str) else list(item)
+        return GenerationRequest(ids, max_tokens, sampling, tuple(stop))
+
+    def _prepare(self, request: GenerationRequest) -> _Seq:
+        """Validate a request (RequestError with .param) and wrap it for the loop."""
+        if not isinstance(request, GenerationRequest):
+            raise RequestError(f"expected a GenerationRequest, got {type(request).__name__}", param="prompt")
+        prompt, n, vocab = request.prompt_ids, len(request.prompt_ids), self.model.cfg.vocab_size
+        if not isinstance(request.max_tokens, int):
+            raise RequestError(
+                f"max_tokens must be an integer, got {request.max_tokens!r}", param="max_tokens"
+            )
+        check_prompt(self.model, n, request.max_tokens)
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if n + request.max_tokens > self.slot_len:
+            raise RequestError(
+                f"the prompt has {n} tokens and max_tokens asks for {request.max_tokens} more "
+                f"({n + request.max_tokens} in all), over this engine's {self.slot_len}-token sequence slot",
+                param="max_tokens",
+            )
+        _check_sampling(request.sampling)
+        if not all(isinstance(s, str) for s in request.stop):
+            raise RequestError("stop must be a tuple of strings", param="stop")
+        if request.stop_token_ids is not None and not all(isinstance(t, int) for t in request.stop_token_ids):
+            raise RequestError("stop_token_ids must be integers", param="stop_token_ids")
+        if request.logprobs is not None and not 0 <= request.logprobs <= min(MAX_LOGPROBS, vocab):
+            raise RequestError(f"logprobs must be in [0, {min(MAX_LOGPROBS, vocab)}]", param="logprobs")
+        seed = fresh_seed() if request.sampling.seed is None else request.sampling.seed
+        stops = self._eos if request.stop_token_ids is None else frozenset(request.stop_token_ids)
+        return _Seq(request, seed, stops, self.model.tokenizer.stream())
+
+    def _enqueue(self, seq: _Seq) -> None:
+        self.start()
+        with self._cv:
+            if self._closed:
+                raise LlmfnError("the engine is shut down")
+            free = self.max_running - sum(s is not None for s in self._slots[: self.max_running])
+            if len(self._waiting) - free >= self.max_queued:  # it would wait behind max_queued others
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (max_queued={self.max_queued})",
+                    retry_after=self._retry_after(),
+                )
+            self._waiting.append(seq)
+            self._cv.notify_all()
+
+    def _retry_after(self) -> int:
+        """Seconds until a running sequence should finish and let the queue move, at the recent pace."""
+        left = [s.request.max_tokens - len(s.tokens) for s in list(self._slots) if s is not None]
+        return max(1, min(60, math.ceil(min(left, default=1) * max(self._step_s, 0.01))))
+
+    # ----------------------------------------------------------------------------------- stats
+
+    def stats(self) -> dict:
+        """A snapshot: running (holding a slot), queued, slots used / free / total, tokens, ..."""
+        with self._cv:
+            queued = len(self._waiting)
+        used = sum(s is not None for s in list(self._slots))
+        return {
+            "running": used,
+            "prefilling": sum(1 for s in list(self._slots) if s is not None and not s.decoding),
+            "queued": queued,
+            "slots_total": self.max_running,
+            "slots_used": used,
+            "slots_free": self.max_running - used,
+            "slot_len": self.slot_len,
+            "cache_tokens": self.rows * self.slot_len,
+            "cache_bytes": sum(t.numel() * t.element_size() for t in self._cache.values()),
+            **self._n,
+        }
+
+    # ----------------------------------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._waiting and not any(self._slots):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                t0 = time.perf_counter()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug outside the per-forward guards: fail what is in flight
+                    log.exception("engine step failed")
+                    for s in [s for s in self._slots if s is not None]:
+                        self._finish(s, "error", _describe(exc))
+                self._n["steps"] += 1
+                self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - t0)
+            self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        for s in [s for s in self._slots if s is not None]:
+            self._finish(s, "cancelled")
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        for s in waiting:
+            self._finish(s, "cancelled")
+
+    def _step(self) -> None:
+        self._reap()
+        self._admit()
+        self._decode()
+        self._prefill()
+
+    def _reap(self) -> None:
+        """Free the slots of cancelled sequences and drop cancelled waiting ones."""
+        for s in [s for s in self._slots if s is not None and s.cancelled]:
+            self._finish(s, "cancelled")
+        with self._cv:
+            gone = [s for s in self._waiting if s.cancelled]
+            if gone:
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        for s in gone:
+            self._finish(s, "cancelled")
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free slots, reusing cached prompt prefixes."""
+        while True:
+            free = [j for j in range(self.max_running) if self._slots[j] is None]
+            with self._cv:
+                if not free or not self._waiting:
+                    return
+                s = self._waiting.popleft()
+            j, reused = self._place(s.prompt, free)
+            s.slot, s.prefilled = j, reused
+            self._slots[j] = s
+            self._prefilling.append(s)
+            self._n["prefix_cache_hit_tokens"] += reused
+            self._n["prompt_tokens"] += len(s.prompt)
+            sp = s.request.sampling
+            temperature = 0.0 if sp.greedy else sp.temperature  # top_k=1 too: argmax, as generate does
+            for name, value in (("temperature", temperature), ("top_k", sp.top_k), ("top_p", sp.top_p),
+                                ("min_p", sp.min_p), ("seed", s.seed)):  # fmt: skip
+                self._knobs[name][j] = value
+            for name, t in self._penalty.items():
+                t[j] = getattr(sp, name)
+            self._counts[j] = 0
+            self._seen[j] = False
+            self._seen[j, torch.tensor(s.prompt, device=self._device)] = True
+
+    def _place(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
+        """(slot, prompt tokens whose KV is already there). Only whole chunks are reused, and never the
+        chunk holding the last prompt token (its logits are needed)."""
+        if not self.prefix_cache:
+            return free[0], 0
+        C = self.prefill_chunk
+        limit = (len(prompt) - 1) // C * C
+
+        def match(j: int) -> int:
+            held, m = self._prefix[j], 0
+            while m + C <= min(limit, len(held)) and held[m : m + C] == prompt[m : m + C]:
+                m += C
+            return m
+
+        matches = [match(j) for j in range(self.max_running)]
+        target = max(free, key=lambda j: (matches[j], -self._freed_at[j]))  # else the least recently freed
+        source = max(range(self.max_running), key=lambda j: matches[j])
+        m = matches[target]
+        if matches[source] > m:
+            m = matches[source]
+            for name in ("k", "v"):  # [L, rows, Hk, S, hd]: copy positions [0, m) of the source row
+                self._cache[name][:, target, :, :m].copy_(self._cache[name][:, source, :, :m])
+        self._prefix[target] = prompt[:m]
+        return target, m
+
+    def _decode(self) -> None:
+        """One token for every decoding sequence, in one forward over all rows."""
+        active = [s for s in self._slots if s is not None and s.decoding]
+        if not active:
+            return
+        tokens = [0] * self.rows
+        positions = [self.slot_len - 1] * self.rows  # idle rows: a scratch position nothing reads
+        for s in active:
+            tokens[s.slot] = s.tokens[-1]
+            positions[s.slot] = len(s.prompt) + len(s.tokens) - 1
+        try:
+            tok = torch.tensor(tokens, device=self._device)[:, None]  # [R, 1]
+            pos = torch.tensor(positions, device=self._device)[:, None]  # [R, 1]
+            logits, _ = llama.forward(
+                self.model.params, self.model.cfg, tok, pos, self._cache, attention=batch_invariant_attention
+            )  # [R, 1, V]
+            picked = self._pick(logits[:, 0], slice(None), pos[:, 0] + 1, active)
+        except Exception as exc:
+            log.exception("decode step failed")
+            for s in active:
+                self._finish(s, "error", _describe(exc))
+            return
+        for s in active:
+            self._accept(s, *picked[s.slot])
+
+    def _prefill(self) -> None:
+        """Prefill prompt chunks, oldest admission first, up to prefill_chunk tokens in all (at least one
+        chunk). Chunk k of a prompt always covers [k*C, (k+1)*C), whoever else is running."""
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            s = self._prefilling[0]
+            start = s.prefilled
+            end = min(len(s.prompt), start + self.prefill_chunk)
+            if end - start > budget and budget < self.prefill_chunk:
+                return
+            budget -= end - start
+            if not self._prefill_chunk(s, start, end):
+                continue
+            if s.decoding and not s.done:  # done: finished on its first token, already removed
+                self._prefilling.popleft()
+
+    def _prefill_chunk(self, s: _Seq, start: int, end: int) -> bool:
+        j, n = s.slot, len(s.prompt)
+        view = {name: t[:, j : j + 1] for name, t in self._cache.items()}  # [L, 1, Hk, S, hd], shares memory
+        try:
+            tok = torch.tensor([s.prompt[start:end]], device=self._device)  # [1, T]
+            pos = torch.arange(start, end, device=self._device)[None]  # [1, T]
+            last = torch.tensor([end - start - 1], device=self._device)
+            logits, _ = llama.forward(self.model.params, self.model.cfg, tok, pos, view, logit_index=last)
+            picked = self._pick(logits[:, 0], slice(j, j + 1), pos[:, -1] + 1, [s]) if end == n else None
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._finish(s, "error", _describe(exc))
+            return False
+        s.prefilled = end
+        if end % self.prefill_chunk == 0:
+            self._prefix[j] = s.prompt[:end]
+        if picked is not None:
+            self._accept(s, *picked[0])
+        return True
+
+    def _pick(self, logits: torch.Tensor, rows: slice, step: torch.Tensor, seqs: list[_Seq]) -> list:
+        """Sample the next token of `rows` (logits [r, V] fp32; step [r]: the sampled token's position).
+        Returns, per row, (token id, TokenLogprob or None); one host sync (two with logprobs)."""
+        raw = logits
+        if any(s.request.sampling.penalized for s in seqs):
+            pen = [t[rows] for t in self._penalty.values()]
+            logits = apply_penalties(logits, self._counts[rows], self._seen[rows], *pen)
+        if all(s.request.sampling.greedy for s in seqs):
+            ids = logits.argmax(dim=-1)
+        else:
+            ids = sample(logits, step=step, **{k: t[rows] for k, t in self._knobs.items()})
+        if any(s.request.sampling.penalized for s in seqs):  # only penalized rows read the counts
+            live = torch.tensor([s.slot for s in seqs], device=ids.device) - (rows.start or 0)  # [n]
+            self._counts[rows][live, ids[live]] += 1
+            self._seen[rows][live, ids[live]] = True
+        n_top = max((s.request.logprobs for s in seqs if s.request.logprobs is not None), default=None)
+        if n_top is None:
+            return [(i, None) for i in ids.tolist()]
+        lsm = torch.log_softmax(raw, dim=-1)  # [r, V]
+        chosen = lsm.gather(1, ids[:, None])[:, 0]
+        top_lp, top_id = lsm.topk(n_top, dim=-1)
+        rows_out = zip(ids.tolist(), chosen.tolist(), top_id.tolist(), top_lp.tolist(), strict=True)
+        return [(i, TokenLogprob(i, lp, tuple(zip(tid, tlp, strict=True)))) for i, lp, tid, tlp in rows_out]
+
+    # ----------------------------------------------------------------------------------- retiring
+
+    def _accept(self, s: _Seq, token: int, logprob: TokenLogprob | None) -> None:
+        """Record a sampled token, detokenize, check the stop conditions, emit the event."""
+        if s.done:
+            return
+        s.tokens.append(token)
+        self._n["tokens_generated"] += 1
+        req = s.request
+        reason = None
+        if token in s.stops:
+            text, reason = "", "stop"
+        else:
+            text = s.stop_strings.push(s.detok.add(token))
+            if s.stop_strings.stopped:
+                reason = "stop"
+        if reason is None and len(s.tokens) >= req.max_tokens:
+            reason = "length"
+        if reason is not None:
+            text += s.stop_strings.push(s.detok.flush()) + s.stop_strings.flush()
+            self._release(s)
+            self._n["finished"] += 1
+        if logprob is not None and req.logprobs is not None:
+            logprob = TokenLogprob(logprob.token_id, logprob.logprob, logprob.top[: req.logprobs])
+        lps = [logprob] if logprob is not None and req.logprobs is not None else None
+        self._send(s, GenerationEvent(text, [token], reason, len(s.prompt), len(s.tokens), s.seed, None, lps))
+
+    def _finish(self, s: _Seq, reason: str, error: str | None = None) -> None:
+        """End a sequence early ("cancelled" / "error"): free its slot, send the final event."""
+        if s.done:
+            return
+        if s.slot is not None and error is not None:
+            self._prefix[s.slot] = []  # a failed forward may have left partial writes
+        self._release(s)
+        self._n["errors" if reason == "error" else "cancelled"] += 1
+        self._send(s, GenerationEvent("", [], reason, len(s.prompt), len(s.tokens), s.seed, error))
+
+    def _release(self, s: _Seq) -> None:
+        s.done = True
+        if s.slot is not None:
+            self._slots[s.slot] = None
+            self._freed_at[s.slot] = self._n["steps"]
+            s.slot = None
+        if s in self._prefilling:
+            self._prefilling.remove(s)
+
+    def _send(self, s: _Seq, event: GenerationEvent) -> None:
+        try:
+            s.sink(event)
+        except Exception:  # the consumer's event loop is gone: nobody listens any more
+            s.cancelled = True
+
+
+def batch_invariant_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """kernels.attention (same arguments and result) computed so that a row's result does not depend
+    on its place in the batch. q: [b, hq, t, d] at q_pos [b, t]; k, v: [b, hk, s, d].
+
+    On CPU: two batched matmuls per kv head group (the hq / hk query heads that share a kv head are
+    the rows of one product, so GQA needs no repeated keys) around an fp32 softmax. On CUDA: the
+    Triton kernels, whose split of the keys depends only on s."""
+    if q.is_cuda:
+        return kernels.attention(q, k, v, q_pos, scale, alibi_slopes, window)
+    b, hq, t, d = q.shape
+    hk, s = k.shape[1], k.shape[2]
+    g = hq // hk
+    scores = torch.matmul(q.reshape(b, hk, g * t, d), k.transpose(-1, -2))  # [b, hk, g*t, s]
+    scores = scores.view(b, hk, g, t, s).float() * scale
+    if alibi_slopes is not None:
+        dist = (torch.arange(s, device=q.device)[None, None, :] - q_pos[:, :, None]).float()  # [b, t, s]
+        scores = scores + alibi_slopes.float().view(1, hk, g, 1, 1) * dist[:, None, None]
+    visible = visible_keys(q_pos, s, window)[:, None, None]  # [b, 1, 1, t, s]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(v.dtype)
+    out = torch.matmul(probs.view(b, hk, g * t, s), v)  # [b, hk, g*t, d]
+    return out.view(b, hq, t, d)
+
+
+def _check_sampling(sp: SamplingParams) -> None:
+    def bad(param: str, rule: str, value) -> RequestError:
+        return RequestError(f"{param} must be {rule}, got {value!r}", param=param)
+
+    if not isinstance(sp, SamplingParams):
+        raise RequestError("sampling must be a SamplingParams", param="sampling")
+    if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
+        raise bad("temperature", ">= 0", sp.temperature)
+    if not 0 < sp.top_p <= 1:
+        raise bad("top_p", "in (0, 1]", sp.top_p)
+    if not isinstance(sp.top_k, int) or sp.top_k < 0:
+        raise bad("top_k", "an integer >= 0", sp.top_k)
+    if not 0 <= sp.min_p <= 1:
+        raise bad("min_p", "in [0, 1]", sp.min_p)
+    if not (math.isfinite(sp.repetition_penalty) and sp.repetition_penalty > 0):
+        raise bad("repetition_penalty", "> 0", sp.repetition_penalty)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(sp, name)):
+            raise bad(name, "finite", getattr(sp, name))
+    if sp.seed is not None and not (isinstance(sp.seed, int) and _INT64[0] <= sp.seed < _INT64[1]):
+        raise bad("seed", "a 64-bit integer", sp.seed)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
