@@ -10,7 +10,9 @@ encodes as `sentencepiece` does:
 - control, unknown, byte and unused pieces are never matched from text: BPE gets no merge
   rules that produce them and Unigram sees them under names that normalized text cannot hold
   (they contain a plain space, which escaping always replaces);
-- user-defined pieces are kept whole and exempt from normalization.
+- user-defined pieces are kept whole and exempt from normalization (for BPE, llmfn cuts them out of
+  the normalized text and encodes the pieces between them; `tokenizers`' added tokens would get
+  the dummy prefix themselves).
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, normalizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llmfn.errors import TokenizerError
@@ -162,95 +163,151 @@ def read_model(path: str | Path) -> SentencePieceModel:
 # --- the precompiled character map ----------------------------------------------------------
 
 
-@lru_cache(maxsize=8)
-def charsmap_table(blob: bytes) -> dict[str, str]:
-    """All (source -> replacement) pairs of a precompiled charsmap.
+class CharsmapNormalizer:
+    """SentencePiece's character-map normalization: at each position, a user-defined piece if
+    one matches (kept as is), else the longest source string of the map, else the character.
 
-    The blob is a uint32 trie size, a darts-clone double-array trie over UTF-8 source bytes, then
-    the NUL-terminated replacement strings the trie's values point into.
+    The map is a uint32 trie size, a darts-clone double-array trie over UTF-8 source bytes, then
+    the NUL-terminated replacement strings the trie's values point into. Only characters that
+    can start a source string (or a user-defined piece) are looked at, so text the map leaves
+    alone (plain ASCII letters, most of any text) passes through at regex speed.
     """
-    if len(blob) < 4:
-        return {}
-    (trie_size,) = struct.unpack("<I", blob[:4])
-    units = np.frombuffer(blob[4 : 4 + trie_size], dtype="<u4").astype(np.int64)
-    strings = blob[4 + trie_size :]
-    labels = units & 0x800000FF
-    leaf = (units >> 8) & 1
-    offsets = (units >> 10) << ((units & (1 << 9)) >> 6)
-    values = units & 0x7FFFFFFF
+
+    def __init__(self, blob: bytes, protected: list[str]):
+        (trie_size,) = struct.unpack("<I", blob[:4])
+        units = np.frombuffer(blob[4 : 4 + trie_size], dtype="<u4").astype(np.int64)
+        self._strings = blob[4 + trie_size :]
+        self._units = units.tolist()
+        self._cache: dict[int, str] = {}
+        self._protected: dict[str, list[str]] = {}
+        for piece in sorted(protected, key=len, reverse=True):
+            self._protected.setdefault(piece[0], []).append(piece)
+        self._starts, self._astral_starts = _start_pattern(units, {p[0] for p in protected})
+
+    def _value(self, offset: int) -> str:
+        text = self._cache.get(offset)
+        if text is None:
+            end = self._strings.index(b"\0", offset)
+            text = self._cache[offset] = self._strings[offset:end].decode("utf-8", errors="replace")
+        return text
+
+    def _longest(self, text: str, i: int) -> tuple[int, str]:
+        """(characters consumed, replacement) of the longest map entry at text[i:], or (0, "")."""
+        units = self._units
+        n = len(units)
+        node = (units[0] >> 10) << ((units[0] & 512) >> 6)
+        best = (0, "")
+        for k in range(i, len(text)):
+            for byte in text[k].encode("utf-8"):
+                node ^= byte
+                if node >= n:
+                    return best
+                unit = units[node]
+                if unit & 0x800000FF != byte:
+                    return best
+                node ^= (unit >> 10) << ((unit & 512) >> 6)
+                if unit & 256:
+                    best = (k + 1 - i, self._value(units[node] & 0x7FFFFFFF))
+        return best
+
+    def __call__(self, text: str) -> str:
+        if self._starts is None or self._starts.search(text) is None:
+            return text
+        out, pos = [], 0
+        for m in self._starts.finditer(text):
+            i = m.start()
+            if i < pos or (m.group() >= "\U00010000" and m.group() not in self._astral_starts):
+                continue
+            out.append(text[pos:i])
+            pos = i
+            for piece in self._protected.get(text[i], ()):
+                if text.startswith(piece, i):
+                    out.append(piece)
+                    pos = i + len(piece)
+                    break
+            else:
+                length, value = self._longest(text, i)
+                if length:
+                    out.append(value)
+                    pos = i + length
+        out.append(text[pos:])
+        return "".join(out)
+
+
+def _children_chars(units: np.ndarray, base: int) -> list[tuple[str, int, bool]]:
+    """(character, node after it, ends an entry) for each character that continues a trie path
+    from node `base`."""
     n = len(units)
-    out: dict[str, str] = {}
+    labels = units & 0x800000FF
+    offsets = (units >> 10) << ((units & 512) >> 6)
     byte_range = np.arange(1, 256, dtype=np.int64)
-    stack: list[tuple[int, bytes]] = [(int(offsets[0]), b"")]
+    found = []
+    stack = [(base, b"")]
     while stack:
-        base, key = stack.pop()
-        pos = base ^ byte_range
+        node, prefix = stack.pop()
+        pos = node ^ byte_range
         ok = pos < n
         pos, chars = pos[ok], byte_range[ok]
         hit = labels[pos] == chars
         for p, c in zip(pos[hit].tolist(), chars[hit].tolist(), strict=True):
-            child_key = key + bytes([c])
+            key = prefix + bytes([c])
             child = p ^ int(offsets[p])
-            if leaf[p]:
-                v = int(values[child])
-                end = strings.index(b"\0", v)
-                try:
-                    out[child_key.decode("utf-8")] = strings[v:end].decode("utf-8")
-                except UnicodeDecodeError:
-                    pass
-            stack.append((child, child_key))
-    return out
+            try:
+                found.append((key.decode("utf-8"), child, bool(units[p] & 256)))
+            except UnicodeDecodeError:
+                if len(key) < 4:
+                    stack.append((child, key))
+    return found
 
 
-def _trie_regex(keys: list[str]) -> str:
-    """A regex matching the longest of `keys` at a position (keys as literal strings)."""
-    trie: dict = {}
-    for k in keys:
-        node = trie
-        for ch in k:
-            node = node.setdefault(ch, {})
-        node[""] = True
+def _start_pattern(units: np.ndarray, protected: set[str]) -> tuple[re.Pattern | None, set[str]]:
+    """A regex for positions where a map entry or a protected piece may start: characters that
+    are entries themselves, or that begin longer entries and are followed by a second character
+    of one (so "e" is looked at only before a combining mark, not before every letter).
 
-    def emit(node: dict) -> str:
-        ends = "" in node
-        singles, branches = [], []
-        for ch in sorted(c for c in node if c):
-            child = node[ch]
-            if set(child) == {""}:
-                singles.append(re.escape(ch))
-            else:
-                branches.append(re.escape(ch) + emit(child))
-        alts = branches + ([f"[{''.join(singles)}]" if len(singles) > 1 else singles[0]] if singles else [])
-        body = "|".join(alts)
-        if not alts:
-            return ""
-        group = f"(?:{body})" if len(alts) > 1 or ends else body
-        return group + "?" if ends else group
+    Python's `re` tests a class of BMP characters with a bitmap but walks a list for the rest, so
+    characters beyond the BMP match as one range here and are checked against the returned set.
+    """
+    root = int((units[0] >> 10) << ((units[0] & 512) >> 6))
+    always, prefix_only, seconds = set(protected), set(), set()
+    for ch, node, is_entry in _children_chars(units, root):
+        following = _children_chars(units, node)
+        if is_entry:
+            always.add(ch)
+        elif following:
+            prefix_only.add(ch)
+        seconds.update(c for c, _, _ in following)
+    prefix_only -= always
+    astral = "[\U00010000-\U0010ffff]"
 
-    return emit(trie)
+    def bmp(chars: set[str]) -> set[str]:
+        return {c for c in chars if ord(c) < 0x10000}
+
+    alts = []
+    if bmp(always):
+        alts.append(_char_class(bmp(always)))
+    if bmp(prefix_only) and seconds:
+        follow = _char_class(bmp(seconds)) + ("|" + astral if len(bmp(seconds)) < len(seconds) else "")
+        alts.append(_char_class(bmp(prefix_only)) + f"(?:(?={follow}))")
+    beyond = {c for c in always | prefix_only if ord(c) >= 0x10000}
+    if beyond:
+        alts.append(astral)
+    return (re.compile("|".join(alts)) if alts else None), beyond
 
 
-class CharsmapNormalizer:
-    """SentencePiece's character-map normalization: at each position, a user-defined piece if
-    one matches (kept as is), else the longest source string of the map, else the character."""
-
-    def __init__(self, table: dict[str, str], protected: list[str]):
-        self.table = {k: v for k, v in table.items() if k != v}
-        alts = []
-        if protected:
-            alts.append("|".join(re.escape(p) for p in sorted(protected, key=len, reverse=True)))
-        if self.table:
-            alts.append(_trie_regex(list(self.table)))
-        self.pattern = re.compile("|".join(f"(?:{a})" for a in alts)) if alts else None
-
-    def _sub(self, m: re.Match) -> str:
-        s = m.group()
-        return self.table.get(s, s)
-
-    def __call__(self, text: str) -> str:
-        if self.pattern is None:
-            return text
-        return self.pattern.sub(self._sub, text)
+def _char_class(chars: set[str]) -> str:
+    if not chars:
+        return "[^\\s\\S]"
+    cps = sorted(map(ord, chars))
+    parts, i = [], 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        lo, hi = re.escape(chr(cps[i])), re.escape(chr(cps[j]))
+        parts.append(lo if i == j else f"{lo}-{hi}")
+        i = j + 1
+    return "[" + "".join(parts) + "]"
 
 
 # --- building the pipeline ------------------------------------------------------------------
@@ -262,12 +319,14 @@ class Built:
     token_bytes: list[bytes]
     first_bytes: dict[int, bytes]
     special_tokens: dict[str, int]
-    normalize: CharsmapNormalizer | None
+    normalize: SpmNormalizer
     unk_id: int | None
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
     pieces: list[str]
+    protected: dict[str, int]
+    model_only: HFTokenizer
 
 
 def _whitespace_normalizers(m: SentencePieceModel) -> list:
@@ -281,6 +340,33 @@ def _whitespace_normalizers(m: SentencePieceModel) -> list:
         if m.remove_extra_whitespaces:
             steps.append(normalizers.Replace(Regex(SPACE + r"+\z"), ""))
     return steps
+
+
+_SPACES = re.compile(" {2,}")
+
+
+class SpmNormalizer:
+    """All of SentencePiece's normalization in Python: the character map, then (as configured)
+    strip and collapse spaces, the dummy "▁" prefix, spaces as "▁", no trailing "▁"."""
+
+    def __init__(self, m: SentencePieceModel, charsmap: CharsmapNormalizer | None):
+        self.charsmap = charsmap
+        self.collapse = m.remove_extra_whitespaces
+        self.prefix = m.add_dummy_prefix
+        self.escape = m.escape_whitespaces
+
+    def __call__(self, text: str) -> str:
+        if self.charsmap is not None:
+            text = self.charsmap(text)
+        if self.collapse:
+            text = _SPACES.sub(" ", text).strip(" ")
+        if self.prefix and text:
+            text = " " + text
+        if self.escape:
+            text = text.replace(" ", SPACE)
+            if self.collapse:
+                text = text.rstrip(SPACE)
+        return text
 
 
 def piece_bytes(piece: Piece, unk_surface: str) -> bytes:
@@ -303,18 +389,23 @@ def build(m: SentencePieceModel) -> Built:
         raise TokenizerError("SentencePiece models with treat_whitespace_as_suffix are not supported")
     pieces = m.pieces
     user_defined = [p.piece for p in pieces if p.type == USER_DEFINED]
-    table = charsmap_table(m.charsmap) if m.charsmap else {}
-    normalize = CharsmapNormalizer(table, user_defined) if table else None
+    charsmap = CharsmapNormalizer(m.charsmap, user_defined) if len(m.charsmap) > 4 else None
 
     unk_id = next((i for i, p in enumerate(pieces) if p.type == UNKNOWN), None)
     if m.model_type == BPE:
         hf = _build_bpe(m, unk_id)
     else:
         hf = _build_unigram(m, unk_id)
-    norm_steps = _whitespace_normalizers(m)
-    hf.normalizer = normalizers.Sequence(norm_steps) if norm_steps else None
     hf.pre_tokenizer = None
     hf.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    # llmfn encodes with the model alone after normalizing in Python (`SpmNormalizer`); `hf` keeps
+    # the same steps as `tokenizers` normalizers so that it is complete on its own.
+    model_only = HFTokenizer.from_str(hf.to_str())
+    if m.model_type == UNIGRAM and not any(SPACE in p.piece[1:] for p in pieces if p.type == NORMAL):
+        # No piece holds "▁" after its start, so Viterbi never crosses one: split there (faster).
+        model_only.pre_tokenizer = pre_tokenizers.Split(SPACE, "merged_with_next")
+    norm_steps = _whitespace_normalizers(m)
+    hf.normalizer = normalizers.Sequence(norm_steps) if norm_steps else None
 
     token_bytes = [piece_bytes(p, m.unk_surface) for p in pieces]
     first_bytes = {}
@@ -332,12 +423,17 @@ def build(m: SentencePieceModel) -> Built:
         token_bytes=token_bytes,
         first_bytes=first_bytes,
         special_tokens=specials,
-        normalize=normalize,
+        normalize=SpmNormalizer(m, charsmap),
         unk_id=unk_id,
         bos_id=valid(m.bos_id),
         eos_id=valid(m.eos_id),
         pad_id=valid(m.pad_id),
         pieces=[p.piece for p in pieces],
+        # BPE keeps user-defined pieces whole (SentencePiece freezes them); Unigram scores them.
+        protected={p.piece: i for i, p in enumerate(pieces) if p.type == USER_DEFINED}
+        if m.model_type == BPE
+        else {},
+        model_only=model_only,
     )
 
 
@@ -351,11 +447,7 @@ def _build_bpe(m: SentencePieceModel, unk_id: int | None) -> HFTokenizer:
     model = models.BPE(
         vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=m.byte_fallback
     )
-    hf = HFTokenizer(model)
-    user = [AddedToken(p.piece, special=False, normalized=True) for p in m.pieces if p.type == USER_DEFINED]
-    if user:
-        hf.add_tokens(user)
-    return hf
+    return HFTokenizer(model)
 
 
 def _build_unigram(m: SentencePieceModel, unk_id: int | None) -> HFTokenizer:

@@ -7,7 +7,8 @@ whose character classes come from Python's `unicodedata`; `tokenizers` uses olde
 (unassigned and format characters, new combining marks) and spaces out the punctuation and CJK
 characters Python splits, for exactly the characters where `tokenizers` would act otherwise. Three
 code points remain different (U+166D, which `tokenizers` splits as punctuation, and U+1734 and
-U+11938, which it strips as combining marks); ASCII text skips the fix entirely.
+U+11938, which it strips as combining marks); ASCII text skips the fix entirely. Python also
+lowercases a word-final capital sigma to final sigma, which per-character lowercasing does not.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def _py_is_chinese(cp: int) -> bool:
     )
 
 
+_SIGMA_WORD = re.compile(r"\S*\u03a3\S*")
+
+
 class BertTextFix:
     """Make `tokenizers`' BertNormalizer + BertPreTokenizer treat text as Python's BERT does.
 
@@ -106,6 +110,10 @@ class BertTextFix:
             text = remove.sub("", text)
         if space is not None:
             text = space.sub(r" \g<0> ", text)
+        if self.options[0] and "\u03a3" in text:
+            # Python lowercases a word-final capital sigma to final sigma; `tokenizers` lowercases
+            # character by character. Lowercase such words here, as Python's BERT does.
+            text = _SIGMA_WORD.sub(lambda m: m.group().lower(), text)
         return text
 
 
