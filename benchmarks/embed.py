@@ -4,7 +4,8 @@ pooling when sentence-transformers is not installed), same model, same inputs, s
     python benchmarks/embed.py [--model FOLDER] [--repeats 3]
 
 Prints one row per config (short / 200-token sentences at batch 1 and 32): sentences/s for llmfn and
-the peer, and the ratio. Each figure is the best of --repeats timed passes after one warm-up pass.
+the peer, and the ratio. Each figure is the best of --repeats passes after a warm-up, llmfn and the
+peer taking turns within each pass (the machine may be shared: best-of and turns damp that).
 """
 
 from __future__ import annotations
@@ -94,29 +95,35 @@ def peer(folder: Path):
     return f"transformers {transformers.__version__} + mean pooling", run_hf
 
 
-def rate(fn, texts, batch_size, repeats) -> float:
-    """Best sentences/s over `repeats` passes; batch 1 embeds one sentence per call."""
-    def once():
+def rates(fns, texts, batch_size, repeats) -> list[float]:
+    """Best sentences/s of each fn over `repeats` passes, the fns taking turns in every pass so that
+    load from other processes hits both alike; batch 1 embeds one sentence per call."""
+    def once(fn):
+        t0 = time.perf_counter()
         if batch_size == 1:
             for t in texts:
                 fn([t], 1)
         else:
             fn(texts, batch_size)
+        return time.perf_counter() - t0
 
-    once()  # warm-up
-    best = float("inf")
+    for fn in fns:
+        once(fn)  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - t0)
-    return len(texts) / best
+        for k, fn in enumerate(fns):
+            best[k] = min(best[k], once(fn))
+    return [len(texts) / b for b in best]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = Path(args.model) if args.model else alias_path("all-minilm-l6-v2")
 
     model = load_embedding_model(folder)
@@ -137,12 +144,11 @@ def main() -> None:
     print(f"# embeddings: {folder.name if not args.model else folder}  ({datetime.date.today().isoformat()})")
     print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, python {platform.python_version()}")
-    print(f"# peer: {peer_name}; min cosine llmfn vs peer: {agree:.7f}; best of {args.repeats} after a warm-up")
+    print(f"# peer: {peer_name}; min cosine llmfn vs peer: {agree:.7f}; best of {args.repeats} interleaved passes after a warm-up")
     print(f"| {'config':<22} | {'llmfn sent/s':>12} | {'peer sent/s':>11} | {'ratio':>6} |")
     print(f"|{'-' * 24}|{'-' * 14}|{'-' * 13}|{'-' * 8}|")
     for name, texts, bs in configs:
-        r_peer = rate(peer_fn, texts, bs, args.repeats)
-        r_ours = rate(ours, texts, bs, args.repeats)
+        r_ours, r_peer = rates([ours, peer_fn], texts, bs, args.repeats)
         print(f"| {name:<22} | {r_ours:>12.1f} | {r_peer:>11.1f} | {r_ours / r_peer:>5.2f}x |", flush=True)
 
 

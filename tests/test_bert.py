@@ -255,6 +255,15 @@ def test_embed_matches_bertmodel_plus_pooling(tmp_path, mode):
 # ---------------------------------------------------------------------------------------------- embed
 
 
+def test_bfloat16_weights_stay_close(tiny):
+    model, _ = tiny
+    low = load_embedding_model(model.path, dtype=torch.bfloat16)
+    assert low.params["layers"][0]["wqkv"].dtype == torch.bfloat16
+    texts = ["hello world", "the quick brown fox jumps over the lazy dog"]
+    vecs = embed(low, texts)
+    assert vecs.dtype == torch.float32 and F.cosine_similarity(vecs, embed(model, texts)).min() > 0.99
+
+
 def test_special_tokens_wrap_truncation_and_usage(tiny):
     model, _ = tiny
     assert model.extra["prefix_ids"] == (2,) and model.extra["suffix_ids"] == (3,)
