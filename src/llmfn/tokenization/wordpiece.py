@@ -105,11 +105,18 @@ class BertTextFix:
     def __call__(self, text: str) -> str:
         if text.isascii():
             return text
-        remove, space = _fix_patterns(*self.options)
+        (remove, remove_astral), (space, space_astral) = _fix_patterns(*self.options)
         if remove is not None:
-            text = remove.sub("", text)
+            text = remove.sub(
+                lambda m: "" if m.group() < "\U00010000" or m.group() in remove_astral else m.group(), text
+            )
         if space is not None:
-            text = space.sub(r" \g<0> ", text)
+            text = space.sub(
+                lambda m: (
+                    f" {m.group()} " if m.group() < "\U00010000" or m.group() in space_astral else m.group()
+                ),
+                text,
+            )
         if self.options[0] and "\u03a3" in text:
             # Python lowercases a word-final capital sigma to final sigma; `tokenizers` lowercases
             # character by character. Lowercase such words here, as Python's BERT does.
@@ -149,10 +156,17 @@ def _fix_patterns(
     words = [w for w, _ in hf.pre_tokenizer.pre_tokenize_str(hf.normalizer.normalize_str(probe))]
     joined = {ch for w in words if len(w) > 1 for ch in w if ch != "a"}
     split = [cp for cp in split if chr(cp) in joined]
-    return (
-        re.compile(_ranges_class(remove)) if remove else None,
-        re.compile(_ranges_class(split)) if split else None,
-    )
+    return _bmp_and_astral(remove), _bmp_and_astral(split)
+
+
+def _bmp_and_astral(cps: list[int]) -> tuple[re.Pattern | None, frozenset[str]]:
+    """A regex for these characters and the set of those beyond the BMP. Python's `re` tests BMP
+    classes with a bitmap but long range lists one by one, so characters beyond the BMP match as
+    one range and are checked against the set."""
+    bmp = [cp for cp in cps if cp < 0x10000]
+    astral = frozenset(chr(cp) for cp in cps if cp >= 0x10000)
+    alts = ([_ranges_class(bmp)] if bmp else []) + (["[\U00010000-\U0010ffff]"] if astral else [])
+    return (re.compile("|".join(alts)) if alts else None), astral
 
 
 def build(vocab_file: Path, cfg: dict) -> tuple[HFTokenizer, dict[str, str], BertTextFix]:
