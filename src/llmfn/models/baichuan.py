@@ -30,7 +30,6 @@ from llmfn.kernels.reference import alibi_slopes
 from llmfn.loading import FAMILY_LOADERS, cast_params, finish_causal_lm
 from llmfn.model import Model
 from llmfn.models import llama
-from llmfn.models.qwen import linear_weight
 
 BAICHUAN2_VOCAB = 125696
 
@@ -68,18 +67,21 @@ def baichuan_config(raw: dict, source: Path | str = "config.json") -> LlamaConfi
         raise CheckpointError(f"{source}: bad value ({e})") from None
 
 
-def params_from_baichuan(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, quant: dict | None = None,
+def params_from_baichuan(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
                          source: Path | str = "model.safetensors") -> llama.Params:
     """Map BaichuanForCausalLM tensor names onto the llmfn layout, checking every shape; the
-    lm_head rows are normalised here when cfg.norm_head. Consumes `tensors`."""
+    lm_head rows are normalised here when cfg.norm_head. Consumes `tensors`; a quantized
+    checkpoint's linears arrive as llmfn.quant's pending leaves, which stack like tensors."""
     t = {k.removeprefix("model."): v for k, v in tensors.items()}
     D, F_ = cfg.hidden_size, cfg.intermediate_size
 
     def get(name, shape):
         return take(t, name, shape, source)
 
-    def lin(names, out, inp):
-        return linear_weight(t, names, out, inp, quant, source)
+    def lin(names, out, inp):  # one linear, or several stacked along the output dim
+        names = (names,) if isinstance(names, str) else names
+        parts = [get(n + ".weight", (out // len(names), inp)) for n in names]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     layers = []
     for i in range(cfg.num_layers):
@@ -109,12 +111,20 @@ def params_from_baichuan(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, qua
 
 
 def load_baichuan(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> Model:
-    """A Baichuan checkpoint folder (safetensors, SentencePiece tokenizer.model) as a causal LM."""
+    """A Baichuan checkpoint folder (safetensors, dense or AWQ; SentencePiece tokenizer.model)."""
     cfg = baichuan_config(raw, folder / "config.json")
     files = weight_files(folder)
-    params = params_from_baichuan(read_tensors(files), cfg, raw.get("quantization_config"),
-                                  source=files[0] if len(files) == 1 else folder)
-    model = finish_causal_lm(folder, raw, cfg, cast_params(params, dtype, device))
+    source = files[0] if len(files) == 1 else folder
+    tensors = read_tensors(files)
+    if raw.get("quantization_config"):
+        from llmfn import quant
+
+        qc = quant.read_quantization_config(raw, folder / "config.json")
+        params = quant._unwrap(params_from_baichuan(quant.quantized_tensors(tensors, qc, source), cfg, source))
+        params = quant.finish_params(params, dtype, device)
+    else:
+        params = cast_params(params_from_baichuan(tensors, cfg, source), dtype, device)
+    model = finish_causal_lm(folder, raw, cfg, params)
     model.chat_template = model.chat_template or chat_formats.fallback_template(folder, raw, model.tokenizer)
     return model
 

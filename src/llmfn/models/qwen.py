@@ -68,29 +68,22 @@ def qwen_config(raw: dict, source: Path | str = "config.json") -> LlamaConfig:
         raise CheckpointError(f"{source}: bad value ({e})") from None
 
 
-def linear_weight(t: dict, names: str | tuple[str, ...], out: int, inp: int, quant: dict | None,
-                  source: Path | str) -> torch.Tensor:
-    """The weight [out, inp] of linear layer `names` (several names: stacked along out, equal parts)."""
-    if quant:
-        raise UnsupportedModelError(f"{source}: quantized ({quant.get('quant_method')}) Qwen/Baichuan checkpoints are not supported yet")
-    names = (names,) if isinstance(names, str) else names
-    return torch.cat([take(t, n + ".weight", (out // len(names), inp), source) for n in names])
-
-
-def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, quant: dict | None = None,
+def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
                      source: Path | str = "model.safetensors") -> llama.Params:
     """Map QWenLMHeadModel tensor names onto the llmfn layout, checking every shape.
 
-    Consumes `tensors`; anything left over is an error. `quant` is the config's AWQ
-    quantization_config, if any (linear layers then come as qweight/qzeros/scales)."""
+    Consumes `tensors`; anything left over is an error. A quantized checkpoint's linears arrive
+    as llmfn.quant's pending leaves, which stack (torch.cat) like tensors."""
     t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     D, F_, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
 
     def get(name, shape):
         return take(t, name, shape, source)
 
-    def lin(names, out, inp):
-        return linear_weight(t, names, out, inp, quant, source)
+    def lin(names, out, inp):  # one linear, or several stacked along the output dim
+        names = (names,) if isinstance(names, str) else names
+        parts = [get(n + ".weight", (out // len(names), inp)) for n in names]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     layers = []
     for i in range(cfg.num_layers):
@@ -119,19 +112,32 @@ def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, quant: 
     return {"embed": embed, "norm": norm, "lm_head": lm_head, "rope_inv_freq": llama.rope_inv_freq(cfg), "layers": layers}
 
 
-def load_qwen(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> Model:
-    """A Qwen-1 checkpoint folder (safetensors, qwen.tiktoken or tokenizer.json) as a causal LM."""
-    cfg = qwen_config(raw, folder / "config.json")
+def read_params(folder: Path, raw: dict, cfg: LlamaConfig, dtype: torch.dtype, device: str) -> llama.Params:
+    """The folder's weights in the llmfn layout, cast and moved; AWQ linears as llmfn.quant leaves."""
     files = weight_files(folder)
-    params = params_from_qwen(read_tensors(files), cfg, raw.get("quantization_config"),
-                              source=files[0] if len(files) == 1 else folder)
+    source = files[0] if len(files) == 1 else folder
+    tensors = read_tensors(files)
+    if raw.get("quantization_config"):
+        from llmfn import quant
+
+        qc = quant.read_quantization_config(raw, folder / "config.json")
+        params = quant._unwrap(params_from_qwen(quant.quantized_tensors(tensors, qc, source), cfg, source))
+        return quant.finish_params(params, dtype, device)
+    params = params_from_qwen(tensors, cfg, source)
     tied = params["lm_head"] is params["embed"]
     params = cast_params(params, dtype, device)
     if tied:
         params["lm_head"] = params["embed"]
-    model = finish_causal_lm(folder, raw, cfg, params)
+    return params
+
+
+def load_qwen(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> Model:
+    """A Qwen-1 checkpoint folder (safetensors, dense or AWQ; qwen.tiktoken or tokenizer.json)."""
+    cfg = qwen_config(raw, folder / "config.json")
+    model = finish_causal_lm(folder, raw, cfg, read_params(folder, raw, cfg, dtype, device))
     stops = [i for i in (chat_formats.token_id(model.tokenizer, s) for s in CHATML_STOPS) if i is not None]
-    model.generation = dataclasses.replace(model.generation, eos_ids=tuple(dict.fromkeys(model.generation.eos_ids + tuple(stops))))
+    eos = tuple(dict.fromkeys(model.generation.eos_ids + tuple(stops)))
+    model.generation = dataclasses.replace(model.generation, eos_ids=eos)
     model.chat_template = model.chat_template or chat_formats.fallback_template(folder, raw, model.tokenizer)
     return model
 
