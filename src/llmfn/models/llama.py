@@ -9,6 +9,8 @@ Params layout (every Llama-family checkpoint is mapped onto it at load):
                      mlp_norm [D], w_gate_up [2F, D], b_gate_up? [2F], w_down [D, F], b_down? [D]}
 KV cache: {"k": [L, B, Hk, S, hd], "v": [L, B, Hk, S, hd]}; slot j of row b holds position j.
 The cache is donated: forward writes the new keys and values into it in place and returns it.
+Qwen-1 and Baichuan checkpoints map onto the same layout (models/qwen.py, models/baichuan.py);
+Qwen-1's dynamic-NTK rope and logn query scaling are cfg flags that are off for every other family.
 """
 
 from __future__ import annotations
