@@ -6,6 +6,7 @@ running server; --peer-url runs the same load against another OpenAI-compatible 
 llama-server, vLLM, ...) and prints its figures beside llmfn's.
 
     python benchmarks/load.py [--clients 8] [--requests 32] [--max-tokens 64] [--model smollm2-135m-instruct]
+    python benchmarks/load.py --config server.toml --model NAME
     python benchmarks/load.py --url http://127.0.0.1:8000 --api-key sk-... --peer-url http://127.0.0.1:8080
 
 Not part of the test suite.
@@ -13,23 +14,27 @@ Not part of the test suite.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
-import signal
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+# this folder holds scripts named like stdlib modules (tokenize.py): keep them off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from llmfn.serve.config import models_from_paths
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import httpx  # noqa: E402
+
+from llmfn.serve.config import models_from_paths  # noqa: E402
 
 QUESTIONS = [
     "Explain in a few sentences why the sky is blue.",
@@ -137,9 +142,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_llmfn(model: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_llmfn(model: str, config: str | None, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "llmfn.serve", "--port", str(port), "--model", model]
+    cmd = [sys.executable, "-m", "llmfn.serve", "--port", str(port)]
+    cmd += ["--config", config] if config else ["--model", model]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -161,6 +167,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a running llmfn server (default: start one)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model to start and to request")
+    ap.add_argument("--config", help="start the server with this config file (requests go to --model)")
     ap.add_argument("--api-key")
     ap.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
     ap.add_argument("--requests", type=int, default=32, help="requests in all")
@@ -174,9 +181,10 @@ def main() -> None:
     url = args.url
     if url is None:
         log = Path(tempfile.mkdtemp(prefix="llmfn-load-")) / "server.log"
-        print(f"starting llmfn serve --model {args.model} (log: {log}) ...", flush=True)
-        proc, url = start_llmfn(args.model, log)
-    name = models_from_paths([args.model])[0].name  # the name `--model` serves it under
+        what = f"--config {args.config}" if args.config else f"--model {args.model}"
+        print(f"starting llmfn serve {what} (log: {log}) ...", flush=True)
+        proc, url = start_llmfn(args.model, args.config, log)
+    name = args.model if args.config else models_from_paths([args.model])[0].name  # the name it is served under
     try:
         rows = [
             (

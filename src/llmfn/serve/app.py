@@ -434,13 +434,13 @@ class App:
     # ------------------------------------------------------------------------------------------ models, tokenizer
 
     async def list_models(self, req: Request):
-        self.pool.get_any(None) if self.pool.status != "ok" else None  # 503 while loading
+        self.pool.ready()
         cards = [self._card(name, served) for name, served in self.pool.served.items()]
         return Response.json(s.ModelList(cards))
 
     async def get_model(self, req: Request):
         name = req.path_params["model"]
-        served = self.pool.get_any(name)
+        served = self.pool.get(name)
         return Response.json(self._card(name, served))
 
     @staticmethod
@@ -453,7 +453,7 @@ class App:
         body = req.decode(s.TokenizeRequest)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
-        served = self.pool.get_any(body.model)
+        served = self.pool.get(body.model)
         model = served.model
         if body.messages is not None:
             if not model.chat_template:
@@ -467,7 +467,7 @@ class App:
 
     async def detokenize(self, req: Request):
         body = req.decode(s.DetokenizeRequest)
-        served = self.pool.get_any(body.model)
+        served = self.pool.get(body.model)
         vocab = len(served.model.tokenizer)
         bad = next((t for t in body.tokens if t >= vocab), None)
         if bad is not None:

@@ -139,39 +139,34 @@ class ModelPool:
             if os.environ.get(EXIT_ON_LOAD_ERROR_ENV):
                 os._exit(3)
 
-    def get(self, name: str | None, kind: str) -> Served:
-        """The model a request names (or the first of `kind` when it names none)."""
+    def ready(self) -> None:
+        """Raise the 503 that every model route answers until loading has succeeded."""
+        if self.status == "error":
+            raise ApiError(503, self.error or "model loading failed", code="model_load_failed")
         if self.status != "ok":
-            if self.status == "error":
-                raise ApiError(503, self.error or "model loading failed", code="model_load_failed")
             raise ApiError(503, "the server is still loading its models; retry shortly", code="loading",
                            headers=[(b"retry-after", b"2")])  # fmt: skip
+
+    def get(self, name: str | None, kind: str | None = None) -> Served:
+        """The model a request names, or when it names none the first model of `kind` (the first
+        chat model when kind is None). 404 for an unknown name, 400 for a model of the wrong kind."""
+        self.ready()
         if name is None:
-            served = next((s for s in self.order if s.kind == kind), None)
+            served = next((s for s in self.order if s.kind == (kind or "causal-lm")), None)
             if served is None:
-                raise ApiError(400, f"this server has no {kind} model", param="model", code="model_not_found")
+                raise ApiError(400, f"this server has no {kind or 'causal-lm'} model", param="model",
+                               code="model_not_found")  # fmt: skip
             return served
         served = self.served.get(name)
         if served is None:
             names = ", ".join(sorted(self.served))
-            raise ApiError(
-                404,
-                f"the model {name!r} does not exist (served: {names})",
-                param="model",
-                code="model_not_found",
-            )
-        if served.kind != kind:
+            raise ApiError(404, f"the model {name!r} does not exist (served: {names})", param="model",
+                           code="model_not_found")  # fmt: skip
+        if kind is not None and served.kind != kind:
             what = "an embedding model" if kind == "embedding" else "a chat/completion model"
             raise ApiError(400, f"the model {name!r} is a {served.kind} model, not {what}", param="model",
                            code="wrong_model_type")  # fmt: skip
         return served
-
-    def get_any(self, name: str | None) -> Served:
-        if name is None or self.status != "ok":
-            return self.get(name, "causal-lm")
-        if name not in self.served:
-            return self.get(name, "causal-lm")  # 404
-        return self.served[name]
 
     def shutdown(self) -> None:
         self._stopped = True
