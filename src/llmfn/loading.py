@@ -34,13 +34,21 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load(
-    path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu", compile: bool | None = None
+    path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu", compile: bool | None = None,
+    quantize: str | None = None,
 ) -> Model:
     """Load a model: a Hugging Face folder, a .gguf file, or an alias such as "smollm2-135m-instruct".
 
     dtype defaults to float32 (the fast CPU type here); weights are mmap'd, never unpickled.
-    compile: torch.compile the decode step (None: on for models large enough to gain, see compile.py)."""
-    model = _load(path, parse_dtype(dtype), device)
+    compile: torch.compile the decode step (None: on for models large enough to gain, see compile.py).
+    quantize: "int4" | "int8" weight-only linears (llmfn.quant.load_quantized); a GGUF then keeps
+    its Q4_0 / Q4_1 / Q8_0 tensors quantized instead of dequantizing them."""
+    if quantize is not None:
+        from llmfn.quant import load_quantized
+
+        model = load_quantized(path, quantize, parse_dtype(dtype), device)
+    else:
+        model = _load(path, parse_dtype(dtype), device)
     if compile is not None:
         model.extra["compile"] = compile
     return model
@@ -150,6 +158,10 @@ def cast_params(tree, dtype: torch.dtype, device: str):
 
 
 def load_causal_lm(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> Model:
+    if raw.get("quantization_config"):  # AutoAWQ / llmfn int8: quantized leaves (llmfn.quant)
+        from llmfn.quant import load_quantized_causal_lm
+
+        return load_quantized_causal_lm(folder, raw, dtype, device)
     cfg = llama_config_from_hf(raw, folder / "config.json")
     files = weight_files(folder)
     tensors = read_tensors(files)

@@ -1,0 +1,359 @@
+"""CPU kernels for weight-only int4 / int8 linears (layouts in llmfn.quant).
+
+Why a small C kernel: on this project's AVX2 machines torch's packed ops are slower than the
+fp32 matmul they replace (fp32 activations: `_weight_int4pack_mm_for_cpu` ~30x, `_weight_int8pack_mm`
+~7x slower than F.linear for a [3072, 576] weight; a dequant fused by torch.compile ~7x slower;
+see benchmarks/quant.py --kernels). Decode reads every weight once per token, so the kernel
+that wins is one that streams packed bytes and dequantizes in registers. This one does, in fp32:
+
+    y[i, j] = sum_g scales[j, g] * (sum_{t in g} x[i, t] * q[j, t]) + offsets[j, g] * sum_{t in g} x[i, t]
+
+for up to 16 activation rows (decode, small batches); bigger inputs dequantize the weight in
+row chunks and call F.linear (the BLAS matmul is faster once the weight is reused enough).
+
+The source below is compiled once per machine with the system C compiler (-O3 -march=native
+-fopenmp, sharing torch's OpenMP runtime) into LLMFN_HOME/kernels/. Without a compiler, or with
+LLMFN_QUANT_KERNEL=torch, `available()` is False and llmfn.quant falls back to dequantize +
+F.linear (same numbers up to summation order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Largest number of activation rows the streaming kernels take; more rows go dequant + F.linear.
+MAX_ROWS = 8
+# Rows of the weight dequantized at a time on the F.linear path (bounds the temporary).
+CHUNK_ROWS = 4096
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+/* x [m, k] -> xp [m, k]: each 32-wide chunk reordered to its 16 even then 16 odd elements
+   (the order the low and high nibbles of 16 packed bytes come out in); xs [m, k/g] group sums. */
+static void prep4(const float* x, float* xp, float* xs, int64_t m, int64_t k, int64_t g) {
+    for (int64_t i = 0; i < m; i++) {
+        const float* xr = x + i * k; float* pr = xp + i * k;
+        for (int64_t c = 0; c < k; c += 32)
+            for (int t = 0; t < 16; t++) { pr[c + t] = xr[c + 2 * t]; pr[c + 16 + t] = xr[c + 2 * t + 1]; }
+        for (int64_t gi = 0; gi < k / g; gi++) {
+            float a = 0.0f;
+            for (int64_t t = 0; t < g; t++) a += xr[gi * g + t];
+            xs[i * (k / g) + gi] = a;
+        }
+    }
+}
+
+#ifdef __AVX2__
+static inline float hsum(__m256 t) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    return _mm_cvtss_f32(v);
+}
+
+/* One weight row j against R activation rows (R fixed at compile time keeps accumulators in registers). */
+#define INT4_ROWS(NAME, R)                                                                              \
+static inline void NAME(const float* xp, const float* xs, const uint8_t* qr, const float* sr,          \
+                        const float* orow, float* y, int64_t n, int64_t k, int64_t g, int64_t G) {     \
+    __m256 tot[R];                                                                                      \
+    for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();                                          \
+    const __m128i mask = _mm_set1_epi8(0x0F);                                                          \
+    for (int64_t gi = 0; gi < G; gi++) {                                                               \
+        __m256 acc[R];                                                                                  \
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                      \
+        for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {                                          \
+            __m128i b = _mm_loadu_si128((const __m128i*)(qr + c / 2));                                 \
+            __m128i lo = _mm_and_si128(b, mask);                                                       \
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);                                    \
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));                                  \
+            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));               \
+            __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));                                  \
+            __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));               \
+            for (int r = 0; r < R; r++) {                                                               \
+                const float* p = xp + r * k + c;                                                        \
+                acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), acc[r]);                              \
+                acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p + 8), acc[r]);                          \
+                acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p + 16), acc[r]);                         \
+                acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p + 24), acc[r]);                         \
+            }                                                                                           \
+        }                                                                                               \
+        __m256 sv = _mm256_set1_ps(sr[gi]);                                                            \
+        for (int r = 0; r < R; r++) tot[r] = _mm256_fmadd_ps(sv, acc[r], tot[r]);                      \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++) {                                                                       \
+        float a = hsum(tot[r]);                                                                         \
+        const float* xsr = xs + r * G;                                                                  \
+        for (int64_t gi = 0; gi < G; gi++) a += orow[gi] * xsr[gi];                                    \
+        y[r * n] = a;                                                                                   \
+    }                                                                                                   \
+}
+
+#define INT8_ROWS(NAME, R)                                                                              \
+static inline void NAME(const float* x, const int8_t* qr, const float* sr, float* y,                   \
+                        int64_t n, int64_t k, int64_t g, int64_t G) {                                   \
+    __m256 tot[R];                                                                                      \
+    for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();                                          \
+    for (int64_t gi = 0; gi < G; gi++) {                                                               \
+        __m256 acc[R];                                                                                  \
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                      \
+        int64_t c = gi * g;                                                                             \
+        for (; c + 16 <= (gi + 1) * g; c += 16) {                                                      \
+            __m128i b = _mm_loadu_si128((const __m128i*)(qr + c));                                     \
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));                                   \
+            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));                \
+            for (int r = 0; r < R; r++) {                                                               \
+                const float* p = x + r * k + c;                                                         \
+                acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), acc[r]);                              \
+                acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p + 8), acc[r]);                          \
+            }                                                                                           \
+        }                                                                                               \
+        for (; c < (gi + 1) * g; c += 8) {                                                             \
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qr + c)))); \
+            for (int r = 0; r < R; r++)                                                                 \
+                acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * k + c), acc[r]);                  \
+        }                                                                                               \
+        __m256 sv = _mm256_set1_ps(sr[gi]);                                                            \
+        for (int r = 0; r < R; r++) tot[r] = _mm256_fmadd_ps(sv, acc[r], tot[r]);                      \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++) y[r * n] = hsum(tot[r]);                                               \
+}
+
+INT4_ROWS(int4_r1, 1) INT4_ROWS(int4_r2, 2) INT4_ROWS(int4_r3, 3) INT4_ROWS(int4_r4, 4)
+INT8_ROWS(int8_r1, 1) INT8_ROWS(int8_r2, 2) INT8_ROWS(int8_r3, 3) INT8_ROWS(int8_r4, 4)
+#else
+/* Portable versions (the compiler vectorizes what it can). */
+static void int4_rows(const float* xp, const float* xs, const uint8_t* qr, const float* sr, const float* orow,
+                      float* y, int64_t n, int64_t k, int64_t g, int64_t G, int R) {
+    for (int r = 0; r < R; r++) {
+        const float* p = xp + r * k; const float* xsr = xs + r * G; float a = 0.0f;
+        for (int64_t gi = 0; gi < G; gi++) {
+            float d = 0.0f;
+            for (int64_t c = gi * g; c < (gi + 1) * g; c += 32)
+                for (int t = 0; t < 16; t++) {
+                    uint8_t b = qr[c / 2 + t];
+                    d += (float)(b & 15) * p[c + t] + (float)(b >> 4) * p[c + 16 + t];
+                }
+            a += sr[gi] * d + orow[gi] * xsr[gi];
+        }
+        y[r * n] = a;
+    }
+}
+static void int8_rows(const float* x, const int8_t* qr, const float* sr, float* y,
+                      int64_t n, int64_t k, int64_t g, int64_t G, int R) {
+    for (int r = 0; r < R; r++) {
+        float a = 0.0f;
+        for (int64_t gi = 0; gi < G; gi++) {
+            float d = 0.0f;
+            for (int64_t c = gi * g; c < (gi + 1) * g; c++) d += (float)qr[c] * x[r * k + c];
+            a += sr[gi] * d;
+        }
+        y[r * n] = a;
+    }
+}
+#endif
+
+/* y [m, n] = x [m, k] @ int4 weight [n, k]^T; m <= 16, g % 32 == 0. */
+void llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const float* o, float* y,
+                       int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+    int64_t G = k / g;
+    float* xp = (float*)malloc(sizeof(float) * (m * k + m * G));
+    float* xs = xp + m * k;
+    prep4(x, xp, xs, m, k, g);
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < n; j++) {
+        const uint8_t* qr = q + j * (k / 2);
+        const float* sr = s + j * G; const float* orow = o + j * G;
+        for (int64_t i0 = 0; i0 < m; i0 += 4) {
+            int64_t R = (m - i0) < 4 ? (m - i0) : 4;
+            const float* xpi = xp + i0 * k; const float* xsi = xs + i0 * G; float* yi = y + i0 * n + j;
+#ifdef __AVX2__
+            if (R == 4) int4_r4(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+            else if (R == 3) int4_r3(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+            else if (R == 2) int4_r2(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+            else int4_r1(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+#else
+            int4_rows(xpi, xsi, qr, sr, orow, yi, n, k, g, G, (int)R);
+#endif
+        }
+    }
+    free(xp);
+}
+
+/* y [m, n] = x [m, k] @ int8 weight [n, k]^T; m <= 16, g % 8 == 0. */
+void llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
+                       int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+    int64_t G = k / g;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < n; j++) {
+        const int8_t* qr = q + j * k; const float* sr = s + j * G;
+        for (int64_t i0 = 0; i0 < m; i0 += 4) {
+            int64_t R = (m - i0) < 4 ? (m - i0) : 4;
+            const float* xi = x + i0 * k; float* yi = y + i0 * n + j;
+#ifdef __AVX2__
+            if (R == 4) int8_r4(xi, qr, sr, yi, n, k, g, G);
+            else if (R == 3) int8_r3(xi, qr, sr, yi, n, k, g, G);
+            else if (R == 2) int8_r2(xi, qr, sr, yi, n, k, g, G);
+            else int8_r1(xi, qr, sr, yi, n, k, g, G);
+#else
+            int8_rows(xi, qr, sr, yi, n, k, g, G, (int)R);
+#endif
+        }
+    }
+}
+
+/* w [n, k] fp32 = q * s + o (int4) and q * s (int8), as llmfn.quant dequantizes. */
+void llmfn_int4_dequant(const uint8_t* q, const float* s, const float* o, float* w,
+                        int64_t n, int64_t k, int64_t g, int nthreads) {
+    int64_t G = k / g;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t t = 0; t < k; t += 2) {
+            uint8_t b = q[j * (k / 2) + t / 2];
+            float sc = s[j * G + t / g], of = o[j * G + t / g];
+            w[j * k + t] = (float)(b & 15) * sc + of;
+            w[j * k + t + 1] = (float)(b >> 4) * sc + of;
+        }
+}
+
+void llmfn_int8_dequant(const int8_t* q, const float* s, float* w, int64_t n, int64_t k, int64_t g, int nthreads) {
+    int64_t G = k / g;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t t = 0; t < k; t++) w[j * k + t] = (float)q[j * k + t] * s[j * G + t / g];
+}
+"""
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _library_path() -> Path:
+    from llmfn.registry import home
+
+    key = hashlib.sha256((SOURCE + platform.machine() + platform.processor()).encode()).hexdigest()[:16]
+    return home() / "kernels" / f"llmfn_quant_{key}.so"
+
+
+def _compile(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise OSError("no C compiler")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "quant.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / "quant.so"
+        flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+        subprocess.run([compiler, *flags, str(src), "-o", str(out)], check=True, capture_output=True)
+        out.replace(target)  # atomic: concurrent first uses each compile, one rename wins
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("LLMFN_QUANT_KERNEL", "c") == "torch" or platform.system() != "Linux":
+            return None
+        path = _library_path()
+        try:
+            if not path.exists():
+                _compile(path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.llmfn_int4_linear.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32]
+        lib.llmfn_int8_linear.argtypes = [p, p, p, p, i64, i64, i64, i64, i32]
+        lib.llmfn_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32]
+        lib.llmfn_int8_dequant.argtypes = [p, p, p, i64, i64, i64, i32]
+        for f in (lib.llmfn_int4_linear, lib.llmfn_int8_linear, lib.llmfn_int4_dequant, lib.llmfn_int8_dequant):
+            f.restype = None
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the compiled kernels load (compiling them on first use)."""
+    return _load() is not None
+
+
+def int4_ok(k: int, group_size: int) -> bool:
+    return group_size % 32 == 0 and k % group_size == 0
+
+
+def int8_ok(k: int, group_size: int) -> bool:
+    return group_size % 8 == 0 and k % group_size == 0
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x [m, k] fp32 contiguous @ int4 weight [n, k]^T -> [m, n] fp32 (layout in llmfn.quant)."""
+    lib = _load()
+    m, k = x.shape
+    n = qweight.shape[0]
+    if m > MAX_ROWS:
+        return _chunked(x, n, lambda lo, hi: int4_dequantize(qweight[lo:hi], scales[lo:hi], offsets[lo:hi], group_size))
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.llmfn_int4_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr(),
+                          m, n, k, group_size, torch.get_num_threads())
+    return y
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [m, k] fp32 contiguous @ int8 weight [n, k]^T -> [m, n] fp32."""
+    lib = _load()
+    m, k = x.shape
+    n = qweight.shape[0]
+    if m > MAX_ROWS:
+        return _chunked(x, n, lambda lo, hi: int8_dequantize(qweight[lo:hi], scales[lo:hi], group_size))
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.llmfn_int8_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                          m, n, k, group_size, torch.get_num_threads())
+    return y
+
+
+def _chunked(x: torch.Tensor, n: int, dequant) -> torch.Tensor:
+    if n <= CHUNK_ROWS:
+        return F.linear(x, dequant(0, n))
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    for lo in range(0, n, CHUNK_ROWS):
+        hi = min(n, lo + CHUNK_ROWS)
+        y[:, lo:hi] = F.linear(x, dequant(lo, hi))
+    return y
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dense fp32 [n, k] = q * scales + offsets (contiguous CPU inputs)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    w = torch.empty(n, k, dtype=torch.float32)
+    _load().llmfn_int4_dequant(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), w.data_ptr(),
+                               n, k, group_size, torch.get_num_threads())
+    return w
+
+
+def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dense fp32 [n, k] = q * scales (contiguous CPU inputs)."""
+    n, k = qweight.shape
+    w = torch.empty(n, k, dtype=torch.float32)
+    _load().llmfn_int8_dequant(qweight.data_ptr(), scales.data_ptr(), w.data_ptr(), n, k, group_size,
+                               torch.get_num_threads())
+    return w
