@@ -5,7 +5,9 @@ exact. The table follows the decoder the tokenizer.json names: ByteLevel (GPT-2 
 Metaspace / Replace("▁", " ") + ByteFallback + Fuse + Strip (SentencePiece style), WordPiece
 ("##" joins, other tokens get a space before them) and BPEDecoder (end-of-word suffix). The
 first token of a sequence may differ ("first bytes"): the SentencePiece dummy-prefix space and
-WordPiece's leading space are dropped there. WordPiece's `cleanup` (" ." -> ".") is not applied.
+WordPiece's leading space are dropped there. Of WordPiece's `cleanup`, the part that depends on
+one token only is applied (no space before ".", "?", "!", ","); the rest (" ' " -> "'", " n't",
+" do not" -> " don't", ...) depends on the next token and is not.
 """
 
 from __future__ import annotations
@@ -91,7 +93,10 @@ def _token_forms(tok: str, steps: list[dict], join_with_space: bool) -> tuple[by
                     value, n = value[len(content) :], n - 1
         elif kind == "WordPiece":
             prefix = step.get("prefix", "##")
-            value = value[len(prefix) :] if value.startswith(prefix) else " " + value
+            if value.startswith(prefix):
+                value = value[len(prefix) :]
+            elif not (step.get("cleanup", True) and value in (".", "?", "!", ",")):
+                value = " " + value
             strip_first = 1
         elif kind == "BPEDecoder":
             value = value.replace(step.get("suffix", "</w>"), " ")
