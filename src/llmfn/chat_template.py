@@ -44,13 +44,14 @@ def render_segments(template: str, messages: list[dict], **kwargs) -> list[tuple
     Content is replaced by unique markers before rendering and put back after, so the template's
     own text (where special tokens are legitimate) and user text stay apart."""
     nonce = uuid.uuid4().hex
-    marker = {f"\x1d{nonce}:{i}\x1d": m["content"] for i, m in enumerate(messages) if isinstance(m.get("content"), str)}
+    # Private-use characters: not whitespace, so templates that strip content keep the marker whole.
+    marker = {f"\ue000{nonce}:{i}\ue001": m["content"] for i, m in enumerate(messages) if isinstance(m.get("content"), str)}
     marked = [{**m, "content": key} if isinstance(m.get("content"), str) else m for m, key in _zip_markers(messages, marker)]
     text = render(template, marked, **kwargs)
     expected = render(template, messages, **kwargs)
     for fill in (lambda c: c, str.strip):  # templates that strip content see the marker unchanged
         segments = []
-        for i, part in enumerate(re.split(f"(\x1d{nonce}:\\d+\x1d)", text)):
+        for i, part in enumerate(re.split(f"(\ue000{nonce}:\\d+\ue001)", text)):
             if part:
                 segments.append((fill(marker[part]), False) if i % 2 else (part, True))
         if "".join(t for t, _ in segments) == expected:
@@ -91,8 +92,9 @@ def encode_segments(tokenizer: Tokenizer, segments: list[tuple[str, bool]]) -> l
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """Added tokens of the tokenizer (special or not) by their text: the template may use them."""
-    return {tok.content: i for i, tok in tokenizer.hf.get_added_tokens_decoder().items()}
+    """Special and added tokens by their text: the template may use them, user content may not."""
+    added = {tok.content: i for i, tok in tokenizer.hf.get_added_tokens_decoder().items()}
+    return {**added, **tokenizer.special_tokens}
 
 
 def apply_chat_template(tokenizer: Tokenizer, template: str, messages: list[dict], **kwargs) -> list[int]:
@@ -105,4 +107,4 @@ def apply_chat_template(tokenizer: Tokenizer, template: str, messages: list[dict
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
-    return "" if token_id is None else tokenizer.hf.id_to_token(token_id) or ""
+    return "" if token_id is None else tokenizer.id_to_token(token_id) or ""

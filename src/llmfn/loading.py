@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from llmfn.chat_formats import fallback_template
 from llmfn.checkpoint import read_tensors, weight_files
 from llmfn.config import LLAMA_FAMILY, llama_config_from_hf, read_json
 from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
@@ -184,6 +185,6 @@ def finish_causal_lm(folder: Path, raw: dict, cfg, params) -> Model:
         params=params,
         tokenizer=tokenizer,
         generation=generation_defaults(folder, raw),
-        chat_template=chat_template(folder, tok_cfg),
+        chat_template=chat_template(folder, tok_cfg) or fallback_template(folder, raw, tokenizer),
         path=folder,
     )
