@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import llmfn
+from llmfn import engine as engine_module
 from llmfn.engine import Engine, GenerationRequest, QueueFullError
 from llmfn.errors import RequestError
 from llmfn.models import llama
@@ -23,7 +24,7 @@ TIMEOUT = 120  # seconds; a hung engine fails the test instead of the run
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine-llama")
-    make_checkpoint(folder, "llama")
+    make_checkpoint(folder, "llama", max_position_embeddings=512)
     return llmfn.load(folder)
 
 
@@ -94,11 +95,12 @@ def sixteen_requests(model) -> list[GenerationRequest]:
     return reqs
 
 
-@pytest.mark.parametrize("max_running", [5, 16])
-def test_sixteen_requests_together_equal_each_alone(model, max_running):
+@pytest.mark.parametrize("max_running, window", [(5, 16), (16, 256)])
+def test_sixteen_requests_together_equal_each_alone(model, max_running, window, monkeypatch):
     """The batch-invariance guarantee: submitted together (queueing, slot reuse, rows at every place,
-    prefills interleaved with decodes, shared prefixes), each request streams exactly the events it
-    streams alone in a fresh engine."""
+    prefills interleaved with decodes, shared prefixes, attention windows set by the longest row),
+    each request streams exactly the events it streams alone in a fresh engine."""
+    monkeypatch.setattr(engine_module, "WINDOW", window)
     reqs = sixteen_requests(model)
 
     async def alone(req):
@@ -195,9 +197,9 @@ def test_requests_are_validated_at_submit(model):
     with pytest.raises(RequestError) as err:  # over the slot: refused with both numbers, never truncated
         engine.generate_many([GenerationRequest([1] * 10, 55)])
     assert "10 tokens" in str(err.value) and "55" in str(err.value) and "64-token" in str(err.value)
-    with pytest.raises(RequestError) as err:  # over the model's context (256)
-        Engine(model).generate_many([GenerationRequest([1] * 200, 57)])
-    assert err.value.param == "max_tokens" and "256" in str(err.value)
+    with pytest.raises(RequestError) as err:  # over the model's context (512)
+        Engine(model).generate_many([GenerationRequest([1] * 500, 13)])
+    assert err.value.param == "max_tokens" and "512" in str(err.value)
     assert engine.stats()["queued"] == 0
     engine.shutdown()
 
@@ -437,10 +439,14 @@ def test_batch_invariant_attention_matches_the_kernel_and_ignores_the_batch(hk, 
         for p in range(rows):
             q, k, v = (torch.randn(rows, h, n, d, generator=gen) for h, n in ((hk * g, 1), (hk, S), (hk, S)))
             q[p], k[p], v[p] = q1, k1, v1
-            pos = torch.randint(0, S, (rows, 1), generator=gen)
+            pos = torch.randint(0, 48, (rows, 1), generator=gen)
             pos[p] = 40
             out = batch_invariant_attention(q, k, v, pos, d**-0.5, slopes, window)
             expected = attention(q, k, v, pos, d**-0.5, slopes, window)
             assert (out - expected).abs().max().item() < 1e-5
             outs.append(out[p])
+            for w in (48, 56):  # fewer slots, still past every position: the same bits
+                assert torch.equal(
+                    batch_invariant_attention(q, k[:, :, :w], v[:, :, :w], pos, d**-0.5, slopes, window), out
+                )
         assert all(torch.equal(outs[0], o) for o in outs)

@@ -14,24 +14,27 @@ KV memory: static slots, not paged blocks. The cache is `llama.init_cache(cfg, r
 the layout `forward` already takes (slot j of row b holds position j); a sequence owns one row for
 its whole life. Chosen over paged blocks because it needs no block tables and no new attention
 kernel, and because every decode step then has one fixed shape, which batch invariance needs (below).
-The price: a sequence reserves slot_len positions whatever its length, and attention reads the whole
-slot every step (paged blocks would pack more short sequences into the same memory and read less).
+The price: a sequence reserves slot_len positions whatever its length (paged blocks would pack more
+short sequences into the same memory).
 Budget: `max_cache_tokens` = rows * slot_len positions (default slot_len: the model's context), at
 `kv_bytes_per_token` each. A request whose prompt + max_tokens exceeds slot_len is refused at submit
 with a RequestError naming both numbers, never truncated; when every slot is busy requests wait.
 
 Batch invariance: a request's tokens are identical whether it runs alone or among other requests.
-- Decode always runs all `rows` rows (idle rows feed token 0 at position slot_len - 1 of their own
-  slot, a position no real query ever reads), so its shape never depends on the traffic.
+- Decode always runs all `rows` rows (idle rows feed token 0 at a junk position of their own slot
+  that nothing reads before it is rewritten), so its batch never depends on the traffic.
 - rows is max_running rounded up to a multiple of ROW_ALIGN (8): MKL's sgemm computes the tail rows
   of a short batch (M = 5, 6, 7, 9, ...) with another kernel than the rest, so a row's result would
   depend on its place; with M a multiple of 8 every row takes the same path (the extra rows are
   scratch slots, counted in the memory budget).
-- Attention covers the full slot with the position mask; masked keys add exact zeros, so a row's
-  softmax never sees another row or the stale contents of its own slot. Decode steps use
+- Attention is masked by position; masked keys add exact zeros, so a row never sees another row or
+  the stale contents of its own slot. To cost what is used rather than slot_len, decode attends over
+  the first W slots, W the longest live row rounded up to a multiple of WINDOW (256): W depends on
+  the other rows, but with exact-zero tails the result does not (the test checks it bitwise for
+  every W). Prefill attends over its own chunk end rounded up the same way. Decode steps use
   `batch_invariant_attention` (passed to `forward`): torch's CPU flash-attention kernel gives rows
-  handled by the calling thread and by an OpenMP worker different last bits (MKL threads its M=1
-  products only on the calling thread), so a row's result would depend on its place in the batch.
+  handled by the calling thread and by an OpenMP worker different last bits (its one-query products
+  differ by thread; with MKL_NUM_THREADS=1 they do not), so a row's result would depend on its place.
 - Prefill runs per request, alone, in chunks [k*C, (k+1)*C) of the prompt (C = prefill_chunk): its
   shapes depend only on the request's own prompt length.
 - Sampling keys noise by (request seed, position of the sampled token), as `llmfn.generate` does;
@@ -76,6 +79,7 @@ from llmfn.stopping import StopStrings
 log = logging.getLogger("llmfn.engine")
 
 ROW_ALIGN = 8  # decode batch rows are a multiple of this (see the module docstring)
+WINDOW = 256  # decode attention covers a multiple of this many slots (see the module docstring)
 MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
 _INT64 = (-(2**63), 2**63)
 GREEDY = SamplingParams()
@@ -304,7 +308,12 @@ class Engine:
         """Queue a request; its events arrive through the returned async iterator. Call it on a running
         asyncio loop. Raises RequestError (with .param) for an invalid request and QueueFullError when
         max_queued requests already wait."""
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise LlmfnError(
+                "submit() needs a running asyncio loop; use generate_many() from plain code"
+            ) from None
         seq = self._prepare(request)
         queue: asyncio.Queue = asyncio.Queue()
         seq.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
@@ -534,21 +543,35 @@ class Engine:
         self._prefix[target] = prompt[:m]
         return target, m
 
+    def _window(self) -> int:
+        """Decode attends over the first W slots of every row: W covers every active position and the
+        prefilled part of every prefilling row, rounded up to a multiple of WINDOW (or slot_len)."""
+        need = max(len(s.prompt) + len(s.tokens) if s.decoding else s.prefilled + 1
+                   for s in self._slots if s is not None)  # fmt: skip
+        return min(self.slot_len, -(-need // WINDOW) * WINDOW)
+
     def _decode(self) -> None:
         """One token for every decoding sequence, in one forward over all rows."""
         active = [s for s in self._slots if s is not None and s.decoding]
         if not active:
             return
-        tokens = [0] * self.rows
-        positions = [self.slot_len - 1] * self.rows  # idle rows: a scratch position nothing reads
+        w = self._window()
+        # Idle rows (free, prefilling, scratch) write a junk key at w - 1: beyond what a prefilling row
+        # holds (its own prefill or decode rewrites it before any read); a freed row's cached prefix
+        # loses the chunks from there on.
+        tokens, positions = [0] * self.rows, [w - 1] * self.rows
         for s in active:
             tokens[s.slot] = s.tokens[-1]
             positions[s.slot] = len(s.prompt) + len(s.tokens) - 1
+        for j in range(self.rows):
+            if self._slots[j] is None and len(self._prefix[j]) > w - 1:
+                del self._prefix[j][(w - 1) // self.prefill_chunk * self.prefill_chunk :]
         try:
             tok = torch.tensor(tokens, device=self._device)[:, None]  # [R, 1]
             pos = torch.tensor(positions, device=self._device)[:, None]  # [R, 1]
+            view = {name: t[..., :w, :] for name, t in self._cache.items()}  # [L, R, Hk, w, hd]
             logits, _ = llama.forward(
-                self.model.params, self.model.cfg, tok, pos, self._cache, attention=batch_invariant_attention
+                self.model.params, self.model.cfg, tok, pos, view, attention=batch_invariant_attention
             )  # [R, 1, V]
             picked = self._pick(logits[:, 0], slice(None), pos[:, 0] + 1, active)
         except Exception as exc:
@@ -577,7 +600,10 @@ class Engine:
 
     def _prefill_chunk(self, s: _Seq, start: int, end: int) -> bool:
         j, n = s.slot, len(s.prompt)
-        view = {name: t[:, j : j + 1] for name, t in self._cache.items()}  # [L, 1, Hk, S, hd], shares memory
+        w = min(self.slot_len, -(-end // WINDOW) * WINDOW)  # depends on this prompt only
+        view = {
+            name: t[:, j : j + 1, :, :w] for name, t in self._cache.items()
+        }  # [L, 1, Hk, w, hd], shares memory
         try:
             tok = torch.tensor([s.prompt[start:end]], device=self._device)  # [1, T]
             pos = torch.arange(start, end, device=self._device)[None]  # [1, T]
