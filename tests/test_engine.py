@@ -337,7 +337,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(model, m
     engine.shutdown()
 
 
-def test_prefix_cache_reuses_shared_prompts_with_identical_output(model):
+@pytest.mark.parametrize("window", [16, 256])
+def test_prefix_cache_reuses_shared_prompts_with_identical_output(model, window, monkeypatch):
+    """Reused prefixes give the same tokens as prefilling them; with a 16-slot window, idle rows' junk
+    writes cut the prefixes kept in free slots, which must then be recomputed, not reused."""
+    monkeypatch.setattr(engine_module, "WINDOW", window)
     prompts = [SYSTEM + ids(5 + i, 200 + i) for i in range(6)] + [SYSTEM[:12] + ids(30, 7), SYSTEM]
     reqs = [
         GenerationRequest(p, 15, SP(temperature=0.9, seed=i), stop_token_ids=())
@@ -351,7 +355,8 @@ def test_prefix_cache_reuses_shared_prompts_with_identical_output(model):
         # 2 whole chunks (32 tokens) of SYSTEM are reusable: requests 2-5 and 7 reuse them (copied from
         # a busy slot or found in a freed one); request 1 too if it was admitted after request 0's
         # prefill; request 6 shares less than a chunk.
-        assert 5 * 32 <= cached.stats()["prefix_cache_hit_tokens"] <= 6 * 32
+        hits = cached.stats()["prefix_cache_hit_tokens"]
+        assert 5 * 32 <= hits <= 6 * 32 if window == 256 else 0 < hits <= 6 * 32
         again = cached.generate_many(reqs[:1])
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert again[0].token_ids == expected[0].token_ids
