@@ -38,7 +38,7 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def load_model(name: str, dtype: str | None = None, device: str = "cpu"):
+def load_model(name: str, dtype: str | None = None, device: str = "cpu", compile: bool | None = None):
     """llmfn.load with progress: GGUF first-use preparation and loading each get a spinner on a TTY."""
     import llmfn
     from llmfn.cli_progress import spinner
@@ -51,7 +51,7 @@ def load_model(name: str, dtype: str | None = None, device: str = "cpu"):
     with spinner(f"preparing {name} (first use: converting the GGUF into the cache)" if first_use else f"resolving {name}"):
         folder = resolve(name)
     with spinner(f"loading {name}"):
-        return llmfn.load(folder, dtype=dtype, device=device)
+        return llmfn.load(folder, dtype=dtype, device=device, compile=compile)
 
 
 def sampling_settings(args: argparse.Namespace) -> dict:
@@ -71,9 +71,11 @@ def write(stream, text: str) -> None:
     stream.flush()
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = "on for models of 50M+ parameters") -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help=f"torch.compile the decode step: slow the first time, then faster (default: {compile_default})")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
@@ -112,7 +114,7 @@ def serve_overrides(config, models: list[str] | None, api_key: str | None):
 def cmd_chat(args: argparse.Namespace) -> int:
     from llmfn.cli_chat import run_chat
 
-    model = load_model(args.model, args.dtype, args.device)
+    model = load_model(args.model, args.dtype, args.device, args.compile)
     return run_chat(model, args.model, sampling_settings(args), args.max_tokens, args.system, args.perf)
 
 
@@ -124,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     name, prompt = (args.words if len(args.words) == 2 else (DEFAULT_CHAT_MODEL, args.words[0]))
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = load_model(name, args.dtype, args.device)
+    model = load_model(name, args.dtype, args.device, bool(args.compile))
     return answer_once(model, prompt, sampling_settings(args), args.max_tokens, args.system, args.raw, args.perf)
 
 
@@ -134,7 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from llmfn.perf import format_report, measure
 
-    model = load_model(args.model, args.dtype, args.device)
+    model = load_model(args.model, args.dtype, args.device, args.compile)
     if model.kind != "causal-lm":
         raise LlmfnError(f"{args.model} is a {model.kind} model; bench times text generation")
     prompt = bench_prompt(model, args.prompt_tokens)
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text (no chat template)")
     p.add_argument("--perf", action="store_true", help="print the decoder perf report to stderr")
-    _add_model_flags(p)
+    _add_model_flags(p, "off: one answer rarely repays the compile time")
     _add_sampling_flags(p, "most tokens to generate (default 256, capped by the context)")
 
     p = command("convert", "convert checkpoints: gguf, gptq-to-awq, quantize", None)

@@ -265,6 +265,14 @@ def read_lines(interactive: bool) -> Iterator[str]:
         yield line
 
 
+def compiles(model: Model) -> bool:
+    try:
+        from llmfn.compile import should_compile
+    except ImportError:
+        return False
+    return should_compile(model)
+
+
 def _setup_readline() -> None:
     try:
         import atexit
@@ -294,6 +302,8 @@ def run_chat(model: Model, name: str, sampling: dict, max_tokens: int | None, sy
     if interactive:
         _setup_readline()
         note(f"llmfn chat with {name}: type a message, /help for commands, /exit to leave")
+        if compiles(model):
+            note("(the first answer also compiles the decode step, which takes a while once; --no-compile skips it)")
     for line in read_lines(interactive):
         if not session.handle(line):
             break

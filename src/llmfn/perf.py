@@ -80,5 +80,9 @@ def format_report(report: PerfReport) -> str:
     r = report
     return (
         f"prompt {r.prompt_tokens} tok | generated {r.generated_tokens} tok | prefill {r.prefill_s:.3f} s | "
-        f"decode {r.decode_s:.3f} s | decode {r.decode_tok_s:.1f} tok/s | avg {r.avg_tok_s:.1f} tok/s"
+        f"decode {r.decode_s:.3f} s | decode {_rate(r.decode_tok_s)} tok/s | avg {_rate(r.avg_tok_s)} tok/s"
     )
+
+
+def _rate(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 or x == 0 else f"{x:.3g}"
