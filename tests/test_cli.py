@@ -119,7 +119,7 @@ def test_doctor_exits_0(tiny, env, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     for word in ("torch", "triton", "granian", "cpu:", "Triton kernels", "tiny forward self-test", "all checks passed"):
         assert word in out.stdout
-    assert re.search(r"\[ +ok\] tiny \(.*\): causal-lm, loaded in", out.stdout), out.stdout
+    assert re.search(r"\[ +ok\] tiny \(.*tiny\): causal-lm, loaded in", out.stdout), out.stdout
 
 
 def test_bad_model_path_is_one_clear_line(env, tmp_path):
@@ -152,6 +152,16 @@ def test_usage_errors_exit_2(capsys):
             cli.main(argv)
         assert exit_.value.code == 2
     assert "usage: llmfn" in capsys.readouterr().err
+
+
+def test_run_reads_the_prompt_from_stdin_and_refuses_embedding_models(tiny, model, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there"))
+    assert cli.main(["run", str(tiny), "-", "--max-tokens", str(MAX_TOKENS)]) == 0
+    assert capsys.readouterr().out == answer(model, [{"role": "user", "content": "Hello there"}]) + "\n"
+    assert cli.main(["run", "all-minilm-l6-v2", "hi"]) == 1
+    assert "this is an embedding model" in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):

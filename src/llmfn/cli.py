@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.dtype, args.device, args.compile)
     if model.kind != "causal-lm":
-        raise LlmfnError(f"{args.model} is a {model.kind} model; bench times text generation")
+        raise LlmfnError(f"{args.model}: this is an {model.kind} model; bench times text generation")
     prompt = bench_prompt(model, args.prompt_tokens)
     sampling = {**model_defaults(model), "temperature": 0.0, **sampling_settings(args)}
     for _ in range(args.warmup):

@@ -121,7 +121,7 @@ def answer_once(model: Model, prompt: str, sampling: dict, max_tokens: int | Non
 
 def require_causal(model: Model) -> None:
     if model.kind != "causal-lm":
-        raise LlmfnError(f"{model.path} is a {model.kind} model, not a model that writes text")
+        raise LlmfnError(f"{model.path}: this is an {model.kind} model; chat and run need a causal language model")
 
 
 def require_template(model: Model, instead: str) -> None:

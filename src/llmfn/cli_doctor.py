@@ -215,7 +215,7 @@ def doctor(config_path: str | None = None, models: list[str] | None = None, chec
             targets = []
         for name, path, dtype, device in targets:
             ok, why = model_check(path, dtype, device)
-            line(ok, f"{name} ({path}): {why}")
+            line(ok, f"{name}{'' if path == name else f' ({path})'}: {why}")
     print("all checks passed" if not failed else "some checks FAILED")
     return 1 if failed else 0
 
