@@ -22,6 +22,7 @@ Weights are read from safetensors only (memory-mapped); pickle checkpoints are r
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,21 +187,36 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors")
 
 
-def _read_all(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    tensors, origin = {}, {}
-    for file in files:
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing weight file")
+class _Checkpoint:
+    """The tensors of a checkpoint's safetensors files, memory-mapped and read on demand (a masked-LM
+    head or a pooler is never read); errors name the file."""
+
+    def __init__(self, files: list[Path]):
+        self._stack = ExitStack()
+        self.where: dict[str, tuple] = {}  # name -> (safe_open handle, file)
+        for file in files:
+            if not file.is_file():
+                self.close()
+                raise CheckpointError(f"{file}: missing weight file")
+            try:
+                f = self._stack.enter_context(safe_open(str(file), framework="pt"))
+                self.where.update((name, (f, file)) for name in f.keys())  # noqa: SIM118
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                self.close()
+                raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.where[name][0].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        f, file = self.where[name]
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    tensors[name] = f.get_tensor(name)
-                    origin[name] = file
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt headers / data
-            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
-    return tensors, origin
+            return f.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+    def close(self) -> None:
+        self._stack.close()
 
 
 def _prefix(names, source: Path) -> str:
@@ -219,7 +235,15 @@ def load_params(
     """Read a BertModel checkpoint (any prefix) into the params tree, checking every shape against cfg."""
     folder = Path(folder)
     files = weight_files(folder)
-    tensors, origin = _read_all(files)
+    ckpt = _Checkpoint(files)
+    try:
+        return _take_params(ckpt, cfg, folder, files, dtype, device)
+    finally:
+        ckpt.close()
+
+
+def _take_params(ckpt: _Checkpoint, cfg: BertConfig, folder: Path, files: list[Path], dtype, device) -> dict:
+    tensors = ckpt.where
     pre = _prefix(tensors, files[0] if len(files) == 1 else folder)
     shapes = abstract(cfg)
 
@@ -228,14 +252,13 @@ def load_params(
         if full not in tensors and name.endswith((".weight", ".bias")) and ".LayerNorm." in name:
             legacy = full.replace(".weight", ".gamma") if name.endswith(".weight") else full.replace(".bias", ".beta")
             full = legacy if legacy in tensors else full  # TF-era names: LayerNorm.gamma / beta
-        t = tensors.get(full)
-        if t is None:
+        if full not in tensors:
             raise CheckpointError(f"{folder}: tensor {full!r} is missing")
-        if tuple(t.shape) != tuple(shape):
+        if ckpt.shape(full) != tuple(shape):
             raise CheckpointError(
-                f"{origin[full]}: tensor {full!r} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}"
+                f"{tensors[full][1]}: tensor {full!r} has shape {ckpt.shape(full)}, config.json implies {tuple(shape)}"
             )
-        return t.to(device=device, dtype=dtype)
+        return ckpt.get(full).to(device=device, dtype=dtype)
 
     def norm(name: str, s: dict) -> dict:
         return {"w": take(f"{name}.weight", s["w"]), "b": take(f"{name}.bias", s["b"])}
