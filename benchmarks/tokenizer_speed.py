@@ -4,7 +4,7 @@
 Two modes per format: one 1 MB string (single thread everywhere), and the same text as a batch
 of lines (each library's own parallel batch call, on all cores).
 
-    python benchmarks/tokenize.py [--mb 1.0] [--repeat 3]
+    python benchmarks/tokenizer_speed.py [--mb 1.0] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named like the stdlib `tokenize`: keep its folder off the import path.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent / "tests"))
 
 import argparse  # noqa: E402
