@@ -243,6 +243,22 @@ def test_convert_gguf_wiring_and_errors(tmp_path, monkeypatch, capsys):
     assert "wrote out-dir" in capsys.readouterr().out
 
 
+def test_convert_quantize_and_gptq_to_awq(tiny, tmp_path, monkeypatch, capsys):
+    import llmfn.cli_progress
+
+    out = tmp_path / "int8"
+    monkeypatch.setattr(llmfn.cli_progress, "enabled", lambda: True)  # as on a terminal: draw the bar
+    assert cli.main(["convert", "quantize", str(tiny), str(out), "--method", "rtn-int8", "--group-size", "32"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"wrote {out}\n"
+    assert "quantizing (rtn-int8): 100%" in captured.err and "14/14" in captured.err  # 2 layers x 7 linears
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
+    monkeypatch.undo()
+    assert cli.main(["convert", "gptq-to-awq", str(tiny), str(tmp_path / "awq")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmfn: error: ") and "not a GPTQ checkpoint" in err and len(err.splitlines()) == 1
+
+
 def test_serve_flags_override_the_config():
     from llmfn.serve.config import load_config
 

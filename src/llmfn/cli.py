@@ -38,20 +38,24 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def load_model(name: str, dtype: str | None = None, device: str = "cpu", compile: bool | None = None):
+def load_model(name: str, dtype: str | None = None, device: str = "cpu", compile: bool | None = None,
+               quantize: str | None = None):
     """llmfn.load with progress: GGUF first-use preparation and loading each get a spinner on a TTY."""
     import llmfn
     from llmfn.cli_progress import spinner
     from llmfn.loading import resolve
     from llmfn.registry import ALIASES, converted_path
 
-    stem = name if name in ALIASES else Path(name).stem.lower()
-    first_use = str(name).endswith(".gguf") or (name in ALIASES and ALIASES[name].relative.endswith(".gguf"))
-    first_use = first_use and not (converted_path(stem) / "config.json").exists()
-    with spinner(f"preparing {name} (first use: converting the GGUF into the cache)" if first_use else f"resolving {name}"):
-        folder = resolve(name)
-    with spinner(f"loading {name}"):
-        return llmfn.load(folder, dtype=dtype, device=device, compile=compile)
+    target = name
+    if quantize is None:  # (with quantize, load keeps a GGUF's blocks quantized: no conversion)
+        stem = name if name in ALIASES else Path(name).stem.lower()
+        gguf = str(name).endswith(".gguf") or (name in ALIASES and ALIASES[name].relative.endswith(".gguf"))
+        first_use = gguf and not (converted_path(stem) / "config.json").exists()
+        with spinner(f"preparing {name} (first use: converting the GGUF into the cache)" if first_use
+                     else f"resolving {name}"):  # fmt: skip
+            target = resolve(name)
+    with spinner(f"loading {name}" + (f" with {quantize} weights" if quantize else "")):
+        return llmfn.load(target, dtype=dtype, device=device, compile=compile, quantize=quantize)
 
 
 def sampling_settings(args: argparse.Namespace) -> dict:
@@ -74,6 +78,7 @@ def write(stream, text: str) -> None:
 def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = "on for models of 50M+ parameters") -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    p.add_argument("--quantize", choices=("int4", "int8"), help="weight-only quantized linears (a GGUF keeps its blocks)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help=f"torch.compile the decode step: slow the first time, then faster (default: {compile_default})")
 
@@ -114,7 +119,7 @@ def serve_overrides(config, models: list[str] | None, api_key: str | None):
 def cmd_chat(args: argparse.Namespace) -> int:
     from llmfn.cli_chat import run_chat
 
-    model = load_model(args.model, args.dtype, args.device, args.compile)
+    model = load_model(args.model, args.dtype, args.device, args.compile, args.quantize)
     return run_chat(model, args.model, sampling_settings(args), args.max_tokens, args.system, args.perf)
 
 
@@ -126,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     name, prompt = (args.words if len(args.words) == 2 else (DEFAULT_CHAT_MODEL, args.words[0]))
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = load_model(name, args.dtype, args.device, bool(args.compile))
+    model = load_model(name, args.dtype, args.device, bool(args.compile), args.quantize)
     return answer_once(model, prompt, sampling_settings(args), args.max_tokens, args.system, args.raw, args.perf)
 
 
@@ -136,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from llmfn.perf import format_report, measure
 
-    model = load_model(args.model, args.dtype, args.device, args.compile)
+    model = load_model(args.model, args.dtype, args.device, args.compile, args.quantize)
     if model.kind != "causal-lm":
         raise LlmfnError(f"{args.model}: this is an {model.kind} model; bench times text generation")
     prompt = bench_prompt(model, args.prompt_tokens)
@@ -168,12 +173,19 @@ def bench_prompt(model, n: int) -> list[int]:
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
-    from llmfn.cli_progress import spinner
+    import inspect
+
+    from llmfn.cli_progress import Progress, spinner
     from llmfn.gguf_import import convert_gguf
     from llmfn.loading import parse_dtype
 
-    with spinner(f"converting {args.input}"):
-        out = convert_gguf(args.input, args.output, dtype=parse_dtype(args.dtype))
+    dtype = parse_dtype(args.dtype)
+    if "progress" in inspect.signature(convert_gguf).parameters:  # a bar per tensor where supported
+        with Progress(f"converting {Path(args.input).name}") as progress:
+            out = convert_gguf(args.input, args.output, dtype=dtype, progress=progress)
+    else:
+        with spinner(f"converting {args.input}"):
+            out = convert_gguf(args.input, args.output, dtype=dtype)
     print(f"wrote {out}")
     return 0
 
@@ -182,9 +194,9 @@ def cmd_convert_gptq_to_awq(args: argparse.Namespace) -> int:
     from llmfn.cli_progress import Progress
     from llmfn.convert import convert_gptq_to_awq
 
-    with Progress("gptq -> awq") as progress:
+    with Progress("repacking GPTQ as AWQ", unit="linear") as progress:
         out = convert_gptq_to_awq(args.input, args.output, progress=progress)
-    print(f"wrote {out or args.output}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -192,9 +204,10 @@ def cmd_convert_quantize(args: argparse.Namespace) -> int:
     from llmfn.cli_progress import Progress
     from llmfn.convert import quantize_checkpoint
 
-    with Progress(f"quantizing ({args.method})") as progress:
-        out = quantize_checkpoint(args.input, args.output, args.method, group_size=args.group_size, progress=progress)
-    print(f"wrote {out or args.output}")
+    with Progress(f"quantizing ({args.method})", unit="linear") as progress:
+        out = quantize_checkpoint(args.input, args.output, args.method, group_size=args.group_size,
+                                  progress=progress)  # fmt: skip
+    print(f"wrote {out}")
     return 0
 
 
@@ -274,12 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", metavar="IN_DIR")
     c.add_argument("output", metavar="OUT_DIR")
     c = conv.add_parser("quantize", parents=[common], help="quantize a checkpoint's weights",
-                        description="Quantize a Hugging Face checkpoint folder's linear weights.")
+                        description="Quantize a float checkpoint folder's decoder linear weights (round to nearest).")
     c.set_defaults(func=cmd_convert_quantize, parser=c)
     c.add_argument("input", metavar="IN_DIR")
     c.add_argument("output", metavar="OUT_DIR")
-    c.add_argument("--method", required=True, help="quantization method, e.g. awq or gptq (int4)")
-    c.add_argument("--group-size", type=int, default=128, help="quantization group size (default 128)")
+    c.add_argument("--method", required=True, choices=("rtn-int4", "rtn-int8", "int4", "int8"),
+                   help="rtn-int4: AutoAWQ GEMM layout; rtn-int8: llmfn int8 layout (round to nearest)")
+    c.add_argument("--group-size", type=int, default=128,
+                   help="weights per scale (default 128; -1 for rtn-int8 is one scale per output channel)")
 
     p = command("bench", "the decoder perf report: prefill s, decode s, decode and average tok/s", cmd_bench)
     p.add_argument("model", nargs="?", default=DEFAULT_CHAT_MODEL, metavar="MODEL",

@@ -49,11 +49,11 @@ def spinner(desc: str, delay: float = 0.5):
 class Progress:
     """A callable progress sink for library functions that take `progress=`.
 
-    Accepts `progress(done, total)`, `progress(done, total, desc)` or `progress(desc=..., done=...,
-    total=...)`: `done` and `total` count steps (tensors, layers, bytes); `desc` names the stage.
-    The bar is drawn on a terminal only; elsewhere calls are ignored."""
+    Called as `progress(done, total)` or `progress(done, total, item)`: `done` of `total` steps
+    (tensors, layers) are finished and `item` names the last one. The bar is drawn on a terminal
+    only; elsewhere calls are ignored."""
 
-    def __init__(self, desc: str, unit: str = "it"):
+    def __init__(self, desc: str, unit: str = "tensor"):
         self.desc = desc
         self.unit = unit
         self._bar: Any = None
@@ -64,21 +64,17 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, done: int | None = None, total: int | None = None, desc: str | None = None, **_) -> None:
+    def __call__(self, done: int, total: int | None = None, item: str | None = None, **_) -> None:
         if not enabled():
             return
         from tqdm import tqdm
 
-        label = f"{self.desc}: {desc}" if desc else self.desc
         if self._bar is None or (total is not None and self._bar.total != total):
             self.close()
-            self._bar = tqdm(desc=label, total=total, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
-        if label != self._bar.desc:
-            self._bar.set_description(label, refresh=False)
-        if done is not None:
-            self._bar.update(done - self._bar.n)
-        else:
-            self._bar.refresh()
+            self._bar = tqdm(desc=self.desc, total=total, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        if item:
+            self._bar.set_postfix_str(item, refresh=False)
+        self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:
