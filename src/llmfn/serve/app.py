@@ -414,11 +414,10 @@ class App:
         def run():
             from llmfn.embed import embed_with_usage
 
-            with served.embed_lock:
-                return embed_with_usage(served.model, inputs)
+            return embed_with_usage(served.model, inputs)
 
         try:
-            vectors, n_tokens = await asyncio.to_thread(run)
+            vectors, n_tokens = await asyncio.wrap_future(self.pool.run(run))
         except LlmfnError as e:
             raise _engine_error(e) from None
         self.metrics.prompt_tokens.inc(n_tokens, model=served.name)
