@@ -259,6 +259,12 @@ def test_convert_quantize_and_gptq_to_awq(tiny, tmp_path, monkeypatch, capsys):
     assert err.startswith("llmfn: error: ") and "not a GPTQ checkpoint" in err and len(err.splitlines()) == 1
 
 
+def test_serve_refuses_a_missing_model_in_one_line(tmp_path, capsys):
+    assert cli.main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmfn: error: ") and "missing" in err and len(err.splitlines()) == 1
+
+
 def test_serve_flags_override_the_config():
     from llmfn.serve.config import load_config
 

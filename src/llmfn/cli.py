@@ -70,11 +70,6 @@ def model_defaults(model) -> dict:
             "repetition_penalty": g.repetition_penalty, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
-def write(stream, text: str) -> None:
-    stream.write(text)
-    stream.flush()
-
-
 def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = "on for models of 50M+ parameters") -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
