@@ -208,7 +208,13 @@ class RequestStream:
 
 
 class Engine:
-    """Owns a causal LM, its KV slots and the step-loop thread. See the module docstring."""
+    """Owns a causal LM, its KV slots and the step-loop thread. See the module docstring.
+
+    max_running: sequences decoded together (each holds a KV slot); max_queued: requests that may wait
+    for a slot beyond the free ones (more raise QueueFullError); max_cache_tokens: KV positions in all,
+    split into equal slots over max_running rounded up to a multiple of 8 (default: one full context
+    per slot); prefill_chunk: prompt tokens prefilled per step; prefix_cache: reuse shared prompt
+    prefixes. Decode runs eager (generate's torch.compile'd step is not used here yet)."""
 
     def __init__(
         self,
@@ -442,7 +448,9 @@ class Engine:
             "slots_used": used,
             "slots_free": self.max_running - used,
             "slot_len": self.slot_len,
+            "rows": self.rows,
             "cache_tokens": self.rows * self.slot_len,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
             "cache_bytes": sum(t.numel() * t.element_size() for t in self._cache.values()),
             **self._n,
         }
