@@ -1,7 +1,8 @@
 """When and how the decode step is compiled with torch.compile.
 
 The whole forward compiles as one graph (fullgraph=True: no graph breaks) with static shapes;
-positions are tensors, so successive decode steps reuse the graph instead of recompiling.
+positions are tensors, so successive decode steps reuse the graph instead of recompiling, and KV
+cache lengths are bucketed to powers of two so requests of similar length share a graph.
 Compile pays off for real models (it removes the per-op overhead of ~40 small ops per layer),
 not for tiny test models, so it is on by default above COMPILE_MIN_PARAMS parameters.
 LLMFN_COMPILE=0/1 or load(..., compile=False/True) overrides the default. Inductor's caches go to
@@ -42,7 +43,9 @@ def should_compile(model: Model) -> bool:
 @functools.cache
 def compiled_forward():
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home() / "inductor"))
-    return torch.compile(llama.forward, fullgraph=True)
+    # Static shapes: cache lengths come in power-of-two buckets (generate.cache_length), each
+    # compiled once and kept in inductor's on-disk cache.
+    return torch.compile(llama.forward, fullgraph=True, dynamic=False)
 
 
 def decode_forward(model: Model):

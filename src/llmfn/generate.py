@@ -82,6 +82,12 @@ def generate(
     return _generate(model, prompt, max_tokens, params, stops)
 
 
+def cache_length(needed: int, context: int) -> int:
+    """KV cache length for `needed` positions: the next power of two (at least 64), capped at the
+    context. Few distinct shapes means a compiled decode step is reused across requests."""
+    return min(max(64, 1 << (needed - 1).bit_length()), max(context, needed))
+
+
 def eos_ids(model: Model) -> tuple[int, ...]:
     return tuple(dict.fromkeys(model.generation.eos_ids + model.tokenizer.eos_ids))
 
@@ -101,7 +107,7 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
     seen[0, torch.tensor(prompt, device=device)] = True
     step_forward = decode_forward(model)
     with torch.inference_mode():
-        cache = llama.init_cache(cfg, 1, n + max_tokens, _dtype(model), device)
+        cache = llama.init_cache(cfg, 1, cache_length(n + max_tokens, cfg.max_position_embeddings), _dtype(model), device)
         tokens = torch.tensor([prompt], device=device)
         positions = torch.arange(n, device=device)[None]
         out, cache = llama.forward(params, cfg, tokens, positions, cache, logit_index=row(n - 1, torch.int64))
