@@ -5,6 +5,8 @@
         print(text, end="")
 """
 
+from llmfn.embed import embed, embed_with_usage
+from llmfn.engine import Engine, GenerationEvent, GenerationRequest, GenerationResult, QueueFullError, TokenLogprob
 from llmfn.errors import CheckpointError, LlmfnError, RequestError, TokenizerError, UnsupportedModelError
 from llmfn.generate import chat, generate, logits
 from llmfn.loading import load
@@ -14,7 +16,8 @@ from llmfn.sampling import SamplingParams, sample
 from llmfn.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
-    "CheckpointError", "GenerationDefaults", "LlmfnError", "Model", "RequestError", "SamplingParams",
-    "Tokenizer", "TokenizerError", "UnsupportedModelError", "chat", "forward", "generate", "init_cache",
-    "load", "load_tokenizer", "logits", "sample",
+    "CheckpointError", "Engine", "GenerationDefaults", "GenerationEvent", "GenerationRequest", "GenerationResult",
+    "LlmfnError", "Model", "QueueFullError", "RequestError", "SamplingParams", "TokenLogprob", "Tokenizer",
+    "TokenizerError", "UnsupportedModelError", "chat", "embed", "embed_with_usage", "forward", "generate",
+    "init_cache", "load", "load_tokenizer", "logits", "sample",
 ]
