@@ -147,7 +147,8 @@ def main() -> None:
 
     print(f"# embeddings: {folder.name if not args.model else folder}  ({datetime.date.today().isoformat()})")
     print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, python {platform.python_version()}")
+          f"threads {torch.get_num_threads()}, python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"# peer: {peer_name}; min cosine llmfn vs peer: {agree:.7f}; best of {args.repeats} interleaved passes after a warm-up")
     print(f"| {'config':<22} | {'llmfn sent/s':>12} | {'peer sent/s':>11} | {'ratio':>6} |")
     print(f"|{'-' * 24}|{'-' * 14}|{'-' * 13}|{'-' * 8}|")
