@@ -425,6 +425,8 @@ def test_routes_methods_and_sizes(tiny):
     assert_error(r, 405)
     assert r.headers["allow"] == "POST"
     assert_error(httpx.post(tiny.url("/health")), 405)
+    head = httpx.head(tiny.url("/health"))
+    assert head.status_code == 200 and head.content == b""
     assert_error(httpx.get(tiny.url("/v1/models/gpt-nope"), headers=AUTH), 404, "model")
     big = b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"x" * 70000 + b'"}]}'
     assert_error(post(tiny, "/v1/chat/completions", content=big), 413)
@@ -588,6 +590,13 @@ def test_health_is_503_while_loading(tiny_dir):
         await asyncio.to_thread(app.pool.shutdown)
 
     asyncio.run(scenario())
+
+
+def test_port_in_use_is_one_line(tiny, tiny_dir):
+    done = subprocess.run([sys.executable, "-m", "llmfn.serve", "--model", str(tiny_dir), "--port", str(tiny.port)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "already in use" in done.stderr and done.stderr.strip().count("\n") == 0
+    assert httpx.get(tiny.url("/health")).status_code == 200
 
 
 def test_model_that_fails_to_load_stops_the_server(tmp_path):

@@ -40,6 +40,7 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers
     if not 0 <= port <= 65535:
         raise LlmfnError(f"--port must be in [0, 65535], got {port}")
     check_model_paths(config)
+    check_port(host, port)
     os.environ[CONFIG_ENV] = encode_env(config)  # read by create_app() in each worker process
     os.environ[EXIT_ON_LOAD_ERROR_ENV] = "1"
     server = Granian(
@@ -53,3 +54,25 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers
         backlog=1024,
     )
     server.serve()
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line when host:port is taken: Granian binds with SO_REUSEPORT, so a second
+    server on a busy port would otherwise start and silently share it with the first."""
+    import socket
+
+    from llmfn.errors import LlmfnError
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise LlmfnError(f"cannot resolve --host {host!r}: {e}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise LlmfnError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -153,7 +153,7 @@ class App:
             if isinstance(response, StreamingResponse):
                 await until_disconnect(receive, response.send(tracked_send))
             else:
-                await response.send(tracked_send)
+                await response.send(tracked_send, head=scope["method"] == "HEAD")
         except ApiError as e:
             if not response_started:
                 await e.response().send(tracked_send)

@@ -103,10 +103,10 @@ class Response:
     ) -> Response:
         return cls(status, text.encode(), [(b"content-type", content_type)])
 
-    async def send(self, send) -> None:
+    async def send(self, send, *, head: bool = False) -> None:
         headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body})
+        await send({"type": "http.response.body", "body": b"" if head else self.body})
 
 
 @dataclass
