@@ -611,7 +611,7 @@ def test_model_that_fails_to_load_stops_the_server(tmp_path):
     assert "model 'broken' failed to load" in server.log() and "hidden_size" in server.log()
 
 
-async def asgi_call(app, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+async def asgi_call(app, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, bytes]:
     """One request straight into the ASGI app (no server): (status, body)."""
     sent, delivered = [], False
 
@@ -625,8 +625,31 @@ async def asgi_call(app, method: str, path: str, body: dict | None = None) -> tu
     async def send(message):
         sent.append(message)
 
-    await app({"type": "http", "method": method, "path": path, "headers": [(b"content-type", b"application/json")]}, receive, send)
+    raw_headers = [(b"content-type", b"application/json")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await app({"type": "http", "method": method, "path": path, "headers": raw_headers}, receive, send)
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_api_keys_from_the_environment(tiny_dir, monkeypatch):
+    from llmfn.serve.app import create_app
+    from llmfn.serve.config import ModelConfig, ServerConfig
+
+    monkeypatch.setenv("LLMFN_API_KEYS", "env-key-1, env-key-2")
+    app = create_app(ServerConfig(models=[ModelConfig(name="tiny", path=str(tiny_dir))], api_keys=["file-key"]))
+
+    async def scenario():
+        assert (await asgi_call(app, "GET", "/v1/models"))[0] == 401
+        assert (await asgi_call(app, "GET", "/v1/models", headers={"Authorization": "Bearer nope"}))[0] == 401
+        for key in ("file-key", "env-key-1", "env-key-2"):
+            status, _ = await asgi_call(app, "GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert status in (200, 503), key  # past auth: listed, or still loading
+        assert (await asgi_call(app, "GET", "/health"))[0] in (200, 503)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        app.app.pool.wait(60)
+        app.app.pool.shutdown()
 
 
 def test_engine_error_mid_stream(tiny_dir, monkeypatch):

@@ -43,7 +43,7 @@ from llmfn.serve.http import (
     read_body,
     sse,
     until_disconnect,
-)  # fmt: skip
+)
 from llmfn.serve.metrics import Gauge, Metrics
 from llmfn.serve.models import ModelPool, Served
 from llmfn.serve.openapi import DOCS_HTML, openapi
