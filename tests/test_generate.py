@@ -118,3 +118,11 @@ def test_stop_strings_hold_back_partial_matches():
     assert s.stopped and s.flush() == ""
     s = StopStrings(["END"])
     assert s.push("hello E") == "hello " and s.flush() == "E"
+
+
+def test_raw_prompts_get_bos_only_when_the_tokenizer_adds_one(model):
+    tok = model.tokenizer
+    assert tok.encode_prompt("Hello world") == tok.encode("Hello world")  # ChatML tokenizer: no BOS
+    tok_with_bos = type(tok).__new__(type(tok))
+    tok_with_bos.__dict__.update(tok.__dict__, add_bos=True, bos_id=0)
+    assert tok_with_bos.encode_prompt("Hello world") == [0, *tok.encode("Hello world")]

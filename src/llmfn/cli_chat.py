@@ -100,7 +100,7 @@ def answer_once(model: Model, prompt: str, sampling: dict, max_tokens: int | Non
 
     require_causal(model)
     if raw:
-        ids = model.tokenizer.encode(prompt)
+        ids = model.tokenizer.encode_prompt(prompt)
     else:
         require_template(model, "llmfn run --raw")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

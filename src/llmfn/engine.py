@@ -382,7 +382,7 @@ class Engine:
             return item
         if max_tokens is None:
             raise RequestError("generate_many needs max_tokens for plain prompts", param="max_tokens")
-        ids = self.model.tokenizer.encode(item) if isinstance(item, str) else list(item)
+        ids = self.model.tokenizer.encode_prompt(item) if isinstance(item, str) else list(item)
         return GenerationRequest(ids, max_tokens, sampling, tuple(stop))
 
     def _prepare(self, request: GenerationRequest) -> _Seq:

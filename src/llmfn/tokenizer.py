@@ -158,6 +158,12 @@ class Tokenizer:
             ids += enc.ids
         return ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw-text prompt (completions, `llmfn run --raw`): plain text, with the BOS id in front
+        when the tokenizer adds one (Llama 2 style), as HF's default add_special_tokens does."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` over many texts, in parallel inside `tokenizers`."""
         texts = list(texts)

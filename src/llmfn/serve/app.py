@@ -461,7 +461,7 @@ class App:
             ids = _request_error(lambda: apply_chat_template(model.tokenizer, model.chat_template, messages,
                                                              add_generation_prompt=body.add_generation_prompt))  # fmt: skip
         else:
-            ids = model.tokenizer.encode(body.prompt)
+            ids = model.tokenizer.encode_prompt(body.prompt)
         return Response.json(s.TokenizeResponse(len(ids), served.context_length, ids))
 
     async def detokenize(self, req: Request):
@@ -716,7 +716,7 @@ def _prompts(served: Served, prompt) -> list[list[int]]:
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
-            ids = served.model.tokenizer.encode(item)
+            ids = served.model.tokenizer.encode_prompt(item)
         else:
             ids = list(item)
             if any(not 0 <= t < vocab for t in ids):
