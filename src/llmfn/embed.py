@@ -54,11 +54,14 @@ Input = str | Sequence[int] | Sequence[str | Sequence[int]]
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _read_json(file: Path) -> dict:
+def _read_json(file: Path, kind: type = dict):
+    """A JSON file's content, which must be a `kind` (dict or list)."""
     try:
         raw = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
+    if not isinstance(raw, kind):
+        raise CheckpointError(f"{file}: expected a JSON {'object' if kind is dict else 'list'}")
     return raw
 
 
@@ -82,9 +85,7 @@ def _modules(root: Path) -> tuple[Path, Path | None, bool]:
     file = root / "modules.json"
     if not file.is_file():
         return root, None, False
-    mods = _read_json(file)
-    if not isinstance(mods, list):
-        raise CheckpointError(f"{file}: not a list of modules")
+    mods = _read_json(file, list)
     transformer, pooling, normalize = None, None, False
     for m in mods:
         if not isinstance(m, dict):
