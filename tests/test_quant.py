@@ -224,10 +224,10 @@ def assert_matches_dequantized(model, tol=1e-4):
     caches = [llama.init_cache(cfg, 1, 24) for _ in range(2)]
     with torch.inference_mode():
         outs = [llama.forward(m.params, cfg, tokens[:1, :6], torch.arange(6)[None], c)[0]
-                for m, c in zip((model, dense), caches)]
+                for m, c in zip((model, dense), caches, strict=True)]
         for step in range(6, 12):
             tok, pos = tokens[:1, step:step + 1], torch.tensor([[step]])
-            outs = [llama.forward(m.params, cfg, tok, pos, c)[0] for m, c in zip((model, dense), caches)]
+            outs = [llama.forward(m.params, cfg, tok, pos, c)[0] for m, c in zip((model, dense), caches, strict=True)]
             torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=tol)
     prompt = [5, 17, 100, 33]
     assert list(llmfn.generate(model, prompt, max_tokens=12, stop_token_ids=[])) == \
@@ -340,3 +340,11 @@ def test_smollm2_runs_in_four_bits(monkeypatch):
     got = list(llmfn.generate(model, ids, max_tokens=8, stop_token_ids=[]))
     assert got == list(llmfn.generate(dense, ids, max_tokens=8, stop_token_ids=[]))
     assert "Paris" in model.tokenizer.decode(got)
+
+
+def test_groups_the_kernels_do_not_take_use_the_torch_path():
+    w = quant.Int4Weight.quantize(torch.randn(24, 48), 16)
+    x = torch.randn(2, 48)
+    torch.testing.assert_close(w.linear(x), x @ w.dequantize().t(), rtol=1e-5, atol=1e-5)
+    w8 = quant.Int8Weight.quantize(torch.randn(24, 12))  # k = 12: not a multiple of 8
+    torch.testing.assert_close(w8.linear(x[:, :12]), x[:, :12] @ w8.dequantize().t(), rtol=1e-5, atol=1e-5)

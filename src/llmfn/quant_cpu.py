@@ -60,6 +60,28 @@ static void prep4(const float* x, float* xp, float* xs, int64_t m, int64_t k, in
 }
 
 #ifdef __AVX2__
+/* 16 packed bytes -> 32 floats: w[0] = low nibbles of bytes 0..7, w[1] of bytes 8..15, w[2], w[3]
+   the high nibbles. One broadcast load and two byte shuffles place each byte in its own 32-bit
+   lane; a mask and a shift take the nibbles (fewer shuffles than zero-extending each half). */
+static inline void unpack32(const uint8_t* qb, __m256* w) {
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)qb));
+    const __m256i s0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                        4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i s1 = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,
+                                        12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
+    const __m256i m = _mm256_set1_epi32(0x0F);
+    __m256i v0 = _mm256_shuffle_epi8(b, s0), v1 = _mm256_shuffle_epi8(b, s1);
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, m));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, m));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+}
+
+/* 8 int8 -> 8 floats (the sign extension reads straight from memory). */
+static inline __m256 load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
 static inline float hsum(__m256 t) {
     __m128 v = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
@@ -67,75 +89,147 @@ static inline float hsum(__m256 t) {
     return _mm_cvtss_f32(v);
 }
 
-/* One weight row j against R activation rows (R fixed at compile time keeps accumulators in registers). */
-#define INT4_ROWS(NAME, R)                                                                              \
+/* One weight row against R activation rows (R fixed at compile time keeps accumulators in
+   registers). NA independent accumulators per row hide the FMA latency: with one, every FMA
+   waited on the previous one and the kernel ran at a third of its throughput. */
+#define INT4_ROWS(NAME, R, NA)                                                                          \
 static inline void NAME(const float* xp, const float* xs, const uint8_t* qr, const float* sr,          \
                         const float* orow, float* y, int64_t n, int64_t k, int64_t g, int64_t G) {     \
     __m256 tot[R];                                                                                      \
     for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();                                          \
-    const __m128i mask = _mm_set1_epi8(0x0F);                                                          \
     for (int64_t gi = 0; gi < G; gi++) {                                                               \
-        __m256 acc[R];                                                                                  \
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                      \
+        __m256 acc[R][NA];                                                                              \
+        for (int r = 0; r < R; r++) for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();      \
         for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {                                          \
-            __m128i b = _mm_loadu_si128((const __m128i*)(qr + c / 2));                                 \
-            __m128i lo = _mm_and_si128(b, mask);                                                       \
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);                                    \
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));                                  \
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));               \
-            __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));                                  \
-            __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));               \
-            for (int r = 0; r < R; r++) {                                                               \
-                const float* p = xp + r * k + c;                                                        \
-                acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), acc[r]);                              \
-                acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p + 8), acc[r]);                          \
-                acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p + 16), acc[r]);                         \
-                acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p + 24), acc[r]);                         \
-            }                                                                                           \
+            __m256 w[4];                                                                                \
+            unpack32(qr + c / 2, w);                                                                    \
+            for (int r = 0; r < R; r++)                                                                 \
+                for (int v = 0; v < 4; v++)                                                             \
+                    acc[r][v % NA] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xp + r * k + c + 8 * v), acc[r][v % NA]); \
         }                                                                                               \
         __m256 sv = _mm256_set1_ps(sr[gi]);                                                            \
-        for (int r = 0; r < R; r++) tot[r] = _mm256_fmadd_ps(sv, acc[r], tot[r]);                      \
+        for (int r = 0; r < R; r++) {                                                                   \
+            __m256 a = acc[r][0];                                                                       \
+            for (int i = 1; i < NA; i++) a = _mm256_add_ps(a, acc[r][i]);                               \
+            tot[r] = _mm256_fmadd_ps(sv, a, tot[r]);                                                   \
+        }                                                                                               \
     }                                                                                                   \
-    for (int r = 0; r < R; r++) {                                                                       \
-        float a = hsum(tot[r]);                                                                         \
+    for (int r = 0; r < R; r++) { /* + sum_g offsets[g] * xs[g], eight groups at a time */             \
         const float* xsr = xs + r * G;                                                                  \
-        for (int64_t gi = 0; gi < G; gi++) a += orow[gi] * xsr[gi];                                    \
+        int64_t gi = 0;                                                                                 \
+        for (; gi + 8 <= G; gi += 8)                                                                    \
+            tot[r] = _mm256_fmadd_ps(_mm256_loadu_ps(orow + gi), _mm256_loadu_ps(xsr + gi), tot[r]);   \
+        float a = hsum(tot[r]);                                                                         \
+        for (; gi < G; gi++) a += orow[gi] * xsr[gi];                                                  \
         y[r * n] = a;                                                                                   \
     }                                                                                                   \
 }
 
-#define INT8_ROWS(NAME, R)                                                                              \
+/* Groups of 32 (GGUF Q4, llmfn's default): one 16-byte load per group, straight-line code, two
+   running totals (even and odd groups) so consecutive groups do not wait on each other. */
+#define INT4_G32(NAME, R)                                                                               \
+static inline __m256 NAME##_group(const uint8_t* qb, const float* xp, int64_t k, int r_count, __m256* d) { \
+    __m256 w[4];                                                                                        \
+    unpack32(qb, w);                                                                                    \
+    __m256 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];                                                  \
+    for (int r = 0; r < R; r++) {                                                                       \
+        const float* p = xp + r * k;                                                                    \
+        __m256 a0 = _mm256_mul_ps(w0, _mm256_loadu_ps(p));                                             \
+        __m256 a1 = _mm256_mul_ps(w1, _mm256_loadu_ps(p + 8));                                         \
+        a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p + 16), a0);                                         \
+        a1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p + 24), a1);                                         \
+        d[r] = _mm256_add_ps(a0, a1);                                                                   \
+    }                                                                                                   \
+    return w0;                                                                                          \
+}                                                                                                       \
+static inline void NAME(const float* xp, const float* xs, const uint8_t* qr, const float* sr,          \
+                        const float* orow, float* y, int64_t n, int64_t k, int64_t G) {                \
+    __m256 te[R], to[R], d[R];                                                                          \
+    for (int r = 0; r < R; r++) te[r] = to[r] = _mm256_setzero_ps();                                   \
+    int64_t gi = 0;                                                                                     \
+    for (; gi + 2 <= G; gi += 2) {                                                                      \
+        NAME##_group(qr + gi * 16, xp + gi * 32, k, R, d);                                             \
+        __m256 se = _mm256_set1_ps(sr[gi]);                                                             \
+        for (int r = 0; r < R; r++) te[r] = _mm256_fmadd_ps(se, d[r], te[r]);                          \
+        NAME##_group(qr + gi * 16 + 16, xp + gi * 32 + 32, k, R, d);                                   \
+        __m256 so = _mm256_set1_ps(sr[gi + 1]);                                                         \
+        for (int r = 0; r < R; r++) to[r] = _mm256_fmadd_ps(so, d[r], to[r]);                          \
+    }                                                                                                   \
+    if (gi < G) {                                                                                       \
+        NAME##_group(qr + gi * 16, xp + gi * 32, k, R, d);                                             \
+        __m256 se = _mm256_set1_ps(sr[gi]);                                                             \
+        for (int r = 0; r < R; r++) te[r] = _mm256_fmadd_ps(se, d[r], te[r]);                          \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++) {                                                                       \
+        __m256 t = _mm256_add_ps(te[r], to[r]);                                                         \
+        const float* xsr = xs + r * G;                                                                  \
+        int64_t j = 0;                                                                                  \
+        for (; j + 8 <= G; j += 8)                                                                      \
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(orow + j), _mm256_loadu_ps(xsr + j), t);               \
+        float a = hsum(t);                                                                              \
+        for (; j < G; j++) a += orow[j] * xsr[j];                                                       \
+        y[r * n] = a;                                                                                   \
+    }                                                                                                   \
+}
+
+#define INT8_ROWS(NAME, R, NA)                                                                          \
 static inline void NAME(const float* x, const int8_t* qr, const float* sr, float* y,                   \
                         int64_t n, int64_t k, int64_t g, int64_t G) {                                   \
     __m256 tot[R];                                                                                      \
     for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();                                          \
     for (int64_t gi = 0; gi < G; gi++) {                                                               \
-        __m256 acc[R];                                                                                  \
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                      \
-        int64_t c = gi * g;                                                                             \
-        for (; c + 16 <= (gi + 1) * g; c += 16) {                                                      \
-            __m128i b = _mm_loadu_si128((const __m128i*)(qr + c));                                     \
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));                                   \
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));                \
-            for (int r = 0; r < R; r++) {                                                               \
-                const float* p = x + r * k + c;                                                         \
-                acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), acc[r]);                              \
-                acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p + 8), acc[r]);                          \
-            }                                                                                           \
-        }                                                                                               \
-        for (; c < (gi + 1) * g; c += 8) {                                                             \
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qr + c)))); \
+        __m256 acc[R][NA];                                                                              \
+        for (int r = 0; r < R; r++) for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();      \
+        int64_t c = gi * g, end = (gi + 1) * g;                                                        \
+        for (; c + 32 <= end; c += 32) {                                                               \
+            __m256 w[4];                                                                                \
+            for (int v = 0; v < 4; v++) w[v] = load8(qr + c + 8 * v);                                  \
             for (int r = 0; r < R; r++)                                                                 \
-                acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * k + c), acc[r]);                  \
+                for (int v = 0; v < 4; v++)                                                             \
+                    acc[r][v % NA] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + r * k + c + 8 * v), acc[r][v % NA]); \
+        }                                                                                               \
+        for (; c < end; c += 8) {                                                                       \
+            __m256 w0 = load8(qr + c);                                                                  \
+            for (int r = 0; r < R; r++)                                                                 \
+                acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * k + c), acc[r][0]);            \
         }                                                                                               \
         __m256 sv = _mm256_set1_ps(sr[gi]);                                                            \
-        for (int r = 0; r < R; r++) tot[r] = _mm256_fmadd_ps(sv, acc[r], tot[r]);                      \
+        for (int r = 0; r < R; r++) {                                                                   \
+            __m256 a = acc[r][0];                                                                       \
+            for (int i = 1; i < NA; i++) a = _mm256_add_ps(a, acc[r][i]);                               \
+            tot[r] = _mm256_fmadd_ps(sv, a, tot[r]);                                                   \
+        }                                                                                               \
     }                                                                                                   \
     for (int r = 0; r < R; r++) y[r * n] = hsum(tot[r]);                                               \
 }
 
-INT4_ROWS(int4_r1, 1) INT4_ROWS(int4_r2, 2) INT4_ROWS(int4_r3, 3) INT4_ROWS(int4_r4, 4)
-INT8_ROWS(int8_r1, 1) INT8_ROWS(int8_r2, 2) INT8_ROWS(int8_r3, 3) INT8_ROWS(int8_r4, 4)
+/* int8 groups of 32 (GGUF Q8_0): as INT4_G32, straight-line with even / odd running totals. */
+#define INT8_G32(NAME, R)                                                                               \
+static inline void NAME(const float* x, const int8_t* qr, const float* sr, float* y,                   \
+                        int64_t n, int64_t k, int64_t G) {                                              \
+    __m256 te[R], to[R];                                                                                \
+    for (int r = 0; r < R; r++) te[r] = to[r] = _mm256_setzero_ps();                                   \
+    for (int64_t gi = 0; gi < G; gi++) {                                                               \
+        const int8_t* qb = qr + gi * 32;                                                                \
+        __m256 w0 = load8(qb), w1 = load8(qb + 8), w2 = load8(qb + 16), w3 = load8(qb + 24);           \
+        __m256 sv = _mm256_set1_ps(sr[gi]);                                                            \
+        for (int r = 0; r < R; r++) {                                                                   \
+            const float* p = x + r * k + gi * 32;                                                       \
+            __m256 a0 = _mm256_mul_ps(w0, _mm256_loadu_ps(p));                                         \
+            __m256 a1 = _mm256_mul_ps(w1, _mm256_loadu_ps(p + 8));                                     \
+            a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p + 16), a0);                                     \
+            a1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p + 24), a1);                                     \
+            if (gi & 1) to[r] = _mm256_fmadd_ps(sv, _mm256_add_ps(a0, a1), to[r]);                     \
+            else te[r] = _mm256_fmadd_ps(sv, _mm256_add_ps(a0, a1), te[r]);                            \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++) y[r * n] = hsum(_mm256_add_ps(te[r], to[r]));                          \
+}
+
+INT8_G32(int8_g32_r1, 1) INT8_G32(int8_g32_r2, 2) INT8_G32(int8_g32_r3, 3) INT8_G32(int8_g32_r4, 4)
+INT4_ROWS(int4_r1, 1, 4) INT4_ROWS(int4_r2, 2, 2) INT4_ROWS(int4_r3, 3, 2) INT4_ROWS(int4_r4, 4, 2)
+INT4_G32(int4_g32_r1, 1) INT4_G32(int4_g32_r2, 2) INT4_G32(int4_g32_r3, 3) INT4_G32(int4_g32_r4, 4)
+INT8_ROWS(int8_r1, 1, 4) INT8_ROWS(int8_r2, 2, 2) INT8_ROWS(int8_r3, 3, 2) INT8_ROWS(int8_r4, 4, 2)
 #else
 /* Portable versions (the compiler vectorizes what it can). */
 static void int4_rows(const float* xp, const float* xs, const uint8_t* qr, const float* sr, const float* orow,
@@ -183,7 +277,13 @@ void llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const f
             int64_t R = (m - i0) < 4 ? (m - i0) : 4;
             const float* xpi = xp + i0 * k; const float* xsi = xs + i0 * G; float* yi = y + i0 * n + j;
 #ifdef __AVX2__
-            if (R == 4) int4_r4(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+            if (g == 32) {
+                if (R == 4) int4_g32_r4(xpi, xsi, qr, sr, orow, yi, n, k, G);
+                else if (R == 3) int4_g32_r3(xpi, xsi, qr, sr, orow, yi, n, k, G);
+                else if (R == 2) int4_g32_r2(xpi, xsi, qr, sr, orow, yi, n, k, G);
+                else int4_g32_r1(xpi, xsi, qr, sr, orow, yi, n, k, G);
+            }
+            else if (R == 4) int4_r4(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
             else if (R == 3) int4_r3(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
             else if (R == 2) int4_r2(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
             else int4_r1(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
@@ -206,7 +306,13 @@ void llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y
             int64_t R = (m - i0) < 4 ? (m - i0) : 4;
             const float* xi = x + i0 * k; float* yi = y + i0 * n + j;
 #ifdef __AVX2__
-            if (R == 4) int8_r4(xi, qr, sr, yi, n, k, g, G);
+            if (g == 32) {
+                if (R == 4) int8_g32_r4(xi, qr, sr, yi, n, k, G);
+                else if (R == 3) int8_g32_r3(xi, qr, sr, yi, n, k, G);
+                else if (R == 2) int8_g32_r2(xi, qr, sr, yi, n, k, G);
+                else int8_g32_r1(xi, qr, sr, yi, n, k, G);
+            }
+            else if (R == 4) int8_r4(xi, qr, sr, yi, n, k, g, G);
             else if (R == 3) int8_r3(xi, qr, sr, yi, n, k, g, G);
             else if (R == 2) int8_r2(xi, qr, sr, yi, n, k, g, G);
             else int8_r1(xi, qr, sr, yi, n, k, g, G);
@@ -247,7 +353,11 @@ _tried = False
 def _library_path() -> Path:
     from llmfn.registry import home
 
-    key = hashlib.sha256((SOURCE + platform.machine() + platform.processor()).encode()).hexdigest()[:16]
+    try:  # -march=native code must not run on another CPU sharing LLMFN_HOME
+        cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        cpu = ""
+    key = hashlib.sha256((SOURCE + platform.machine() + cpu).encode()).hexdigest()[:16]
     return home() / "kernels" / f"llmfn_quant_{key}.so"
 
 
@@ -267,6 +377,8 @@ def _compile(target: Path) -> None:
 
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried
+    if _tried:
+        return _lib
     with _lock:
         if _tried:
             return _lib

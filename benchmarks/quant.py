@@ -1,0 +1,250 @@
+"""Weight-only int4 / int8 decode on CPU: SmolLM2-135M-Instruct in fp32, int8 and int4 beside
+llama.cpp on the original Q4_1 GGUF (when llama-cpp-python is installed), with resident memory.
+
+    python benchmarks/quant.py [--prompt-tokens 64] [--gen-tokens 128] [--threads N] [--eager]
+    python benchmarks/quant.py --kernels      # per-linear timings of the CPU kernel candidates
+
+Rows: fp32 is the GGUF dequantized (llmfn.load's default); int8 is quantize="int8" (per-channel
+RTN of every linear, embedding included); int4 is quantize="int4" (the GGUF's own Q4_1 layers and
+Q8_0 embedding kept quantized: the same bits llama.cpp runs). Each row runs in its own process, so
+RSS (after loading and generating; peak from getrusage) is that row's alone; warm-up (incl.
+torch.compile) is not counted in the tok/s. On a shared machine wall-clock tok/s depends on the
+load: "tok per CPU s" (one thread) is the figure to compare across runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# this folder holds scripts named like stdlib modules (tokenize.py): keep them off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+TEXT = (
+    "The history of computing is a story of ideas made practical: from mechanical calculators to "
+    "stored-program machines, from transistors to integrated circuits, each step made the next one "
+    "possible. Explain, in a few paragraphs, how these developments shaped modern software. "
+)
+ALIAS = "smollm2-135m-instruct"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Resident set now (after loading and generating), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def weight_mb(tree) -> float:
+    """Bytes held by the params pytree's tensors (a tied embedding counted once)."""
+    seen, total = set(), 0
+
+    def walk(t):
+        nonlocal total
+        if isinstance(t, dict):
+            for v in t.values():
+                walk(v)
+        elif isinstance(t, list):
+            for v in t:
+                walk(v)
+        elif isinstance(t, torch.Tensor):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        elif t is not None and hasattr(t, "__dataclass_fields__"):
+            for name in t.__dataclass_fields__:
+                walk(getattr(t, name))
+
+    walk(tree)
+    return total / 2**20
+
+
+def timed(tokens) -> tuple[float, float, float]:
+    """Drain a token iterator: (prefill wall s, decode tok/s wall, decode tok/s per CPU second)."""
+    t0 = time.perf_counter()
+    n = 0
+    for _ in tokens:
+        n += 1
+        if n == 1:
+            t1, c1 = time.perf_counter(), time.process_time()
+    t2, c2 = time.perf_counter(), time.process_time()
+    return t1 - t0, (n - 1) / (t2 - t1), (n - 1) / (c2 - c1)
+
+
+def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool) -> dict:
+    import llmfn
+
+    t0 = time.perf_counter()
+    quantize = None if variant == "fp32" else variant
+    model = llmfn.load(ALIAS, quantize=quantize, compile=compile)
+    load_s = time.perf_counter() - t0
+    ids = model.tokenizer.encode(TEXT * (n_prompt // 20 + 1))[:n_prompt]
+    run = lambda ids, n: timed(llmfn.generate(model, ids, max_tokens=n, stop_token_ids=[]))
+    t0 = time.perf_counter()
+    run(ids[:8], 4)  # warm-up, compile included
+    warm = time.perf_counter() - t0
+    prefill_s, tok_s, cpu_tok_s = max((run(ids, gen) for _ in range(2)), key=lambda r: r[1])
+    return {"name": f"llmfn {variant}" + (" compiled" if compile else " eager"), "decode_tok_s": tok_s,
+            "cpu_tok_s": cpu_tok_s, "prefill_tok_s": len(ids) / prefill_s, "load_s": load_s, "warm_s": warm,
+            "weights_mb": weight_mb(model.params), "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+
+
+def run_llama_cpp(n_prompt: int, gen: int, threads: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from llmfn.registry import ALIASES, package_path
+
+    path = package_path(ALIASES[ALIAS])
+    t0 = time.perf_counter()
+    llm = Llama(str(path), n_ctx=n_prompt + gen + 16, n_threads=threads, verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = llm.tokenize(TEXT.encode() * (n_prompt // 20 + 1), add_bos=False)[:n_prompt]
+
+    def tokens(n_gen):
+        llm.reset()
+        llm.eval(ids)
+        token = llm.sample(temp=0.0)
+        yield token
+        for _ in range(n_gen - 1):
+            llm.eval([token])
+            token = llm.sample(temp=0.0)
+            yield token
+
+    t0 = time.perf_counter()
+    timed(tokens(4))
+    warm = time.perf_counter() - t0
+    prefill_s, tok_s, cpu_tok_s = max((timed(tokens(gen)) for _ in range(2)), key=lambda r: r[1])
+    return {"name": "llama.cpp Q4_1", "decode_tok_s": tok_s, "cpu_tok_s": cpu_tok_s, "prefill_tok_s": len(ids) / prefill_s,
+            "load_s": load_s, "warm_s": warm, "weights_mb": path.stat().st_size / 2**20, "rss_mb": rss_mb(),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    if args.one == "llama.cpp":
+        row = run_llama_cpp(args.prompt_tokens, args.gen_tokens, args.threads)
+    else:
+        row = run_llmfn(args.one, args.prompt_tokens, args.gen_tokens, not args.eager)
+    print("ROW " + json.dumps(row))
+
+
+def kernels(threads: int) -> None:
+    """Per-call timings for SmolLM2's linear shapes at decode (m = 1), weights cycled so they come
+    from memory as in a real forward, CPU time of one thread (robust on a shared machine)."""
+    import torch.nn.functional as F
+
+    from llmfn import quant, quant_cpu
+
+    torch.set_num_threads(1)
+    shapes = {"wqkv": (960, 576), "w_gate_up": (3072, 576), "w_down": (576, 1536), "lm_head": (49152, 576)}
+
+    def bench(fn, copies, n=30):
+        for i in range(3):
+            fn(i % copies)
+        t = time.process_time()
+        for i in range(n):
+            fn(i % copies)
+        return (time.process_time() - t) / n * 1e6
+
+    print("| weight [n, k] | fp32 F.linear | int4 C kernel | int8 C kernel | torch int4pack (fp32 x) | "
+          "torch int4pack (bf16 x) | torch int8pack | dequant + F.linear | torch.compile(dequant + F.linear) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (n, k) in shapes.items():
+        row = kernel_row(n, k, bench, quant, quant_cpu, F)
+        print(f"| {name} [{n}, {k}] | " + " | ".join(f"{v:.0f} us" for v in row) + " |")
+
+
+def kernel_row(n, k, bench, quant, quant_cpu, F) -> list[float]:
+    copies = 2 if n > 40000 else 20
+    ws = [torch.randn(n, k) for _ in range(copies)]
+    w4 = [quant.Int4Weight.quantize(w, 32) for w in ws]
+    w8 = [quant.Int8Weight.quantize(w) for w in ws]
+    x = torch.randn(1, k)
+    packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(quant.unpack_int4(w.qweight).int(), 2) for w in w4]
+    sz = torch.randn(k // 32, n, 2)
+    fast = quant_cpu.available()
+    fused = torch.compile(lambda x, qw, s, o: F.linear(x, quant._dequantize_int4(qw, s, o, 32)), dynamic=False)
+    return [
+        bench(lambda i: F.linear(x, ws[i]), copies),
+        bench(lambda i: w4[i].linear(x), copies) if fast else float("nan"),
+        bench(lambda i: w8[i].linear(x), copies) if fast else float("nan"),
+        bench(lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packs[i], 32, sz), copies, 3),
+        bench(lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packs[i], 32, sz.bfloat16()), copies),
+        bench(lambda i: torch._weight_int8pack_mm(x, w8[i].qweight, w8[i].scales[:, 0]), copies, 5),
+        bench(lambda i: F.linear(x, quant._dequantize_int4(w4[i].qweight, w4[i].scales, w4[i].offsets, 32)), copies, 5),
+        bench(lambda i: fused(x, w4[i].qweight, w4[i].scales, w4[i].offsets), copies, 5),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--eager", action="store_true", help="no torch.compile for the llmfn rows")
+    parser.add_argument("--variants", default="fp32,int8,int4,llama.cpp")
+    parser.add_argument("--kernels", action="store_true", help="time the CPU kernel candidates per linear")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return child(args)
+    if args.kernels:
+        return kernels(args.threads)
+
+    rows = []
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--one", variant, "--prompt-tokens", str(args.prompt_tokens),
+               "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads)] + (["--eager"] if args.eager else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if out.returncode != 0 or line is None:
+            print(f"{variant}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        row = json.loads(line[4:])
+        if row is None:
+            print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python, or make bench-setup); "
+                  "no llama.cpp row")
+            continue
+        rows.append(row)
+
+    print(f"\n# SmolLM2-135M-Instruct decode on CPU, {datetime.date.today()}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
+    print(f"# prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated, greedy, best of 2\n")
+    print("| runtime | decode tok/s | decode tok per CPU s | prefill tok/s | weights MiB | RSS MiB | peak RSS MiB "
+          "| load s | warm-up s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['decode_tok_s']:.1f} | {r['cpu_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | "
+              f"{r['weights_mb']:.0f} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | {r['warm_s']:.1f} |")
+    print("\n(decode tok per CPU s: generated tokens over the process's CPU time; with one thread it is the "
+          "speed on an idle core, whatever else the machine runs)")
+    by = {r["name"].split()[1] if r["name"].startswith("llmfn") else "llama.cpp": r for r in rows}
+    if "int4" in by and "llama.cpp" in by:
+        print(f"\nllmfn int4 / llama.cpp Q4_1 decode: {by['int4']['decode_tok_s'] / by['llama.cpp']['decode_tok_s']:.2f}x")
+    if "int4" in by and "fp32" in by:
+        print(f"llmfn int4 / llmfn fp32 decode: {by['int4']['decode_tok_s'] / by['fp32']['decode_tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
