@@ -174,8 +174,29 @@ def load_causal_lm(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> 
     return finish_causal_lm(folder, raw, cfg, params)
 
 
+def column_major(tree, memo: dict | None = None):
+    """Store every 2-D float weight of a params pytree column-major (shape unchanged, [out, in]).
+
+    F.linear(x, w) then multiplies x by a contiguous [in, out] matrix, which MKL streams ~1.5x
+    faster than the row-major layout when x has one row (decode is bandwidth-bound: measured
+    10.2 -> 14.9 GB/s over SmolLM2's layer shapes, and prefill is no slower). The embedding
+    lookup reads one strided row per token, which costs nothing next to the matmuls. Tensors
+    shared by reference (a tied lm_head) stay shared."""
+    memo = {} if memo is None else memo
+    if isinstance(tree, dict):
+        return {k: column_major(v, memo) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [column_major(v, memo) for v in tree]
+    if isinstance(tree, torch.Tensor) and tree.dim() == 2 and tree.is_floating_point() and tree.device.type == "cpu":
+        if id(tree) not in memo:
+            memo[id(tree)] = tree.t().contiguous().t()
+        return memo[id(tree)]
+    return tree
+
+
 def finish_causal_lm(folder: Path, raw: dict, cfg, params) -> Model:
     """Attach tokenizer, template and generation defaults; shared by every causal-LM loader."""
+    params = column_major(params)
     tokenizer = load_tokenizer(folder)
     tok_cfg_file = folder / "tokenizer_config.json"
     tok_cfg = read_json(tok_cfg_file) if tok_cfg_file.exists() else {}
