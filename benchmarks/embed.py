@@ -15,20 +15,14 @@ import datetime
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path, where a sibling benchmark (tokenize.py) would
-# shadow the standard library module of that name: take it out, put the source tree in.
-_here = Path(__file__).resolve().parent
-sys.path[:] = [str(_here.parent / "src")] + [p for p in sys.path if Path(p or ".").resolve() != _here]
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from llmfn.embed import embed, load_embedding_model, tokenize  # noqa: E402
-from llmfn.registry import ALIASES, package_path  # noqa: E402
+from llmfn.embed import embed, load_embedding_model, tokenize
+from llmfn.registry import ALIASES, package_path
 
 SHORT = [
     "The cat sits on the mat.",

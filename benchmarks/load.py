@@ -14,27 +14,23 @@ Not part of the test suite.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# this folder holds scripts named like stdlib modules (tokenize.py): keep them off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import httpx
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import httpx  # noqa: E402
-
-from llmfn.serve.config import models_from_paths  # noqa: E402
+from llmfn.serve.config import models_from_paths
 
 QUESTIONS = [
     "Explain in a few sentences why the sky is blue.",

@@ -125,3 +125,23 @@ def test_bfloat16_load(good):
     out = llmfn.logits(model, torch.tensor([[1, 2, 3]]))
     ref = llmfn.logits(llmfn.load(good), torch.tensor([[1, 2, 3]]))
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1
+
+
+def test_sentence_transformers_folder_with_a_transformer_subfolder(tmp_path):
+    from llmfn.registry import ALIASES, package_path
+
+    minilm = package_path(ALIASES["all-minilm-l6-v2"])
+    root = tmp_path / "st"
+    shutil.copytree(minilm / "1_Pooling", root / "1_Pooling")
+    (root / "0_Transformer").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json", "sentence_bert_config.json"):
+        shutil.copy(minilm / name, root / "0_Transformer" / name)
+    modules = json.loads((minilm / "modules.json").read_text())
+    for m in modules:
+        if m["type"].endswith("Transformer"):
+            m["path"] = "0_Transformer"
+    (root / "modules.json").write_text(json.dumps(modules))
+    nested, flat = llmfn.load(root), llmfn.load(minilm)
+    texts = ["a sentence about cats", "another one"]
+    assert torch.allclose(llmfn.embed(nested, texts), llmfn.embed(flat, texts), atol=1e-6)

@@ -14,7 +14,7 @@ import os
 # It only takes effect when llmfn is imported before torch, as the CLI and the server do.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from llmfn.embed import embed, embed_with_usage
+from llmfn.embed import embed, embed_with_usage, load_embedding_model
 from llmfn.engine import Engine, GenerationEvent, GenerationRequest, GenerationResult, QueueFullError, TokenLogprob
 from llmfn.errors import CheckpointError, LlmfnError, RequestError, TokenizerError, UnsupportedModelError
 from llmfn.generate import chat, generate, logits
@@ -28,5 +28,5 @@ __all__ = [
     "CheckpointError", "Engine", "GenerationDefaults", "GenerationEvent", "GenerationRequest", "GenerationResult",
     "LlmfnError", "Model", "QueueFullError", "RequestError", "SamplingParams", "TokenLogprob", "Tokenizer",
     "TokenizerError", "UnsupportedModelError", "chat", "embed", "embed_with_usage", "forward", "generate",
-    "init_cache", "load", "load_tokenizer", "logits", "sample",
+    "init_cache", "load", "load_embedding_model", "load_tokenizer", "logits", "sample",
 ]

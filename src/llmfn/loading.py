@@ -57,6 +57,10 @@ def load(
 
 def _load(path: str | Path, dtype: torch.dtype | None, device: str) -> Model:
     folder = resolve(path)
+    if (folder / "modules.json").exists() and not (folder / "config.json").exists():
+        from llmfn.embed import load_embedding_model  # sentence-transformers layout with 0_Transformer/
+
+        return load_embedding_model(folder, dtype=dtype, device=device)
     raw = read_json(folder / "config.json")
     model_type = raw.get("model_type")
     if model_type in LLAMA_FAMILY:
