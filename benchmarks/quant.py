@@ -1,37 +1,35 @@
 """Weight-only int4 / int8 decode on CPU: SmolLM2-135M-Instruct in fp32, int8 and int4 beside
 llama.cpp on the original Q4_1 GGUF (when llama-cpp-python is installed), with resident memory.
 
-    python benchmarks/quant.py [--prompt-tokens 64] [--gen-tokens 128] [--threads N] [--eager]
+    python benchmarks/quant.py [--prompt-tokens 64] [--gen-tokens 128] [--threads N] [--compile]
     python benchmarks/quant.py --kernels      # per-linear timings of the CPU kernel candidates
 
 Rows: fp32 is the GGUF dequantized (llmfn.load's default); int8 is quantize="int8" (per-channel
 RTN of every linear, embedding included); int4 is quantize="int4" (the GGUF's own Q4_1 layers and
 Q8_0 embedding kept quantized: the same bits llama.cpp runs). Each row runs in its own process, so
 RSS (after loading and generating; peak from getrusage) is that row's alone; warm-up (incl.
-torch.compile) is not counted in the tok/s. On a shared machine wall-clock tok/s depends on the
-load: "tok per CPU s" (one thread) is the figure to compare across runs.
+torch.compile with --compile; llmfn's CPU default is eager) is not counted in the tok/s. On a
+shared machine wall-clock tok/s depends on the load: "tok per CPU s" (one thread) is the figure
+to compare across runs.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-# this folder holds scripts named like stdlib modules (tokenize.py): keep them off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import llmfn  # noqa: E402, I001  (before torch: llmfn sets its OpenMP defaults)
+import torch  # noqa: E402
 
 TEXT = (
     "The history of computing is a story of ideas made practical: from mechanical calculators to "
@@ -89,12 +87,14 @@ def timed(tokens) -> tuple[float, float, float]:
     return t1 - t0, (n - 1) / (t2 - t1), (n - 1) / (c2 - c1)
 
 
-def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool) -> dict:
-    import llmfn
+def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None) -> dict:
 
     t0 = time.perf_counter()
     quantize = None if variant == "fp32" else variant
     model = llmfn.load(ALIAS, quantize=quantize, compile=compile)
+    from llmfn.compile import should_compile
+
+    compiled = should_compile(model)
     load_s = time.perf_counter() - t0
     ids = model.tokenizer.encode(TEXT * (n_prompt // 20 + 1))[:n_prompt]
     run = lambda ids, n: timed(llmfn.generate(model, ids, max_tokens=n, stop_token_ids=[]))
@@ -102,7 +102,7 @@ def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool) -> dict:
     run(ids[:8], 4)  # warm-up, compile included
     warm = time.perf_counter() - t0
     prefill_s, tok_s, cpu_tok_s = max((run(ids, gen) for _ in range(2)), key=lambda r: r[1])
-    return {"name": f"llmfn {variant}" + (" compiled" if compile else " eager"), "decode_tok_s": tok_s,
+    return {"name": f"llmfn {variant}" + (" compiled" if compiled else " eager"), "decode_tok_s": tok_s,
             "cpu_tok_s": cpu_tok_s, "prefill_tok_s": len(ids) / prefill_s, "load_s": load_s, "warm_s": warm,
             "weights_mb": weight_mb(model.params), "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
 
@@ -144,7 +144,7 @@ def child(args) -> None:
     if args.one == "llama.cpp":
         row = run_llama_cpp(args.prompt_tokens, args.gen_tokens, args.threads)
     else:
-        row = run_llmfn(args.one, args.prompt_tokens, args.gen_tokens, not args.eager)
+        row = run_llmfn(args.one, args.prompt_tokens, args.gen_tokens, True if args.compile else None)
     print("ROW " + json.dumps(row))
 
 
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--eager", action="store_true", help="no torch.compile for the llmfn rows")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the llmfn rows (default: llmfn's choice)")
     parser.add_argument("--variants", default="fp32,int8,int4,llama.cpp")
     parser.add_argument("--kernels", action="store_true", help="time the CPU kernel candidates per linear")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -214,7 +214,7 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--one", variant, "--prompt-tokens", str(args.prompt_tokens),
-               "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads)] + (["--eager"] if args.eager else [])
+               "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
         if out.returncode != 0 or line is None:
@@ -229,7 +229,8 @@ def main() -> None:
 
     print(f"\n# SmolLM2-135M-Instruct decode on CPU, {datetime.date.today()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
+          f"threads {args.threads}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"# prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated, greedy, best of 2\n")
     print("| runtime | decode tok/s | decode tok per CPU s | prefill tok/s | weights MiB | RSS MiB | peak RSS MiB "
           "| load s | warm-up s |")
