@@ -158,6 +158,17 @@ def test_gptq_to_awq_keeps_dequantized_weights(tiny, tmp_path, g, fmt):
         assert torch.equal(got[name], w), name
 
 
+def test_gptq_to_awq_keeps_biases(tmp_path):
+    """Qwen2 has q/k/v biases next to its quantized linears: they are copied, not dropped."""
+    make_checkpoint(tmp_path / "float", "qwen2")
+    expected = gptq_checkpoint(tmp_path / "gptq", tmp_path / "float", 32)
+    convert_gptq_to_awq(tmp_path / "gptq", tmp_path / "awq")
+    model = llmfn.load(tmp_path / "awq")
+    assert "bqkv" in model.params["layers"][0]
+    got = leaves_by_name(model)
+    assert all(torch.equal(got[name], w) for name, w in expected.items())
+
+
 @pytest.mark.parametrize("change,message", [({"desc_act": True}, "desc_act"), ({"bits": 8}, "8 bits"),
                                             ({"bits": 3}, "3 bits")])
 def test_gptq_to_awq_rejects_what_awq_cannot_hold(tiny, tmp_path, change, message):

@@ -103,7 +103,8 @@ def convert_gptq_to_awq(in_dir: str | Path, out_dir: str | Path, progress: Progr
     in_features = {b: tensors[b + ".qweight"].shape[0] * 8 for b in bases}
     # Per-channel GPTQ (group_size -1) becomes groups of the gcd of all input dims, the scale repeated.
     g = qc["group_size"] if qc["group_size"] > 0 else math.gcd(*in_features.values())
-    out: dict[str, torch.Tensor] = {n: t for n, t in tensors.items() if not n.startswith(tuple(b + "." for b in bases))}
+    gptq_parts = {b + s for b in bases for s in (".qweight", ".qzeros", ".scales", ".g_idx")}
+    out: dict[str, torch.Tensor] = {n: t for n, t in tensors.items() if n not in gptq_parts}  # biases stay
     for i, base in enumerate(bases):
         try:
             qweight, qzeros, scales = (tensors[base + s] for s in (".qweight", ".qzeros", ".scales"))
