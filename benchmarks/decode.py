@@ -108,7 +108,7 @@ def llama_cpp_rows(ids, gen) -> list[tuple[str, PerfReport, float]]:
     for name, path in (("llama.cpp f32", f32), ("llama.cpp Q4_1", q4)):
         llm = Llama(str(path), n_ctx=len(ids) + gen + 8, n_threads=os.cpu_count(), verbose=False)
 
-        def run(n_gen):
+        def run(n_gen, llm=llm):
             llm.reset()
             t0 = time.perf_counter()
             llm.eval(ids)

@@ -1,9 +1,7 @@
 """Generation and chat over a tiny random model: seeds, streaming, stop strings, injection."""
 
-import json
 
 import pytest
-import torch
 
 import llmfn
 from llmfn.chat_template import apply_chat_template, render

@@ -15,7 +15,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llmfn.embed import embed, embed_with_usage, load_embedding_model
-from llmfn.engine import Engine, GenerationEvent, GenerationRequest, GenerationResult, QueueFullError, TokenLogprob
+from llmfn.engine import (
+    Engine,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    QueueFullError,
+    TokenLogprob,
+)
 from llmfn.errors import CheckpointError, LlmfnError, RequestError, TokenizerError, UnsupportedModelError
 from llmfn.generate import chat, generate, logits
 from llmfn.loading import load

@@ -153,7 +153,7 @@ def params_from_hf(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, source="m
     """Map HF LlamaForCausalLM-style tensor names onto the llmfn layout, checking every shape.
 
     Consumes `tensors`; anything left over that is not a known buffer is an error."""
-    D, F_, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    D, F_ = cfg.hidden_size, cfg.intermediate_size
     names = {k.removeprefix("model."): k for k in tensors}
     t = {k.removeprefix("model."): v for k, v in tensors.items()}
 
