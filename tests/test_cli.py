@@ -235,7 +235,8 @@ def test_convert_gguf_wiring_and_errors(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("llmfn: error: ") and "missing.gguf" in err and len(err.strip().splitlines()) == 1
     calls = []
-    monkeypatch.setattr(llmfn.gguf_import, "convert_gguf", lambda src, out, dtype: calls.append((src, out, dtype)) or out)
+    monkeypatch.setattr(llmfn.gguf_import, "convert_gguf",
+                        lambda src, out, dtype, progress: calls.append((src, out, dtype)) or out)
     assert cli.main(["convert", "gguf", "in.gguf", "out-dir", "--dtype", "bfloat16"]) == 0
     import torch
 
@@ -298,3 +299,24 @@ def test_chat_session_commands(model, capsys):
     assert session.handle("Hi") and len(session.history) == 2
     assert session.history[1]["content"] == capsys.readouterr().out[:-1]
     assert not session.handle("/exit") and not session.handle("/quit")
+
+
+def test_convert_gguf_writes_a_loadable_folder(tmp_path):
+    """`llmfn convert gguf` on the real SmolLM2 file gives a folder llmfn.load reads, with the same logits."""
+    import subprocess
+    import sys
+
+    import torch
+
+    import llmfn
+    from llmfn.registry import ALIASES, package_path
+
+    gguf_file = package_path(ALIASES["smollm2-135m-instruct"])
+    out = tmp_path / "smol"
+    done = subprocess.run([sys.executable, "-m", "llmfn.cli", "convert", "gguf", str(gguf_file), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).is_file()
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(llmfn.logits(llmfn.load(out), tokens), llmfn.logits(llmfn.load("smollm2-135m-instruct"), tokens))

@@ -168,19 +168,13 @@ def bench_prompt(model, n: int) -> list[int]:
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
-    import inspect
-
-    from llmfn.cli_progress import Progress, spinner
+    from llmfn.cli_progress import Progress
     from llmfn.gguf_import import convert_gguf
     from llmfn.loading import parse_dtype
 
     dtype = parse_dtype(args.dtype)
-    if "progress" in inspect.signature(convert_gguf).parameters:  # a bar per tensor where supported
-        with Progress(f"converting {Path(args.input).name}") as progress:
-            out = convert_gguf(args.input, args.output, dtype=dtype, progress=progress)
-    else:
-        with spinner(f"converting {args.input}"):
-            out = convert_gguf(args.input, args.output, dtype=dtype)
+    with Progress(f"converting {Path(args.input).name}") as progress:  # a bar per tensor
+        out = convert_gguf(args.input, args.output, dtype=dtype, progress=progress)
     print(f"wrote {out}")
     return 0
 

@@ -55,7 +55,7 @@ def config_from_gguf(reader, source: Path | str = "model.gguf") -> dict:
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModelError(f"{source}: GGUF architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)} are)")
     names = {t.name for t in reader.tensors}
-    if f"rope_freqs.weight" in names:
+    if "rope_freqs.weight" in names:
         raise UnsupportedModelError(f"{source}: GGUF rope_freqs (llama3 rope scaling) is not supported yet")
 
     def m(key, default=None):
@@ -90,12 +90,13 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantized_tensors(reader, config: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """All tensors of a GGUF under HF names, dequantized with the `gguf` package."""
+def dequantized_tensors(reader, config: dict, dtype: torch.dtype = torch.float32, progress=None) -> dict[str, torch.Tensor]:
+    """All tensors of a GGUF under HF names, dequantized with the `gguf` package.
+    progress(done, total, name), if given, is called after each tensor."""
     from gguf.quants import dequantize
 
     out = {}
-    for t in reader.tensors:
+    for done, t in enumerate(reader.tensors, 1):
         if t.name.startswith("blk."):
             _, layer, rest = t.name.split(".", 2)
             if rest not in _LAYER_NAMES:
@@ -105,12 +106,14 @@ def dequantized_tensors(reader, config: dict, dtype: torch.dtype = torch.float32
             name = _TOP_NAMES[t.name]
         else:
             raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # writable copy
         if config["model_type"] == "llama" and rest_is(t.name, "attn_q"):
             w = _unpermute(w, config["num_attention_heads"])
         elif config["model_type"] == "llama" and rest_is(t.name, "attn_k"):
             w = _unpermute(w, config["num_key_value_heads"])
         out[name] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        if progress is not None:
+            progress(done, len(reader.tensors), t.name)
     return out
 
 
@@ -118,14 +121,15 @@ def rest_is(name: str, kind: str) -> bool:
     return name.startswith("blk.") and name.split(".")[2] == kind
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a Hugging Face-style folder for gguf_path into out_dir and return out_dir."""
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32, progress=None) -> Path:
+    """Write a Hugging Face-style folder for gguf_path into out_dir and return out_dir.
+    progress(done, total, name), if given, reports each tensor as it is dequantized."""
     from llmfn.gguf_tokenizer import tokenizer_files_from_gguf
 
     reader = open_gguf(gguf_path)
     config = config_from_gguf(reader, gguf_path)
     tokenizer_files = tokenizer_files_from_gguf(reader)
-    tensors = dequantized_tensors(reader, config, dtype)
+    tensors = dequantized_tensors(reader, config, dtype, progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
