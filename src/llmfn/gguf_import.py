@@ -97,28 +97,33 @@ def dequantized_tensors(reader, config: dict, dtype: torch.dtype = torch.float32
 
     out = {}
     for done, t in enumerate(reader.tensors, 1):
-        if t.name.startswith("blk."):
-            _, layer, rest = t.name.split(".", 2)
-            if rest not in _LAYER_NAMES:
-                raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
-            name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-        elif t.name in _TOP_NAMES:
-            name = _TOP_NAMES[t.name]
-        else:
-            raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
+        name, heads = hf_name(t.name), permuted_heads(config, t.name)
         w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # writable copy
-        if config["model_type"] == "llama" and rest_is(t.name, "attn_q"):
-            w = _unpermute(w, config["num_attention_heads"])
-        elif config["model_type"] == "llama" and rest_is(t.name, "attn_k"):
-            w = _unpermute(w, config["num_key_value_heads"])
+        if heads is not None:
+            w = _unpermute(w, heads)
         out[name] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
         if progress is not None:
             progress(done, len(reader.tensors), t.name)
     return out
 
 
-def rest_is(name: str, kind: str) -> bool:
-    return name.startswith("blk.") and name.split(".")[2] == kind
+def hf_name(gguf_name: str) -> str:
+    """The Hugging Face name of a GGUF tensor ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
+    if gguf_name.startswith("blk."):
+        _, layer, rest = gguf_name.split(".", 2)
+        if rest in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+    elif gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
+
+
+def permuted_heads(config: dict, gguf_name: str) -> int | None:
+    """The head count whose rows llama.cpp permuted in this tensor (q and k of llama GGUFs), or None."""
+    if config["model_type"] != "llama" or not gguf_name.startswith("blk."):
+        return None
+    kind = gguf_name.split(".")[2]
+    return {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(kind)
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32, progress=None) -> Path:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from llmfn.config import LLAMA_FAMILY, llama_config_from_hf, read_json
 from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
 from llmfn.model import GenerationDefaults, Model
 from llmfn.models import llama
-from llmfn.registry import ALIASES, converted_path, package_path
+from llmfn.registry import ALIASES, converted_path, package_path, publish_folder
 from llmfn.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -107,24 +105,8 @@ def ensure_converted(gguf_file: Path, name: str) -> Path:
 
     if not gguf_file.is_file():
         raise CheckpointError(f"{gguf_file}: file not found")
-    out = converted_path(name)
     stamp = f"{gguf_file.stat().st_size}-{int(gguf_file.stat().st_mtime)}"
-    if (out / "config.json").exists() and (out / "SOURCE").exists() and (out / "SOURCE").read_text() == stamp:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
-    try:
-        convert_gguf(gguf_file, tmp)
-        (tmp / "SOURCE").write_text(stamp)
-        if out.exists():
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            tmp.replace(out)
-        except OSError:  # another process won the race
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return publish_folder(converted_path(name), stamp, lambda tmp: convert_gguf(gguf_file, tmp))
 
 
 def chat_template(folder: Path, tokenizer_config: dict) -> str | None:

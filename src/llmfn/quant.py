@@ -576,24 +576,11 @@ def gguf_tensors(reader, config: dict, keep: tuple[str, ...] = GGUF_KEPT, transf
     and passed through transform(name, tensor) when given (one tensor at a time, to bound memory)."""
     from gguf.quants import dequantize
 
-    from llmfn.gguf_import import _LAYER_NAMES, _TOP_NAMES, _unpermute, rest_is
+    from llmfn.gguf_import import _unpermute, hf_name, permuted_heads
 
     out = {}
     for t in reader.tensors:
-        if t.name.startswith("blk."):
-            _, layer, rest = t.name.split(".", 2)
-            if rest not in _LAYER_NAMES:
-                raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
-            name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-        elif t.name in _TOP_NAMES:
-            name = _TOP_NAMES[t.name]
-        else:
-            raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
-        heads = None
-        if config["model_type"] == "llama" and rest_is(t.name, "attn_q"):
-            heads = config["num_attention_heads"]
-        elif config["model_type"] == "llama" and rest_is(t.name, "attn_k"):
-            heads = config["num_key_value_heads"]
+        name, heads = hf_name(t.name), permuted_heads(config, t.name)
         if t.tensor_type.name in keep and len(t.shape) == 2:
             leaf = gguf_leaf(t)
             if heads is not None:
@@ -610,35 +597,19 @@ def gguf_tensors(reader, config: dict, keep: tuple[str, ...] = GGUF_KEPT, transf
 
 def _gguf_folder(gguf_path: Path, reader, config: dict) -> Path:
     """A cached folder with the GGUF's config, tokenizer and generation files (no weights)."""
-    import shutil
-    import tempfile
-
     from llmfn.gguf_tokenizer import tokenizer_files_from_gguf
-    from llmfn.registry import home
+    from llmfn.registry import home, publish_folder
 
-    st = gguf_path.stat()
-    stamp = f"{gguf_path.resolve()}-{st.st_size}-{int(st.st_mtime)}"
-    out = home() / "models" / f"{gguf_path.stem.lower()}-meta"
-    if (out / "SOURCE").exists() and (out / "SOURCE").read_text() == stamp:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    def fill(tmp: Path) -> None:
         for name, text in tokenizer_files_from_gguf(reader).items():
             (tmp / name).write_text(text, encoding="utf-8")
         generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "SOURCE").write_text(stamp)
-        if out.exists():
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            tmp.replace(out)
-        except OSError:  # another process won the race
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    st = gguf_path.stat()
+    stamp = f"{gguf_path.resolve()}-{st.st_size}-{int(st.st_mtime)}"
+    return publish_folder(home() / "models" / f"{gguf_path.stem.lower()}-meta", stamp, fill)
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", keep_quantized: bool = True,

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,3 +54,26 @@ def package_path(alias: Alias) -> Path:
 def converted_path(name: str, dtype: str = "float32") -> Path:
     """Cache folder for a GGUF converted to a Hugging Face-style folder."""
     return home() / "models" / f"{name}-{dtype}"
+
+
+def publish_folder(out: Path, stamp: str, fill: Callable[[Path], None]) -> Path:
+    """A cache folder built once per stamp (the source's identity): `fill(tmp)` writes a temp folder
+    beside `out`, which is then renamed into place, so readers never see a half-written folder and
+    concurrent first uses each build their own (the first rename wins)."""
+    marker = out / "SOURCE"
+    if marker.exists() and marker.read_text() == stamp:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        fill(tmp)
+        (tmp / "SOURCE").write_text(stamp)
+        if out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            tmp.replace(out)
+        except OSError:  # another process won the race
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
