@@ -455,3 +455,20 @@ def test_batch_invariant_attention_matches_the_kernel_and_ignores_the_batch(hk, 
                     batch_invariant_attention(q, k[:, :, :w], v[:, :, :w], pos, d**-0.5, slopes, window), out
                 )
         assert all(torch.equal(outs[0], o) for o in outs)
+
+
+def test_a_script_that_leaves_its_engine_running_exits_cleanly(model):
+    """The step-loop thread is stopped at interpreter exit instead of being killed inside torch."""
+    import subprocess
+    import sys
+
+    script = (
+        "import llmfn\n"
+        f"m = llmfn.load({str(model.path)!r})\n"
+        "engine = llmfn.Engine(m)\n"
+        "print(len(engine.generate_many([[5, 6, 7]], max_tokens=4)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+    assert "terminate called" not in done.stderr

@@ -57,10 +57,12 @@ the requests of that forward with finish_reason "error"; the loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -285,6 +287,10 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="llmfn-engine", daemon=True)
                 self._thread.start()
+                # Stop the loop before the interpreter tears down: a daemon thread killed inside
+                # torch/OpenMP aborts the process ("terminate called without an active exception").
+                ref = weakref.ref(self)
+                atexit.register(lambda: (engine := ref()) is not None and engine.shutdown())
 
     def shutdown(self) -> None:
         """Stop the loop; requests still queued or running finish with "cancelled"."""
