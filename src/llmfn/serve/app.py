@@ -697,22 +697,29 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, object]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _listed(value, param: str, limit: int) -> list:
+    """A string, a token id list, a list of strings or a list of token id lists, as a list of items
+    (at most `limit`); anything else is a 400 naming `param`."""
+    if isinstance(value, str):
+        items = [value]
+    elif not value:
+        raise ApiError(400, f"{param} is an empty list", param=param)
+    elif all(isinstance(v, int) for v in value):
+        items = [value]
+    elif all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value):
+        items = value
+    else:
+        raise ApiError(400, f"{param} must be a string, a list of strings, a list of token ids or a list of token id lists",
+                       param=param)  # fmt: skip
+    if len(items) > limit:
+        raise ApiError(400, f"at most {limit} {param}s per request", param=param)
+    return items
+
+
 def _prompts(served: Served, prompt) -> list[list[int]]:
     """Token ids per prompt: a string, a list of strings, a token id list or a list of token id lists."""
     vocab = served.model.cfg.vocab_size
-    if isinstance(prompt, str):
-        items = [prompt]
-    elif not prompt:
-        raise ApiError(400, "prompt is an empty list", param="prompt")
-    elif all(isinstance(p, int) for p in prompt):
-        items = [prompt]
-    elif all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
-        items = prompt
-    else:
-        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of token id lists",
-                       param="prompt")  # fmt: skip
-    if len(items) > MAX_PROMPTS:
-        raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    items = _listed(prompt, "prompt", MAX_PROMPTS)
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -732,19 +739,7 @@ def _prompts(served: Served, prompt) -> list[list[int]]:
 
 
 def _embedding_inputs(value, vocab: int):
-    if isinstance(value, str):
-        items = [value]
-    elif not value:
-        raise ApiError(400, "input is an empty list", param="input")
-    elif all(isinstance(v, int) for v in value):
-        items = [value]
-    elif all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value):
-        items = value
-    else:
-        raise ApiError(400, "input must be a string, a list of strings, a list of token ids or a list of token id lists",
-                       param="input")  # fmt: skip
-    if len(items) > MAX_EMBEDDING_INPUTS:
-        raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+    items = _listed(value, "input", MAX_EMBEDDING_INPUTS)
     for i, item in enumerate(items):
         if len(item) == 0:
             raise ApiError(400, f"input[{i}] is empty", param="input")
