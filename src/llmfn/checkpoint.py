@@ -52,3 +52,12 @@ def take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], so
     if tuple(t.shape) != tuple(shape):
         raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, config expects {tuple(shape)}")
     return t
+
+
+def take_stacked(tensors: dict, names, out: int, inp: int, source: Path | str) -> torch.Tensor:
+    """The `<name>.weight` of one linear [out, inp], or of several stacked along the output dim
+    (fused q/k/v or gate/up), each checked as [out / len(names), inp]. Quantized checkpoints'
+    pending leaves (llmfn.quant) stack like tensors."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    parts = [take(tensors, n + ".weight", (out // len(names), inp), source) for n in names]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llmfn import chat_formats
-from llmfn.checkpoint import read_tensors, take, weight_files
+from llmfn.checkpoint import read_tensors, take, take_stacked, weight_files
 from llmfn.config import LlamaConfig
 from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.loading import FAMILY_LOADERS, cast_params, finish_causal_lm
@@ -81,9 +81,7 @@ def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
         return take(t, name, shape, source)
 
     def lin(names, out, inp):  # one linear, or several stacked along the output dim
-        names = (names,) if isinstance(names, str) else names
-        parts = [get(n + ".weight", (out // len(names), inp)) for n in names]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return take_stacked(t, names, out, inp, source)
 
     layers = []
     for i in range(cfg.num_layers):
