@@ -45,8 +45,9 @@ def render_segments(template: str, messages: list[dict], **kwargs) -> list[tuple
     own text (where special tokens are legitimate) and user text stay apart."""
     nonce = uuid.uuid4().hex
     # Private-use characters: not whitespace, so templates that strip content keep the marker whole.
-    marker = {f"\ue000{nonce}:{i}\ue001": m["content"] for i, m in enumerate(messages) if isinstance(m.get("content"), str)}
-    marked = [{**m, "content": key} if isinstance(m.get("content"), str) else m for m, key in _zip_markers(messages, marker)]
+    key = lambda i: f"\ue000{nonce}:{i}\ue001"
+    marker = {key(i): m["content"] for i, m in enumerate(messages) if isinstance(m.get("content"), str)}
+    marked = [{**m, "content": key(i)} if key(i) in marker else m for i, m in enumerate(messages)]
     text = render(template, marked, **kwargs)
     expected = render(template, messages, **kwargs)
     for fill in (lambda c: c, str.strip):  # templates that strip content see the marker unchanged
@@ -57,12 +58,6 @@ def render_segments(template: str, messages: list[dict], **kwargs) -> list[tuple
         if "".join(t for t, _ in segments) == expected:
             return segments
     raise RequestError("chat template transforms message content in a way llmfn cannot separate", param="messages")
-
-
-def _zip_markers(messages, marker):
-    keys = iter(marker)
-    for m in messages:
-        yield m, (next(keys) if isinstance(m.get("content"), str) else None)
 
 
 def encode_segments(tokenizer: Tokenizer, segments: list[tuple[str, bool]]) -> list[int]:
