@@ -6,10 +6,14 @@ A weight is a plain tensor [out, in] or a quantized leaf (llmfn.quant) that impl
 import torch
 import torch.nn.functional as F
 
+from llmfn.kernels import cpu
+
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b). x: [..., in]; w: [out, in] or a quantized leaf."""
     if isinstance(w, torch.Tensor):
+        if w.is_contiguous() and cpu.takes(x, w, *(() if b is None else (b,))):
+            return cpu.linear(x, w, b)  # decode-sized fp32 CPU matmuls stream the weight faster
         return F.linear(x, w, b)
     y = w.linear(x)
     return y if b is None else y + b

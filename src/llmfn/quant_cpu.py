@@ -13,8 +13,7 @@ dequantizes in registers, in fp32:
 for up to MAX_ROWS activation rows (decode, small batches); bigger inputs dequantize the weight in
 row chunks and call F.linear (the BLAS matmul is faster once the weight is reused enough).
 
-The source below is compiled once per machine with the system C compiler (-O3 -march=native
--fopenmp, sharing torch's OpenMP runtime) into LLMFN_HOME/kernels/. Without a compiler, or with
+The source below is compiled once per machine by llmfn.cbuild into LLMFN_HOME/kernels/. Without a compiler, or with
 LLMFN_QUANT_KERNEL=torch, `available()` is False and llmfn.quant falls back to dequantize +
 F.linear (same numbers up to summation order).
 """
@@ -22,17 +21,14 @@ F.linear (same numbers up to summation order).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from llmfn import cbuild
+
+_p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 # Largest number of activation rows the streaming kernels take; more rows go dequant + F.linear.
 MAX_ROWS = 8
@@ -265,7 +261,7 @@ static void int8_rows(const float* x, const int8_t* qr, const float* sr, float* 
 #endif
 
 /* y [m, n] = x [m, k] @ int4 weight [n, k]^T; m <= 16, g % 32 == 0. */
-void llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const float* o, float* y,
+int llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const float* o, float* y,
                        int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
     int64_t G = k / g;
     float* xp = (float*)malloc(sizeof(float) * (m * k + m * G));
@@ -295,10 +291,11 @@ void llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const f
         }
     }
     free(xp);
+    return 0;
 }
 
 /* y [m, n] = x [m, k] @ int8 weight [n, k]^T; m <= 16, g % 8 == 0. */
-void llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
+int llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
                        int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
     int64_t G = k / g;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -323,10 +320,11 @@ void llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y
 #endif
         }
     }
+    return 0;
 }
 
 /* w [n, k] fp32 = q * s + o (int4) and q * s (int8), as llmfn.quant dequantizes. */
-void llmfn_int4_dequant(const uint8_t* q, const float* s, const float* o, float* w,
+int llmfn_int4_dequant(const uint8_t* q, const float* s, const float* o, float* w,
                         int64_t n, int64_t k, int64_t g, int nthreads) {
     int64_t G = k / g;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -337,72 +335,30 @@ void llmfn_int4_dequant(const uint8_t* q, const float* s, const float* o, float*
             w[j * k + t] = (float)(b & 15) * sc + of;
             w[j * k + t + 1] = (float)(b >> 4) * sc + of;
         }
+    return 0;
 }
 
-void llmfn_int8_dequant(const int8_t* q, const float* s, float* w, int64_t n, int64_t k, int64_t g, int nthreads) {
+int llmfn_int8_dequant(const int8_t* q, const float* s, float* w, int64_t n, int64_t k, int64_t g, int nthreads) {
     int64_t G = k / g;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < n; j++)
         for (int64_t t = 0; t < k; t++) w[j * k + t] = (float)q[j * k + t] * s[j * G + t / g];
+    return 0;
 }
 """
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
-def _library_path() -> Path:
-    from llmfn.registry import home
-
-    try:  # -march=native code must not run on another CPU sharing LLMFN_HOME
-        cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        cpu = ""
-    key = hashlib.sha256((SOURCE + platform.machine() + cpu).encode()).hexdigest()[:16]
-    return home() / "kernels" / f"llmfn_quant_{key}.so"
-
-
-def _compile(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise OSError("no C compiler")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "quant.c"
-        src.write_text(SOURCE)
-        out = Path(tmp) / "quant.so"
-        flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-        subprocess.run([compiler, *flags, str(src), "-o", str(out)], check=True, capture_output=True)
-        out.replace(target)  # atomic: concurrent first uses each compile, one rename wins
+_SIGNATURES = {
+    "llmfn_int4_linear": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
+    "llmfn_int8_linear": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
+    "llmfn_int4_dequant": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
+    "llmfn_int8_dequant": [_p, _p, _p, _i64, _i64, _i64, _i32],
+}
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("LLMFN_QUANT_KERNEL", "c") == "torch" or platform.system() != "Linux":
-            return None
-        path = _library_path()
-        try:
-            if not path.exists():
-                _compile(path)
-            lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.llmfn_int4_linear.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32]
-        lib.llmfn_int8_linear.argtypes = [p, p, p, p, i64, i64, i64, i64, i32]
-        lib.llmfn_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32]
-        lib.llmfn_int8_dequant.argtypes = [p, p, p, i64, i64, i64, i32]
-        for f in (lib.llmfn_int4_linear, lib.llmfn_int8_linear, lib.llmfn_int4_dequant, lib.llmfn_int8_dequant):
-            f.restype = None
-        _lib = lib
-        return lib
+    if os.environ.get("LLMFN_QUANT_KERNEL", "c") == "torch":
+        return None
+    return cbuild.load("llmfn_quant", SOURCE, _SIGNATURES)
 
 
 def available() -> bool:

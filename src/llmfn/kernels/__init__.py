@@ -1,5 +1,5 @@
-"""Fused ops. Each has a pure-torch reference (the CPU path and the test oracle);
-CUDA tensors take the Triton kernel (registered as torch.ops.llmfn.* for torch.compile).
+"""Fused ops. Each has a pure-torch reference (the test oracle); CUDA tensors take the Triton kernel
+(registered as torch.ops.llmfn.* for torch.compile), fp32 CPU decode steps the C kernels in cpu.py.
 
 Public ops (shapes in comments):
     rms_norm(x, weight, eps)                       x: [..., dim]
@@ -8,12 +8,23 @@ Public ops (shapes in comments):
                                                    (q and k are donated: rotated in place on CUDA)
     attention(q, k, v, q_pos, scale, alibi_slopes, window)
         q: [b, hq, s, d] at positions q_pos [b, s]; k/v: [b, hk, t, d], slot j holds position j
+    qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, hq, hk, scale, alibi, window)
+        rope + KV-cache write + attention from a fused projection qkv [b, t, (hq+2hk)*d] -> [b, t, hq*d]
+    silu_mul(gate_up)                              gate_up: [..., 2f] -> silu(gate) * up [..., f]
     int4_matmul(x, qweight, scales, zeros, group_size)   x: [..., k] -> [..., n]
         int4 layout (qweight uint8 [n, k/2], scales/zeros [n, k/g]): see reference.py;
         pack_int4 / unpack_int4 / quantize_int4 / dequantize_int4 build and read it.
 """
 
-from llmfn.kernels.ops import add_rms_norm, apply_rope, attention, int4_matmul, rms_norm
+from llmfn.kernels.ops import (
+    add_rms_norm,
+    apply_rope,
+    attention,
+    int4_matmul,
+    qkv_attention,
+    rms_norm,
+    silu_mul,
+)
 from llmfn.kernels.reference import (
     KernelError,
     dequantize_int4,
@@ -30,7 +41,9 @@ __all__ = [
     "dequantize_int4",
     "int4_matmul",
     "pack_int4",
+    "qkv_attention",
     "quantize_int4",
     "rms_norm",
+    "silu_mul",
     "unpack_int4",
 ]

@@ -1,4 +1,5 @@
-"""Public ops: the torch reference on CPU (inlined and fused by torch.compile), Triton on CUDA.
+"""Public ops: Triton on CUDA; on CPU the C kernels (kernels/cpu.py) for fp32 decode-sized inputs,
+else the torch reference (inlined and fused by torch.compile).
 
 The Triton paths are `torch.library.triton_op`s (torch.ops.llmfn.*), so torch.compile on CUDA
 traces through them without graph breaks. Tests force them on CPU tensors under
@@ -6,6 +7,7 @@ TRITON_INTERPRET=1 by calling the triton_* modules directly."""
 
 import torch
 
+from llmfn.kernels import cpu
 from llmfn.kernels import reference as ref
 
 # Importing the Triton paths pulls in triton and torch._inductor (seconds), so CPU-only machines
@@ -26,7 +28,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (fp32 math, HF order). x [..., dim], weight [dim]."""
     if _triton(x):
         return triton_norm.rms_norm(x, weight, eps)
+    if cpu.takes(x, weight):
+        return cpu.rms_norm(x, weight, eps)
     return ref.rms_norm(x, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2f] = cat(gate, up) along the last dim -> [..., f]."""
+    if cpu.takes(gate_up):
+        return cpu.silu_mul(gate_up)
+    return ref.silu_mul(gate_up)
 
 
 def add_rms_norm(
@@ -74,3 +85,37 @@ def int4_matmul(
     if _triton(x):
         return triton_int4.int4_matmul(x, qweight, scales, zeros, group_size)
     return ref.int4_matmul(x, qweight, scales, zeros, group_size)
+
+
+def qkv_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_scale: torch.Tensor | None,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    window: int | None = None,
+    attention_op=None,
+) -> torch.Tensor:
+    """A layer's attention from its fused projection qkv [b, t, (hq + 2hk) * hd] -> [b, t, hq * hd].
+
+    Rotates q and k by cos/sin [b, t, hd/2] (None: no rope), scales q by q_scale [b, t, 1, 1]
+    (None: none), writes k and v into the caches [b, hk, s, hd] at positions [b, t] (the caches are
+    donated: written in place), then attends causally (`attention_op`, default `attention` above).
+    fp32 CPU decode steps take one C kernel for all of it; it is batch-invariant, so it also stands in
+    for a caller's own `attention_op` (the engine passes one for that property)."""
+    if (
+        positions.dtype == torch.int64
+        and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(-1) == 1
+        and cpu.takes(qkv, k_cache, v_cache, *(x for x in (cos, sin) if x is not None))
+    ):
+        return cpu.qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads,
+                                 scale, alibi_slopes, window)
+    return ref.qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads, scale,
+                             alibi_slopes, window, rope=apply_rope, attend=attention_op or attention)

@@ -82,6 +82,34 @@ def attention(
     )
 
 
+def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads, scale,
+                  alibi_slopes=None, window=None, rope=apply_rope, attend=attention) -> torch.Tensor:
+    """Split the fused projection qkv [b, t, (hq + 2hk) * hd], rotate q and k (cos/sin None: no rope),
+    scale q by q_scale [b, t, 1, 1] (None: none), write k and v into the caches [b, hk, s, hd] at
+    positions [b, t] in place, and attend -> [b, t, hq * hd]. rope / attend: the ops to use."""
+    b, t, _ = qkv.shape
+    hd = k_cache.shape[-1]
+    q, k, v = qkv.split((num_heads * hd, num_kv_heads * hd, num_kv_heads * hd), dim=-1)
+    q = q.view(b, t, num_heads, hd)
+    k = k.view(b, t, num_kv_heads, hd)
+    v = v.view(b, t, num_kv_heads, hd)
+    if cos is not None:
+        q, k = rope(q, k, cos, sin)
+    if q_scale is not None:
+        q = q * q_scale.to(q.dtype)
+    rows = torch.arange(b, device=qkv.device)[:, None]  # [b, 1]
+    k_cache[rows, :, positions] = k  # writes [b, t, hk, hd] into slots `positions`
+    v_cache[rows, :, positions] = v
+    out = attend(q.transpose(1, 2), k_cache, v_cache, positions, scale, alibi_slopes, window)  # [b, hq, t, hd]
+    return out.transpose(1, 2).reshape(b, t, num_heads * hd)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2f] = cat(gate, up)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 # ---------------------------------------------------------------------------------------------
 # int4 weight-only quantization
 #

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from llmfn import kernels
 from llmfn.checkpoint import take
@@ -84,35 +83,17 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=torch.float32, d
 
 
 def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache, v_cache, q_scale=None, attention=None):
-    b, t, _ = x.shape
     qkv = linear(x, layer["wqkv"], layer.get("bqkv"))  # [b, t, (Hq+2Hk)*hd]
-    q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
-    q = q.view(b, t, cfg.num_heads, cfg.head_dim)
-    k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if cos is not None:
-        q, k = kernels.apply_rope(q, k, cos, sin)
-    if q_scale is not None:
-        q = q * q_scale.to(q.dtype)  # [b, t, 1, 1]: logn scaling
-    rows = torch.arange(b, device=x.device)[:, None]  # [b, 1]
-    k_cache[rows, :, positions] = k  # writes [b, t, Hk, hd] into slots `positions`
-    v_cache[rows, :, positions] = v
-    out = (attention or kernels.attention)(
-        q.transpose(1, 2),  # [b, Hq, t, hd]
-        k_cache,
-        v_cache,
-        positions,
-        1.0 / math.sqrt(cfg.head_dim),
-        params.get("alibi_slopes"),
-        cfg.sliding_window,
-    )
-    out = out.transpose(1, 2).reshape(b, t, cfg.q_size)
+    out = kernels.qkv_attention(
+        qkv, cos, sin, q_scale, positions, k_cache, v_cache, cfg.num_heads, cfg.num_kv_heads,
+        1.0 / math.sqrt(cfg.head_dim), params.get("alibi_slopes"), cfg.sliding_window, attention,
+    )  # [b, t, Hq*hd]; the caches are written in place
     return linear(out, layer["wo"], layer.get("bo"))
 
 
 def _mlp(x, layer, cfg: LlamaConfig):
-    gate, up = linear(x, layer["w_gate_up"], layer.get("b_gate_up")).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, layer["w_down"], layer.get("b_down"))
+    gate_up = linear(x, layer["w_gate_up"], layer.get("b_gate_up"))  # [b, t, 2F]
+    return linear(kernels.silu_mul(gate_up), layer["w_down"], layer.get("b_down"))
 
 
 def forward(

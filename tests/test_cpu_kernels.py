@@ -1,0 +1,156 @@
+"""The C CPU kernels (llmfn.kernels.cpu) against their torch references, shapes from hypothesis.
+
+The same rule as the Triton tests: max|c - ref64| <= 2 * max|torch_fp32 - ref64| + eps, where ref64
+is the reference in fp64. Plus what the engine relies on: a row's result is bitwise the same alone
+and inside any batch, and out-of-range positions raise without writing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmfn.kernels import cpu, ops
+from llmfn.kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler to build the CPU kernels")
+EXAMPLES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def assert_rule(out: torch.Tensor, fp32: torch.Tensor, fp64: torch.Tensor, eps: float = 1e-5) -> None:
+    assert out.shape == fp64.shape and out.dtype == torch.float32
+    err = (out.double() - fp64).abs().max().item() if out.numel() else 0.0
+    base = (fp32.double() - fp64).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * base + eps, f"C kernel error {err:.3g} > 2 * torch error {base:.3g} + {eps:g}"
+
+
+@EXAMPLES
+@given(m=st.integers(1, cpu.MAX_ROWS), n=st.integers(1, 70), k=st.integers(1, 90), bias=st.booleans(),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_linear_matches_f_linear(m, n, k, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = randn(g, m, k), randn(g, n, k)
+    b = randn(g, n) if bias else None
+    out = cpu.linear(x, w, b)
+    assert_rule(out, F.linear(x, w, b), F.linear(x.double(), w.double(), None if b is None else b.double()))
+
+
+@EXAMPLES
+@given(m=st.integers(2, cpu.MAX_ROWS), n=st.integers(1, 40), k=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_linear_rows_are_batch_invariant(m, n, k, seed):
+    """Row i of a batch is bitwise row i computed alone, wherever it sits and whatever its neighbours."""
+    g = torch.Generator().manual_seed(seed)
+    x, w = randn(g, m, k), randn(g, n, k)
+    out = cpu.linear(x, w)
+    for i in range(m):
+        assert torch.equal(out[i : i + 1], cpu.linear(x[i : i + 1], w))
+    assert torch.equal(cpu.linear(x.flip(0), w), out.flip(0))
+
+
+def test_linear_takes_leading_dims_and_linear_dispatch():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = randn(g, 2, 3, 24), randn(g, 10, 24), randn(g, 10)
+    assert torch.allclose(cpu.linear(x, w, b), F.linear(x, w, b), atol=1e-5)
+    assert cpu.takes(x, w) and not cpu.takes(randn(g, cpu.MAX_ROWS + 1, 24), w)
+    assert not cpu.takes(x.bfloat16(), w) and not cpu.takes(x, w.requires_grad_())
+
+
+@EXAMPLES
+@given(m=st.integers(1, cpu.MAX_ROWS), d=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_rms_norm_matches_reference(m, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = randn(g, m, d) * 3, randn(g, d)
+    assert_rule(cpu.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), ref.rms_norm(x.double(), w.double(), 1e-6))
+
+
+@EXAMPLES
+@given(m=st.integers(1, cpu.MAX_ROWS), f=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_silu_mul_matches_reference(m, f, seed):
+    g = torch.Generator().manual_seed(seed)
+    gu = randn(g, m, 2 * f) * 4
+    assert_rule(cpu.silu_mul(gu), ref.silu_mul(gu), ref.silu_mul(gu.double()))
+
+
+def attention_case(data, g):
+    """A random qkv_attention call: rows at different positions of a (maybe strided) cache."""
+    b = data.draw(st.integers(1, 3))
+    t = data.draw(st.integers(1, 4))
+    hk = data.draw(st.integers(1, 3))
+    hq = hk * data.draw(st.integers(1, 3))
+    hd = 2 * data.draw(st.integers(1, 12))
+    s = data.draw(st.integers(t, 40))
+    starts = [data.draw(st.integers(0, s - t)) for _ in range(b)]
+    positions = torch.tensor([[p + i for i in range(t)] for p in starts])  # [b, t]
+    qkv = randn(g, b, t, (hq + 2 * hk) * hd)
+    rope = data.draw(st.booleans())
+    freqs = positions[..., None].float() * (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = (freqs.cos(), freqs.sin()) if rope else (None, None)
+    q_scale = (1 + torch.rand(b, t, 1, 1, generator=g)) if data.draw(st.booleans()) else None
+    slopes = ref.alibi_slopes(hq) if data.draw(st.booleans()) else None
+    window = data.draw(st.sampled_from([None, 1, 3, 8]))
+    extra = data.draw(st.integers(0, 5))  # a view of the first s slots of longer rows, as the engine passes
+    cache = randn(g, 2, b, hk, s + extra, hd)[..., :s, :]
+    args = (qkv, cos, sin, q_scale, positions)
+    kw = dict(num_heads=hq, num_kv_heads=hk, scale=hd**-0.5, alibi_slopes=slopes, window=window)
+    return args, cache, kw
+
+
+def as_double(t):
+    return None if t is None else t.double()
+
+
+@EXAMPLES
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_qkv_attention_matches_reference(data, seed):
+    """Output and the cache writes against split + rope + index writes + SDPA, in fp32 and fp64."""
+    g = torch.Generator().manual_seed(seed)
+    (qkv, cos, sin, q_scale, positions), cache, kw = attention_case(data, g)
+    c_cache, f_cache, d_cache = cache.clone(), cache.clone(), cache.double()
+    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, c_cache[0], c_cache[1], **kw)
+    fp32 = ref.qkv_attention(qkv, cos, sin, q_scale, positions, f_cache[0], f_cache[1], **kw)
+    fp64 = ref.qkv_attention(qkv.double(), as_double(cos), as_double(sin), as_double(q_scale), positions,
+                             d_cache[0], d_cache[1], **kw)  # fmt: skip
+    assert_rule(out, fp32, fp64)
+    assert_rule(c_cache, f_cache, d_cache)
+
+
+@EXAMPLES
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_qkv_attention_rows_are_batch_invariant(data, seed):
+    g = torch.Generator().manual_seed(seed)
+    (qkv, cos, sin, q_scale, positions), cache, kw = attention_case(data, g)
+    joint = cache.clone()
+    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, joint[0], joint[1], **kw)
+    for i in range(qkv.shape[0]):
+        alone = cache[:, i : i + 1].clone()
+        pick = [None if a is None else a[i : i + 1] for a in (qkv, cos, sin, q_scale, positions)]
+        assert torch.equal(out[i : i + 1], cpu.qkv_attention(*pick, alone[0], alone[1], **kw))
+        assert torch.equal(alone, joint[:, i : i + 1])
+
+
+def test_qkv_attention_rejects_positions_outside_the_cache_and_writes_nothing():
+    g = torch.Generator().manual_seed(0)
+    cache = randn(g, 2, 1, 1, 4, 8)
+    before = cache.clone()
+    qkv = randn(g, 1, 1, 3 * 8)
+    for p in (4, -1):
+        with pytest.raises(IndexError, match="KV cache length"):
+            cpu.qkv_attention(qkv, None, None, None, torch.tensor([[p]]), cache[0], cache[1], num_heads=1,
+                              num_kv_heads=1, scale=1.0)  # fmt: skip
+    assert torch.equal(cache, before)
+
+
+def test_ops_take_the_c_path_for_decode_and_the_reference_for_long_inputs(monkeypatch):
+    """The public ops pick the C kernels for fp32 decode-sized inputs only (a counted call proves it)."""
+    calls = []
+    monkeypatch.setattr(cpu, "rms_norm", lambda *a: calls.append("c") or ref.rms_norm(*a))
+    g = torch.Generator().manual_seed(0)
+    w = randn(g, 8)
+    ops.rms_norm(randn(g, 1, 8), w, 1e-6)
+    ops.rms_norm(randn(g, cpu.MAX_ROWS + 1, 8), w, 1e-6)
+    ops.rms_norm(randn(g, 1, 8).double(), w.double(), 1e-6)
+    assert calls == ["c"]
