@@ -92,6 +92,13 @@ def unpack_awq(p: torch.Tensor) -> torch.Tensor:
 # Leaf types
 
 
+def _fp32_cpu(q: torch.Tensor, *floats: torch.Tensor) -> bool:
+    """Leaves the C kernels read as they are: CPU, contiguous, fp32 scales / offsets."""
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in (q, *floats)) and all(
+        t.dtype == torch.float32 for t in floats
+    )
+
+
 def _cpu_kernels(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and quant_cpu.available()
 
@@ -116,6 +123,14 @@ class Int4Weight:
     def numel(self) -> int:
         """Weights represented (n * k), so parameter counts match the float model."""
         return self.shape[0] * self.shape[1]
+
+    def fused_args(self) -> tuple | None:
+        """(kind 1, qweight, scales, offsets, group) pointers for the fused C decoder layer
+        (kernels/cpu.py), or None when its int4 kernel cannot take this weight."""
+        ok = _fp32_cpu(self.qweight, self.scales, self.offsets) and quant_cpu.int4_ok(self.shape[1], self.group_size)
+        if not ok:
+            return None
+        return (1, self.qweight.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), self.group_size)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., k] -> x @ w.T [..., n] in x's dtype."""
@@ -210,6 +225,13 @@ class Int8Weight:
     def numel(self) -> int:
         """Weights represented (n * k), so parameter counts match the float model."""
         return self.shape[0] * self.shape[1]
+
+    def fused_args(self) -> tuple | None:
+        """(kind 2, qweight, scales, 0, group) pointers for the fused C decoder layer (kernels/cpu.py),
+        or None when its int8 kernel cannot take this weight."""
+        if not (_fp32_cpu(self.qweight, self.scales) and quant_cpu.int8_ok(self.shape[1], self.group_size)):
+            return None
+        return (2, self.qweight.data_ptr(), self.scales.data_ptr(), 0, self.group_size)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape

@@ -13,7 +13,7 @@ dequantizes in registers, in fp32:
 for up to MAX_ROWS activation rows (decode, small batches); bigger inputs dequantize the weight in
 row chunks and call F.linear (the BLAS matmul is faster once the weight is reused enough).
 
-The source below is compiled once per machine by llmfn.cbuild into LLMFN_HOME/kernels/. Without a compiler, or with
+The source below is compiled once per machine, with kernels/cpu.py's, into LLMFN_HOME/kernels/. Without a compiler, or with
 LLMFN_QUANT_KERNEL=torch, `available()` is False and llmfn.quant falls back to dequantize +
 F.linear (same numbers up to summation order).
 """
@@ -25,8 +25,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-
-from llmfn import cbuild
 
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -260,66 +258,68 @@ static void int8_rows(const float* x, const int8_t* qr, const float* sr, float* 
 }
 #endif
 
+/* Rows i0 .. i0 + R - 1 (R <= 4) of y = x @ w^T at column j, from one weight row: the dispatch on
+   R and the group size shared by the linears below and the fused decoder layer (kernels/cpu.py). */
+static inline void int4_block(const float* xpi, const float* xsi, const uint8_t* qr, const float* sr,
+                              const float* orow, float* yi, int64_t n, int64_t k, int64_t g, int64_t G, int64_t R) {
+#ifdef __AVX2__
+    if (g == 32) {
+        if (R == 4) int4_g32_r4(xpi, xsi, qr, sr, orow, yi, n, k, G);
+        else if (R == 3) int4_g32_r3(xpi, xsi, qr, sr, orow, yi, n, k, G);
+        else if (R == 2) int4_g32_r2(xpi, xsi, qr, sr, orow, yi, n, k, G);
+        else int4_g32_r1(xpi, xsi, qr, sr, orow, yi, n, k, G);
+    }
+    else if (R == 4) int4_r4(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+    else if (R == 3) int4_r3(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+    else if (R == 2) int4_r2(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+    else int4_r1(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+#else
+    int4_rows(xpi, xsi, qr, sr, orow, yi, n, k, g, G, (int)R);
+#endif
+}
+
+static inline void int8_block(const float* xi, const int8_t* qr, const float* sr, float* yi,
+                              int64_t n, int64_t k, int64_t g, int64_t G, int64_t R) {
+#ifdef __AVX2__
+    if (g == 32) {
+        if (R == 4) int8_g32_r4(xi, qr, sr, yi, n, k, G);
+        else if (R == 3) int8_g32_r3(xi, qr, sr, yi, n, k, G);
+        else if (R == 2) int8_g32_r2(xi, qr, sr, yi, n, k, G);
+        else int8_g32_r1(xi, qr, sr, yi, n, k, G);
+    }
+    else if (R == 4) int8_r4(xi, qr, sr, yi, n, k, g, G);
+    else if (R == 3) int8_r3(xi, qr, sr, yi, n, k, g, G);
+    else if (R == 2) int8_r2(xi, qr, sr, yi, n, k, g, G);
+    else int8_r1(xi, qr, sr, yi, n, k, g, G);
+#else
+    int8_rows(xi, qr, sr, yi, n, k, g, G, (int)R);
+#endif
+}
+
 /* y [m, n] = x [m, k] @ int4 weight [n, k]^T; m <= 16, g % 32 == 0. */
 int llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const float* o, float* y,
-                       int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+                      int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
     int64_t G = k / g;
     float* xp = (float*)malloc(sizeof(float) * (m * k + m * G));
     float* xs = xp + m * k;
     prep4(x, xp, xs, m, k, g);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < n; j++) {
-        const uint8_t* qr = q + j * (k / 2);
-        const float* sr = s + j * G; const float* orow = o + j * G;
-        for (int64_t i0 = 0; i0 < m; i0 += 4) {
-            int64_t R = (m - i0) < 4 ? (m - i0) : 4;
-            const float* xpi = xp + i0 * k; const float* xsi = xs + i0 * G; float* yi = y + i0 * n + j;
-#ifdef __AVX2__
-            if (g == 32) {
-                if (R == 4) int4_g32_r4(xpi, xsi, qr, sr, orow, yi, n, k, G);
-                else if (R == 3) int4_g32_r3(xpi, xsi, qr, sr, orow, yi, n, k, G);
-                else if (R == 2) int4_g32_r2(xpi, xsi, qr, sr, orow, yi, n, k, G);
-                else int4_g32_r1(xpi, xsi, qr, sr, orow, yi, n, k, G);
-            }
-            else if (R == 4) int4_r4(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
-            else if (R == 3) int4_r3(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
-            else if (R == 2) int4_r2(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
-            else int4_r1(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
-#else
-            int4_rows(xpi, xsi, qr, sr, orow, yi, n, k, g, G, (int)R);
-#endif
-        }
-    }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i0 = 0; i0 < m; i0 += 4)
+            int4_block(xp + i0 * k, xs + i0 * G, q + j * (k / 2), s + j * G, o + j * G, y + i0 * n + j, n, k, g, G,
+                       (m - i0) < 4 ? (m - i0) : 4);
     free(xp);
     return 0;
 }
 
 /* y [m, n] = x [m, k] @ int8 weight [n, k]^T; m <= 16, g % 8 == 0. */
 int llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
-                       int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+                      int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
     int64_t G = k / g;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < n; j++) {
-        const int8_t* qr = q + j * k; const float* sr = s + j * G;
-        for (int64_t i0 = 0; i0 < m; i0 += 4) {
-            int64_t R = (m - i0) < 4 ? (m - i0) : 4;
-            const float* xi = x + i0 * k; float* yi = y + i0 * n + j;
-#ifdef __AVX2__
-            if (g == 32) {
-                if (R == 4) int8_g32_r4(xi, qr, sr, yi, n, k, G);
-                else if (R == 3) int8_g32_r3(xi, qr, sr, yi, n, k, G);
-                else if (R == 2) int8_g32_r2(xi, qr, sr, yi, n, k, G);
-                else int8_g32_r1(xi, qr, sr, yi, n, k, G);
-            }
-            else if (R == 4) int8_r4(xi, qr, sr, yi, n, k, g, G);
-            else if (R == 3) int8_r3(xi, qr, sr, yi, n, k, g, G);
-            else if (R == 2) int8_r2(xi, qr, sr, yi, n, k, g, G);
-            else int8_r1(xi, qr, sr, yi, n, k, g, G);
-#else
-            int8_rows(xi, qr, sr, yi, n, k, g, G, (int)R);
-#endif
-        }
-    }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i0 = 0; i0 < m; i0 += 4)
+            int8_block(x + i0 * k, q + j * k, s + j * G, y + i0 * n + j, n, k, g, G, (m - i0) < 4 ? (m - i0) : 4);
     return 0;
 }
 
@@ -347,7 +347,7 @@ int llmfn_int8_dequant(const int8_t* q, const float* s, float* w, int64_t n, int
 }
 """
 
-_SIGNATURES = {
+SIGNATURES = {
     "llmfn_int4_linear": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
     "llmfn_int8_linear": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
     "llmfn_int4_dequant": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
@@ -356,9 +356,12 @@ _SIGNATURES = {
 
 
 def _load() -> ctypes.CDLL | None:
+    """The CPU kernel library (built from this SOURCE and kernels/cpu.py's, which reuses it)."""
     if os.environ.get("LLMFN_QUANT_KERNEL", "c") == "torch":
         return None
-    return cbuild.load("llmfn_quant", SOURCE, _SIGNATURES)
+    from llmfn.kernels import cpu
+
+    return cpu.library()
 
 
 def available() -> bool:

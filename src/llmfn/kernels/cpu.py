@@ -18,28 +18,20 @@ never on the number of rows or on the thread that computes it, so results are ba
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 
 import torch
 
-from llmfn import cbuild
+from llmfn import cbuild, quant_cpu
 
 # Most activation rows the kernels take (decode steps, small engine batches); more go to torch.
 MAX_ROWS = 16
 
-SOURCE = r"""
+SOURCE = quant_cpu.SOURCE + r"""
 #include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-static inline float hsum(__m256 t) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-    return _mm_cvtss_f32(v);
-}
-#endif
+#include <sched.h>
+#include <omp.h>
 
 /* Dot products of four consecutive weight rows w (stride k) with x: out[0..3]. */
 static inline void dot4(const float* x, const float* w, int64_t k, float* out) {
@@ -105,13 +97,12 @@ int llmfn_rms_norm(const float* x, const float* w, float* y, int64_t m, int64_t 
     return 0;
 }
 
+static inline float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 /* y [m, f] = silu(gu[:, :f]) * gu[:, f:] for gu [m, 2f] (the fused gate / up projection). */
 int llmfn_silu_mul(const float* gu, float* y, int64_t m, int64_t f) {
     for (int64_t r = 0; r < m; r++)
-        for (int64_t i = 0; i < f; i++) {
-            float g = gu[r * 2 * f + i];
-            y[r * f + i] = g / (1.0f + expf(-g)) * gu[r * 2 * f + f + i];
-        }
+        for (int64_t i = 0; i < f; i++) y[r * f + i] = silu_times(gu[r * 2 * f + i], gu[r * 2 * f + f + i]);
     return 0;
 }
 
@@ -124,20 +115,15 @@ static inline void rotate(const float* x, const float* cs, const float* sn, floa
     }
 }
 
-/* One decode step's attention for a layer, from the fused qkv projection:
-   qkv [b, t, (hq + 2 hk) * hd]; cos, sin [b, t, hd/2] (NULL: no rope); qscale [b, t] (NULL: none);
-   pos [b, t]; caches [b, hk, s, hd] with element strides cst[0..2] for b, hk, s and contiguous
-   rows (slot j holds position j); slopes [hq] (NULL: no ALiBi);
-   window 0 for none. Writes the rotated keys and the values into the caches at pos, then
-   out [b, t, hq * hd] = softmax(scale * q.k + alibi, visible keys) . v. Returns -1, writing nothing,
-   when a position is outside [0, s). */
-int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, const float* qscale,
-                        const int64_t* pos, float* kc, float* vc, const int64_t* cst, const float* slopes,
-                        float* out, int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t hd, int64_t s,
-                        float scale, int64_t window, int nthreads) {
+/* The cache arguments: qkv [b, t, (hq + 2 hk) * hd]; cos, sin [b, t, hd/2] (NULL: no rope);
+   qscale [b, t] (NULL: none); pos [b, t]; caches [b, hk, s, hd] with element strides cst[0..2] for
+   b, hk, s and contiguous rows (slot j holds position j); slopes [hq] (NULL: no ALiBi); window 0
+   for none. */
+
+/* Rotated keys and the values of every row into the caches at pos. */
+static void write_kv(const float* qkv, const float* cs, const float* sn, const int64_t* pos, float* kc,
+                     float* vc, const int64_t* cst, int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t hd) {
     int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
-    for (int64_t i = 0; i < b * t; i++)
-        if (pos[i] < 0 || pos[i] >= s) return -1;
     for (int64_t i = 0; i < b * t; i++) {
         int64_t bi = i / t, p = pos[i];
         for (int64_t h = 0; h < hk; h++) {
@@ -150,52 +136,195 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
             for (int64_t d = 0; d < hd; d++) vd[d] = v[d];
         }
     }
-    int64_t tasks = b * t * hq;
+}
+
+/* Attention of one (row, query head) task over its visible cached keys:
+   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [s]. */
+static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
+                   const float* kc, const float* vc, const int64_t* cst, const float* slopes, float* out,
+                   int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale, int64_t window,
+                   float* q, float* sc) {
+    int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
+    int64_t i = task / hq, h = task % hq, bi = i / t, p = pos[i], kh = h / (hq / hk);
+    const float* qs = qkv + i * row + h * hd;
+    if (cs) rotate(qs, cs + i * half, sn + i * half, q, hd);
+    else for (int64_t d = 0; d < hd; d++) q[d] = qs[d];
+    if (qscale) for (int64_t d = 0; d < hd; d++) q[d] *= qscale[i];
+    const float* keys = kc + bi * cst[0] + kh * cst[1];
+    const float* vals = vc + bi * cst[0] + kh * cst[1];
+    int64_t lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
+    float mx = -INFINITY;
+    for (int64_t j = lo; j <= p; j++) {
+        float a = dot1(q, keys + j * cst[2], hd) * scale;
+        if (slopes) a += slopes[h] * (float)(j - p);
+        sc[j] = a;
+        if (a > mx) mx = a;
+    }
+    float total = 0.0f;
+    for (int64_t j = lo; j <= p; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
+    float* o = out + i * hq * hd + h * hd;
+    for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+    for (int64_t j = lo; j <= p; j++) {
+        const float* vj = vals + j * cst[2];
+        float wgt = sc[j] / total;
+        int64_t d = 0;
+#ifdef __AVX2__
+        __m256 wv = _mm256_set1_ps(wgt);
+        for (; d + 8 <= hd; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+#endif
+        for (; d < hd; d++) o[d] += wgt * vj[d];
+    }
+}
+
+/* One step's attention for a layer from its fused qkv projection: writes the keys and values,
+   then out [b, t, hq * hd]. Returns -1, writing nothing, when a position is outside [0, s). */
+int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, const float* qscale,
+                        const int64_t* pos, float* kc, float* vc, const int64_t* cst, const float* slopes,
+                        float* out, int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t hd, int64_t s,
+                        float scale, int64_t window, int nthreads) {
+    for (int64_t i = 0; i < b * t; i++)
+        if (pos[i] < 0 || pos[i] >= s) return -1;
+    write_kv(qkv, cs, sn, pos, kc, vc, cst, b, t, hq, hk, hd);
     #pragma omp parallel num_threads(nthreads)
     {
         float* q = (float*)malloc(sizeof(float) * (hd + s));
-        float* sc = q + hd;
         #pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; task++) {
-            int64_t i = task / hq, h = task % hq, bi = i / t, p = pos[i], kh = h / (hq / hk);
-            const float* qs = qkv + i * row + h * hd;
-            if (cs) rotate(qs, cs + i * half, sn + i * half, q, hd);
-            else for (int64_t d = 0; d < hd; d++) q[d] = qs[d];
-            if (qscale) for (int64_t d = 0; d < hd; d++) q[d] *= qscale[i];
-            const float* kh_ = kc + bi * cst[0] + kh * cst[1];
-            const float* vh = vc + bi * cst[0] + kh * cst[1];
-            int64_t lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
-            float mx = -INFINITY;
-            for (int64_t j = lo; j <= p; j++) {
-                float a = dot1(q, kh_ + j * cst[2], hd) * scale;
-                if (slopes) a += slopes[h] * (float)(j - p);
-                sc[j] = a;
-                if (a > mx) mx = a;
-            }
-            float total = 0.0f;
-            for (int64_t j = lo; j <= p; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
-            float* o = out + i * hq * hd + h * hd;
-            for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
-            for (int64_t j = lo; j <= p; j++) {
-                const float* vj = vh + j * cst[2];
-                float wgt = sc[j] / total;
-                int64_t d = 0;
-#ifdef __AVX2__
-                __m256 wv = _mm256_set1_ps(wgt);
-                for (; d + 8 <= hd; d += 8)
-                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
-#endif
-                for (; d < hd; d++) o[d] += wgt * vj[d];
-            }
-        }
+        for (int64_t task = 0; task < b * t * hq; task++)
+            attend(qkv, cs, sn, qscale, pos, kc, vc, cst, slopes, out, task, t, hq, hk, hd, scale, window, q, q + hd);
         free(q);
     }
+    return 0;
+}
+
+/* ---- The fused decoder layer -------------------------------------------------------------- */
+
+/* One linear of a layer: kind 0 fp32 [n, k] row-major; 1 int4 and 2 int8 in llmfn.quant's layouts
+   (q, scales, offsets, group). bias may be NULL. */
+typedef struct { const void* q; const float* scales; const float* offsets; const float* bias; int64_t kind, group; } Lin;
+typedef struct { const float* attn_norm; Lin qkv, o; const float* mlp_norm; Lin gate_up, down; } Layer;
+
+/* A spin barrier for the phases of one layer: OpenMP's own barrier sleeps under
+   OMP_WAIT_POLICY=PASSIVE (which llmfn sets), and each wake-up cost ~8 us, 8 times a layer. It
+   yields the core after a while, so an oversubscribed machine does not stall. */
+typedef struct { int count, sense; } Barrier;
+static void barrier_wait(Barrier* b, int nth, int* local) {
+    *local = !*local;
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nth) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->sense, *local, __ATOMIC_RELEASE);
+    } else {
+        for (int64_t spins = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != *local; spins++) {
+#ifdef __AVX2__
+            _mm_pause();
+#endif
+            if (spins > 20000) sched_yield();
+        }
+    }
+}
+
+/* This thread's share [lo, hi) of `count` items. */
+static inline void share(int64_t count, int tid, int nth, int64_t* lo, int64_t* hi) {
+    *lo = count * tid / nth; *hi = count * (tid + 1) / nth;
+}
+
+/* y [m, n] (+)= x [m, k] @ L^T + bias for this thread's share of the output columns: exactly the
+   arithmetic of llmfn_gemv / llmfn_int4_linear / llmfn_int8_linear then "+ bias" then "res +".
+   With add, y holds the residual and receives res + (x @ L^T + bias). xp: scratch m * (k + k / 32). */
+static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m, int64_t n, int64_t k,
+                     int tid, int nth, float* xp) {
+    int64_t lo, hi;
+    if (L->kind == 0) {
+        const float* w = (const float*)L->q;
+        share((n + 3) / 4, tid, nth, &lo, &hi);
+        for (int64_t bi = lo; bi < hi; bi++) {
+            int64_t j = bi * 4;
+            for (int64_t r = 0; r < m; r++) {
+                float out[4];
+                if (j + 4 <= n) dot4(x + r * k, w + j * k, k, out);
+                else for (int64_t i = 0; j + i < n; i++) out[i] = dot1(x + r * k, w + (j + i) * k, k);
+                for (int64_t i = 0; i < 4 && j + i < n; i++) {
+                    float v = L->bias ? out[i] + L->bias[j + i] : out[i];
+                    y[r * n + j + i] = add ? y[r * n + j + i] + v : v;
+                }
+            }
+        }
+        return;
+    }
+    int64_t g = L->group, G = k / g;
+    float* xs = xp + m * k;
+    if (L->kind == 1) prep4(x, xp, xs, m, k, g);
+    share(n, tid, nth, &lo, &hi);
+    for (int64_t j = lo; j < hi; j++) {
+        float out[16];
+        for (int64_t i0 = 0; i0 < m; i0 += 4) {
+            int64_t R = (m - i0) < 4 ? (m - i0) : 4;
+            if (L->kind == 1)
+                int4_block(xp + i0 * k, xs + i0 * G, (const uint8_t*)L->q + j * (k / 2), L->scales + j * G,
+                           L->offsets + j * G, out + i0, 1, k, g, G, R);
+            else
+                int8_block(x + i0 * k, (const int8_t*)L->q + j * k, L->scales + j * G, out + i0, 1, k, g, G, R);
+        }
+        for (int64_t r = 0; r < m; r++) {
+            float v = L->bias ? out[r] + L->bias[j] : out[r];
+            y[r * n + j] = add ? y[r * n + j] + v : v;
+        }
+    }
+}
+
+/* x [m, D] <- one pre-norm decoder layer of x (the residual stream, updated in place):
+       x = x + o(attention(rope(qkv(rms(x))))); x = x + down(silu(gate) * up)(rms(x))
+   with the cache arguments of llmfn_qkv_attention. Bitwise what the separate kernels above give. */
+int llmfn_decoder_layer(float* x, const Layer* L, const float* cs, const float* sn, const float* qscale,
+                        const int64_t* pos, float* kc, float* vc, const int64_t* cst, const float* slopes,
+                        int64_t m, int64_t t, int64_t D, int64_t hq, int64_t hk, int64_t hd, int64_t F,
+                        int64_t s, float eps, float scale, int64_t window, int nthreads) {
+    for (int64_t i = 0; i < m; i++)
+        if (pos[i] < 0 || pos[i] >= s) return -1;
+    int64_t nqkv = (hq + 2 * hk) * hd, nq = hq * hd, kmax = D > F ? D : F;
+    kmax = kmax > nq ? kmax : nq;
+    float* buf = (float*)malloc(sizeof(float) * m * (D + nqkv + nq + 3 * F));
+    float *h = buf, *qkv = h + m * D, *att = qkv + m * nqkv, *gu = att + m * nq, *act = gu + 2 * m * F;
+    Barrier bar = {0, 0};
+    int64_t b = m / t;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
+        float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + m + hd + s));
+        float* q = xp + m * kmax + m * kmax / 32 + m;
+        int64_t lo, hi;
+        if (tid == 0) llmfn_rms_norm(x, L->attn_norm, h, m, D, eps);
+        barrier_wait(&bar, nth, &local);
+        lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp);
+        barrier_wait(&bar, nth, &local);
+        if (tid == 0) write_kv(qkv, cs, sn, pos, kc, vc, cst, b, t, hq, hk, hd);
+        barrier_wait(&bar, nth, &local);
+        share(m * hq, tid, nth, &lo, &hi);
+        for (int64_t task = lo; task < hi; task++)
+            attend(qkv, cs, sn, qscale, pos, kc, vc, cst, slopes, att, task, t, hq, hk, hd, scale, window, q, q + hd);
+        barrier_wait(&bar, nth, &local);
+        lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp);
+        barrier_wait(&bar, nth, &local);
+        if (tid == 0) llmfn_rms_norm(x, L->mlp_norm, h, m, D, eps);
+        barrier_wait(&bar, nth, &local);
+        lin_part(&L->gate_up, h, gu, 0, m, 2 * F, D, tid, nth, xp);
+        barrier_wait(&bar, nth, &local);
+        share(F, tid, nth, &lo, &hi);
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t i = lo; i < hi; i++) act[r * F + i] = silu_times(gu[r * 2 * F + i], gu[r * 2 * F + F + i]);
+        barrier_wait(&bar, nth, &local);
+        lin_part(&L->down, act, x, 1, m, D, F, tid, nth, xp);
+        free(xp);
+    }
+    free(buf);
     return 0;
 }
 """
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
+    **quant_cpu.SIGNATURES,
+    "llmfn_decoder_layer": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _p, *[_i64] * 8, _f32, _f32, _i64, _i32],
     "llmfn_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_rms_norm": [_p, _p, _p, _i64, _i64, _f32],
     "llmfn_silu_mul": [_p, _p, _i64, _i64],
@@ -206,7 +335,7 @@ _SIGNATURES = {
 _lib: ctypes.CDLL | None | bool = False  # False until the first _load
 
 
-def _load() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     global _lib
     if _lib is False:
         _lib = None if os.environ.get("LLMFN_CPU_KERNELS", "c") == "torch" else cbuild.load("llmfn_cpu", SOURCE, _SIGNATURES)
@@ -215,7 +344,7 @@ def _load() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """True when the compiled kernels load (compiling them on first use)."""
-    return _load() is not None
+    return library() is not None
 
 
 def _ptr(t: torch.Tensor | None):
@@ -230,7 +359,7 @@ def takes(x: torch.Tensor, *others: torch.Tensor) -> bool:
     for t in (x, *others):
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad:
             return False
-    return not torch.compiler.is_compiling() and _load() is not None
+    return not torch.compiler.is_compiling() and library() is not None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,7 +368,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], n)
     b = None if b is None else b.contiguous()
-    _load().llmfn_gemv(x.data_ptr(), w.data_ptr(), _ptr(b), y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads())
+    library().llmfn_gemv(x.data_ptr(), w.data_ptr(), _ptr(b), y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads())
     return y
 
 
@@ -247,7 +376,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     d = x.shape[-1]
-    _load().llmfn_rms_norm(x.data_ptr(), w.contiguous().data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
+    library().llmfn_rms_norm(x.data_ptr(), w.contiguous().data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
     return y
 
 
@@ -256,7 +385,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     f = gate_up.shape[-1] // 2
     y = gate_up.new_empty(*gate_up.shape[:-1], f)
-    _load().llmfn_silu_mul(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * f), f)
+    library().llmfn_silu_mul(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * f), f)
     return y
 
 
@@ -273,7 +402,7 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float()
     args = [None if a is None else a.contiguous() for a in (qkv, cos, sin, q_scale, positions, alibi_slopes)]
-    status = _load().llmfn_qkv_attention(
+    status = library().llmfn_qkv_attention(
         *(_ptr(a) for a in args[:5]), k_cache.data_ptr(), v_cache.data_ptr(), strides, _ptr(args[5]),
         out.data_ptr(),
         b, t, num_heads, num_kv_heads, hd, k_cache.shape[2], scale, window or 0, torch.get_num_threads(),
@@ -282,3 +411,65 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
         raise IndexError(f"positions must lie in [0, {k_cache.shape[2]}) (the KV cache length)")
     return out
 
+
+
+def _lin_fields(w, b: torch.Tensor | None) -> list[int] | None:
+    """A linear's Lin struct fields [q, scales, offsets, bias, kind, group], or None when the fused
+    layer cannot take the weight (quantized leaves describe themselves: llmfn.quant `fused_args`)."""
+    if b is not None and not (b.dtype == torch.float32 and b.device.type == "cpu" and b.is_contiguous()):
+        return None
+    bias = 0 if b is None else b.data_ptr()
+    if isinstance(w, torch.Tensor):
+        if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or w.requires_grad:
+            return None
+        return [w.data_ptr(), 0, 0, bias, 0, 0]
+    args = w.fused_args() if hasattr(w, "fused_args") else None
+    return None if args is None else [args[1], args[2], args[3], bias, args[0], args[4]]
+
+
+def _norm_ptr(w: torch.Tensor) -> int | None:
+    ok = w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+    return w.data_ptr() if ok else None
+
+
+def layer_fields(layer: dict) -> ctypes.Array | None:
+    """The C Layer struct of a Llama-layout layer (models/llama.py), or None when a weight is of a
+    kind the fused layer does not take."""
+    parts = [
+        _norm_ptr(layer["attn_norm"]),
+        _lin_fields(layer["wqkv"], layer.get("bqkv")),
+        _lin_fields(layer["wo"], layer.get("bo")),
+        _norm_ptr(layer["mlp_norm"]),
+        _lin_fields(layer["w_gate_up"], layer.get("b_gate_up")),
+        _lin_fields(layer["w_down"], layer.get("b_down")),
+    ]
+    if any(p is None for p in parts):
+        return None
+    flat = [parts[0], *parts[1], *parts[2], parts[3], *parts[4], *parts[5]]
+    return (ctypes.c_int64 * len(flat))(*flat)
+
+
+def decoder_layer(x: torch.Tensor, fields: ctypes.Array, cfg, cos, sin, q_scale, positions, k_cache, v_cache,
+                  alibi_slopes=None) -> torch.Tensor:
+    """One pre-norm Llama decoder layer of x [b, t, D] as a single C call (fields: `layer_fields`).
+
+    x is donated: the residual stream is updated in place and returned. The caches are written in
+    place as in qkv_attention. Bitwise what the separate kernels (linear, rms_norm, qkv_attention,
+    silu_mul) give; one OpenMP region per layer instead of eight."""
+    b, t, d = x.shape
+    hd = k_cache.shape[-1]
+    if q_scale is not None:
+        q_scale = q_scale.reshape(b, t).contiguous()
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.float().contiguous()
+    cos, sin, positions = (None if a is None else a.contiguous() for a in (cos, sin, positions))
+    strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
+    status = library().llmfn_decoder_layer(
+        x.data_ptr(), fields, _ptr(cos), _ptr(sin), _ptr(q_scale), positions.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), strides, _ptr(alibi_slopes), b * t, t, d, cfg.num_heads, cfg.num_kv_heads, hd,
+        cfg.intermediate_size, k_cache.shape[2], cfg.rms_norm_eps, 1.0 / math.sqrt(hd), cfg.sliding_window or 0,
+        torch.get_num_threads(),
+    )
+    if status:
+        raise IndexError(f"positions must lie in [0, {k_cache.shape[2]}) (the KV cache length)")
+    return x

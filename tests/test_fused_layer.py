@@ -1,0 +1,119 @@
+"""The fused C decoder layer (kernels/cpu.py `decoder_layer`) against the same layer run op by op.
+
+Both paths use the same C arithmetic, so logits and caches must agree bitwise, over the layer's
+variants (biases, GQA, ALiBi, sliding window, logn scaling, dynamic NTK), fp32 / int4 / int8 weights,
+batches and strided cache views; and against the pure-torch ops within fp32 tolerance."""
+
+import math
+
+import pytest
+import torch
+
+from llmfn import quant
+from llmfn.config import LlamaConfig
+from llmfn.kernels import cpu
+from llmfn.kernels import reference as ref
+from llmfn.models import llama
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler to build the CPU kernels")
+
+VARIANTS = {
+    "llama-gqa": {},
+    "biases-mha": dict(num_kv_heads=4, qkv_bias=True, o_bias=True, mlp_bias=True),
+    "mistral-window": dict(sliding_window=3),
+    "alibi-mqa": dict(num_kv_heads=1, position_encoding="alibi"),
+    "qwen1-logn-ntk": dict(num_kv_heads=4, logn_length=6, dynamic_ntk_length=6),
+}
+
+
+def random_params(cfg: LlamaConfig, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    D, F, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
+    layers = []
+    for _ in range(cfg.num_layers):
+        layer = {"attn_norm": 1 + w(D), "wqkv": w(qkv, D), "wo": w(D, cfg.q_size), "mlp_norm": 1 + w(D),
+                 "w_gate_up": w(2 * F, D), "w_down": w(D, F)}  # fmt: skip
+        if cfg.qkv_bias:
+            layer["bqkv"] = w(qkv)
+        if cfg.o_bias:
+            layer["bo"] = w(D)
+        if cfg.mlp_bias:
+            layer["b_gate_up"], layer["b_down"] = w(2 * F), w(D)
+        layers.append(layer)
+    params = {"embed": w(cfg.vocab_size, D, scale=1.0), "norm": 1 + w(D), "lm_head": w(cfg.vocab_size, D),
+              "layers": layers}  # fmt: skip
+    if cfg.position_encoding == "alibi":
+        params["alibi_slopes"] = ref.alibi_slopes(cfg.num_heads)
+    else:
+        params["rope_inv_freq"] = llama.rope_inv_freq(cfg)
+    return params
+
+
+def config(**overrides) -> LlamaConfig:
+    base = dict(model_type="llama", vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5)  # fmt: skip
+    return LlamaConfig(**{**base, **overrides})
+
+
+def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=12):
+    """A 3-token prefill then decode steps, rows at different positions, on a strided cache view."""
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(cpu, "layer_fields", lambda layer: None)
+        full = llama.init_cache(cfg, batch, slot_len)
+        cache = {k: v[..., :view, :] for k, v in full.items()}
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, 3 + steps), generator=g)
+        start = torch.arange(batch)[:, None]  # row b starts at position b
+        outs = []
+        logits, cache = llama.forward(params, cfg, tokens[:, :3], start + torch.arange(3), cache)
+        outs.append(logits)
+        for i in range(3, 3 + steps):
+            logits, cache = llama.forward(params, cfg, tokens[:, i : i + 1], start + i, cache)
+            outs.append(logits)
+        return torch.cat(outs, dim=1), full
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("weights", ["fp32", "int4", "int8"])
+def test_fused_layer_is_bitwise_the_op_by_op_layer(variant, weights, monkeypatch):
+    cfg = config(**VARIANTS[variant])
+    params = random_params(cfg, seed=len(variant))
+    if weights != "fp32":
+        params = quant.quantize_params(params, weights)
+    calls = []
+    real = cpu.decoder_layer
+    monkeypatch.setattr(cpu, "decoder_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        fused, fused_cache = run(params, cfg, steps=5, batch=2, fused=True, monkeypatch=monkeypatch)
+        assert len(calls) == cfg.num_layers * 6  # every step took the fused layer
+        op_by_op, op_cache = run(params, cfg, steps=5, batch=2, fused=False, monkeypatch=monkeypatch)
+    assert len(calls) == cfg.num_layers * 6
+    assert torch.equal(fused, op_by_op)
+    assert torch.equal(fused_cache["k"], op_cache["k"]) and torch.equal(fused_cache["v"], op_cache["v"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_layer_matches_the_torch_ops(variant, monkeypatch):
+    """The C decode path against the pure-torch forward (C kernels off: LLMFN_CPU_KERNELS=torch)."""
+    cfg = config(**VARIANTS[variant])
+    params = random_params(cfg, seed=3)
+    with torch.inference_mode():
+        fused, _ = run(params, cfg, steps=5, batch=2, fused=True, monkeypatch=monkeypatch)
+        monkeypatch.setattr(cpu, "_lib", None)  # as if the library could not be built
+        torch_ops, _ = run(params, cfg, steps=5, batch=2, fused=False, monkeypatch=monkeypatch)
+    scale = torch_ops.abs().max().item()
+    assert math.isfinite(scale) and (fused - torch_ops).abs().max().item() <= 1e-5 * max(scale, 1.0)
+
+
+def test_fused_layer_refuses_positions_outside_the_cache():
+    cfg = config()
+    params = random_params(cfg, seed=0)
+    cache = llama.init_cache(cfg, 1, 4)
+    with pytest.raises(IndexError, match="KV cache length"), torch.inference_mode():
+        llama.forward(params, cfg, torch.tensor([[1]]), torch.tensor([[4]]), cache)
+    assert not cache["k"].any() and not cache["v"].any()
