@@ -154,3 +154,32 @@ def test_ops_take_the_c_path_for_decode_and_the_reference_for_long_inputs(monkey
     ops.rms_norm(randn(g, cpu.MAX_ROWS + 1, 8), w, 1e-6)
     ops.rms_norm(randn(g, 1, 8).double(), w.double(), 1e-6)
     assert calls == ["c"]
+
+
+@EXAMPLES
+@given(b=st.integers(1, 2), t=st.integers(1, 24), hk=st.integers(1, 2), group=st.integers(1, 3),
+       extra=st.integers(0, 9), from_zero=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_cpu_attention_over_used_slots_matches_reference(b, t, hk, group, extra, from_zero, seed):
+    """ops.attention on CPU reads only the slots up to the last position, and takes SDPA's causal
+    kernel for a prompt from position 0: same result as the reference over the whole cache."""
+    g = torch.Generator().manual_seed(seed)
+    hd, hq = 8, hk * group
+    starts = [0] * b if from_zero else [int(torch.randint(0, 6, (1,), generator=g)) for _ in range(b)]
+    positions = torch.tensor([[p + i for i in range(t)] for p in starts])
+    s = int(positions.max()) + 1 + extra
+    q, k, v = randn(g, b, hq, t, hd), randn(g, b, hk, s, hd), randn(g, b, hk, s, hd)
+    out = ops.attention(q, k, v, positions, hd**-0.5)
+    fp32 = ref.attention(q, k, v, positions, hd**-0.5)
+    fp64 = ref.attention(q.double(), k.double(), v.double(), positions, hd**-0.5)
+    assert_rule(out, fp32, fp64)
+
+
+def test_linear_above_max_rows_matches_f_linear():
+    """Prefill-sized fp32 inputs take oneDNN's linear (llmfn.linear): F.linear's result to fp32 rounding."""
+    from llmfn.linear import linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = randn(g, 3, 40, 64), randn(g, 96, 64), randn(g, 96)
+    expected = F.linear(x.double(), w.double(), b.double())
+    assert_rule(linear(x, w, b), F.linear(x, w, b), expected)
+    assert_rule(linear(x[:, ::2], w), F.linear(x[:, ::2], w), F.linear(x[:, ::2].double(), w.double()))

@@ -354,12 +354,17 @@ def _ptr(t: torch.Tensor | None):
 def takes(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether these kernels serve x (rows = all but the last dim) with the given operands: fp32 CPU
     tensors outside autograd and torch.compile, at most MAX_ROWS rows. Called per op: kept cheap."""
-    if x.numel() > MAX_ROWS * x.shape[-1]:
+    if x.numel() > MAX_ROWS * x.shape[-1] or not fp32_cpu(x, *others):
         return False
-    for t in (x, *others):
+    return not torch.compiler.is_compiling() and library() is not None
+
+
+def fp32_cpu(*ts: torch.Tensor) -> bool:
+    """fp32 CPU tensors outside autograd."""
+    for t in ts:
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad:
             return False
-    return not torch.compiler.is_compiling() and library() is not None
+    return True
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

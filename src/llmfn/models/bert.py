@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.linear import linear
 
 # hidden_act values of Hugging Face configs -> our activation names
 _ACTS = {
@@ -150,13 +151,13 @@ def forward(
     # SDPA boolean mask, True = attend: [B, 1, 1, T] broadcast over heads and queries
     mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
     for layer in params["layers"]:
-        qkv = F.linear(x, layer["wqkv"], layer["bqkv"])  # [B, T, 3D]
+        qkv = linear(x, layer["wqkv"], layer["bqkv"])  # [B, T, 3D]
         q, k, v = qkv.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
         a = a.transpose(1, 2).reshape(B, T, H * hd)  # [B, T, D]
-        x = _norm(F.linear(a, layer["wo"], layer["bo"]) + x, layer["attn_norm"], cfg.norm_eps)
-        h = _act(F.linear(x, layer["w_up"], layer["b_up"]), cfg.act)  # [B, T, F]
-        x = _norm(F.linear(h, layer["w_down"], layer["b_down"]) + x, layer["mlp_norm"], cfg.norm_eps)
+        x = _norm(linear(a, layer["wo"], layer["bo"]) + x, layer["attn_norm"], cfg.norm_eps)
+        h = _act(linear(x, layer["w_up"], layer["b_up"]), cfg.act)  # [B, T, F]
+        x = _norm(linear(h, layer["w_down"], layer["b_down"]) + x, layer["mlp_norm"], cfg.norm_eps)
     return x
 
 
