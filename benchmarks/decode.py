@@ -1,6 +1,8 @@
-"""Decoder perf report for SmolLM2-135M on this machine: llmfn (fp32, bf16, optionally compiled)
-beside Hugging Face transformers on the same weights, and llama.cpp (f32 GGUF of the same
-weights) when llama-cpp-python is installed (`make bench-setup`). Prints one table.
+"""Decoder perf report for SmolLM2-135M on this machine: llmfn (fp32, int4 on the GGUF's Q4_1 bits,
+bf16, optionally compiled) beside Hugging Face transformers on the same weights, and llama.cpp (an
+f32 GGUF of the same weights, and the original Q4_1) when llama-cpp-python is installed
+(`make bench-setup`). Peers run in their own processes with the user's environment
+(benchmarks/peers.py). Prints one table.
 
     python benchmarks/decode.py [--prompt-tokens 128] [--gen-tokens 128]
 """
@@ -15,9 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+# isort: off
+import llmfn  # before torch: llmfn's OpenMP defaults then apply to its rows
 import torch
 
-import llmfn
+# isort: on
+import peers
+
 from llmfn.loading import resolve
 from llmfn.perf import PerfReport, measure
 
@@ -34,37 +40,11 @@ def prompt_ids(model, n: int) -> list[int]:
 
 
 def llmfn_row(name, model, ids, gen) -> tuple[str, PerfReport, float]:
+    """Best decode of two runs after a warm-up at the same shapes (compile included when on), as the peers."""
     t0 = time.perf_counter()
-    measure(model, ids, max_tokens=gen)  # warm-up at the same shapes (includes compile when on)
+    measure(model, ids, max_tokens=gen)
     warm = time.perf_counter() - t0
-    return name, measure(model, ids, max_tokens=gen), warm
-
-
-def transformers_row(folder: Path, ids, gen, dtype) -> tuple[str, PerfReport, float]:
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    tokens = torch.tensor([ids])
-
-    def run(tokens, gen):
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            cache = DynamicCache(config=model.config)
-            out = model(tokens, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            int(token)
-            t1 = time.perf_counter()
-            for _ in range(gen - 1):
-                out = model(token, past_key_values=out.past_key_values, use_cache=True)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                int(token)
-            t2 = time.perf_counter()
-        return PerfReport.of(len(tokens[0]), gen, t1 - t0, t2 - t1)
-
-    t0 = time.perf_counter()
-    run(tokens[:, :8], 4)
-    warm = time.perf_counter() - t0
-    return f"transformers {str(dtype).removeprefix('torch.')} eager", run(tokens, gen), warm
+    return name, max((measure(model, ids, max_tokens=gen) for _ in range(2)), key=lambda r: r.decode_tok_s), warm
 
 
 def write_f32_gguf(source: Path, out: Path) -> None:
@@ -92,12 +72,9 @@ def write_f32_gguf(source: Path, out: Path) -> None:
     writer.close()
 
 
-def llama_cpp_rows(ids, gen) -> list[tuple[str, PerfReport, float]]:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("llama.cpp: llama-cpp-python is not installed (make bench-setup); no llama.cpp rows")
-        return []
+def peer_rows(folder: Path, ids, gen) -> list[tuple[str, PerfReport, float]]:
+    """transformers on the checkpoint folder, llama.cpp on an f32 GGUF of the same weights and on the
+    original Q4_1 GGUF, each in its own process with the user's environment (benchmarks/peers.py)."""
     from llmfn.registry import ALIASES, package_path
 
     q4 = package_path(ALIASES["smollm2-135m-instruct"])
@@ -105,23 +82,11 @@ def llama_cpp_rows(ids, gen) -> list[tuple[str, PerfReport, float]]:
     if not f32.exists():
         write_f32_gguf(q4, f32)
     rows = []
-    for name, path in (("llama.cpp f32", f32), ("llama.cpp Q4_1", q4)):
-        llm = Llama(str(path), n_ctx=len(ids) + gen + 8, n_threads=os.cpu_count(), verbose=False)
-
-        def run(n_gen, llm=llm):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(ids)
-            token = llm.sample(temp=0.0)
-            t1 = time.perf_counter()
-            for _ in range(n_gen - 1):
-                llm.eval([token])
-                token = llm.sample(temp=0.0)
-            return PerfReport.of(len(ids), n_gen, t1 - t0, time.perf_counter() - t1)
-
-        t0 = time.perf_counter()
-        run(4)
-        rows.append((name, run(gen), time.perf_counter() - t0))
+    for name, kind, model in (("transformers float32 eager", "transformers", folder),
+                              ("llama.cpp f32", "llama.cpp", f32), ("llama.cpp Q4_1", "llama.cpp", q4)):  # fmt: skip
+        r = peers.run(kind, model, ids, gen, torch.get_num_threads(), llmfn.ENV_SET_BY_LLMFN)
+        if r is not None:
+            rows.append((name, PerfReport.of(r["prompt_tokens"], r["generated"], r["prefill_s"], r["decode_s"]), r["warm_s"]))
     return rows
 
 
@@ -139,15 +104,17 @@ def main() -> None:
     gen = args.gen_tokens
     rows = [
         llmfn_row("llmfn fp32 (default: eager)", llmfn.load(folder, compile=False), ids, gen),
+        llmfn_row("llmfn int4 (the GGUF's Q4_1 bits)", llmfn.load(folder, quantize="int4", compile=False), ids, gen),
         llmfn_row("llmfn bf16 (eager)", llmfn.load(folder, dtype="bfloat16", compile=False), ids, gen),
     ]
     if args.compiled:
         rows.append(llmfn_row("llmfn fp32 compiled", llmfn.load(folder, compile=True), ids, gen))
     if not args.skip_peers:
-        rows.append(transformers_row(folder, ids, gen, torch.float32))
-        rows += llama_cpp_rows(ids, gen)
+        rows += peer_rows(folder, ids, gen)
 
-    print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (llmfn sets PASSIVE unless told otherwise; both runtimes share it)")
+    env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+    print(f"# llmfn ran with {env} (its defaults unless the user set them); each peer ran in its own process "
+          f"without llmfn's defaults ({', '.join(llmfn.ENV_SET_BY_LLMFN) or 'none were set'})")
     print(f"# SmolLM2-135M-Instruct decode, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"# prompt {len(ids)} tokens, {gen} generated, greedy; warm-up (incl. compile) not counted\n")

@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import llmfn  # noqa: E402, I001  (before torch: llmfn sets its OpenMP defaults)
+import llmfn.loading  # noqa: E402
+import peers  # noqa: E402
 import torch  # noqa: E402
 
 TEXT = (
@@ -107,44 +109,37 @@ def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None) -> di
             "weights_mb": weight_mb(model.params), "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
 
 
-def run_llama_cpp(n_prompt: int, gen: int, threads: int) -> dict | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+def llmfn_row(variant: str, args) -> dict | None:
+    """One llmfn variant in its own process (so RSS is its alone)."""
+    cmd = [sys.executable, __file__, "--one", variant, "--prompt-tokens", str(args.prompt_tokens),
+           "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
+    if out.returncode != 0 or line is None:
+        print(f"{variant}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
         return None
+    return json.loads(line[4:])
+
+
+def llama_cpp_row(args) -> dict | None:
+    """llama.cpp on the original Q4_1 GGUF, with the user's environment (benchmarks/peers.py), on
+    llmfn's token ids of the same prompt."""
     from llmfn.registry import ALIASES, package_path
 
     path = package_path(ALIASES[ALIAS])
-    t0 = time.perf_counter()
-    llm = Llama(str(path), n_ctx=n_prompt + gen + 16, n_threads=threads, verbose=False)
-    load_s = time.perf_counter() - t0
-    ids = llm.tokenize(TEXT.encode() * (n_prompt // 20 + 1), add_bos=False)[:n_prompt]
-
-    def tokens(n_gen):
-        llm.reset()
-        llm.eval(ids)
-        token = llm.sample(temp=0.0)
-        yield token
-        for _ in range(n_gen - 1):
-            llm.eval([token])
-            token = llm.sample(temp=0.0)
-            yield token
-
-    t0 = time.perf_counter()
-    timed(tokens(4))
-    warm = time.perf_counter() - t0
-    prefill_s, tok_s, cpu_tok_s = max((timed(tokens(gen)) for _ in range(2)), key=lambda r: r[1])
-    return {"name": "llama.cpp Q4_1", "decode_tok_s": tok_s, "cpu_tok_s": cpu_tok_s, "prefill_tok_s": len(ids) / prefill_s,
-            "load_s": load_s, "warm_s": warm, "weights_mb": path.stat().st_size / 2**20, "rss_mb": rss_mb(),
-            "peak_rss_mb": peak_rss_mb()}
+    ids = llmfn.load_tokenizer(llmfn.loading.resolve(ALIAS)).encode(TEXT * (args.prompt_tokens // 20 + 1))
+    r = peers.run("llama.cpp", path, ids[: args.prompt_tokens], args.gen_tokens, args.threads, llmfn.ENV_SET_BY_LLMFN)
+    if r is None:
+        return None
+    n = r["generated"] - 1
+    return {"name": "llama.cpp Q4_1", "decode_tok_s": n / r["decode_s"], "cpu_tok_s": n / r["decode_cpu_s"],
+            "prefill_tok_s": r["prompt_tokens"] / r["prefill_s"], "load_s": r["load_s"], "warm_s": r["warm_s"],
+            "weights_mb": path.stat().st_size / 2**20, "rss_mb": r["rss_mb"], "peak_rss_mb": r["peak_rss_mb"]}
 
 
 def child(args) -> None:
     torch.set_num_threads(args.threads)
-    if args.one == "llama.cpp":
-        row = run_llama_cpp(args.prompt_tokens, args.gen_tokens, args.threads)
-    else:
-        row = run_llmfn(args.one, args.prompt_tokens, args.gen_tokens, True if args.compile else None)
+    row = run_llmfn(args.one, args.prompt_tokens, args.gen_tokens, True if args.compile else None)
     print("ROW " + json.dumps(row))
 
 
@@ -213,23 +208,14 @@ def main() -> None:
 
     rows = []
     for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--one", variant, "--prompt-tokens", str(args.prompt_tokens),
-               "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
-        if out.returncode != 0 or line is None:
-            print(f"{variant}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        row = json.loads(line[4:])
-        if row is None:
-            print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python, or make bench-setup); "
-                  "no llama.cpp row")
-            continue
-        rows.append(row)
+        row = llama_cpp_row(args) if variant == "llama.cpp" else llmfn_row(variant, args)
+        if row is not None:
+            rows.append(row)
 
     print(f"\n# SmolLM2-135M-Instruct decode on CPU, {datetime.date.today()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {args.threads}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}, "
+          f"threads {args.threads}, llmfn with OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}, peers without "
+          f"llmfn's defaults ({', '.join(llmfn.ENV_SET_BY_LLMFN) or 'none set'}), "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"# prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated, greedy, best of 2\n")
     print("| runtime | decode tok/s | decode tok per CPU s | prefill tok/s | weights MiB | RSS MiB | peak RSS MiB "

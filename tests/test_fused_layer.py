@@ -86,13 +86,13 @@ def test_fused_layer_is_bitwise_the_op_by_op_layer(variant, weights, monkeypatch
     if weights != "fp32":
         params = quant.quantize_params(params, weights)
     calls = []
-    real = cpu.decoder_layer
-    monkeypatch.setattr(cpu, "decoder_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu.decoder_layers
+    monkeypatch.setattr(cpu, "decoder_layers", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     with torch.inference_mode():
         fused, fused_cache = run(params, cfg, steps=5, batch=2, fused=True, monkeypatch=monkeypatch)
-        assert len(calls) == cfg.num_layers * 6  # every step took the fused layer
+        assert calls == [cfg.num_layers] * 6  # every step ran all layers in one fused call
         op_by_op, op_cache = run(params, cfg, steps=5, batch=2, fused=False, monkeypatch=monkeypatch)
-    assert len(calls) == cfg.num_layers * 6
+    assert calls == [cfg.num_layers] * 6
     assert torch.equal(fused, op_by_op)
     assert torch.equal(fused_cache["k"], op_cache["k"]) and torch.equal(fused_cache["v"], op_cache["v"])
 

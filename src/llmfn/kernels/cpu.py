@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import weakref
 
 import torch
 
@@ -272,13 +273,14 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     }
 }
 
-/* x [m, D] <- one pre-norm decoder layer of x (the residual stream, updated in place):
-       x = x + o(attention(rope(qkv(rms(x))))); x = x + down(silu(gate) * up)(rms(x))
-   with the cache arguments of llmfn_qkv_attention. Bitwise what the separate kernels above give. */
-int llmfn_decoder_layer(float* x, const Layer* L, const float* cs, const float* sn, const float* qscale,
-                        const int64_t* pos, float* kc, float* vc, const int64_t* cst, const float* slopes,
-                        int64_t m, int64_t t, int64_t D, int64_t hq, int64_t hk, int64_t hd, int64_t F,
-                        int64_t s, float eps, float scale, int64_t window, int nthreads) {
+/* x [m, D] <- the pre-norm decoder layers Ls[0 .. nl-1] applied to x (the residual stream, updated
+   in place), each  x = x + o(attention(rope(qkv(rms(x))))); x = x + down(silu(gate) * up)(rms(x)),
+   with the cache arguments above; layer l's caches start at kc / vc + l * cst[3]. One OpenMP region
+   for all of them, its phases separated by spin barriers. Bitwise what the separate kernels give. */
+int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const float* cs, const float* sn,
+                         const float* qscale, const int64_t* pos, float* kc, float* vc, const int64_t* cst,
+                         const float* slopes, int64_t m, int64_t t, int64_t D, int64_t hq, int64_t hk, int64_t hd,
+                         int64_t F, int64_t s, float eps, float scale, int64_t window, int nthreads) {
     for (int64_t i = 0; i < m; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
     int64_t nqkv = (hq + 2 * hk) * hd, nq = hq * hd, kmax = D > F ? D : F;
@@ -290,30 +292,35 @@ int llmfn_decoder_layer(float* x, const Layer* L, const float* cs, const float* 
     #pragma omp parallel num_threads(nthreads)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
-        float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + m + hd + s));
-        float* q = xp + m * kmax + m * kmax / 32 + m;
+        float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s));
+        float* q = xp + m * kmax + m * kmax / 32;
         int64_t lo, hi;
-        if (tid == 0) llmfn_rms_norm(x, L->attn_norm, h, m, D, eps);
-        barrier_wait(&bar, nth, &local);
-        lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp);
-        barrier_wait(&bar, nth, &local);
-        if (tid == 0) write_kv(qkv, cs, sn, pos, kc, vc, cst, b, t, hq, hk, hd);
-        barrier_wait(&bar, nth, &local);
-        share(m * hq, tid, nth, &lo, &hi);
-        for (int64_t task = lo; task < hi; task++)
-            attend(qkv, cs, sn, qscale, pos, kc, vc, cst, slopes, att, task, t, hq, hk, hd, scale, window, q, q + hd);
-        barrier_wait(&bar, nth, &local);
-        lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp);
-        barrier_wait(&bar, nth, &local);
-        if (tid == 0) llmfn_rms_norm(x, L->mlp_norm, h, m, D, eps);
-        barrier_wait(&bar, nth, &local);
-        lin_part(&L->gate_up, h, gu, 0, m, 2 * F, D, tid, nth, xp);
-        barrier_wait(&bar, nth, &local);
-        share(F, tid, nth, &lo, &hi);
-        for (int64_t r = 0; r < m; r++)
-            for (int64_t i = lo; i < hi; i++) act[r * F + i] = silu_times(gu[r * 2 * F + i], gu[r * 2 * F + F + i]);
-        barrier_wait(&bar, nth, &local);
-        lin_part(&L->down, act, x, 1, m, D, F, tid, nth, xp);
+        for (int64_t l = 0; l < nl; l++) {
+            const Layer* L = Ls[l];
+            float *kl = kc + l * cst[3], *vl = vc + l * cst[3];
+            if (tid == 0) llmfn_rms_norm(x, L->attn_norm, h, m, D, eps);
+            barrier_wait(&bar, nth, &local);
+            lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp);
+            barrier_wait(&bar, nth, &local);
+            if (tid == 0) write_kv(qkv, cs, sn, pos, kl, vl, cst, b, t, hq, hk, hd);
+            barrier_wait(&bar, nth, &local);
+            share(m * hq, tid, nth, &lo, &hi);
+            for (int64_t task = lo; task < hi; task++)
+                attend(qkv, cs, sn, qscale, pos, kl, vl, cst, slopes, att, task, t, hq, hk, hd, scale, window, q, q + hd);
+            barrier_wait(&bar, nth, &local);
+            lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp);
+            barrier_wait(&bar, nth, &local);
+            if (tid == 0) llmfn_rms_norm(x, L->mlp_norm, h, m, D, eps);
+            barrier_wait(&bar, nth, &local);
+            lin_part(&L->gate_up, h, gu, 0, m, 2 * F, D, tid, nth, xp);
+            barrier_wait(&bar, nth, &local);
+            share(F, tid, nth, &lo, &hi);
+            for (int64_t r = 0; r < m; r++)
+                for (int64_t i = lo; i < hi; i++) act[r * F + i] = silu_times(gu[r * 2 * F + i], gu[r * 2 * F + F + i]);
+            barrier_wait(&bar, nth, &local);
+            lin_part(&L->down, act, x, 1, m, D, F, tid, nth, xp);
+            barrier_wait(&bar, nth, &local);
+        }
         free(xp);
     }
     free(buf);
@@ -324,7 +331,7 @@ int llmfn_decoder_layer(float* x, const Layer* L, const float* cs, const float* 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     **quant_cpu.SIGNATURES,
-    "llmfn_decoder_layer": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _p, *[_i64] * 8, _f32, _f32, _i64, _i32],
+    "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _p, *[_i64] * 8, _f32, _f32, _i64, _i32],
     "llmfn_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_rms_norm": [_p, _p, _p, _i64, _i64, _f32],
     "llmfn_silu_mul": [_p, _p, _i64, _i64],
@@ -437,9 +444,30 @@ def _norm_ptr(w: torch.Tensor) -> int | None:
     return w.data_ptr() if ok else None
 
 
+# id(layer) -> (weak references to its values, its Layer struct): building the struct costs ~50 us a
+# layer (a third of a int4 decode step's overhead), so it is built once per layer dict. A hit must
+# find the very same value objects (weights are immutable pytree leaves, never resized in place).
+_LAYER_CACHE: dict[int, tuple[tuple, ctypes.Array | None]] = {}
+
+
 def layer_fields(layer: dict) -> ctypes.Array | None:
     """The C Layer struct of a Llama-layout layer (models/llama.py), or None when a weight is of a
     kind the fused layer does not take."""
+    hit = _LAYER_CACHE.get(id(layer))
+    if hit is not None and len(hit[0]) == len(layer) and all(r() is v for r, v in zip(hit[0], layer.values(), strict=True)):
+        return hit[1]
+    fields = _layer_fields(layer)
+    try:
+        refs = tuple(weakref.ref(v) for v in layer.values())
+    except TypeError:  # a value that cannot be weakly referenced: not cached
+        return fields
+    if len(_LAYER_CACHE) > 4096:  # entries of dropped models
+        _LAYER_CACHE.clear()
+    _LAYER_CACHE[id(layer)] = (refs, fields)
+    return fields
+
+
+def _layer_fields(layer: dict) -> ctypes.Array | None:
     parts = [
         _norm_ptr(layer["attn_norm"]),
         _lin_fields(layer["wqkv"], layer.get("bqkv")),
@@ -454,13 +482,13 @@ def layer_fields(layer: dict) -> ctypes.Array | None:
     return (ctypes.c_int64 * len(flat))(*flat)
 
 
-def decoder_layer(x: torch.Tensor, fields: ctypes.Array, cfg, cos, sin, q_scale, positions, k_cache, v_cache,
-                  alibi_slopes=None) -> torch.Tensor:
-    """One pre-norm Llama decoder layer of x [b, t, D] as a single C call (fields: `layer_fields`).
+def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positions, k_cache, v_cache,
+                   alibi_slopes=None) -> torch.Tensor:
+    """Pre-norm Llama decoder layers (fields: their `layer_fields`) applied to x [b, t, D] in one C call.
 
-    x is donated: the residual stream is updated in place and returned. The caches are written in
-    place as in qkv_attention. Bitwise what the separate kernels (linear, rms_norm, qkv_attention,
-    silu_mul) give; one OpenMP region per layer instead of eight."""
+    x is donated: the residual stream is updated in place and returned. The caches [L, b, hk, s, hd]
+    are written in place as in qkv_attention. Bitwise what the separate kernels (linear, rms_norm,
+    qkv_attention, silu_mul) give, with one OpenMP region per step instead of eight per layer."""
     b, t, d = x.shape
     hd = k_cache.shape[-1]
     if q_scale is not None:
@@ -468,13 +496,14 @@ def decoder_layer(x: torch.Tensor, fields: ctypes.Array, cfg, cos, sin, q_scale,
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float().contiguous()
     cos, sin, positions = (None if a is None else a.contiguous() for a in (cos, sin, positions))
-    strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
-    status = library().llmfn_decoder_layer(
-        x.data_ptr(), fields, _ptr(cos), _ptr(sin), _ptr(q_scale), positions.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), strides, _ptr(alibi_slopes), b * t, t, d, cfg.num_heads, cfg.num_kv_heads, hd,
-        cfg.intermediate_size, k_cache.shape[2], cfg.rms_norm_eps, 1.0 / math.sqrt(hd), cfg.sliding_window or 0,
-        torch.get_num_threads(),
+    strides = (ctypes.c_int64 * 4)(*k_cache.stride()[1:4], k_cache.stride(0))
+    layers = (ctypes.c_void_p * len(fields))(*(ctypes.addressof(f) for f in fields))
+    status = library().llmfn_decoder_layers(
+        x.data_ptr(), layers, len(fields), _ptr(cos), _ptr(sin), _ptr(q_scale), positions.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), strides, _ptr(alibi_slopes), b * t, t, d, cfg.num_heads,
+        cfg.num_kv_heads, hd, cfg.intermediate_size, k_cache.shape[3], cfg.rms_norm_eps, 1.0 / math.sqrt(hd),
+        cfg.sliding_window or 0, torch.get_num_threads(),
     )
     if status:
-        raise IndexError(f"positions must lie in [0, {k_cache.shape[2]}) (the KV cache length)")
+        raise IndexError(f"positions must lie in [0, {k_cache.shape[3]}) (the KV cache length)")
     return x

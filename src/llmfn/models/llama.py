@@ -97,16 +97,20 @@ def _mlp(x, layer, cfg: LlamaConfig):
     return linear(kernels.silu_mul(gate_up), layer["w_down"], layer.get("b_down"))
 
 
-def _fused_layers(x, cos, sin, positions, cache) -> bool:
-    """Whether this step's layers may run as single C calls: fp32 decode-sized CPU inputs, and
-    caches laid out as kernels.qkv_attention's C path takes them. x is then a fresh copy (donated)."""
+def _fused_layers(params, x, cos, sin, positions, cache) -> list | None:
+    """The layers' C structs when this step may run them as one C call: fp32 decode-sized CPU inputs,
+    caches laid out as kernels.qkv_attention's C path takes them, weights the fused kernel takes."""
     k, v = cache["k"], cache["v"]
-    return (
+    ok = (
         positions.dtype == torch.int64
         and k.stride() == v.stride()
         and k.stride(-1) == 1
         and cpu_kernels.takes(x, k, v, *(t for t in (cos, sin) if t is not None))
     )
+    if not ok:
+        return None
+    fields = [cpu_kernels.layer_fields(layer) for layer in params["layers"]]
+    return None if any(f is None for f in fields) else fields
 
 
 def forward(
@@ -132,18 +136,17 @@ def forward(
         freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
         cos, sin = freqs.cos(), freqs.sin()
     q_scale = logn_scale(cfg, positions) if cfg.logn_length else None
-    fused = _fused_layers(x, cos, sin, positions, cache)
-    for i, layer in enumerate(params["layers"]):
-        k_cache, v_cache = cache["k"][i], cache["v"][i]
-        fields = fused and cpu_kernels.layer_fields(layer)
-        if fields:  # the same layer as one C call (kernels/cpu.py), bitwise equal to the code below
-            x = cpu_kernels.decoder_layer(x, fields, cfg, cos, sin, q_scale, positions, k_cache, v_cache,
-                                          params.get("alibi_slopes"))  # fmt: skip
-            continue
-        h = kernels.rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        x = x + _attention(h, layer, cfg, params, cos, sin, positions, k_cache, v_cache, q_scale, attention)
-        h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-        x = x + _mlp(h, layer, cfg)
+    fused = _fused_layers(params, x, cos, sin, positions, cache)
+    if fused is not None:  # all layers in one C call (kernels/cpu.py), bitwise equal to the loop below
+        x = cpu_kernels.decoder_layers(x, fused, cfg, cos, sin, q_scale, positions, cache["k"], cache["v"],
+                                       params.get("alibi_slopes"))  # fmt: skip
+    else:
+        for i, layer in enumerate(params["layers"]):
+            h = kernels.rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+            x = x + _attention(h, layer, cfg, params, cos, sin, positions, cache["k"][i], cache["v"][i], q_scale,
+                               attention)  # fmt: skip
+            h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+            x = x + _mlp(h, layer, cfg)
     if logit_index is not None:
         x = x[torch.arange(x.shape[0], device=x.device), logit_index][:, None]  # [B, 1, D]
     x = kernels.rms_norm(x, params["norm"], cfg.rms_norm_eps)
