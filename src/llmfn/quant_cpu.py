@@ -24,7 +24,6 @@ import ctypes
 import os
 
 import torch
-import torch.nn.functional as F
 
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -329,11 +328,14 @@ int llmfn_int4_dequant(const uint8_t* q, const float* s, const float* o, float* 
     int64_t G = k / g;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < n; j++)
-        for (int64_t t = 0; t < k; t += 2) {
-            uint8_t b = q[j * (k / 2) + t / 2];
-            float sc = s[j * G + t / g], of = o[j * G + t / g];
-            w[j * k + t] = (float)(b & 15) * sc + of;
-            w[j * k + t + 1] = (float)(b >> 4) * sc + of;
+        for (int64_t gi = 0; gi < G; gi++) {  /* scale and offset hoisted: the inner loop vectorizes */
+            const uint8_t* qb = q + j * (k / 2) + gi * (g / 2);
+            float* wg = w + j * k + gi * g;
+            const float sc = s[j * G + gi], of = o[j * G + gi];
+            for (int64_t t = 0; t < g / 2; t++) {
+                wg[2 * t] = (float)(qb[t] & 15) * sc + of;
+                wg[2 * t + 1] = (float)(qb[t] >> 4) * sc + of;
+            }
         }
     return 0;
 }
@@ -342,7 +344,10 @@ int llmfn_int8_dequant(const int8_t* q, const float* s, float* w, int64_t n, int
     int64_t G = k / g;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < n; j++)
-        for (int64_t t = 0; t < k; t++) w[j * k + t] = (float)q[j * k + t] * s[j * G + t / g];
+        for (int64_t gi = 0; gi < G; gi++) {
+            const float sc = s[j * G + gi];
+            for (int64_t t = gi * g; t < (gi + 1) * g; t++) w[j * k + t] = (float)q[j * k + t] * sc;
+        }
     return 0;
 }
 """
@@ -405,12 +410,14 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 
 
 def _chunked(x: torch.Tensor, n: int, dequant) -> torch.Tensor:
+    from llmfn.linear import linear  # the fastest dense fp32 matmul for these rows (oneDNN's)
+
     if n <= CHUNK_ROWS:
-        return F.linear(x, dequant(0, n))
+        return linear(x, dequant(0, n))
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     for lo in range(0, n, CHUNK_ROWS):
         hi = min(n, lo + CHUNK_ROWS)
-        y[:, lo:hi] = F.linear(x, dequant(lo, hi))
+        y[:, lo:hi] = linear(x, dequant(lo, hi))
     return y
 
 
