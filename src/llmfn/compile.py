@@ -5,8 +5,9 @@ positions are tensors, so successive decode steps reuse the graph instead of rec
 cache lengths are bucketed to powers of two so requests of similar length share a graph.
 Whether it pays is measured, not assumed: on this project's 2-core CPU (torch 2.13, MKL) the
 compiled SmolLM2-135M decode step ran at 19.2 tok/s against 21.4 tok/s eager (benchmarks/
-RESULTS.md), because decode there is bound by streaming the weights through MKL's matmuls and
-inductor's graph does not beat them. So compile is off by default on CPU, and on by default on CUDA
+RESULTS.md), because decode there is bound by streaming the weights and inductor's graph does not
+beat MKL at it; llmfn's C decode kernels (kernels/cpu.py, ~47 tok/s) are opaque to a compiled graph,
+which takes the torch ops instead. So compile is off by default on CPU, and on by default on CUDA
 (where per-op launch overhead dominates) for models above COMPILE_MIN_PARAMS parameters.
 LLMFN_COMPILE=0/1 or load(..., compile=False/True) overrides the default. Inductor's caches go to
 LLMFN_HOME/inductor so a second run skips most of the compile time."""
