@@ -195,7 +195,7 @@ def test_quantize_names_a_group_size_that_fits(tiny, tmp_path):
 
 
 @pytest.mark.skipif(not quant_cpu.available(), reason="no C compiler for the CPU kernels")
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40, quant_cpu.MAX_ROWS + 6])  # the last: dequant + matmul
 @pytest.mark.parametrize("n,k,g", [(40, 64, 32), (24, 384, 128), (8, 96, 96)])
 def test_cpu_kernels_match_float64_matmul(m, n, k, g):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
