@@ -65,9 +65,11 @@ def main() -> None:
 
     def raw_hf(tok):
         hf = tok.hf  # the complete `tokenizers` pipeline llmfn builds for the format
+        # Timed through reading the ids out, as every library here returns them (tiktoken and
+        # sentencepiece give lists; an Encoding is not usable ids until `.ids`).
         return (
-            lambda: hf.encode_batch_fast([text], add_special_tokens=False),
-            lambda: hf.encode_batch_fast(lines, add_special_tokens=False),
+            lambda: hf.encode_batch_fast([text], add_special_tokens=False)[0].ids,
+            lambda: [e.ids for e in hf.encode_batch_fast(lines, add_special_tokens=False)],
             None,
         )
 
