@@ -117,7 +117,8 @@ def test_doctor_exits_0(tiny, env, tmp_path):
     config = write_config(tmp_path, [{"name": "tiny", "path": str(tiny)}])
     out = run_cli(["doctor", "--config", str(config)], env)
     assert out.returncode == 0, out.stdout + out.stderr
-    for word in ("torch", "triton", "granian", "cpu:", "Triton kernels", "tiny forward self-test", "all checks passed"):
+    for word in ("torch", "triton", "granian", "cpu:", "Triton kernels", "C decode kernels: built", "tiny forward self-test",
+                 "all checks passed"):
         assert word in out.stdout
     assert re.search(r"\[ +ok\] tiny \(.*tiny\): causal-lm, loaded in", out.stdout), out.stdout
 

@@ -119,6 +119,16 @@ def tiny_model(device: str, dtype: torch.dtype) -> tuple[dict, LlamaConfig]:
     return params, cfg
 
 
+def cpu_kernels_check() -> tuple[bool | None, str]:
+    """Whether llmfn's C kernels for CPU decode are built here (None: not, the torch ops run)."""
+    from llmfn import cbuild
+    from llmfn.kernels import cpu
+
+    if not cpu.available():
+        return None, "not available (no C compiler, or LLMFN_CPU_KERNELS=torch): decode runs the slower torch ops"
+    return True, f"built at {cbuild.library_path('llmfn_cpu', cpu.SOURCE)}"
+
+
 def forward_self_test(device: str) -> tuple[bool, str]:
     """Prefill + token-by-token decode must give the logits of one full forward (and, off CPU,
     the CPU float32 logits)."""
@@ -204,6 +214,9 @@ def doctor(config_path: str | None = None, models: list[str] | None = None, chec
         print(f"  {describe(device)}")
         ok, why = triton_check(device)
         line(ok, f"Triton kernels: {why}")
+        if device == "cpu":
+            ok, why = cpu_kernels_check()
+            line(ok, f"C decode kernels: {why}")
         ok, why = forward_self_test(device)
         line(ok, f"tiny forward self-test: {why}")
     if check_models:
