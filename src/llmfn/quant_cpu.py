@@ -227,6 +227,46 @@ INT8_G32(int8_g32_r1, 1) INT8_G32(int8_g32_r2, 2) INT8_G32(int8_g32_r3, 3) INT8_
 INT4_ROWS(int4_r1, 1, 4) INT4_ROWS(int4_r2, 2, 2) INT4_ROWS(int4_r3, 3, 2) INT4_ROWS(int4_r4, 4, 2)
 INT4_G32(int4_g32_r1, 1) INT4_G32(int4_g32_r2, 2) INT4_G32(int4_g32_r3, 3) INT4_G32(int4_g32_r4, 4)
 INT8_ROWS(int8_r1, 1, 4) INT8_ROWS(int8_r2, 2, 2) INT8_ROWS(int8_r3, 3, 2) INT8_ROWS(int8_r4, 4, 2)
+
+/* Two weight rows against one activation row (decode): each row's arithmetic is int4_g32_r1's,
+   operation for operation, so results are bitwise the same; interleaving the rows shares the
+   activation loads and doubles the independent work in flight (+8% measured). */
+static inline float int4_g32_tail(__m256 te, __m256 to, const float* orow, const float* xs, int64_t G) {
+    __m256 t = _mm256_add_ps(te, to);
+    int64_t j = 0;
+    for (; j + 8 <= G; j += 8) t = _mm256_fmadd_ps(_mm256_loadu_ps(orow + j), _mm256_loadu_ps(xs + j), t);
+    float a = hsum(t);
+    for (; j < G; j++) a += orow[j] * xs[j];
+    return a;
+}
+static inline __m256 int4_g32_dot(const uint8_t* qb, __m256 x0, __m256 x1, __m256 x2, __m256 x3) {
+    __m256 w[4];
+    unpack32(qb, w);
+    __m256 a0 = _mm256_mul_ps(w[0], x0);
+    __m256 a1 = _mm256_mul_ps(w[1], x1);
+    a0 = _mm256_fmadd_ps(w[2], x2, a0);
+    a1 = _mm256_fmadd_ps(w[3], x3, a1);
+    return _mm256_add_ps(a0, a1);
+}
+static inline void int4_g32_r1x2(const float* xp, const float* xs, const uint8_t* qa, const uint8_t* qb,
+                                 const float* sa, const float* sb, const float* oa, const float* ob,
+                                 float* ya, float* yb, int64_t G) {
+    __m256 tea = _mm256_setzero_ps(), toa = tea, teb = tea, tob = tea;
+    for (int64_t gi = 0; gi < G; gi++) {
+        const float* p = xp + gi * 32;
+        __m256 x0 = _mm256_loadu_ps(p), x1 = _mm256_loadu_ps(p + 8), x2 = _mm256_loadu_ps(p + 16), x3 = _mm256_loadu_ps(p + 24);
+        __m256 da = int4_g32_dot(qa + gi * 16, x0, x1, x2, x3), db = int4_g32_dot(qb + gi * 16, x0, x1, x2, x3);
+        if (gi & 1) {
+            toa = _mm256_fmadd_ps(_mm256_set1_ps(sa[gi]), da, toa);
+            tob = _mm256_fmadd_ps(_mm256_set1_ps(sb[gi]), db, tob);
+        } else {
+            tea = _mm256_fmadd_ps(_mm256_set1_ps(sa[gi]), da, tea);
+            teb = _mm256_fmadd_ps(_mm256_set1_ps(sb[gi]), db, teb);
+        }
+    }
+    *ya = int4_g32_tail(tea, toa, oa, xs, G);
+    *yb = int4_g32_tail(teb, tob, ob, xs, G);
+}
 #else
 /* Portable versions (the compiler vectorizes what it can). */
 static void int4_rows(const float* xp, const float* xs, const uint8_t* qr, const float* sr, const float* orow,

@@ -256,6 +256,20 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     float* xs = xp + m * k;
     if (L->kind == 1) prep4(x, xp, xs, m, k, g);
     share(n, tid, nth, &lo, &hi);
+#ifdef __AVX2__
+    if (L->kind == 1 && m == 1 && g == 32) {  /* decode: two weight rows at a time, same bits */
+        const uint8_t* q = (const uint8_t*)L->q;
+        for (; lo + 2 <= hi; lo += 2) {
+            float v[2];
+            int4_g32_r1x2(xp, xs, q + lo * (k / 2), q + (lo + 1) * (k / 2), L->scales + lo * G,
+                          L->scales + (lo + 1) * G, L->offsets + lo * G, L->offsets + (lo + 1) * G, v, v + 1, G);
+            for (int i = 0; i < 2; i++) {
+                float b = L->bias ? v[i] + L->bias[lo + i] : v[i];
+                y[lo + i] = add ? y[lo + i] + b : b;
+            }
+        }
+    }
+#endif
     for (int64_t j = lo; j < hi; j++) {
         float out[16];
         for (int64_t i0 = 0; i0 < m; i0 += 4) {
