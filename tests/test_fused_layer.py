@@ -63,7 +63,7 @@ def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=1
     """A 3-token prefill then decode steps, rows at different positions, on a strided cache view."""
     with monkeypatch.context() as m:
         if not fused:
-            m.setattr(cpu, "layer_fields", lambda layer: None)
+            m.setattr(cpu, "layer_fields", lambda layer, cfg: None)
         full = llama.init_cache(cfg, batch, slot_len)
         cache = {k: v[..., :view, :] for k, v in full.items()}
         g = torch.Generator().manual_seed(1)
@@ -117,3 +117,17 @@ def test_fused_layer_refuses_positions_outside_the_cache():
     with pytest.raises(IndexError, match="KV cache length"), torch.inference_mode():
         llama.forward(params, cfg, torch.tensor([[1]]), torch.tensor([[4]]), cache)
     assert not cache["k"].any() and not cache["v"].any()
+
+
+def test_layer_structs_refuse_shapes_that_do_not_fit_the_config_and_follow_replaced_weights():
+    """The C code trusts the shapes it is given, so a layer that does not fit cfg gets no struct (the
+    op-by-op path runs and fails or works on its own); a replaced weight gets a new struct."""
+    cfg = config()
+    params = random_params(cfg, seed=0)
+    layer = params["layers"][0]
+    assert cpu.layer_fields(layer, cfg) is not None
+    assert cpu.layer_fields(layer, config(intermediate_size=48)) is None  # same dict, other dims
+    assert cpu.layer_fields({**layer, "w_down": layer["w_down"][:, :90]}, cfg) is None
+    before = bytes(cpu.layer_fields(layer, cfg))
+    layer["wo"] = layer["wo"].clone()
+    assert bytes(cpu.layer_fields(layer, cfg)) != before

@@ -461,27 +461,38 @@ def _norm_ptr(w: torch.Tensor) -> int | None:
 # id(layer) -> (weak references to its values, its Layer struct): building the struct costs ~50 us a
 # layer (a third of a int4 decode step's overhead), so it is built once per layer dict. A hit must
 # find the very same value objects (weights are immutable pytree leaves, never resized in place).
-_LAYER_CACHE: dict[int, tuple[tuple, ctypes.Array | None]] = {}
+_LAYER_CACHE: dict[int, tuple[tuple, tuple, ctypes.Array | None]] = {}
 
 
-def layer_fields(layer: dict) -> ctypes.Array | None:
+def layer_fields(layer: dict, cfg) -> ctypes.Array | None:
     """The C Layer struct of a Llama-layout layer (models/llama.py), or None when a weight is of a
-    kind the fused layer does not take."""
+    kind or shape the fused layer does not take (the C code trusts the shapes: checked here)."""
+    dims = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     hit = _LAYER_CACHE.get(id(layer))
-    if hit is not None and len(hit[0]) == len(layer) and all(r() is v for r, v in zip(hit[0], layer.values(), strict=True)):
-        return hit[1]
-    fields = _layer_fields(layer)
+    if (
+        hit is not None
+        and hit[1] == dims
+        and len(hit[0]) == len(layer)
+        and all(r() is v for r, v in zip(hit[0], layer.values(), strict=True))
+    ):
+        return hit[2]
+    fields = _layer_fields(layer, *dims)
     try:
         refs = tuple(weakref.ref(v) for v in layer.values())
     except TypeError:  # a value that cannot be weakly referenced: not cached
         return fields
     if len(_LAYER_CACHE) > 4096:  # entries of dropped models
         _LAYER_CACHE.clear()
-    _LAYER_CACHE[id(layer)] = (refs, fields)
+    _LAYER_CACHE[id(layer)] = (refs, dims, fields)
     return fields
 
 
-def _layer_fields(layer: dict) -> ctypes.Array | None:
+def _layer_fields(layer: dict, d: int, f: int, hq: int, hk: int, hd: int) -> ctypes.Array | None:
+    shapes = {"attn_norm": (d,), "mlp_norm": (d,), "wqkv": ((hq + 2 * hk) * hd, d), "bqkv": ((hq + 2 * hk) * hd,),
+              "wo": (d, hq * hd), "bo": (d,), "w_gate_up": (2 * f, d), "b_gate_up": (2 * f,), "w_down": (d, f),
+              "b_down": (d,)}  # fmt: skip
+    if any(name in layer and tuple(layer[name].shape) != shape for name, shape in shapes.items()):
+        return None
     parts = [
         _norm_ptr(layer["attn_norm"]),
         _lin_fields(layer["wqkv"], layer.get("bqkv")),
@@ -505,6 +516,10 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
     qkv_attention, silu_mul) give, with one OpenMP region per step instead of eight per layer."""
     b, t, d = x.shape
     hd = k_cache.shape[-1]
+    if (d, hd) != (cfg.hidden_size, cfg.head_dim) or k_cache.shape[:3] != (len(fields), b, cfg.num_kv_heads):
+        raise ValueError(f"decoder_layers: x {list(x.shape)} / cache {list(k_cache.shape)} do not fit the config")
+    if not x.is_contiguous():
+        raise ValueError("decoder_layers: x must be contiguous (it is updated in place)")
     if q_scale is not None:
         q_scale = q_scale.reshape(b, t).contiguous()
     if alibi_slopes is not None:

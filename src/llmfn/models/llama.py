@@ -97,19 +97,26 @@ def _mlp(x, layer, cfg: LlamaConfig):
     return linear(kernels.silu_mul(gate_up), layer["w_down"], layer.get("b_down"))
 
 
-def _fused_layers(params, x, cos, sin, positions, cache) -> list | None:
+def _fused_layers(params, cfg: LlamaConfig, x, cos, sin, positions, cache) -> list | None:
     """The layers' C structs when this step may run them as one C call: fp32 decode-sized CPU inputs,
     caches laid out as kernels.qkv_attention's C path takes them, weights the fused kernel takes."""
     k, v = cache["k"], cache["v"]
+    cfg_shape = (len(params["layers"]), x.shape[0], cfg.num_kv_heads)
     ok = (
         positions.dtype == torch.int64
+        and positions.shape == x.shape[:2]
+        and x.is_contiguous()
+        and k.shape == v.shape
+        and k.shape[:3] == cfg_shape
+        and k.shape[-1] == cfg.head_dim
         and k.stride() == v.stride()
         and k.stride(-1) == 1
+        and all(t.shape == (*x.shape[:2], cfg.head_dim // 2) for t in (cos, sin) if t is not None)
         and cpu_kernels.takes(x, k, v, *(t for t in (cos, sin) if t is not None))
     )
     if not ok:
         return None
-    fields = [cpu_kernels.layer_fields(layer) for layer in params["layers"]]
+    fields = [cpu_kernels.layer_fields(layer, cfg) for layer in params["layers"]]
     return None if any(f is None for f in fields) else fields
 
 
@@ -136,7 +143,7 @@ def forward(
         freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
         cos, sin = freqs.cos(), freqs.sin()
     q_scale = logn_scale(cfg, positions) if cfg.logn_length else None
-    fused = _fused_layers(params, x, cos, sin, positions, cache)
+    fused = _fused_layers(params, cfg, x, cos, sin, positions, cache)
     if fused is not None:  # all layers in one C call (kernels/cpu.py), bitwise equal to the loop below
         x = cpu_kernels.decoder_layers(x, fused, cfg, cos, sin, q_scale, positions, cache["k"], cache["v"],
                                        params.get("alibi_slopes"))  # fmt: skip
