@@ -183,3 +183,15 @@ def test_linear_above_max_rows_matches_f_linear():
     expected = F.linear(x.double(), w.double(), b.double())
     assert_rule(linear(x, w, b), F.linear(x, w, b), expected)
     assert_rule(linear(x[:, ::2], w), F.linear(x[:, ::2], w), F.linear(x[:, ::2].double(), w.double()))
+
+
+def test_shape_mismatches_are_errors_not_memory_reads():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="linear: shapes"):
+        cpu.linear(randn(g, 1, 8), randn(g, 4, 9))
+    with pytest.raises(ValueError, match="rms_norm: shapes"):
+        cpu.rms_norm(randn(g, 1, 8), randn(g, 7), 1e-6)
+    cache = randn(g, 2, 1, 1, 4, 8)
+    with pytest.raises(ValueError, match="qkv_attention: shapes"):
+        cpu.qkv_attention(randn(g, 1, 1, 2 * 8), None, None, None, torch.tensor([[0]]), cache[0], cache[1],
+                          num_heads=1, num_kv_heads=1, scale=1.0)  # fmt: skip

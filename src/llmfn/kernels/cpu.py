@@ -380,6 +380,13 @@ def takes(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and library() is not None
 
 
+def _check(ok: bool, op: str, *ts: torch.Tensor | None) -> None:
+    """The C code trusts its shapes: a mismatch is an error here, as in the torch op it replaces."""
+    if not ok:
+        shapes = ", ".join("None" if t is None else str(list(t.shape)) for t in ts)
+        raise ValueError(f"{op}: shapes do not fit ({shapes})")
+
+
 def fp32_cpu(*ts: torch.Tensor) -> bool:
     """fp32 CPU tensors outside autograd."""
     for t in ts:
@@ -391,6 +398,7 @@ def fp32_cpu(*ts: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., k] @ w [n, k]^T (+ b [n]); w row-major contiguous."""
     n, k = w.shape
+    _check(x.shape[-1] == k and (b is None or tuple(b.shape) == (n,)), "linear", x, w, b)
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], n)
     b = None if b is None else b.contiguous()
@@ -399,6 +407,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    _check(tuple(w.shape) == (x.shape[-1],), "rms_norm", x, w)
     x = x.contiguous()
     y = torch.empty_like(x)
     d = x.shape[-1]
@@ -408,6 +417,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [..., 2f] = cat(gate, up)."""
+    _check(gate_up.shape[-1] % 2 == 0, "silu_mul", gate_up)
     gate_up = gate_up.contiguous()
     f = gate_up.shape[-1] // 2
     y = gate_up.new_empty(*gate_up.shape[:-1], f)
@@ -421,6 +431,20 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     (the engine passes the first slots of each row) with the same strides and contiguous rows."""
     b, t, _ = qkv.shape
     hd = k_cache.shape[-1]
+    rope = (b, t, hd // 2)
+    _check(
+        qkv.shape[2] == (num_heads + 2 * num_kv_heads) * hd
+        and num_heads % num_kv_heads == 0
+        and k_cache.shape == v_cache.shape
+        and k_cache.shape[:2] == (b, num_kv_heads)
+        and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(-1) == 1
+        and tuple(positions.shape) == (b, t)
+        and all(c is None or tuple(c.shape) == rope for c in (cos, sin))
+        and (q_scale is None or q_scale.numel() == b * t)
+        and (alibi_slopes is None or tuple(alibi_slopes.shape) == (num_heads,)),
+        "qkv_attention", qkv, k_cache, positions,
+    )
     out = qkv.new_empty(b, t, num_heads * hd)
     strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
     if q_scale is not None:
