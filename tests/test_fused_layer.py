@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmfn import quant
 from llmfn.config import LlamaConfig
@@ -131,3 +133,24 @@ def test_layer_structs_refuse_shapes_that_do_not_fit_the_config_and_follow_repla
     before = bytes(cpu.layer_fields(layer, cfg))
     layer["wo"] = layer["wo"].clone()
     assert bytes(cpu.layer_fields(layer, cfg)) != before
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fused_layers_match_the_torch_ops_over_random_shapes(data):
+    """Odd sizes (tails of the 8-wide loops), GQA ratios, batches, prompt lengths and positions."""
+    hk = data.draw(st.integers(1, 3))
+    cfg = config(
+        hidden_size=data.draw(st.integers(4, 70)), intermediate_size=data.draw(st.integers(1, 90)),
+        num_kv_heads=hk, num_heads=hk * data.draw(st.integers(1, 3)), head_dim=2 * data.draw(st.integers(1, 10)),
+        num_layers=data.draw(st.integers(1, 3)), qkv_bias=data.draw(st.booleans()),
+        sliding_window=data.draw(st.sampled_from([None, 2, 5])),
+    )  # fmt: skip
+    params = random_params(cfg, seed=data.draw(st.integers(0, 100)))
+    batch, steps = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        fused, fused_cache = run(params, cfg, steps=steps, batch=batch, fused=True, monkeypatch=mp)
+        mp.setattr(cpu, "_lib", None)
+        torch_ops, torch_cache = run(params, cfg, steps=steps, batch=batch, fused=False, monkeypatch=mp)
+    assert (fused - torch_ops).abs().max().item() <= 1e-4 * max(torch_ops.abs().max().item(), 1.0)
+    assert torch.allclose(fused_cache["k"], torch_cache["k"], atol=1e-5)
