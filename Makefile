@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.llmfn-installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup browser serve test lint bench bench-setup clean
+.PHONY: help setup browser serve test lint bench bench-kernels bench-setup clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench-setup: setup  ## install the benchmark peers (llama-cpp-python compiles fo
 
 bench: bench-setup  ## run the benchmarks and print llmfn beside its peers
 	$(PY) benchmarks/decode.py
+
+bench-kernels: setup  ## pytest-benchmark micro-suite: llmfn's CPU kernels beside the torch ops
+	$(PY) -m pytest benchmarks/test_bench_cpu.py --benchmark-only --benchmark-group-by=group
 
 clean:  ## remove the virtual environment
 	rm -rf $(VENV)

@@ -1,0 +1,97 @@
+"""pytest-benchmark micro-suite: llmfn's CPU kernels beside the torch ops a user would run instead,
+at SmolLM2-135M's shapes, on this machine. Not part of `make test` (pytest's testpaths is tests/).
+
+    .venv/bin/python -m pytest benchmarks/test_bench_cpu.py --benchmark-only --benchmark-group-by=group
+
+Decode matmuls cycle through more weight copies than the L3 cache holds, as a forward does (each
+weight is read once per token), so they measure streaming from memory, not cache hits.
+"""
+
+from __future__ import annotations
+
+# isort: off
+import llmfn  # before torch: llmfn's OpenMP defaults apply
+import torch
+
+# isort: on
+import itertools
+
+import pytest
+import torch.nn.functional as F
+
+from llmfn import quant, quant_cpu
+from llmfn.kernels import cpu
+from llmfn.loading import decode_layout
+from llmfn.models import llama
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler to build the CPU kernels")
+COPIES = 24  # 24 x 7 MB of [3072, 576] fp32 weights: well past the 16 MB L3
+
+
+def cycling(weights):
+    """A callable that takes the next weight each call."""
+    it = itertools.cycle(weights)
+    return lambda: next(it)
+
+
+@pytest.fixture(scope="module")
+def gate_up():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3072, 576, generator=g) for _ in range(COPIES)]
+
+
+@pytest.mark.benchmark(group="decode matmul [1, 576] x [3072, 576] fp32, from memory")
+@pytest.mark.parametrize("impl", ["llmfn C", "torch MKL row-major", "torch MKL column-major", "torch oneDNN"])
+def test_decode_matmul(benchmark, gate_up, impl):
+    x = torch.randn(1, 576)
+    if impl == "torch MKL column-major":
+        gate_up = [w.t().contiguous().t() for w in gate_up]
+    nxt = cycling(gate_up)
+    op = {
+        "llmfn C": lambda: cpu.linear(x, nxt()),
+        "torch MKL row-major": lambda: F.linear(x, nxt()),
+        "torch MKL column-major": lambda: F.linear(x, nxt()),
+        "torch oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(x, nxt(), None, "none", [], ""),
+    }[impl]
+    benchmark(op)
+
+
+@pytest.mark.benchmark(group="prefill matmul [128, 576] x [3072, 576] fp32")
+@pytest.mark.parametrize("impl", ["llmfn linear (oneDNN)", "torch MKL"])
+def test_prefill_matmul(benchmark, gate_up, impl):
+    from llmfn.linear import linear
+
+    x, w = torch.randn(128, 576), gate_up[0]
+    benchmark(lambda: linear(x, w) if impl.startswith("llmfn") else F.linear(x, w))
+
+
+@pytest.mark.benchmark(group="decode matmul [1, 576] x int4 [3072, 576], from memory")
+@pytest.mark.parametrize("impl", ["llmfn C int4", "dequantize + F.linear"])
+def test_decode_int4_matmul(benchmark, gate_up, impl):
+    leaves = [quant.Int4Weight.quantize(w, 32) for w in gate_up]
+    x = torch.randn(1, 576)
+    nxt = cycling(leaves)
+    def kernel():
+        w = nxt()
+        return quant_cpu.int4_linear(x, w.qweight, w.scales, w.offsets, w.group_size)
+
+    benchmark(kernel if impl == "llmfn C int4" else lambda: F.linear(x, nxt().dequantize()))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return llmfn.load("smollm2-135m-instruct")
+
+
+@pytest.mark.benchmark(group="SmolLM2-135M fp32 decode step (position 100, batch 1)")
+@pytest.mark.parametrize("impl", ["llmfn fused C layers", "llmfn torch ops (no C compiler)"])
+def test_decode_step(benchmark, smollm2, impl, monkeypatch):
+    """Without a C compiler llmfn runs the torch ops on column-major weights (MKL's best layout)."""
+    cfg, params = smollm2.cfg, smollm2.params
+    if impl != "llmfn fused C layers":
+        monkeypatch.setattr(cpu, "_lib", None)
+        params = decode_layout(params, column_major=True)
+    cache = llama.init_cache(cfg, 1, 256)
+    token, pos, last = torch.tensor([[42]]), torch.tensor([[100]]), torch.tensor([0])
+    with torch.inference_mode():
+        benchmark(lambda: llama.forward(params, cfg, token, pos, cache, logit_index=last))
