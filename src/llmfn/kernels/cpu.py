@@ -1,18 +1,21 @@
-"""C kernels for fp32 decode on CPU: matrix-vector products, RMSNorm, SiLU-gate and the fused
-rope + KV-cache write + attention of a decode step. Each has a torch reference (kernels/reference.py
-and the model code) that it is tested against; `llmfn.kernels.ops` picks these for fp32 CPU tensors
-with at most MAX_ROWS rows, the torch path otherwise.
+"""C kernels for decode on CPU: matrix-vector products, RMSNorm, SiLU-gate, the fused rope +
+KV-cache write + attention of a step, and all decoder layers of a step in one call (fp32, int4 or
+int8 weights; the int4 / int8 matrix code is llmfn.quant_cpu's, built into the same library). Each
+has a torch reference (kernels/reference.py and the model code) that it is tested against;
+`llmfn.kernels.ops`, `llmfn.linear` and `models/llama.py` pick these for fp32 CPU inputs of at
+most MAX_ROWS rows, the torch path otherwise.
 
 Why C: batch-1 decode is bound by streaming the weights. Over SmolLM2-135M's layer shapes (2 cores,
-`python benchmarks/kernels.py --cpu`) MKL's sgemm reads them at ~18 GB/s (column-major, its best
-layout; ~12 GB/s row-major), this kernel at ~29 GB/s: four weight rows stream at once against the
-activation rows held in L1. The other ops replace chains of small torch calls (RMSNorm was five,
+`make bench-kernels`) MKL's sgemm reads them at ~18 GB/s (column-major, its best layout; ~12 GB/s
+row-major), this kernel at ~27-29 GB/s, the machine's peak: four weight rows stream at once against
+the activation rows held in L1. The other ops replace chains of small torch calls (RMSNorm was five,
 rope + cache write + attention about fifteen) whose per-call overhead, not their arithmetic, made
-up a third of a decode step.
+up a third of a decode step; `decoder_layers` then removes the per-layer calls and OpenMP wake-ups.
 
 Every output element is one dot product summed in a fixed order that depends on its column only,
 never on the number of rows or on the thread that computes it, so results are batch-invariant
-(the engine relies on it) and deterministic.
+(the engine relies on it) and deterministic. The C code trusts the shapes it gets: every wrapper
+below checks them first.
 """
 
 from __future__ import annotations
@@ -353,10 +356,12 @@ _SIGNATURES = {
 }
 
 
-_lib: ctypes.CDLL | None | bool = False  # False until the first _load
+_lib: ctypes.CDLL | None | bool = False  # False until the first library() call
 
 
 def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use by llmfn.cbuild), or None: no C compiler, or
+    LLMFN_CPU_KERNELS=torch."""
     global _lib
     if _lib is False:
         _lib = None if os.environ.get("LLMFN_CPU_KERNELS", "c") == "torch" else cbuild.load("llmfn_cpu", SOURCE, _SIGNATURES)
