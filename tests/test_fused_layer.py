@@ -154,3 +154,27 @@ def test_fused_layers_match_the_torch_ops_over_random_shapes(data):
         torch_ops, torch_cache = run(params, cfg, steps=steps, batch=batch, fused=False, monkeypatch=mp)
     assert (fused - torch_ops).abs().max().item() <= 1e-4 * max(torch_ops.abs().max().item(), 1.0)
     assert torch.allclose(fused_cache["k"], torch_cache["k"], atol=1e-5)
+
+
+def test_a_callers_own_attention_op_is_used_not_replaced_by_the_c_path(monkeypatch):
+    """forward(attention=op) calls op; only an op marked batch_invariant (the engine's) may be
+    stood in for by the batch-invariant C kernels."""
+    cfg = config()
+    params = random_params(cfg, seed=0)
+    calls = []
+
+    def own(*args):
+        calls.append(1)
+        return ref.attention(*args)
+
+    def marked(*args):
+        calls.append(1)
+        return ref.attention(*args)
+
+    marked.batch_invariant = True
+    with torch.inference_mode():
+        for op, expect_calls in ((own, True), (marked, False)):
+            calls.clear()
+            cache = llama.init_cache(cfg, 1, 8)
+            llama.forward(params, cfg, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), cache, attention=op)
+            assert bool(calls) == expect_calls

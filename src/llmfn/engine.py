@@ -743,6 +743,9 @@ def batch_invariant_attention(
     return out.view(b, hq, t, d)
 
 
+batch_invariant_attention.batch_invariant = True  # llmfn's CPU C kernels, batch-invariant too, may stand in
+
+
 def _check_sampling(sp: SamplingParams) -> None:
     def bad(param: str, rule: str, value) -> RequestError:
         return RequestError(f"{param} must be {rule}, got {value!r}", param=param)

@@ -123,10 +123,12 @@ def qkv_attention(
     Rotates q and k by cos/sin [b, t, hd/2] (None: no rope), scales q by q_scale [b, t, 1, 1]
     (None: none), writes k and v into the caches [b, hk, s, hd] at positions [b, t] (the caches are
     donated: written in place), then attends causally (`attention_op`, default `attention` above).
-    fp32 CPU decode steps take one C kernel for all of it; it is batch-invariant, so it also stands in
-    for a caller's own `attention_op` (the engine passes one for that property)."""
+    fp32 CPU decode steps take one C kernel for all of it. It is batch-invariant, so it also stands in
+    for an `attention_op` that only asks for that (`batch_invariant = True` on the op, as the engine's
+    has); any other op given is called as is."""
     if (
-        positions.dtype == torch.int64
+        (attention_op is None or getattr(attention_op, "batch_invariant", False))
+        and positions.dtype == torch.int64
         and k_cache.stride() == v_cache.stride()
         and k_cache.stride(-1) == 1
         and cpu.takes(qkv, k_cache, v_cache, *(x for x in (cos, sin) if x is not None))

@@ -133,7 +133,9 @@ def forward(
 
     With logit_index [B] (an index into T per row), only those rows' logits are computed: [B, 1, V].
     attention: an op with kernels.attention's signature to use instead of it (the engine passes a
-    batch-invariant one for its decode steps)."""
+    batch-invariant one for its decode steps). fp32 CPU decode steps run the layers as one C call,
+    which is batch-invariant itself: it stands in for an op marked `batch_invariant = True`, never
+    for any other."""
     x = embedding(params["embed"], tokens)  # [B, T, D]
     cos = sin = None
     if "rope_inv_freq" in params:
@@ -143,7 +145,8 @@ def forward(
         freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
         cos, sin = freqs.cos(), freqs.sin()
     q_scale = logn_scale(cfg, positions) if cfg.logn_length else None
-    fused = _fused_layers(params, cfg, x, cos, sin, positions, cache)
+    own_attention = attention is not None and not getattr(attention, "batch_invariant", False)
+    fused = None if own_attention else _fused_layers(params, cfg, x, cos, sin, positions, cache)
     if fused is not None:  # all layers in one C call (kernels/cpu.py), bitwise equal to the loop below
         x = cpu_kernels.decoder_layers(x, fused, cfg, cos, sin, q_scale, positions, cache["k"], cache["v"],
                                        params.get("alibi_slopes"))  # fmt: skip
