@@ -68,11 +68,21 @@ def test_rms_norm_matches_reference(m, d, seed):
 
 
 @EXAMPLES
-@given(m=st.integers(1, cpu.MAX_ROWS), f=st.integers(1, 200), seed=st.integers(0, 2**16))
-def test_silu_mul_matches_reference(m, f, seed):
+@given(m=st.integers(1, 40), f=st.integers(1, 200), scale=st.sampled_from([1.0, 4.0, 30.0]), seed=st.integers(0, 2**16))
+def test_silu_mul_matches_reference(m, f, scale, seed):
+    """Rows of any length: groups of 8 take the vector exp, the rest the scalar one."""
     g = torch.Generator().manual_seed(seed)
-    gu = randn(g, m, 2 * f) * 4
+    gu = randn(g, m, 2 * f) * scale
     assert_rule(cpu.silu_mul(gu), ref.silu_mul(gu), ref.silu_mul(gu.double()))
+
+
+def test_silu_mul_at_the_ends_of_the_float_range():
+    gate = torch.tensor([-1e4, -200.0, -88.5, -87.0, -20.0, 0.0, 20.0, 87.0, 88.5, 200.0, 1e4, 3.0, -3.0, 1e-30,
+                         -1e-30, 50.0])  # fmt: skip
+    gu = torch.cat([gate, torch.full_like(gate, 2.0)])[None]
+    out = cpu.silu_mul(gu)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref.silu_mul(gu), rtol=1e-6, atol=1e-30)
 
 
 def attention_case(data, g):
@@ -145,15 +155,22 @@ def test_qkv_attention_rejects_positions_outside_the_cache_and_writes_nothing():
 
 
 def test_ops_take_the_c_path_for_decode_and_the_reference_for_long_inputs(monkeypatch):
-    """The public ops pick the C kernels for fp32 decode-sized inputs only (a counted call proves it)."""
+    """Matrix products take the C kernel up to MAX_ROWS rows only, row-wise ops for any number of
+    fp32 rows, neither for other dtypes (a counted call proves the choice)."""
+    from llmfn.linear import linear
+
     calls = []
-    monkeypatch.setattr(cpu, "rms_norm", lambda *a: calls.append("c") or ref.rms_norm(*a))
+    monkeypatch.setattr(cpu, "rms_norm", lambda *a: calls.append("norm") or ref.rms_norm(*a))
+    monkeypatch.setattr(cpu, "linear", lambda *a: calls.append("linear") or F.linear(*a))
     g = torch.Generator().manual_seed(0)
-    w = randn(g, 8)
+    w, m = randn(g, 8), randn(g, 4, 8)
     ops.rms_norm(randn(g, 1, 8), w, 1e-6)
     ops.rms_norm(randn(g, cpu.MAX_ROWS + 1, 8), w, 1e-6)
     ops.rms_norm(randn(g, 1, 8).double(), w.double(), 1e-6)
-    assert calls == ["c"]
+    linear(randn(g, cpu.MAX_ROWS, 8), m)
+    linear(randn(g, cpu.MAX_ROWS + 1, 8), m)
+    linear(randn(g, 1, 8).double(), m.double())
+    assert calls == ["norm", "norm", "linear"]
 
 
 @EXAMPLES

@@ -29,14 +29,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (fp32 math, HF order). x [..., dim], weight [dim]."""
     if _triton(x):
         return triton_norm.rms_norm(x, weight, eps)
-    if cpu.takes(x, weight):
+    if cpu.takes(x, weight, max_rows=None):  # one pass per row instead of five torch ops
         return cpu.rms_norm(x, weight, eps)
     return ref.rms_norm(x, weight, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [..., 2f] = cat(gate, up) along the last dim -> [..., f]."""
-    if cpu.takes(gate_up):
+    if cpu.takes(gate_up, max_rows=None):
         return cpu.silu_mul(gate_up)
     return ref.silu_mul(gate_up)
 
