@@ -1,4 +1,4 @@
-"""The fused C decoder layer (kernels/cpu.py `decoder_layer`) against the same layer run op by op.
+"""The fused C decoder layers (kernels/cpu.py `decoder_layers`) against the same layers run op by op.
 
 Both paths use the same C arithmetic, so logits and caches must agree bitwise, over the layer's
 variants (biases, GQA, ALiBi, sliding window, logn scaling, dynamic NTK), fp32 / int4 / int8 weights,

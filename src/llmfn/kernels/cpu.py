@@ -30,7 +30,7 @@ import torch
 from llmfn import cbuild, quant_cpu
 
 # Most activation rows the kernels take (decode steps, small engine batches); more go to torch.
-MAX_ROWS = 16
+MAX_ROWS = 16  # at most 16: the fused layers keep a row's outputs in float[16]
 
 SOURCE = quant_cpu.SOURCE + r"""
 #include <math.h>
@@ -356,6 +356,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
                          const float* qscale, const int64_t* pos, float* kc, float* vc, const int64_t* cst,
                          const float* slopes, int64_t m, int64_t t, int64_t D, int64_t hq, int64_t hk, int64_t hd,
                          int64_t F, int64_t s, float eps, float scale, int64_t window, int nthreads) {
+    if (m > 16) return -2;  /* lin_part keeps a row's outputs in float[16] */
     for (int64_t i = 0; i < m; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
     int64_t nqkv = (hq + 2 * hk) * hd, nq = hq * hd, kmax = D > F ? D : F;
@@ -621,6 +622,8 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
         cfg.num_kv_heads, hd, cfg.intermediate_size, k_cache.shape[3], cfg.rms_norm_eps, 1.0 / math.sqrt(hd),
         cfg.sliding_window or 0, torch.get_num_threads(),
     )
+    if status == -2:
+        raise ValueError(f"decoder_layers takes at most 16 rows, got {b * t}")
     if status:
         raise IndexError(f"positions must lie in [0, {k_cache.shape[3]}) (the KV cache length)")
     return x
