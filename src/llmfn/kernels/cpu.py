@@ -452,6 +452,12 @@ def _check(ok: bool, op: str, *ts: torch.Tensor | None) -> None:
         raise ValueError(f"{op}: shapes do not fit ({shapes})")
 
 
+def cache_layout_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """K and V caches the C attention reads: same shape and strides, contiguous head rows (views of
+    the first slots, as the engine passes, are fine)."""
+    return k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+
+
 def fp32_cpu(*ts: torch.Tensor) -> bool:
     """fp32 CPU tensors outside autograd."""
     for t in ts:
@@ -500,10 +506,8 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     _check(
         qkv.shape[2] == (num_heads + 2 * num_kv_heads) * hd
         and num_heads % num_kv_heads == 0
-        and k_cache.shape == v_cache.shape
+        and cache_layout_ok(k_cache, v_cache)
         and k_cache.shape[:2] == (b, num_kv_heads)
-        and k_cache.stride() == v_cache.stride()
-        and k_cache.stride(-1) == 1
         and tuple(positions.shape) == (b, t)
         and all(c is None or tuple(c.shape) == rope for c in (cos, sin))
         and (q_scale is None or q_scale.numel() == b * t)

@@ -129,8 +129,7 @@ def qkv_attention(
     if (
         (attention_op is None or getattr(attention_op, "batch_invariant", False))
         and positions.dtype == torch.int64
-        and k_cache.stride() == v_cache.stride()
-        and k_cache.stride(-1) == 1
+        and cpu.cache_layout_ok(k_cache, v_cache)
         and cpu.takes(qkv, k_cache, v_cache, *(x for x in (cos, sin) if x is not None))
     ):
         return cpu.qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads,

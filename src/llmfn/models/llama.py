@@ -106,11 +106,9 @@ def _fused_layers(params, cfg: LlamaConfig, x, cos, sin, positions, cache) -> li
         positions.dtype == torch.int64
         and positions.shape == x.shape[:2]
         and x.is_contiguous()
-        and k.shape == v.shape
+        and cpu_kernels.cache_layout_ok(k, v)
         and k.shape[:3] == cfg_shape
         and k.shape[-1] == cfg.head_dim
-        and k.stride() == v.stride()
-        and k.stride(-1) == 1
         and all(t.shape == (*x.shape[:2], cfg.head_dim // 2) for t in (cos, sin) if t is not None)
         and cpu_kernels.takes(x, k, v, *(t for t in (cos, sin) if t is not None))
     )
