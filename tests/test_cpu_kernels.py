@@ -4,6 +4,11 @@ The same rule as the Triton tests: max|c - ref64| <= 2 * max|torch_fp32 - ref64|
 is the reference in fp64. Plus what the engine relies on: a row's result is bitwise the same alone
 and inside any batch, and out-of-range positions raise without writing."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +217,19 @@ def test_shape_mismatches_are_errors_not_memory_reads():
     with pytest.raises(ValueError, match="qkv_attention: shapes"):
         cpu.qkv_attention(randn(g, 1, 1, 2 * 8), None, None, None, torch.tensor([[0]]), cache[0], cache[1],
                           num_heads=1, num_kv_heads=1, scale=1.0)  # fmt: skip
+
+
+def test_the_portable_build_without_avx2_matches_too(tmp_path):
+    """The scalar C paths (what a CPU without AVX2, or another architecture, runs) built with
+    -march=x86-64 into a fresh LLMFN_HOME: the fused layers against the torch ops, bitwise against
+    the op-by-op C path, and the matrix kernels, in a subprocess."""
+    env = {**os.environ, "LLMFN_CPU_MARCH": "x86-64", "LLMFN_HOME": str(tmp_path)}
+    tests = Path(__file__).parent
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(tests / "test_fused_layer.py"),
+         str(tests / "test_cpu_kernels.py"), "-k", "not portable"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
+    assert list((tmp_path / "kernels").glob("llmfn_cpu_*.so"))

@@ -1,8 +1,8 @@
 """Compile a C source once per machine into LLMFN_HOME/kernels/ and load it with ctypes.
 
 Used by llmfn's CPU kernels (llmfn.kernels.cpu, llmfn.quant_cpu). Built with the system C compiler
-(-O3 -march=native -fopenmp); the library's name hashes the source and the CPU's flags, so
--march=native code never runs on another CPU sharing LLMFN_HOME. Without a compiler (or on a
+(-O3 -march=native -fopenmp); the library's name hashes the source, the flags and the CPU's flags,
+so -march=native code never runs on another CPU sharing LLMFN_HOME. Without a compiler (or on a
 non-Linux system) `load` returns None and callers take their torch path."""
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# LLMFN_CPU_MARCH picks the target (default: this CPU); e.g. x86-64 builds the portable C paths
+# that a CPU without AVX2 runs, which the tests check too.
+FLAGS = ["-O3", f"-march={os.environ.get('LLMFN_CPU_MARCH', 'native')}", "-ffp-contract=off", "-fopenmp", "-shared",
+         "-fPIC"]  # fmt: skip
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
