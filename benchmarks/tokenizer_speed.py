@@ -78,21 +78,10 @@ def main() -> None:
         tok = load_tokenizer(gguf_path)
         compare("byte-level BPE (SmolLM2 GGUF)", tok, {"tokenizers": raw_hf(tok)})
 
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
-    from llmfn.tokenization.tiktoken_file import KNOWN
-
     cl = fx.cl100k_file()
     if cl:
         tok = load_tokenizer(cl)
-        k = KNOWN["cl100k_base"]
-        enc = tiktoken.Encoding(
-            "cl100k",
-            pat_str=k.pattern,
-            mergeable_ranks=load_tiktoken_bpe(str(cl)),
-            special_tokens=k.special_tokens,
-        )
+        enc = fx.cl100k_reference(cl)
         compare(
             "tiktoken cl100k_base",
             tok,

@@ -166,6 +166,19 @@ def cl100k_file() -> Path | None:
     return p if p and p.exists() else None
 
 
+def cl100k_reference(path: Path):
+    """tiktoken's own cl100k_base Encoding over the rank file at path (the reference llmfn is
+    checked and timed against), with the pattern and special tokens llmfn knows for it."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    from llmfn.tokenization.tiktoken_file import KNOWN
+
+    known = KNOWN["cl100k_base"]
+    return tiktoken.Encoding("cl100k", pat_str=known.pattern, mergeable_ranks=load_tiktoken_bpe(str(path)),
+                             special_tokens=known.special_tokens)  # fmt: skip
+
+
 # --- llama.cpp oracles (straightforward, independent of `tokenizers`) ---------------------------
 
 

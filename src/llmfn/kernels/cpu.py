@@ -496,40 +496,52 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _step_args(op: str, cos, sin, q_scale, positions, alibi_slopes, b: int, t: int, hd: int, num_heads: int):
+    """The per-step tensors both attention entry points hand to C, shape-checked and contiguous:
+    (cos, sin, q_scale [b, t], positions, alibi_slopes fp32), None where absent."""
+    _check(
+        tuple(positions.shape) == (b, t)
+        and all(c is None or tuple(c.shape) == (b, t, hd // 2) for c in (cos, sin))
+        and (q_scale is None or q_scale.numel() == b * t)
+        and (alibi_slopes is None or tuple(alibi_slopes.shape) == (num_heads,)),
+        op, positions, cos, q_scale, alibi_slopes,
+    )
+    q_scale = None if q_scale is None else q_scale.reshape(b, t)
+    alibi_slopes = None if alibi_slopes is None else alibi_slopes.float()
+    return tuple(None if a is None else a.contiguous() for a in (cos, sin, q_scale, positions, alibi_slopes))
+
+
+def _position_error(status: int, slots: int) -> None:
+    if status:
+        raise IndexError(f"positions must lie in [0, {slots}) (the KV cache length)")
+
+
 def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads, scale,
                   alibi_slopes=None, window=None) -> torch.Tensor:
     """See kernels.qkv_attention. The caches are donated (written in place); they may be views
     (the engine passes the first slots of each row) with the same strides and contiguous rows."""
     b, t, _ = qkv.shape
     hd = k_cache.shape[-1]
-    rope = (b, t, hd // 2)
     _check(
         qkv.shape[2] == (num_heads + 2 * num_kv_heads) * hd
         and num_heads % num_kv_heads == 0
         and cache_layout_ok(k_cache, v_cache)
-        and k_cache.shape[:2] == (b, num_kv_heads)
-        and tuple(positions.shape) == (b, t)
-        and all(c is None or tuple(c.shape) == rope for c in (cos, sin))
-        and (q_scale is None or q_scale.numel() == b * t)
-        and (alibi_slopes is None or tuple(alibi_slopes.shape) == (num_heads,)),
-        "qkv_attention", qkv, k_cache, positions,
+        and k_cache.shape[:2] == (b, num_kv_heads),
+        "qkv_attention", qkv, k_cache,
     )
+    cos, sin, q_scale, positions, alibi_slopes = _step_args(
+        "qkv_attention", cos, sin, q_scale, positions, alibi_slopes, b, t, hd, num_heads
+    )
+    qkv = qkv.contiguous()
     out = qkv.new_empty(b, t, num_heads * hd)
     strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
-    if q_scale is not None:
-        q_scale = q_scale.reshape(b, t)
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.float()
-    args = [None if a is None else a.contiguous() for a in (qkv, cos, sin, q_scale, positions, alibi_slopes)]
     status = library().llmfn_qkv_attention(
-        *(_ptr(a) for a in args[:5]), k_cache.data_ptr(), v_cache.data_ptr(), strides, _ptr(args[5]),
-        out.data_ptr(),
-        b, t, num_heads, num_kv_heads, hd, k_cache.shape[2], scale, window or 0, torch.get_num_threads(),
+        qkv.data_ptr(), _ptr(cos), _ptr(sin), _ptr(q_scale), positions.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), strides, _ptr(alibi_slopes), out.data_ptr(), b, t, num_heads, num_kv_heads, hd,
+        k_cache.shape[2], scale, window or 0, torch.get_num_threads(),
     )
-    if status:
-        raise IndexError(f"positions must lie in [0, {k_cache.shape[2]}) (the KV cache length)")
+    _position_error(status, k_cache.shape[2])
     return out
-
 
 
 def _lin_fields(w, b: torch.Tensor | None) -> list[int] | None:
@@ -613,11 +625,10 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
         raise ValueError(f"decoder_layers: x {list(x.shape)} / cache {list(k_cache.shape)} do not fit the config")
     if not x.is_contiguous():
         raise ValueError("decoder_layers: x must be contiguous (it is updated in place)")
-    if q_scale is not None:
-        q_scale = q_scale.reshape(b, t).contiguous()
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.float().contiguous()
-    cos, sin, positions = (None if a is None else a.contiguous() for a in (cos, sin, positions))
+    _check(cache_layout_ok(k_cache, v_cache), "decoder_layers", k_cache, v_cache)
+    cos, sin, q_scale, positions, alibi_slopes = _step_args(
+        "decoder_layers", cos, sin, q_scale, positions, alibi_slopes, b, t, hd, cfg.num_heads
+    )
     strides = (ctypes.c_int64 * 4)(*k_cache.stride()[1:4], k_cache.stride(0))
     layers = (ctypes.c_void_p * len(fields))(*(ctypes.addressof(f) for f in fields))
     status = library().llmfn_decoder_layers(
@@ -628,6 +639,5 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
     )
     if status == -2:
         raise ValueError(f"decoder_layers takes at most 16 rows, got {b * t}")
-    if status:
-        raise IndexError(f"positions must lie in [0, {k_cache.shape[3]}) (the KV cache length)")
+    _position_error(status, k_cache.shape[3])
     return x
