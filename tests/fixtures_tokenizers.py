@@ -46,8 +46,11 @@ def corpus_text() -> str:
     return "\n".join(corpus_lines())
 
 
-def train_sentencepiece(folder: Path, kind: str) -> Path:
-    """Train a small SentencePiece model: 'bpe' (Llama 2 style) or 'unigram' (T5 style)."""
+def train_sentencepiece(
+    folder: Path, kind: str, user_defined: tuple[str, ...] = ("<extra_id_0>",), byte_fallback: bool = False
+) -> Path:
+    """Train a small SentencePiece model: 'bpe' (Llama 2 style) or 'unigram' (T5 style, with these
+    user-defined pieces and optionally byte fallback)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -81,8 +84,9 @@ def train_sentencepiece(folder: Path, kind: str) -> Path:
         spm.SentencePieceTrainer.train(
             model_type="unigram",
             normalization_rule_name="nmt_nfkc",
-            user_defined_symbols=["<extra_id_0>"],
-            character_coverage=0.9995,
+            user_defined_symbols=list(user_defined),
+            byte_fallback=byte_fallback,
+            character_coverage=0.98 if byte_fallback else 0.9995,
             pad_id=0,
             eos_id=1,
             unk_id=2,

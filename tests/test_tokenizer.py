@@ -33,12 +33,15 @@ COMBINING = "\u0300\u0301\u0302\u0303\u0308\u0323\u0327\u0338\u20dd\u3099\u0345"
 WHITESPACE = " \t\n\r\u00a0\u3000\u2009\u000b\u000c\u0085"
 
 
-def texts(specials: list[str] = (), words: list[str] = ()) -> st.SearchStrategy[str]:
+def texts(
+    specials: list[str] = (), words: list[str] = (), whitespace: str = WHITESPACE, extra: list = ()
+) -> st.SearchStrategy[str]:
     """Arbitrary unicode mixed with special-token strings, whitespace runs, digits, CJK, emoji,
-    combining marks and corpus words."""
+    combining marks, corpus words and `extra` strategies."""
     parts = [
+        *extra,
         st.text(max_size=12),
-        st.text(alphabet=WHITESPACE, min_size=1, max_size=6),
+        st.text(alphabet=whitespace, min_size=1, max_size=6),
         st.text(alphabet="0123456789", min_size=1, max_size=9),
         st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x4FFF), min_size=1, max_size=4),
         st.sampled_from(EMOJI),
@@ -187,6 +190,79 @@ def test_cl100k_encodes_as_tiktoken(cl100k, text):
     assert tok.encode(text) == ref.encode_ordinary(text)
 
 
+# The same formats on the `tokenizers` path (LLMFN_NATIVE_TOKENIZERS=0), which runs where the
+# native encoders do not build (no C compiler) and for patterns they do not know.
+
+
+@pytest.fixture(scope="module")
+def tokenizers_path(workdir):
+    os.environ["LLMFN_NATIVE_TOKENIZERS"] = "0"
+    try:
+        unigram = fx.train_sentencepiece(workdir, "unigram")
+        bpe = fx.train_sentencepiece(workdir, "bpe")
+        # user-defined pieces that compete with the vocabulary's own (their Viterbi score matters)
+        (workdir / "words").mkdir(exist_ok=True)
+        words = fx.train_sentencepiece(workdir / "words", "unigram", ("<extra_id_0>", "the", "ing", "\u2581of", "ab"))
+        cl = fx.cl100k_file()
+        return {
+            "unigram": load_tokenizer(unigram),
+            "bpe": load_tokenizer(bpe),
+            "unigram_words": (
+                load_tokenizer(words),
+                sentencepiece.SentencePieceProcessor(model_file=str(words)),
+            ),
+            "cl100k": load_tokenizer(cl) if cl else None,
+        }
+    finally:
+        del os.environ["LLMFN_NATIVE_TOKENIZERS"]
+
+
+def test_native_encoders_are_used_where_they_build(spm_bpe, spm_unigram, cl100k, tokenizers_path):
+    from llmfn import cbuild
+
+    # Without a C compiler the formats stay on `tokenizers` (the test below covers that path).
+    built = cbuild.compiler() is not None
+    for tok in (spm_bpe[0], spm_unigram[0], cl100k[0]):
+        assert (tok._native is not None) == built
+    assert all(tok._native is None for tok in (tokenizers_path[k] for k in ("unigram", "bpe", "cl100k")))
+
+
+@PROPERTY
+@given(texts(SPM_SPECIALS + TIKTOKEN_SPECIALS + ["the", "ing", " of", "ab"], WORDS))
+def test_tokenizers_path_encodes_as_references(spm_bpe, spm_unigram, cl100k, tokenizers_path, text):
+    assert tokenizers_path["unigram"].encode(text) == spm_unigram[1].encode(text)
+    assert tokenizers_path["bpe"].encode(text) == spm_bpe[1].encode(text)
+    tok, ref = tokenizers_path["unigram_words"]
+    assert tok.encode(text) == ref.encode(text)
+    assert tokenizers_path["cl100k"].encode(text) == cl100k[1].encode_ordinary(text)
+    lines = text.split("\n")
+    assert tokenizers_path["unigram"].encode_batch(lines) == spm_unigram[0].encode_batch(lines)
+    assert tokenizers_path["bpe"].encode_batch(lines) == spm_bpe[0].encode_batch(lines)
+    assert tokenizers_path["cl100k"].encode_batch(lines) == cl100k[0].encode_batch(lines)
+
+
+def test_unigram_with_byte_fallback_loads_where_native(workdir):
+    """`tokenizers` does not encode SentencePiece Unigram byte fallback as sentencepiece does, so
+    such a model loads with the native encoder and is refused, clearly, without it."""
+    from llmfn.tokenization.native_spm import library
+
+    (workdir / "ugbytes").mkdir(exist_ok=True)
+    path = fx.train_sentencepiece(workdir / "ugbytes", "unigram", byte_fallback=True)
+    ref = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    text = "Hello \u4e00\u9fa5 \U0001f9ea ǅ wörld \u0b95\u0bcd"
+    if library() is not None:
+        tok = load_tokenizer(path)
+        ids = tok.encode(text)
+        assert ids == ref.encode(text) and any(ref.is_byte(i) for i in ids)
+        assert tok.decode(ids) == ref.decode(ids) == _streamed(tok, ids)
+    os.environ["LLMFN_NATIVE_TOKENIZERS"] = "0"
+    try:
+        with pytest.raises(TokenizerError, match="byte fallback needs llmfn's native encoder"):
+            load_tokenizer(path)
+    finally:
+        del os.environ["LLMFN_NATIVE_TOKENIZERS"]
+
+
 # Three code points where `tokenizers`' older Unicode tables disagree with Python's and no text
 # fix can help (see llmfn.tokenization.wordpiece); documented in docs/tokenizers.md.
 BERT_UNFIXABLE = "\u166d\u1734\U00011938"
@@ -223,6 +299,16 @@ def test_minilm_tokenizer_json_matches_vocab_txt_and_never_pads(minilm, wordpiec
     ids = tok_json.encode(text)
     assert ids == tok_txt.encode(text) == reference(text)
     assert len(ids) > 128 and tok_json.pad_id not in tok_json.encode("hi")
+
+
+def test_lone_surrogates_encode_as_replacement_character(tokenizers_under_test, cl100k):
+    # A JSON string can carry "\\ud800"; tiktoken encodes it as U+FFFD, and so does every format.
+    texts = ["a\ud800b", "\udfff", "x\ud83d\ude00y \ud83d"]
+    fixed = ["a\ufffdb", "\ufffd", "x\U0001f600y \ufffd"]
+    for tok in [*tokenizers_under_test, cl100k[0]]:
+        assert [tok.encode(t) for t in texts] == [tok.encode(t) for t in fixed] == tok.encode_batch(fixed)
+        assert tok.encode_batch(texts) == tok.encode_batch(fixed)
+    assert cl100k[0].encode(texts[0]) == cl100k[1].encode_ordinary(texts[0])
 
 
 # --- round trip -----------------------------------------------------------------------------------

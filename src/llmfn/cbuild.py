@@ -40,16 +40,21 @@ def library_path(name: str, source: str) -> Path:
     return home() / "kernels" / f"{name}_{key}.so"
 
 
+def compiler() -> str | None:
+    """The C compiler llmfn builds with ($CC, else cc / gcc / clang on PATH), or None."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 def _compile(source: str, target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         raise OSError("no C compiler")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "kernel.c"
         src.write_text(source)
         out = Path(tmp) / "kernel.so"
-        subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True)
+        subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True)
         out.replace(target)  # atomic: concurrent first uses each compile, one rename wins
 
 

@@ -129,6 +129,18 @@ def cpu_kernels_check() -> tuple[bool | None, str]:
     return True, f"built at {cbuild.library_path('llmfn_cpu', cpu.SOURCE)}"
 
 
+def native_tokenizers_check() -> tuple[bool | None, str]:
+    """Whether the C encoders for SentencePiece and tiktoken files are built here."""
+    from llmfn.tokenization import native_bpe, native_spm
+    from llmfn.tokenizer import native_tokenizers_enabled
+
+    if not native_tokenizers_enabled():
+        return None, "off (LLMFN_NATIVE_TOKENIZERS=0): every format encodes through `tokenizers`"
+    if native_bpe.library() is None or native_spm.library() is None:
+        return None, "not available (no C compiler): every format encodes through `tokenizers`"
+    return True, "built (SentencePiece and tiktoken files encode in C)"
+
+
 def forward_self_test(device: str) -> tuple[bool, str]:
     """Prefill + token-by-token decode must give the logits of one full forward (and, off CPU,
     the CPU float32 logits)."""
@@ -217,6 +229,8 @@ def doctor(config_path: str | None = None, models: list[str] | None = None, chec
         if device == "cpu":
             ok, why = cpu_kernels_check()
             line(ok, f"C decode kernels: {why}")
+            ok, why = native_tokenizers_check()
+            line(ok, f"native tokenizers: {why}")
         ok, why = forward_self_test(device)
         line(ok, f"tiny forward self-test: {why}")
     if check_models:

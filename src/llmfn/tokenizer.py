@@ -8,6 +8,10 @@ per-token Python) plus a table of each token's bytes for decoding and streaming.
 
 - `encode(text)` treats all text as text: special-token strings in it never become their ids.
 - `encode_trusted(text)` is for template text: special-token strings become their ids.
+- SentencePiece Unigram and the known tiktoken encodings also have a native C encoder
+  (`llmfn.tokenization.native_spm`, `native_bpe`), tested equal to sentencepiece / tiktoken, which
+  `encode` and `encode_batch` use when it builds here (LLMFN_NATIVE_TOKENIZERS=0 turns it off);
+  `tokenizers` remains the path for everything else.
 - `decode(ids)` joins the tokens' bytes and decodes them once as UTF-8 (invalid bytes become
   U+FFFD); `stream()` does the same incrementally and emits only complete characters, so what
   it emits, concatenated, equals `decode(ids)` for any id sequence.
@@ -17,15 +21,38 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from llmfn.errors import TokenizerError
 
 __all__ = ["StreamDecoder", "Tokenizer", "load_tokenizer"]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str) -> str:
+    """Surrogate pairs joined, lone surrogates as U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class NativeEncoder(Protocol):
+    """A format's own C encoder (see llmfn.tokenization.native_*): plain text to ids."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+
+def native_tokenizers_enabled() -> bool:
+    """LLMFN_NATIVE_TOKENIZERS=0 keeps every format on `tokenizers` (for comparison and tests)."""
+    return os.environ.get("LLMFN_NATIVE_TOKENIZERS", "1") != "0"
 
 
 class StreamDecoder:
@@ -81,6 +108,7 @@ class Tokenizer:
         pieces: Sequence[str] | None = None,
         protected: dict[str, int] | None = None,
         model_only: _HFTokenizer | None = None,
+        native: NativeEncoder | None = None,
     ):
         from llmfn.tokenization.hf_json import hf_decode_tables, hf_special_tokens
 
@@ -99,6 +127,7 @@ class Tokenizer:
             self._hf_trusted = _HFTokenizer.from_str(hf.to_str())
             self._hf_trusted.encode_special_tokens = False
         self._normalize = normalize
+        self._native = native
         # With `model_only`, `normalize` does all the normalization in Python (C-speed string
         # methods) and the Rust side runs the pre-tokenizer and model alone.
         self._encoder = model_only if model_only is not None else hf
@@ -137,7 +166,18 @@ class Tokenizer:
     # --- encoding ---------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        """Plain text: special-token strings inside it stay text."""
+        """Plain text: special-token strings inside it stay text. Lone surrogates (a JSON string
+        may hold "\\ud800") are encoded as U+FFFD, as tiktoken does."""
+        try:
+            return self._encode(text)
+        except (UnicodeEncodeError, TypeError):
+            if not isinstance(text, str) or _SURROGATE.search(text) is None:
+                raise
+            return self._encode(_without_surrogates(text))
+
+    def _encode(self, text: str) -> list[int]:
+        if self._native is not None:
+            return self._native.encode(text)
         if self._normalize is not None:
             text = self._normalize(text)
         if self._protected_re is not None and self._protected_re.search(text):
@@ -165,8 +205,18 @@ class Tokenizer:
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` over many texts, in parallel inside `tokenizers`."""
+        """`encode` over many texts, in parallel (in C or inside `tokenizers`)."""
         texts = list(texts)
+        try:
+            return self._encode_batch(texts)
+        except (UnicodeEncodeError, TypeError):
+            if not all(isinstance(t, str) for t in texts) or not any(map(_SURROGATE.search, texts)):
+                raise
+            return self._encode_batch([_without_surrogates(t) for t in texts])
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._native is not None:
+            return self._native.encode_batch(texts)
         if self._normalize is not None:
             texts = [self._normalize(t) for t in texts]
         out = [e.ids for e in self._encoder.encode_batch_fast(texts, add_special_tokens=False)]
@@ -355,7 +405,13 @@ def _load_tokenizer_json(file: Path) -> Tokenizer:
 def _load_sentencepiece(file: Path) -> Tokenizer:
     from llmfn.tokenization import sentencepiece_model as spm
 
-    built = spm.build(spm.read_model(file))
+    model = spm.read_model(file)
+    native = None
+    if native_tokenizers_enabled():
+        from llmfn.tokenization.native_spm import NativeSentencePiece
+
+        native = NativeSentencePiece.build(model)
+    built = spm.build(model, encodes=native is None)
     return Tokenizer(
         built.hf,
         bos_id=built.bos_id,
@@ -371,6 +427,7 @@ def _load_sentencepiece(file: Path) -> Tokenizer:
         pieces=built.pieces,
         protected=built.protected,
         model_only=built.model_only,
+        native=native,
     )
 
 
@@ -386,6 +443,11 @@ def _load_tiktoken(file: Path, pattern: str | None, special_tokens: dict[str, in
         table[i] = token.encode("utf-8")
     eos = spec.special_tokens.get(spec.eos) if spec.eos else None
     hf = tiktoken_file.build_hf(spec)
+    native = None
+    if native_tokenizers_enabled():
+        from llmfn.tokenization.native_bpe import NativeRankBPE
+
+        native = NativeRankBPE.build(spec.ranks, spec.pattern)
     pieces = [hf.id_to_token(i) or "" for i in range(size)]
     for token, i in spec.special_tokens.items():
         pieces[i] = token
@@ -398,6 +460,7 @@ def _load_tiktoken(file: Path, pattern: str | None, special_tokens: dict[str, in
         specials_in_hf=False,
         format="tiktoken",
         pieces=pieces,
+        native=native,
     )
 
 

@@ -381,8 +381,10 @@ def piece_bytes(piece: Piece, unk_surface: str) -> bytes:
     return piece.piece.replace(SPACE, " ").encode("utf-8")
 
 
-def build(m: SentencePieceModel) -> Built:
-    """A `tokenizers` pipeline and decode tables for a SentencePiece model."""
+def build(m: SentencePieceModel, encodes: bool = True) -> Built:
+    """A `tokenizers` pipeline and decode tables for a SentencePiece model. encodes=False: a native
+    encoder encodes (llmfn.tokenization.native_spm), so the pipeline need not match sentencepiece
+    (Unigram with byte fallback, which `tokenizers` does not encode as sentencepiece does)."""
     if m.model_type not in (UNIGRAM, BPE):
         raise TokenizerError(f"SentencePiece model type {m.model_type} (WORD/CHAR) is not supported")
     if m.treat_whitespace_as_suffix:
@@ -395,7 +397,7 @@ def build(m: SentencePieceModel) -> Built:
     if m.model_type == BPE:
         hf = _build_bpe(m, unk_id)
     else:
-        hf = _build_unigram(m, unk_id)
+        hf = _build_unigram(m, unk_id, exact=encodes)
     hf.pre_tokenizer = None
     hf.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     # llmfn encodes with the model alone after normalizing in Python (`SpmNormalizer`); `hf` keeps
@@ -450,20 +452,22 @@ def _build_bpe(m: SentencePieceModel, unk_id: int | None) -> HFTokenizer:
     return HFTokenizer(model)
 
 
-def _build_unigram(m: SentencePieceModel, unk_id: int | None) -> HFTokenizer:
-    normal_scores = [p.score for p in m.pieces if p.type == NORMAL]
-    max_score = max(normal_scores, default=0.0)
+def _build_unigram(m: SentencePieceModel, unk_id: int | None, exact: bool = True) -> HFTokenizer:
     vocab = []
     for i, p in enumerate(m.pieces):
         if p.type == NORMAL:
             vocab.append((p.piece, p.score))
         elif p.type == USER_DEFINED:
-            # SentencePiece's Viterbi scores user-defined pieces as length * max_score - 0.1.
-            vocab.append((p.piece, len(p.piece) * max_score - 0.1))
+            # sentencepiece 0.2's Viterbi scores a user-defined piece 0.1 * (bytes - 1) (older
+            # sources: length * max_score - 0.1); see llmfn.tokenization.native_spm.
+            vocab.append((p.piece, 0.1 * (len(p.piece.encode("utf-8")) - 1)))
         else:
             # Reserved pieces: a name with a plain space never occurs in escaped text.
             vocab.append((f" {p.type} {i} {p.piece}", 0.0))
-    if m.byte_fallback:
-        raise TokenizerError("SentencePiece Unigram with byte fallback is not supported")
-    model = models.Unigram(vocab, unk_id=unk_id, byte_fallback=False)
+    if m.byte_fallback and exact:
+        raise TokenizerError(
+            "SentencePiece Unigram with byte fallback needs llmfn's native encoder (a C compiler, "
+            "LLMFN_NATIVE_TOKENIZERS not 0)"
+        )
+    model = models.Unigram(vocab, unk_id=unk_id, byte_fallback=m.byte_fallback)
     return HFTokenizer(model)
