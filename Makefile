@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.llmfn-installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup browser serve test lint bench bench-kernels bench-setup clean
+.PHONY: help setup browser serve test sanitize lint bench bench-kernels bench-setup clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,17 @@ serve: setup  ## serve the default models (SmolLM2 chat + MiniLM embeddings) on 
 
 test: setup browser  ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The C code (kernels, native tokenizers) built with AddressSanitizer + UBSan into a scratch
+# LLMFN_HOME, and its tests run against it (libasan preloaded, as Python is not instrumented).
+SANITIZE_HOME := $(shell mktemp -d -u /tmp/llmfn-sanitize.XXXXXX)
+sanitize: setup  ## the C kernels' and native tokenizers' tests under ASan + UBSan
+	printf '#!/bin/sh\nexec gcc -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer "$$@"\n' > $(SANITIZE_HOME).cc
+	chmod +x $(SANITIZE_HOME).cc
+	CC=$(SANITIZE_HOME).cc LLMFN_HOME=$(SANITIZE_HOME) ASAN_OPTIONS=detect_leaks=0 LLMFN_TOKENIZER_EXAMPLES=200 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_native_spm.py tests/test_native_bpe.py \
+	tests/test_tokenizer.py tests/test_cpu_kernels.py tests/test_fused_layer.py tests/test_quant.py
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check src tests benchmarks tools
