@@ -24,14 +24,14 @@ point: the split never depends on which Python runs.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from llmfn import cbuild
 from llmfn.errors import TokenizerError
+from llmfn.tokenization.native_io import split_ids, utf8, utf8_joined
 from llmfn.tokenization.tiktoken_file import KNOWN
 
 # tiktoken's r50k_base / p50k_base pattern (GPT-2), as tiktoken writes it and as GPT-2 did.
@@ -633,25 +633,6 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
-def _utf8(text: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        # As tiktoken: surrogate pairs joined, lone surrogates replaced (U+FFFD).
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
-
-
-def _utf8_joined(texts: Sequence[str]) -> tuple[bytes, Iterable[int]]:
-    """The texts' UTF-8, concatenated, and each one's length in bytes: one encode call, and only
-    the non-ASCII texts encoded again for their length."""
-    try:
-        joined = "".join(texts).encode("utf-8")
-    except UnicodeEncodeError:  # surrogates: each text as tiktoken fixes it
-        data = [_utf8(t) for t in texts]
-        return b"".join(data), map(len, data)
-    return joined, (len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
-
-
 class NativeRankBPE:
     """tiktoken's `encode_ordinary` in C for the patterns in PATTERNS. Thread-safe: the encoder is
     read-only once built, and each call has its own buffers."""
@@ -690,7 +671,7 @@ class NativeRankBPE:
 
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, exactly as tiktoken's encode_ordinary(text)."""
-        data = _utf8(text)
+        data = utf8(text)
         out = np.empty(len(data), np.uint32)  # at most one id per byte
         count = ctypes.c_int64()
         if self._lib.bpe_encode(self._handle, data + _PAD, len(data), out.ctypes.data, ctypes.byref(count)):
@@ -699,16 +680,13 @@ class NativeRankBPE:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """encode() of each text, in order; the texts are encoded in parallel (OpenMP)."""
-        joined, lengths = _utf8_joined(texts)
-        offsets = np.zeros(len(texts) + 1, np.int64)
-        np.cumsum(np.fromiter(lengths, np.int64, len(texts)), out=offsets[1:])
+        joined, offsets = utf8_joined(texts)
         out = np.empty(int(offsets[-1]), np.uint32)
         counts = np.empty(len(texts), np.int64)
         if self._lib.bpe_encode_batch(self._handle, joined + _PAD, offsets.ctypes.data, len(texts),
                                       out.ctypes.data, counts.ctypes.data):  # fmt: skip
             raise MemoryError("native BPE: out of memory (or a piece of 4 GiB or more)")
-        flat, sizes = out[: int(counts.sum())].tolist(), counts.tolist()
-        return [flat[end - n : end] for n, end in zip(sizes, itertools.accumulate(sizes), strict=True)]
+        return split_ids(out, counts)
 
 
 def classify(code_points: Sequence[int]) -> list[int]:

@@ -32,7 +32,6 @@ compiler.
 from __future__ import annotations
 
 import ctypes
-import gc
 import math
 import re
 import struct
@@ -43,6 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llmfn import cbuild
+from llmfn.tokenization.native_io import split_ids, utf8, utf8_joined
 from llmfn.tokenization.sentencepiece_model import (
     BPE,
     BYTE,
@@ -922,7 +922,7 @@ class NativeSentencePiece:
 
     def encode(self, text: str) -> list[int]:
         """sentencepiece's EncodeAsIds(text): no BOS or EOS."""
-        data = text.encode("utf-8")
+        data = utf8(text)
         # Usually fewer ids than input bytes; a text whose normalization expands retries once.
         out = np.empty(len(data) + 8, dtype=np.int32)
         count = ctypes.c_int64()
@@ -940,29 +940,16 @@ class NativeSentencePiece:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """encode() of each text, in order, encoded in parallel (OpenMP, all cores)."""
-        encoded = [t.encode("utf-8") for t in texts]
-        n = len(encoded)
+        n = len(texts)
         if n == 0:
             return []
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        data, offsets = utf8_joined(texts)
         counts = np.zeros(n, dtype=np.int64)
         results = ctypes.c_void_p()
-        data = b"".join(encoded)
         if self._lib.spm_encode_batch(
             self._handle, data, offsets.ctypes.data, n, counts.ctypes.data, ctypes.byref(results)
         ):
             raise MemoryError("out of memory encoding texts")
         ids = np.empty(int(counts.sum()), dtype=np.int32)
         self._lib.spm_batch_take(results, counts.ctypes.data, n, ids.ctypes.data)
-        flat = ids.tolist()
-        ends = np.cumsum(counts).tolist()
-        # Thousands of new lists would trigger collections that walk the whole heap (a third of
-        # the time for 1 MB of lines when torch is loaded); none of them can form a cycle.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return [flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-        finally:
-            if enabled:
-                gc.enable()
+        return split_ids(ids, counts)
