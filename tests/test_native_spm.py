@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import threading
 
 import pytest
 import sentencepiece
@@ -180,6 +181,25 @@ def test_one_megabyte_string(model):
     assert native.encode(text) == ref.EncodeAsIds(text)
     lines = text.split("\n")
     assert native.encode_batch(lines) == ref.encode(lines)
+
+
+def test_threads_share_one_encoder(model):
+    """The server encodes from many threads at once (ctypes releases the GIL): one encoder, four
+    threads, single and batch calls, each gets sentencepiece's ids."""
+    native, ref = model
+    lines = fx.corpus_lines()[:2000]
+    want = ref.encode(lines)
+    got: list = [None] * 4
+
+    def work(k: int) -> None:
+        got[k] = [native.encode(t) for t in lines] if k % 2 else native.encode_batch(lines)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 4
 
 
 # --- hand-made models: the arithmetic ----------------------------------------------------------
