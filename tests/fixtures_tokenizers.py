@@ -309,3 +309,21 @@ class LlamaCppSPM:
             else:
                 out += [self.vocab[f"<0x{b:02X}>"] for b in s.encode("utf-8")]
         return out
+
+
+def encode_in_threads(encoder, lines: list[str], n: int = 4) -> list[list[list[int]]]:
+    """The ids of `lines` from n threads sharing `encoder` at once: odd threads encode the lines one
+    by one, even ones in one batch call."""
+    import threading
+
+    results: list = [None] * n
+
+    def run(k: int) -> None:
+        results[k] = [encoder.encode(t) for t in lines] if k % 2 else encoder.encode_batch(lines)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

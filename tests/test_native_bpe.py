@@ -12,7 +12,6 @@ both checked against it.
 from __future__ import annotations
 
 import functools
-import threading
 
 import numpy as np
 import pytest
@@ -179,17 +178,7 @@ def test_threads_share_one_encoder(cl100k):
     native, ref = cl100k
     lines = fx.corpus_lines()[:2000]
     want = ref.encode_ordinary_batch(lines)
-    got: list = [None] * 4
-
-    def work(k: int) -> None:
-        got[k] = [native.encode(t) for t in lines] if k % 2 else native.encode_batch(lines)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert got == [want] * 4
+    assert fx.encode_in_threads(native, lines) == [want] * 4
 
 
 # --- build ---------------------------------------------------------------------------------------

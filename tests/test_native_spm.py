@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import math
 import struct
-import threading
 
 import pytest
 import sentencepiece
@@ -189,17 +188,7 @@ def test_threads_share_one_encoder(model):
     native, ref = model
     lines = fx.corpus_lines()[:2000]
     want = ref.encode(lines)
-    got: list = [None] * 4
-
-    def work(k: int) -> None:
-        got[k] = [native.encode(t) for t in lines] if k % 2 else native.encode_batch(lines)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert got == [want] * 4
+    assert fx.encode_in_threads(native, lines) == [want] * 4
 
 
 # --- hand-made models: the arithmetic ----------------------------------------------------------
