@@ -8,7 +8,7 @@ per-token Python) plus a table of each token's bytes for decoding and streaming.
 
 - `encode(text)` treats all text as text: special-token strings in it never become their ids.
 - `encode_trusted(text)` is for template text: special-token strings become their ids.
-- SentencePiece Unigram and the known tiktoken encodings also have a native C encoder
+- SentencePiece `.model` files and the known tiktoken patterns also have a native C encoder
   (`llmfn.tokenization.native_spm`, `native_bpe`), tested equal to sentencepiece / tiktoken, which
   `encode` and `encode_batch` use when it builds here (LLMFN_NATIVE_TOKENIZERS=0 turns it off);
   `tokenizers` remains the path for everything else.
@@ -30,16 +30,12 @@ from typing import Protocol
 from tokenizers import Tokenizer as _HFTokenizer
 
 from llmfn.errors import TokenizerError
+from llmfn.tokenization.native_io import without_surrogates
 
 __all__ = ["StreamDecoder", "Tokenizer", "load_tokenizer"]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _without_surrogates(text: str) -> str:
-    """Surrogate pairs joined, lone surrogates as U+FFFD."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class NativeEncoder(Protocol):
@@ -166,14 +162,14 @@ class Tokenizer:
     # --- encoding ---------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        """Plain text: special-token strings inside it stay text. Lone surrogates (a JSON string
-        may hold "\\ud800") are encoded as U+FFFD, as tiktoken does."""
+        """Plain text: special-token strings inside it stay text. Lone surrogates are encoded as
+        U+FFFD, as tiktoken does (the native encoders do so themselves; `tokenizers` refuses them)."""
         try:
             return self._encode(text)
-        except (UnicodeEncodeError, TypeError):
+        except TypeError:
             if not isinstance(text, str) or _SURROGATE.search(text) is None:
                 raise
-            return self._encode(_without_surrogates(text))
+            return self._encode(without_surrogates(text))
 
     def _encode(self, text: str) -> list[int]:
         if self._native is not None:
@@ -209,10 +205,10 @@ class Tokenizer:
         texts = list(texts)
         try:
             return self._encode_batch(texts)
-        except (UnicodeEncodeError, TypeError):
+        except TypeError:
             if not all(isinstance(t, str) for t in texts) or not any(map(_SURROGATE.search, texts)):
                 raise
-            return self._encode_batch([_without_surrogates(t) for t in texts])
+            return self._encode_batch([without_surrogates(t) for t in texts])
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._native is not None:

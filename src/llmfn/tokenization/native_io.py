@@ -9,12 +9,17 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def without_surrogates(text: str) -> str:
+    """Surrogate pairs joined, lone surrogates (a JSON "\\ud800" escape) as U+FFFD, as tiktoken does."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def utf8(text: str) -> bytes:
-    """UTF-8 of `text`; surrogate pairs joined and lone surrogates as U+FFFD, as tiktoken does."""
+    """UTF-8 of `text`, after `without_surrogates` where it holds surrogates."""
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+        return without_surrogates(text).encode("utf-8")
 
 
 def utf8_joined(texts: Sequence[str]) -> tuple[bytes, np.ndarray]:
