@@ -851,7 +851,8 @@ def unsupported(m: SentencePieceModel) -> str | None:
         return "an empty piece or one holding NUL"
     matched = [p.piece for p in m.pieces if p.type in (NORMAL, USER_DEFINED, UNUSED)]
     reserved = [p.piece for p in m.pieces if p.type not in (NORMAL, USER_DEFINED, UNUSED)]
-    if len(set(matched)) != len(matched) or len(set(reserved)) != len(reserved):
+    matched_set = set(matched)
+    if len(matched_set) != len(matched) or len(set(reserved)) != len(reserved):
         return "duplicate pieces"
     if any(p.type not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) for p in m.pieces):
         return "an unknown piece type"
@@ -862,7 +863,7 @@ def unsupported(m: SentencePieceModel) -> str | None:
             return "a NaN score (sentencepiece's agenda order is then undefined)"
         # sentencepiece looks a BPE symbol up among the reserved pieces first: the C encoder
         # assumes no symbol (a character or a mergeable piece) is one.
-        if any(len(r) == 1 or r in set(matched) for r in reserved):
+        if any(len(r) == 1 or r in matched_set for r in reserved):
             return "a reserved piece that is one character or also a normal piece"
     blob = m.charsmap
     if blob and (len(blob) <= 4 or struct.unpack("<I", blob[:4])[0] >= len(blob)):
