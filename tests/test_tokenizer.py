@@ -311,6 +311,17 @@ def test_lone_surrogates_encode_as_replacement_character(tokenizers_under_test, 
     assert cl100k[0].encode(texts[0]) == cl100k[1].encode_ordinary(texts[0])
 
 
+def test_long_runs_encode_as_references(spm_bpe, spm_unigram, cl100k):
+    """Long runs of one character or pattern (one huge word, pre-token or whitespace run), the
+    inputs where a merge loop or lattice could go quadratic or overflow."""
+    runs = ["a" * 100_000, "ab" * 50_000, " " * 100_000, "\U0001f9ea" * 25_000, "7" * 100_000,
+            "\u4e00\u9fa5" * 15_000, "a b  c\n\n\t d" * 10_000]  # fmt: skip
+    for text in runs:
+        assert spm_bpe[0].encode(text) == spm_bpe[1].encode(text)
+        assert spm_unigram[0].encode(text) == spm_unigram[1].encode(text)
+        assert cl100k[0].encode(text) == cl100k[1].encode_ordinary(text)
+
+
 # --- round trip -----------------------------------------------------------------------------------
 
 
