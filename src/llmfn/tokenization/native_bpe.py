@@ -281,24 +281,16 @@ static size_t spaces(const uint8_t *s, size_t n, size_t i, int to_end, int newli
 
 /* ---- the patterns: the end of the piece that starts at i ------------------------------------- */
 
-static size_t piece_cl100k(const uint8_t *s, size_t n, size_t i) {
+/* cl100k; Qwen-1's pattern is the same with \p{N} one digit at a time (max_digits 1) and no
+   \s++$ alternative (to_end 0). */
+static size_t piece_cl100k(const uint8_t *s, size_t n, size_t i, int max_digits, int to_end) {
     size_t l0, e;
     unsigned c0 = char_at(s, n, i, &l0);
     if ((e = contraction(s, n, i, 1))) return i + e;
     if ((e = letters(s, n, i, c0, l0))) return e;
-    if ((e = digits(s, n, i, 3))) return e;
+    if ((e = digits(s, n, i, max_digits))) return e;
     if ((e = punct(s, n, i, c0, 1))) return e;
-    return spaces(s, n, i, 1, 1);
-}
-
-static size_t piece_qwen(const uint8_t *s, size_t n, size_t i) {
-    size_t l0, e;
-    unsigned c0 = char_at(s, n, i, &l0);
-    if ((e = contraction(s, n, i, 1))) return i + e;
-    if ((e = letters(s, n, i, c0, l0))) return e;
-    if ((e = digits(s, n, i, 1))) return e;
-    if ((e = punct(s, n, i, c0, 1))) return e;
-    return spaces(s, n, i, 0, 1);
+    return spaces(s, n, i, to_end, 1);
 }
 
 static size_t piece_r50k(const uint8_t *s, size_t n, size_t i) {
@@ -516,9 +508,9 @@ static int64_t encode_text(const Encoder *e, const uint8_t *s, size_t n, uint32_
     while (i < n) {
         size_t j;
         switch (e->pattern) {
-            case PAT_CL100K: j = piece_cl100k(s, n, i); break;
+            case PAT_CL100K: j = piece_cl100k(s, n, i, 3, 1); break;
             case PAT_O200K: j = piece_o200k(s, n, i); break;
-            case PAT_QWEN: j = piece_qwen(s, n, i); break;
+            case PAT_QWEN: j = piece_cl100k(s, n, i, 1, 0); break;
             default: j = piece_r50k(s, n, i); break;
         }
         size_t got = encode_piece(e, s + i, j - i, out + k);
