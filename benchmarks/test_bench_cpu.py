@@ -95,3 +95,43 @@ def test_decode_step(benchmark, smollm2, impl, monkeypatch):
     token, pos, last = torch.tensor([[42]]), torch.tensor([[100]]), torch.tensor([0])
     with torch.inference_mode():
         benchmark(lambda: llama.forward(params, cfg, token, pos, cache, logit_index=last))
+
+
+# ---------------------------------------------------------------------------------------------- encoder (MiniLM)
+# all-MiniLM-L6-v2's layer at 32 sentences x 200 tokens (6400 rows, d = 384, ffn = 1536, 12 heads of 32)
+
+MINILM_GEMMS = {"qkv": (1152, 384), "out": (384, 384), "up + GELU": (1536, 384), "down": (384, 1536)}
+
+
+@pytest.mark.benchmark(group="encoder matmul [6400, k] x [n, k] fp32 + bias (MiniLM, 32 x 200 tokens)")
+@pytest.mark.parametrize("impl", ["llmfn C GEMM", "torch oneDNN", "torch MKL"])
+@pytest.mark.parametrize("shape", list(MINILM_GEMMS))
+def test_encoder_matmul(benchmark, impl, shape):
+    from llmfn.kernels import cpu_gemm
+
+    n, k = MINILM_GEMMS[shape]
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(6400, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    act = "gelu" if "GELU" in shape else None
+    then = F.gelu if act else (lambda y: y)
+    if impl == "llmfn C GEMM":
+        packed = cpu_gemm.pack(w)
+        benchmark(lambda: cpu_gemm.linear(x, packed, n, b, act))
+    elif impl == "torch oneDNN":
+        benchmark(lambda: then(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")))
+    else:
+        benchmark(lambda: then(F.linear(x, w, b)))
+
+
+@pytest.mark.benchmark(group="encoder attention [32, 200, 3 x 384] fp32, 12 heads (MiniLM)")
+@pytest.mark.parametrize("impl", ["llmfn C", "torch SDPA (+ permutes)"])
+def test_encoder_attention(benchmark, impl):
+    from llmfn.kernels import cpu_attention
+
+    qkv = torch.randn(32, 200, 3 * 384)
+
+    def sdpa():
+        q, k, v = qkv.view(32, 200, 3, 12, 32).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(32, 200, 384)
+
+    benchmark(lambda: cpu_attention.attention(qkv, 12) if impl == "llmfn C" else sdpa())

@@ -29,6 +29,8 @@ from llmfn.embed import (
     tokenize,
 )
 from llmfn.errors import CheckpointError, RequestError, UnsupportedModelError
+from llmfn.kernels import cpu_gemm
+from llmfn.linear import PackedWeight
 from llmfn.loading import load
 from llmfn.models import bert
 from llmfn.registry import ALIASES, package_path
@@ -65,9 +67,9 @@ def write_wordpiece(folder: Path, post_processor: bool = True) -> int:
 
 def tiny_hf(seed=0, act="gelu", masked_lm=False, **over):
     torch.manual_seed(seed)
+    sizes = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 48, **over}
     cfg = transformers.BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=64, type_vocab_size=2, hidden_act=act, **over,
+        vocab_size=128, num_hidden_layers=2, max_position_embeddings=64, type_vocab_size=2, hidden_act=act, **sizes
     )  # fmt: skip
     cls = transformers.BertForMaskedLM if masked_lm else transformers.BertModel
     m = cls(cfg).eval()
@@ -142,12 +144,21 @@ def ref_pool(hidden_row: torch.Tensor, mode: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- forward
 
 
+@pytest.mark.parametrize("path", ["packed", "plain", "torch"])
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
-def test_forward_matches_transformers_bertmodel(tmp_path, act):
-    hf = tiny_hf(act=act)
+@pytest.mark.parametrize("sizes", [{}, {"hidden_size": 36, "num_attention_heads": 3, "intermediate_size": 50}])
+def test_forward_matches_transformers_bertmodel(tmp_path, act, path, sizes, monkeypatch):
+    """packed: matmuls in llmfn's C GEMM (bias, GELU, residual and LayerNorm fused), C attention;
+    plain: unpacked weights (oneDNN), C attention; torch: torch's SDPA. Sizes off the kernels' tiles too."""
+    hf = tiny_hf(act=act, **sizes)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     cfg = bert.read_config(tmp_path)
     params = bert.load_params(tmp_path, cfg)
+    if path == "packed":
+        params = bert.pack_params(params)
+        assert all(isinstance(layer["w_up"], PackedWeight) for layer in params["layers"]) or not cpu_gemm.available()
+    if path == "torch":
+        monkeypatch.setattr(bert.cpu_attention, "available", lambda: False)
     tokens, mask, lengths = random_batch()
     types = (torch.arange(tokens.shape[1])[None] >= 5).long().expand_as(tokens)
     with torch.inference_mode():
@@ -205,6 +216,16 @@ def test_padding_never_changes_hidden_states(tiny):
         mask = (torch.arange(29)[None] < 9).long()
         in_pad = bert.forward(model.params, model.cfg, padded, mask)
     torch.testing.assert_close(in_pad[:, :9], alone, atol=1e-6, rtol=0)
+
+
+def test_feed_forward_chunks_change_nothing(tiny, monkeypatch):
+    """The feed-forward runs in row chunks (bert.FFN_ROWS) for speed; any chunking gives the same bits."""
+    model, _ = tiny
+    tokens, mask, _ = random_batch(B=4, T=17)
+    with torch.inference_mode():
+        whole = bert.forward(model.params, model.cfg, tokens, mask)
+        monkeypatch.setattr(bert, "FFN_ROWS", 20)  # 68 rows: 4 chunks of 17
+        assert torch.equal(bert.forward(model.params, model.cfg, tokens, mask), whole)
 
 
 # ---------------------------------------------------------------------------------------------- pooling

@@ -222,14 +222,15 @@ def test_shape_mismatches_are_errors_not_memory_reads():
 def test_the_portable_build_without_avx2_matches_too(tmp_path):
     """The scalar C paths (what a CPU without AVX2, or another architecture, runs) built with
     -march=x86-64 into a fresh LLMFN_HOME: the fused layers against the torch ops, bitwise against
-    the op-by-op C path, and the matrix kernels, in a subprocess."""
+    the op-by-op C path, the matrix kernels, the GEMM and the encoder attention, in a subprocess."""
     env = {**os.environ, "LLMFN_CPU_MARCH": "x86-64", "LLMFN_HOME": str(tmp_path)}
     tests = Path(__file__).parent
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(tests / "test_fused_layer.py"),
-         str(tests / "test_cpu_kernels.py"), "-k", "not portable"],
+         str(tests / "test_cpu_kernels.py"), str(tests / "test_cpu_gemm.py"), "-k", "not portable"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
-    assert list((tmp_path / "kernels").glob("llmfn_cpu_*.so"))
+    for lib in ("llmfn_cpu", "llmfn_gemm", "llmfn_attention"):
+        assert list((tmp_path / "kernels").glob(f"{lib}_*.so")), lib

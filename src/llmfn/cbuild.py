@@ -58,6 +58,12 @@ def _compile(source: str, target: Path) -> None:
         out.replace(target)  # atomic: concurrent first uses each compile, one rename wins
 
 
+def cpu_kernels(name: str, source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
+    """`load` for llmfn's CPU compute kernels, or None when LLMFN_CPU_KERNELS=torch turns them off
+    (callers then take their torch path)."""
+    return None if os.environ.get("LLMFN_CPU_KERNELS", "c") == "torch" else load(name, source, signatures)
+
+
 def load(name: str, source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
     """The compiled library (compiling on first use), its functions typed by `signatures`
     ({function: argtypes}, all returning int), or None when it cannot be built here."""

@@ -131,7 +131,7 @@ def load_embedding_model(path: str | Path, *, dtype: torch.dtype | None = None, 
         raise CheckpointError(f"{root}: not a model folder")
     folder, pooling_dir, normalize = _modules(root)
     cfg = bert.read_config(folder)
-    params = bert.load_params(folder, cfg, dtype=dtype or torch.float32, device=device)
+    params = bert.pack_params(bert.load_params(folder, cfg, dtype=dtype or torch.float32, device=device))
     tok = load_tokenizer(folder)
 
     modes: tuple[str, ...] = ("mean",)

@@ -1,36 +1,117 @@
 """The one matmul and the one embedding lookup every model calls.
 
-A weight is a plain tensor [out, in] or a quantized leaf (llmfn.quant) that implements
-`linear(x)` and `embedding(ids)`; model code never branches on quantization.
+A weight is a plain tensor [out, in], a PackedWeight (below) or a quantized leaf (llmfn.quant) that
+implements `linear(x)` and `embedding(ids)`; model code never branches on the weight's kind.
 
 fp32 CPU matmuls take the fastest path measured on this project's 2-core AVX2 machine: llmfn's C
-kernel up to kernels.cpu.MAX_ROWS rows (decode: it streams the weight at ~27 GB/s, MKL ~18), and
-oneDNN's linear above that (prefill: 8% faster than MKL's sgemm end to end, SmolLM2's 128-token
-prompt 459 -> 495 tok/s; a row's result does not depend on its batch, as the engine needs)."""
+matrix-vector kernel up to kernels.cpu.MAX_ROWS rows (decode: it streams the weight at ~27 GB/s,
+MKL ~18); above that llmfn's C GEMM for a PackedWeight (kernels/cpu_gemm.py: 12-20% faster than
+oneDNN at MiniLM's shapes, with bias, GELU and residual fused), else oneDNN's linear (prefill: 8%
+faster than MKL's sgemm end to end, SmolLM2's 128-token prompt 459 -> 495 tok/s). On each path a
+row's result does not depend on its batch, as the engine needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from llmfn.kernels import cpu
+from llmfn.kernels import cpu, cpu_gemm
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "relu": F.relu,
+}
 
-def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b). x: [..., in]; w: [out, in] or a quantized leaf."""
+
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A dense fp32 CPU weight [n, k] beside its copy in the C GEMM's panel layout, made once at load
+    by `pack` so that matmuls of many rows do not repack it per call. `w` serves every other path
+    (decode rows, torch.compile, autograd), so it behaves exactly like the plain tensor."""
+
+    w: torch.Tensor  # [n, k]
+    packed: torch.Tensor  # cpu_gemm.pack(w)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w.dtype
+
+    def numel(self) -> int:
+        return self.w.numel()
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.w)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """The weight moved / cast; packed again only where the C GEMM can use it."""
+        return pack(self.w.to(device=device, dtype=dtype))
+
+
+def pack(w):
+    """w as a PackedWeight when it is a 2-D fp32 CPU tensor and the C GEMM builds here, else w."""
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.numel() and cpu.fp32_cpu(w) and cpu_gemm.available():
+        return PackedWeight(w, cpu_gemm.pack(w))
+    return w
+
+
+def _finish(y: torch.Tensor, act: str | None, residual: torch.Tensor | None, norm: tuple | None) -> torch.Tensor:
+    if act is not None:
+        y = ACTIVATIONS[act](y)
+    if residual is not None:
+        y = y + residual
+    return y if norm is None else F.layer_norm(y, y.shape[-1:], norm[0], norm[1], norm[2])
+
+
+def _gemm_takes(x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
+    """Whether llmfn's C GEMM serves x: fp32 CPU, more rows than the decode kernels take, k > 0."""
+    k = x.shape[-1]
+    if k == 0 or x.numel() <= cpu.MAX_ROWS * k or not cpu.fp32_cpu(x, *(t for t in operands if t is not None)):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, *, act: str | None = None,
+           residual: torch.Tensor | None = None, norm: tuple | None = None) -> torch.Tensor:
+    """norm(act(x @ w.T + b) + residual). x: [..., in]; w: [out, in], a PackedWeight or a quantized
+    leaf; act: None or a key of ACTIVATIONS; residual: [..., out] or None; norm: None or a LayerNorm
+    over the outputs, (weight [out], bias [out], eps) (post-LN blocks such as BERT's)."""
+    if isinstance(w, PackedWeight):
+        if _gemm_takes(x, w.w, b, residual, *(norm[:2] if norm else ())):
+            if act in cpu_gemm.ACTS:
+                return cpu_gemm.linear(x, w.packed, w.shape[0], b, act, residual, norm)
+            return _finish(cpu_gemm.linear(x, w.packed, w.shape[0], b), act, residual, norm)
+        w = w.w
     if isinstance(w, torch.Tensor):
         operands = (w,) if b is None else (w, b)
         if w.is_contiguous() and cpu.takes(x, *operands):
-            return cpu.linear(x, w, b)
-        if _ONEDNN and w.is_contiguous() and cpu.fp32_cpu(x, *operands) and not torch.compiler.is_compiling():
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return F.linear(x, w, b)
+            y = cpu.linear(x, w, b)
+        elif _ONEDNN and w.is_contiguous() and cpu.fp32_cpu(x, *operands) and not torch.compiler.is_compiling():
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        else:
+            y = F.linear(x, w, b)
+        return _finish(y, act, residual, norm)
     y = w.linear(x)
-    return y if b is None else y + b
+    return _finish(y if b is None else y + b, act, residual, norm)
 
 
 def embedding(w, ids: torch.Tensor) -> torch.Tensor:
-    """Rows of w at ids. w: [vocab, dim] or a quantized leaf."""
+    """Rows of w at ids. w: [vocab, dim], a PackedWeight or a quantized leaf."""
     if isinstance(w, torch.Tensor):
         return F.embedding(ids, w)
     return w.embedding(ids)

@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import weakref
 
 import torch
 
 from llmfn import cbuild, quant_cpu
+from llmfn.kernels import csimd
 
 # Most activation rows the kernels take (decode steps, small engine batches); more go to torch.
 MAX_ROWS = 16  # at most 16: the fused layers keep a row's outputs in float[16]
 
-SOURCE = quant_cpu.SOURCE + r"""
+SOURCE = quant_cpu.SOURCE + csimd.EXP8 + r"""
 #include <math.h>
 #include <sched.h>
 #include <omp.h>
@@ -102,26 +102,6 @@ int llmfn_rms_norm(const float* x, const float* w, float* y, int64_t m, int64_t 
     return 0;
 }
 
-#ifdef __AVX2__
-/* e^x for 8 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial,
-   about 1 ulp), x clamped to [-87.3, 88] so 2^n stays a normal float. A scalar expf per element
-   cost ~0.3 ms of a SmolLM2 decode step (SiLU and the softmax). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#endif
 
 /* y[i] = silu(g[i]) * u[i] for i in [lo, hi), lo a multiple of 8: whole groups of 8 (counted from
    0) take exp8, a last partial group expf, so an element's arithmetic depends on its index only. */
@@ -423,7 +403,7 @@ def library() -> ctypes.CDLL | None:
     LLMFN_CPU_KERNELS=torch."""
     global _lib
     if _lib is False:
-        _lib = None if os.environ.get("LLMFN_CPU_KERNELS", "c") == "torch" else cbuild.load("llmfn_cpu", SOURCE, _SIGNATURES)
+        _lib = cbuild.cpu_kernels("llmfn_cpu", SOURCE, _SIGNATURES)
     return _lib
 
 

@@ -16,6 +16,7 @@ Params pytree (every Hugging Face layout is converted to it at load; q, k, v are
                  "mlp_norm": {"w": [D], "b": [D]}}, ...]}
 
 `abstract(cfg)` is the same tree with shapes at the leaves; loading checks every tensor against it.
+`pack_params` turns the four matmul weights into llmfn.linear.PackedWeight leaves for the CPU GEMM.
 Weights are read from safetensors only (memory-mapped); pickle checkpoints are refused.
 """
 
@@ -31,9 +32,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
-from llmfn.linear import linear
+from llmfn.kernels import cpu, cpu_attention
+from llmfn.linear import linear, pack
 
-# hidden_act values of Hugging Face configs -> our activation names
+FFN_ROWS = 100000  # rows per feed-forward chunk (see _feed_forward)
+
+# hidden_act values of Hugging Face configs -> llmfn.linear.ACTIVATIONS names
 _ACTS = {
     "gelu": "gelu",  # exact (erf)
     "gelu_new": "gelu_tanh",
@@ -116,16 +120,25 @@ def abstract(cfg: BertConfig) -> dict:
 # ---------------------------------------------------------------------------------------------- forward
 
 
-def _act(x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "gelu":
-        return F.gelu(x)
-    if act == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.relu(x)
-
-
 def _norm(x: torch.Tensor, n: dict, eps: float) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], n["w"], n["b"], eps)
+
+
+def _norm_args(n: dict, cfg: BertConfig) -> tuple:
+    """A LayerNorm as llmfn.linear's `norm` argument (fused into the matmul before it)."""
+    return n["w"], n["b"], cfg.norm_eps
+
+
+def _attention(qkv: torch.Tensor, n_heads: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional attention over the fused projection qkv [B, T, 3D] -> [B, T, D], padded keys
+    (attention_mask 0) masked out: llmfn's C kernel for fp32 CPU inputs, else torch's SDPA."""
+    B, T, D3 = qkv.shape
+    if cpu.takes(qkv, max_rows=None) and cpu_attention.available():
+        return cpu_attention.attention(qkv, n_heads, None if attention_mask is None else attention_mask.bool())
+    q, k, v = qkv.view(B, T, 3, n_heads, D3 // 3 // n_heads).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
+    mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T], True = attend
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+    return a.transpose(1, 2).reshape(B, T, D3 // 3)
 
 
 def forward(
@@ -140,7 +153,7 @@ def forward(
     attention_mask [B, T]: 1 for real tokens, 0 for padding (None: no padding). Padded keys are masked
     out, so a row's real positions do not depend on how far it is padded. token_type_ids: None = 0."""
     B, T = tokens.shape
-    H, hd = cfg.n_heads, cfg.head_dim
+    H = cfg.n_heads
     if T > cfg.max_positions:
         raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings {cfg.max_positions}")
     if token_type_ids is None:
@@ -148,17 +161,34 @@ def forward(
     else:
         extra = params["pos_embed"][:T] + F.embedding(token_type_ids, params["type_embed"])  # [B, T, D]
     x = _norm(F.embedding(tokens, params["tok_embed"]) + extra, params["embed_norm"], cfg.norm_eps)  # [B, T, D]
-    # SDPA boolean mask, True = attend: [B, 1, 1, T] broadcast over heads and queries
-    mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
     for layer in params["layers"]:
         qkv = linear(x, layer["wqkv"], layer["bqkv"])  # [B, T, 3D]
-        q, k, v = qkv.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
-        a = a.transpose(1, 2).reshape(B, T, H * hd)  # [B, T, D]
-        x = _norm(linear(a, layer["wo"], layer["bo"]) + x, layer["attn_norm"], cfg.norm_eps)
-        h = _act(linear(x, layer["w_up"], layer["b_up"]), cfg.act)  # [B, T, F]
-        x = _norm(linear(h, layer["w_down"], layer["b_down"]) + x, layer["mlp_norm"], cfg.norm_eps)
+        a = _attention(qkv, H, attention_mask)  # [B, T, D]
+        x = linear(a, layer["wo"], layer["bo"], residual=x, norm=_norm_args(layer["attn_norm"], cfg))
+        x = _feed_forward(x.view(B * T, -1), layer, cfg).view(B, T, -1)
     return x
+
+
+def _feed_forward(x: torch.Tensor, layer: dict, cfg: BertConfig) -> torch.Tensor:
+    """norm(x + down(act(up(x)))) for x [N, D], in chunks of at most FFN_ROWS rows (rows are independent:
+    same result): the [rows, F] hidden then stays in cache and in reused heap memory, where a whole
+    [N, F] one (39 MB at 32 x 200 tokens of MiniLM) is a fresh mapping the OS faults in every layer."""
+    out = torch.empty_like(x)
+    rows = -(-x.shape[0] // -(-x.shape[0] // FFN_ROWS))  # equal chunks: no small tail on another kernel
+    for s in range(0, x.shape[0], rows):
+        xs = x[s : s + rows]
+        h = linear(xs, layer["w_up"], layer["b_up"], act=cfg.act)  # [rows, F]
+        out[s : s + rows] = linear(h, layer["w_down"], layer["b_down"], residual=xs,
+                                   norm=_norm_args(layer["mlp_norm"], cfg))  # fmt: skip
+    return out
+
+
+def pack_params(params: dict) -> dict:
+    """The params tree with each layer's matmul weights as llmfn.linear.PackedWeight leaves (fp32 CPU
+    weights only; others are kept): batches of many tokens then skip repacking them per call."""
+    packed = ("wqkv", "wo", "w_up", "w_down")
+    layers = [{name: pack(w) if name in packed else w for name, w in layer.items()} for layer in params["layers"]]
+    return {**params, "layers": layers}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -308,4 +338,4 @@ def read_config(folder: str | Path) -> BertConfig:
     return config_from_hf(raw, file)
 
 
-__all__ = ["BertConfig", "abstract", "config_from_hf", "forward", "load_params", "read_config", "weight_files"]
+__all__ = ["BertConfig", "abstract", "config_from_hf", "forward", "load_params", "pack_params", "read_config", "weight_files"]

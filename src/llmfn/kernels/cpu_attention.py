@@ -1,0 +1,201 @@
+"""Encoder attention in C on CPU (fp32): every query attends to every unmasked key of its sequence,
+read straight from the fused qkv projection and written straight into [B, T, H * hd].
+
+Why: at BERT's head size (32) torch's CPU flash-attention kernel runs at ~40 GFLOP/s on this
+project's 2-core AVX2 machine, and the permutes around it copy q, k, v and the output once more.
+Here one task is one (sequence, head): its keys (transposed) and values are copied into 16-column
+panels that stay in L1/L2, then each block of 6 queries takes its scores with a 6 x 16 register
+tile, a softmax (vectorised exp) and the values with the same tile.
+
+Semantics are `F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])` (no
+causal mask): a query whose keys are all masked gets zeros, as torch's CPU kernel gives. The C code
+trusts its shapes: `attention` checks them first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from llmfn import cbuild
+from llmfn.kernels import csimd
+
+SOURCE = csimd.EXP8 + r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define MR 6
+#define NR 16
+
+
+/* acc[6][16] = sum over k of a[r * ar + k * ak] * b[k * bk + c], k ascending. */
+static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, int64_t bk, int64_t kn,
+                        float acc[MR][NR]) {
+#ifdef __AVX2__
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const float *a0 = a, *a1 = a + ar, *a2 = a + 2 * ar, *a3 = a + 3 * ar, *a4 = a + 4 * ar, *a5 = a + 5 * ar;
+    for (int64_t k = 0, ko = 0; k < kn; k++, ko += ak, b += bk) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), av;
+        av = _mm256_broadcast_ss(a0 + ko); c00 = _mm256_fmadd_ps(av, b0, c00); c01 = _mm256_fmadd_ps(av, b1, c01);
+        av = _mm256_broadcast_ss(a1 + ko); c10 = _mm256_fmadd_ps(av, b0, c10); c11 = _mm256_fmadd_ps(av, b1, c11);
+        av = _mm256_broadcast_ss(a2 + ko); c20 = _mm256_fmadd_ps(av, b0, c20); c21 = _mm256_fmadd_ps(av, b1, c21);
+        av = _mm256_broadcast_ss(a3 + ko); c30 = _mm256_fmadd_ps(av, b0, c30); c31 = _mm256_fmadd_ps(av, b1, c31);
+        av = _mm256_broadcast_ss(a4 + ko); c40 = _mm256_fmadd_ps(av, b0, c40); c41 = _mm256_fmadd_ps(av, b1, c41);
+        av = _mm256_broadcast_ss(a5 + ko); c50 = _mm256_fmadd_ps(av, b0, c50); c51 = _mm256_fmadd_ps(av, b1, c51);
+    }
+    __m256 all[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int r = 0; r < MR; r++) { _mm256_storeu_ps(acc[r], all[r][0]); _mm256_storeu_ps(acc[r] + 8, all[r][1]); }
+#else  /* without FMA each product would round twice: sum in double instead */
+    double sum[MR][NR] = {{0.0}};
+    for (int64_t k = 0; k < kn; k++, b += bk)
+        for (int r = 0; r < MR; r++)
+            for (int c = 0; c < NR; c++) sum[r][c] += (double)a[r * ar + k * ak] * b[c];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) acc[r][c] = (float)sum[r][c];
+#endif
+}
+
+/* s[0..tp) = exp(s + bias - max) with bias 0 for live keys and -inf for masked ones (those get 0);
+   returns the sum (0: all masked). tp is a multiple of 16. */
+static float softmax_row(float* s, const float* bias, int64_t tp) {
+    int64_t j = 0;
+    float m = -INFINITY, sum = 0.0f;
+#ifdef __AVX2__
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (; j < tp; j += 8) mv = _mm256_max_ps(mv, _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mv);
+    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
+    if (m == -INFINITY) { memset(s, 0, sizeof(float) * tp); return 0.0f; }
+    __m256 acc = _mm256_setzero_ps();
+    mv = _mm256_set1_ps(m);
+    for (j = 0; j < tp; j += 8) {  /* masked: exp8(-inf) is exactly 0 (csimd.py) */
+        __m256 p = exp8(_mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j)), mv));
+        _mm256_storeu_ps(s + j, p);
+        acc = _mm256_add_ps(acc, p);
+    }
+    _mm256_storeu_ps(lanes, acc);
+    for (int l = 0; l < 8; l++) sum += lanes[l];
+#else
+    for (; j < tp; j++) m = bias[j] == 0.0f && s[j] > m ? s[j] : m;
+    if (m == -INFINITY) { memset(s, 0, sizeof(float) * tp); return 0.0f; }
+    for (j = 0; j < tp; j++) { s[j] = bias[j] == 0.0f ? expf(s[j] - m) : 0.0f; sum += s[j]; }
+#endif
+    return sum;
+}
+
+/* out [b, t, h * hd] = softmax(q k^T * scale, keys where mask) v per sequence and head, with q, k, v
+   the three [h * hd] thirds of qkv [b, t, 3 * h * hd]; mask [b, t] (nonzero = attend) or NULL.
+   Returns -1 when scratch memory cannot be allocated. */
+int llmfn_encoder_attention(const float* qkv, const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t h,
+                            int64_t hd, float scale, int nthreads) {
+    int64_t d = h * hd, ld = 3 * d;
+    int64_t tp = (t + NR - 1) / NR * NR, hp = (hd + NR - 1) / NR * NR;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        /* keys transposed in 16-key panels [tp / 16][hd][16], values [tp][hp], 6 query rows k-major
+           [hd][6], scores [6][tp], key bias [tp] (0 or -inf) */
+        size_t floats = (size_t)(tp * hd + tp * hp + hd * MR + MR * tp + tp);
+        float* buf = aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < b * h; task++) {
+            if (!buf) continue;
+            int64_t bi = task / h, hi = task % h;
+            float *kt = buf, *vp = kt + tp * hd, *qb = vp + tp * hp, *s = qb + hd * MR, *bias = s + MR * tp;
+            const float* base = qkv + bi * t * ld + hi * hd;
+            memset(vp, 0, sizeof(float) * tp * hp);
+            for (int64_t j = 0; j < tp; j++) {
+                /* rows are 3 * h * hd floats apart: the hardware prefetcher misses them, so fetch the
+                   k and v rows a few ahead and this row's q (read again per query block) now */
+                for (int64_t c = 0; j + 4 < t && c < hd; c += 16) {
+                    __builtin_prefetch(base + (j + 4) * ld + d + c);
+                    __builtin_prefetch(base + (j + 4) * ld + 2 * d + c);
+                }
+                for (int64_t c = 0; j < t && c < hd; c += 16) __builtin_prefetch(base + j * ld + c);
+                bias[j] = j < t && (!mask || mask[bi * t + j]) ? 0.0f : -INFINITY;
+                float* ktj = kt + (j / NR) * hd * NR + j % NR;
+                if (j >= t) { for (int64_t c = 0; c < hd; c++) ktj[c * NR] = 0.0f; continue; }
+                const float* kr = base + j * ld + d;
+                for (int64_t c = 0; c < hd; c++) ktj[c * NR] = kr[c];
+                memcpy(vp + j * hp, kr + d, sizeof(float) * hd);
+            }
+            for (int64_t i0 = 0; i0 < t; i0 += MR) {
+                int rows = t - i0 < MR ? (int)(t - i0) : MR;
+                for (int r = 0; r < MR; r++)
+                    for (int64_t c = 0; c < hd; c++) qb[c * MR + r] = r < rows ? base[(i0 + r) * ld + c] * scale : 0.0f;
+                float acc[MR][NR];
+                for (int64_t jp = 0; jp < tp / NR; jp++) {
+                    tile(qb, 1, MR, kt + jp * hd * NR, NR, hd, acc);
+                    for (int r = 0; r < MR; r++) memcpy(s + r * tp + jp * NR, acc[r], sizeof(float) * NR);
+                }
+                float inv[MR];
+                for (int r = 0; r < rows; r++) {
+                    float sum = softmax_row(s + r * tp, bias, tp);
+                    inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+                }
+                for (int r = rows; r < MR; r++) memset(s + r * tp, 0, sizeof(float) * tp);
+                for (int64_t c0 = 0; c0 < hd; c0 += NR) {
+                    tile(s, tp, 1, vp + c0, hp, tp, acc);
+                    int cols = hd - c0 < NR ? (int)(hd - c0) : NR;
+                    for (int r = 0; r < rows; r++) {
+                        float* o = out + (bi * t + i0 + r) * d + hi * hd + c0;
+                        for (int c = 0; c < cols; c++) o[c] = acc[r][c] * inv[r];
+                    }
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+"""
+
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {"llmfn_encoder_attention": [_p, _p, _p, _i64, _i64, _i64, _i64, _f32, _i32]}
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (built on first use by llmfn.cbuild), or None: no C compiler, or
+    LLMFN_CPU_KERNELS=torch."""
+    return cbuild.cpu_kernels("llmfn_attention", SOURCE, _SIGNATURES)
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def attention(qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """qkv [B, T, 3 * H * hd] (q, k, v thirds, heads in order) -> attention output [B, T, H * hd].
+    key_mask [B, T] bool (True = attend) or None; scale defaults to 1 / sqrt(hd)."""
+    B, T, three_d = qkv.shape
+    d = three_d // 3
+    hd = d // n_heads
+    if three_d != 3 * d or d != n_heads * hd or (key_mask is not None and tuple(key_mask.shape) != (B, T)):
+        mask_shape = None if key_mask is None else list(key_mask.shape)
+        raise ValueError(f"attention: shapes do not fit (qkv {list(qkv.shape)}, {n_heads} heads, mask {mask_shape})")
+    qkv = qkv.contiguous()
+    mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
+    out = qkv.new_empty(B, T, d)
+    scale = hd**-0.5 if scale is None else scale
+    status = library().llmfn_encoder_attention(
+        qkv.data_ptr(), None if mask is None else mask.data_ptr(), out.data_ptr(), B, T, n_heads, hd, scale,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("attention: cannot allocate scratch memory")
+    return out

@@ -1,0 +1,27 @@
+"""C code shared by llmfn's CPU kernels (kernels/cpu.py, kernels/cpu_attention.py), pasted into their
+sources: AVX2 helpers that must behave the same wherever they are used."""
+
+# e^x for 8 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, about
+# 1 ulp). x is clamped to [-88.38, 88] (2^n must not reach the exponent bits 255): at the low end 2^n
+# is the bits 0, so e^x for x <= -88.38 (-inf included) is exactly 0; from -88.38 to -87.3 it may be
+# a denormal.
+EXP8 = r"""
+#ifdef __AVX2__
+#include <immintrin.h>
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+"""

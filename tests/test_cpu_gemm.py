@@ -1,0 +1,204 @@
+"""llmfn's C GEMM (kernels/cpu_gemm.py) and encoder attention (kernels/cpu_attention.py) against
+torch references in fp64, shapes from hypothesis, with the rule of the other kernel tests:
+max|c - ref64| <= 2 * max|torch_fp32 - ref64| + eps. Plus what callers rely on: a row's result is
+bitwise the same alone, in any batch and on any number of threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmfn import linear as lin
+from llmfn.kernels import cpu, cpu_attention, cpu_gemm
+from test_cpu_kernels import assert_rule, randn
+
+pytestmark = pytest.mark.skipif(
+    not (cpu_gemm.available() and cpu_attention.available()), reason="no C compiler to build the CPU kernels"
+)
+EXAMPLES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def reference(x, w, b, act, residual, norm):
+    """norm(act(x @ w.T + b) + residual) in torch, in the dtype of x."""
+    y = F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    if act is not None:
+        y = lin.ACTIVATIONS[act](y)
+    if residual is not None:
+        y = y + residual.to(x.dtype)
+    if norm is not None:
+        y = F.layer_norm(y, y.shape[-1:], norm[0].to(x.dtype), norm[1].to(x.dtype), norm[2])
+    return y
+
+
+def operands(g, m, n, k, bias, residual, norm):
+    x, w = randn(g, m, k), randn(g, n, k) / k**0.5
+    b = randn(g, n) if bias else None
+    res = randn(g, m, n) if residual else None
+    ln = (randn(g, n) * 0.3 + 1, randn(g, n) * 0.3, 1e-5) if norm else None
+    return x, w, b, res, ln
+
+
+def as64(t):
+    return None if t is None else t.double()
+
+
+# ---------------------------------------------------------------------------------------------- GEMM
+
+
+@EXAMPLES
+@given(m=st.integers(1, 130), n=st.integers(1, 90), k=st.integers(1, 900), bias=st.booleans(),
+       act=st.sampled_from([None, "gelu", "relu"]), residual=st.booleans(), norm=st.booleans(),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_gemm_matches_torch(m, n, k, bias, act, residual, norm, seed):
+    """Every epilogue combination, k across several KC blocks, ragged row and column tiles."""
+    x, w, b, res, ln = operands(torch.Generator().manual_seed(seed), m, n, k, bias, residual, norm)
+    out = cpu_gemm.linear(x, cpu_gemm.pack(w), n, b, act, res, ln)
+    ln64 = None if ln is None else (ln[0].double(), ln[1].double(), ln[2])
+    assert_rule(out, reference(x, w, b, act, res, ln), reference(x.double(), w, as64(b), act, as64(res), ln64))
+
+
+@EXAMPLES
+@given(m=st.integers(2, 150), n=st.integers(1, 70), k=st.integers(1, 500), norm=st.booleans(),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_gemm_rows_are_batch_and_thread_invariant(m, n, k, norm, seed):
+    """Row i is bitwise the same computed alone, inside the batch (whose tasks may split the columns),
+    reversed, and on one thread."""
+    x, w, b, res, ln = operands(torch.Generator().manual_seed(seed), m, n, k, True, True, norm)
+    packed = cpu_gemm.pack(w)
+    out = cpu_gemm.linear(x, packed, n, b, "gelu", res, ln)
+    for i in {0, m // 2, m - 1}:
+        assert torch.equal(out[i : i + 1], cpu_gemm.linear(x[i : i + 1], packed, n, b, "gelu", res[i : i + 1], ln))
+    assert torch.equal(cpu_gemm.linear(x.flip(0), packed, n, b, "gelu", res.flip(0), ln), out.flip(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_gemm.linear(x, packed, n, b, "gelu", res, ln), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gemm_gelu_at_the_ends_of_the_float_range():
+    """The erf rational is clamped: huge, tiny and infinite pre-activations give GELU's limits, in the
+    vector path (16 columns) and the scalar tail (the 17th)."""
+    v = torch.tensor([-3e38, -1e4, -10.0, -4.0, -1e-30, 0.0, 1e-30, 4.0, 10.0, 1e4, 3e38, float("-inf"), float("inf")])
+    out = cpu_gemm.linear(v[:, None], cpu_gemm.pack(torch.ones(17, 1)), 17, act="gelu")  # column j = v
+    for col in out.T:
+        torch.testing.assert_close(col[:-2].double(), F.gelu(v[:-2].double()), atol=5e-7, rtol=1e-6)
+        assert col[-2] == 0 or torch.isnan(col[-2])  # -inf * 0
+        assert col[-1] == float("inf")
+
+
+def test_gemm_gelu_is_within_a_few_ulp_of_exact():
+    """Over [-12, 12] (2M points) the fused GELU is within 1.5e-6 + 1e-6 * |gelu| of fp64's (torch's
+    fp32 GELU: within 4e-7; the difference is a few ulp of erf near -1, scaled by |x| <= 6)."""
+    v = torch.linspace(-12, 12, 2_000_001)
+    out = cpu_gemm.linear(v[:, None], cpu_gemm.pack(torch.ones(16, 1)), 16, act="gelu")[:, 0]
+    torch.testing.assert_close(out.double(), F.gelu(v.double()), atol=1.5e-6, rtol=1e-6)
+
+
+def test_gemm_shape_mismatches_are_errors_not_memory_reads():
+    g = torch.Generator().manual_seed(0)
+    packed = cpu_gemm.pack(randn(g, 8, 16))
+    with pytest.raises(ValueError, match="linear: shapes"):
+        cpu_gemm.linear(randn(g, 3, 15), packed, 8)
+    with pytest.raises(ValueError, match="linear: shapes"):
+        cpu_gemm.linear(randn(g, 3, 16), packed, 8, randn(g, 7))
+    with pytest.raises(ValueError, match="linear: shapes"):
+        cpu_gemm.linear(randn(g, 3, 16), packed, 8, residual=randn(g, 2, 8))
+    with pytest.raises(ValueError, match="linear: shapes"):
+        cpu_gemm.linear(randn(g, 3, 16), packed, 8, norm=(randn(g, 8), randn(g, 9), 1e-5))
+
+
+# ---------------------------------------------------------------------------------------------- llmfn.linear
+
+
+@pytest.mark.parametrize("rows", [1, cpu.MAX_ROWS, cpu.MAX_ROWS + 1, 300])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu"])
+def test_linear_with_a_packed_weight_matches_the_plain_weight(rows, act):
+    """A PackedWeight behaves as its tensor on every path: the decode kernel up to MAX_ROWS rows, the
+    C GEMM above, an activation C does not fuse (gelu_tanh) applied after it."""
+    g = torch.Generator().manual_seed(rows)
+    x, w, b, res, ln = operands(g, rows, 40, 72, True, True, True)
+    packed = lin.pack(w)
+    assert isinstance(packed, lin.PackedWeight) and packed.shape == w.shape and packed.numel() == w.numel()
+    ln64 = (ln[0].double(), ln[1].double(), ln[2])
+    for res_, ln_ in ((None, None), (res, None), (res, ln)):
+        out = lin.linear(x[None], packed, b, act=act, residual=None if res_ is None else res_[None], norm=ln_)[0]
+        expected = reference(x.double(), w, b.double(), act, as64(res_), None if ln_ is None else ln64)
+        assert_rule(out, reference(x, w, b, act, res_, ln_), expected)
+    torch.testing.assert_close(lin.embedding(packed, torch.tensor([3, 0])), w[[3, 0]])
+
+
+def test_pack_keeps_what_the_gemm_cannot_take():
+    w = torch.randn(8, 16)
+    assert lin.pack(w.bfloat16()).dtype == torch.bfloat16 and not isinstance(lin.pack(w.bfloat16()), lin.PackedWeight)
+    assert not isinstance(lin.pack(torch.randn(16)), lin.PackedWeight)
+    moved = lin.pack(w).to(dtype=torch.bfloat16)
+    assert isinstance(moved, torch.Tensor) and moved.dtype == torch.bfloat16
+    assert isinstance(lin.pack(w).to("cpu"), lin.PackedWeight)
+    with torch.enable_grad():  # autograd takes the tensor, and gradients flow
+        x = torch.randn(40, 16, requires_grad=True)
+        lin.linear(x, lin.pack(w), act="gelu").sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def sdpa_reference(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    B, T, d3 = qkv.shape
+    q, k, v = qkv.view(B, T, 3, heads, d3 // 3 // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :], scale=scale)
+    return out.transpose(1, 2).reshape(B, T, d3 // 3)
+
+
+def attention_conditioning(qkv: torch.Tensor, heads: int, scale: float) -> float:
+    """What fp32 rounding alone may cost an attention output: scores carry an absolute error of a few
+    ulp of max|score|, which exp turns into that relative error on weights of values up to max|v|.
+    Peaked inputs (scores in the hundreds) make it dominate; torch's own error is one draw of it."""
+    B, T, d3 = qkv.shape
+    q, k, v = qkv.double().view(B, T, 3, heads, d3 // 3 // heads).permute(2, 0, 3, 1, 4)
+    smax = (q @ k.transpose(-1, -2)).abs().max().item() * scale
+    return 8 * 2**-24 * smax * v.abs().max().item()
+
+
+@EXAMPLES
+@given(data=st.data(), b=st.integers(1, 4), t=st.integers(1, 70), heads=st.integers(1, 4), hd=st.integers(1, 40),
+       masked=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_attention_matches_sdpa(data, b, t, heads, hd, masked, seed):
+    """Any key mask (holes, fully masked sequences), head sizes off the 16-float panels, long rows."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = randn(g, b, t, 3 * heads * hd) * data.draw(st.sampled_from([0.5, 2.0, 8.0]))
+    mask = torch.rand(b, t, generator=g) < data.draw(st.sampled_from([0.0, 0.3, 0.9])) if masked else None
+    if mask is not None:
+        mask = ~mask
+    scale = data.draw(st.sampled_from([None, 0.05]))
+    s = hd**-0.5 if scale is None else scale
+    out = cpu_attention.attention(qkv, heads, mask, scale)
+    assert_rule(out, sdpa_reference(qkv, heads, mask, s), sdpa_reference(qkv.double(), heads, mask, s),
+                eps=1e-5 + attention_conditioning(qkv, heads, s))  # fmt: skip
+    if mask is not None:  # no key to attend: zeros, as torch's CPU kernel gives
+        assert not out[~mask.any(1)].any()
+
+
+def test_attention_padding_never_changes_a_sequence():
+    """A sequence attends only to its unmasked keys: padding it, or its neighbours, changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    qkv = randn(g, 1, 9, 3 * 2 * 16)
+    alone = cpu_attention.attention(qkv, 2)
+    padded = torch.cat([qkv, randn(g, 1, 30, 3 * 2 * 16) * 50], 1)
+    mask = torch.arange(39)[None] < 9
+    assert torch.equal(cpu_attention.attention(padded, 2, mask)[:, :9], alone)
+    two = torch.cat([padded, randn(g, 1, 39, 3 * 2 * 16)], 0)
+    assert torch.equal(cpu_attention.attention(two, 2, torch.cat([mask, torch.ones_like(mask)]))[:1, :9], alone)
+
+
+def test_attention_shape_mismatches_are_errors():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="attention: shapes"):
+        cpu_attention.attention(randn(g, 1, 4, 3 * 10), 3)
+    with pytest.raises(ValueError, match="attention: shapes"):
+        cpu_attention.attention(randn(g, 2, 4, 3 * 8), 2, torch.ones(2, 5, dtype=torch.bool))
