@@ -120,13 +120,14 @@ def tiny_model(device: str, dtype: torch.dtype) -> tuple[dict, LlamaConfig]:
 
 
 def cpu_kernels_check() -> tuple[bool | None, str]:
-    """Whether llmfn's C kernels for CPU decode are built here (None: not, the torch ops run)."""
+    """Whether llmfn's C kernels for CPU decode and encoders are built here (None: not, the torch ops run)."""
     from llmfn import cbuild
-    from llmfn.kernels import cpu
+    from llmfn.kernels import cpu, cpu_attention, cpu_gemm
 
-    if not cpu.available():
-        return None, "not available (no C compiler, or LLMFN_CPU_KERNELS=torch): decode runs the slower torch ops"
-    return True, f"built at {cbuild.library_path('llmfn_cpu', cpu.SOURCE)}"
+    if not (cpu.available() and cpu_gemm.available() and cpu_attention.available()):
+        return None, ("not available (no C compiler, or LLMFN_CPU_KERNELS=torch): decode and embeddings run the "
+                      "slower torch ops")  # fmt: skip
+    return True, f"built in {cbuild.library_path('llmfn_cpu', cpu.SOURCE).parent} (decode, GEMM, encoder attention)"
 
 
 def native_tokenizers_check() -> tuple[bool | None, str]:
