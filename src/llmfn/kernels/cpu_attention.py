@@ -36,9 +36,9 @@ SOURCE = csimd.EXP8 + r"""
 #define NR 16
 
 
-/* acc[6][16] = sum over k of a[r * ar + k * ak] * b[k * bk + c], k ascending. */
+/* out[r * ldo + c] = sum over k of a[r * ar + k * ak] * b[k * bk + c], k ascending; r < 6, c < 16. */
 static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, int64_t bk, int64_t kn,
-                        float acc[MR][NR]) {
+                        float* out, int64_t ldo) {
 #ifdef __AVX2__
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -53,19 +53,22 @@ static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, 
         av = _mm256_broadcast_ss(a5 + ko); c50 = _mm256_fmadd_ps(av, b0, c50); c51 = _mm256_fmadd_ps(av, b1, c51);
     }
     __m256 all[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    for (int r = 0; r < MR; r++) { _mm256_storeu_ps(acc[r], all[r][0]); _mm256_storeu_ps(acc[r] + 8, all[r][1]); }
+    for (int r = 0; r < MR; r++) {
+        _mm256_storeu_ps(out + r * ldo, all[r][0]);
+        _mm256_storeu_ps(out + r * ldo + 8, all[r][1]);
+    }
 #else  /* without FMA each product would round twice: sum in double instead */
     double sum[MR][NR] = {{0.0}};
     for (int64_t k = 0; k < kn; k++, b += bk)
         for (int r = 0; r < MR; r++)
             for (int c = 0; c < NR; c++) sum[r][c] += (double)a[r * ar + k * ak] * b[c];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NR; c++) acc[r][c] = (float)sum[r][c];
+        for (int c = 0; c < NR; c++) out[r * ldo + c] = (float)sum[r][c];
 #endif
 }
 
 /* s[0..tp) = exp(s + bias - max) with bias 0 for live keys and -inf for masked ones (those get 0);
-   returns the sum (0: all masked). tp is a multiple of 16. */
+   returns the sum (0: all masked). tp is a multiple of 8. */
 static float softmax_row(float* s, const float* bias, int64_t tp) {
     int64_t j = 0;
     float m = -INFINITY, sum = 0.0f;
@@ -99,7 +102,7 @@ static float softmax_row(float* s, const float* bias, int64_t tp) {
 int llmfn_encoder_attention(const float* qkv, const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t h,
                             int64_t hd, float scale, int nthreads) {
     int64_t d = h * hd, ld = 3 * d;
-    int64_t tp = (t + NR - 1) / NR * NR, hp = (hd + NR - 1) / NR * NR;
+    int64_t tp = (t + NR - 1) / NR * NR, t8 = (t + 7) / 8 * 8, hp = (hd + NR - 1) / NR * NR;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
@@ -137,19 +140,17 @@ int llmfn_encoder_attention(const float* qkv, const uint8_t* mask, float* out, i
                 int rows = t - i0 < MR ? (int)(t - i0) : MR;
                 for (int r = 0; r < MR; r++)
                     for (int64_t c = 0; c < hd; c++) qb[c * MR + r] = r < rows ? base[(i0 + r) * ld + c] * scale : 0.0f;
-                float acc[MR][NR];
-                for (int64_t jp = 0; jp < tp / NR; jp++) {
-                    tile(qb, 1, MR, kt + jp * hd * NR, NR, hd, acc);
-                    for (int r = 0; r < MR; r++) memcpy(s + r * tp + jp * NR, acc[r], sizeof(float) * NR);
-                }
+                for (int64_t jp = 0; jp < tp / NR; jp++) tile(qb, 1, MR, kt + jp * hd * NR, NR, hd, s + jp * NR, tp);
+                /* keys from t8 on are padding (weight 0): the softmax and the values stop there */
                 float inv[MR];
                 for (int r = 0; r < rows; r++) {
-                    float sum = softmax_row(s + r * tp, bias, tp);
+                    float sum = softmax_row(s + r * tp, bias, t8);
                     inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
                 }
-                for (int r = rows; r < MR; r++) memset(s + r * tp, 0, sizeof(float) * tp);
+                for (int r = rows; r < MR; r++) memset(s + r * tp, 0, sizeof(float) * t8);
+                float acc[MR][NR];
                 for (int64_t c0 = 0; c0 < hd; c0 += NR) {
-                    tile(s, tp, 1, vp + c0, hp, tp, acc);
+                    tile(s, tp, 1, vp + c0, hp, t8, acc[0], NR);
                     int cols = hd - c0 < NR ? (int)(hd - c0) : NR;
                     for (int r = 0; r < rows; r++) {
                         float* o = out + (bi * t + i0 + r) * d + hi * hd + c0;
@@ -166,6 +167,7 @@ int llmfn_encoder_attention(const float* qkv, const uint8_t* mask, float* out, i
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {"llmfn_encoder_attention": [_p, _p, _p, _i64, _i64, _i64, _i64, _f32, _i32]}
+
 
 @functools.cache
 def library() -> ctypes.CDLL | None:

@@ -294,6 +294,7 @@ _SIGNATURES = {
     "llmfn_gemm": [_p, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i32, _p, _p, _f32, _i32],
 }
 
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled GEMM (built on first use by llmfn.cbuild), or None: no C compiler, or

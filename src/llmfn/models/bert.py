@@ -35,7 +35,7 @@ from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.kernels import cpu, cpu_attention
 from llmfn.linear import linear, pack
 
-FFN_ROWS = 100000  # rows per feed-forward chunk (see _feed_forward)
+FFN_ROWS = 4096  # most rows per feed-forward chunk (see _feed_forward)
 
 # hidden_act values of Hugging Face configs -> llmfn.linear.ACTIVATIONS names
 _ACTS = {
@@ -171,8 +171,8 @@ def forward(
 
 def _feed_forward(x: torch.Tensor, layer: dict, cfg: BertConfig) -> torch.Tensor:
     """norm(x + down(act(up(x)))) for x [N, D], in chunks of at most FFN_ROWS rows (rows are independent:
-    same result): the [rows, F] hidden then stays in cache and in reused heap memory, where a whole
-    [N, F] one (39 MB at 32 x 200 tokens of MiniLM) is a fresh mapping the OS faults in every layer."""
+    same result), so the [rows, F] hidden stays bounded for big batches (MiniLM at 256 x 256 tokens:
+    24 MB instead of 400 MB). Measured speed-neutral at 32 x 200 tokens."""
     out = torch.empty_like(x)
     rows = -(-x.shape[0] // -(-x.shape[0] // FFN_ROWS))  # equal chunks: no small tail on another kernel
     for s in range(0, x.shape[0], rows):
