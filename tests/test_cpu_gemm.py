@@ -99,6 +99,18 @@ def test_gemm_gelu_is_within_a_few_ulp_of_exact():
     torch.testing.assert_close(out.double(), F.gelu(v.double()), atol=1.5e-6, rtol=1e-6)
 
 
+def test_gemm_and_attention_take_empty_dimensions():
+    """No rows, no outputs, or k = 0 (x @ w.T is then 0: the epilogue of zeros) as torch gives."""
+    g = torch.Generator().manual_seed(0)
+    b, res, ln = randn(g, 5), randn(g, 3, 5), (randn(g, 5), randn(g, 5), 1e-5)
+    assert cpu_gemm.linear(randn(g, 0, 4), cpu_gemm.pack(randn(g, 5, 4)), 5, b).shape == (0, 5)
+    assert cpu_gemm.linear(randn(g, 3, 4), cpu_gemm.pack(randn(g, 0, 4)), 0).shape == (3, 0)
+    out = cpu_gemm.linear(randn(g, 3, 0), cpu_gemm.pack(randn(g, 5, 0)), 5, b, "gelu", res, ln)
+    torch.testing.assert_close(out, reference(torch.zeros(3, 0), torch.zeros(5, 0), b, "gelu", res, ln))
+    assert cpu_attention.attention(randn(g, 2, 0, 3 * 8), 2).shape == (2, 0, 8)
+    assert cpu_attention.attention(randn(g, 0, 4, 3 * 8), 2).shape == (0, 4, 8)
+
+
 def test_gemm_shape_mismatches_are_errors_not_memory_reads():
     g = torch.Generator().manual_seed(0)
     packed = cpu_gemm.pack(randn(g, 8, 16))

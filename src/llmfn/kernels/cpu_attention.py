@@ -193,6 +193,8 @@ def attention(qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None = N
     qkv = qkv.contiguous()
     mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
     out = qkv.new_empty(B, T, d)
+    if out.numel() == 0:
+        return out
     scale = hd**-0.5 if scale is None else scale
     status = library().llmfn_encoder_attention(
         qkv.data_ptr(), None if mask is None else mask.data_ptr(), out.data_ptr(), B, T, n_heads, hd, scale,

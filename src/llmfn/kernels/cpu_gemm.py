@@ -236,6 +236,7 @@ int llmfn_gemm(const float* x, const float* packed, const float* bias, const flo
                int nthreads) {
     /* Row blocks of at most MC rows, as equal as 6-row panels allow and a multiple of the threads in
        number; with few rows, tasks split the columns too (8 tasks a thread) so that all threads work. */
+    if (m <= 0 || n <= 0) return 0;
     int64_t np = (n + NR - 1) / NR, panels = (m + MR - 1) / MR, per = MC / MR;
     int64_t mblocks = ((panels + per - 1) / per + nthreads - 1) / nthreads * nthreads;
     if (mblocks > panels) mblocks = panels;
@@ -260,7 +261,7 @@ int llmfn_gemm(const float* x, const float* packed, const float* bias, const flo
             int64_t ib = t / nblocks, i0 = ib * panels / mblocks * MR, i1 = (ib + 1) * panels / mblocks * MR;
             int64_t mc = (i1 < m ? i1 : m) - i0;
             int64_t j0 = (t % nblocks) * per_block, j1 = j0 + per_block < np ? j0 + per_block : np;
-            for (int64_t p0 = 0; p0 < k; p0 += KC) {
+            for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += KC) {  /* k = 0: one pass, y = epilogue of 0 */
                 int64_t kc = k - p0 < KC ? k - p0 : KC;
                 pack_rows(x + i0 * k + p0, k, xp, mc, kc);
                 for (int64_t j = j0; j < j1; j++) {
@@ -331,7 +332,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, n: int, b: torch.Tensor | None
     ptr = lambda t: None if t is None else t.data_ptr()
     b, residual, ln_w, ln_b = (None if t is None else t.contiguous() for t in (b, residual, ln_w, ln_b))
     status = library().llmfn_gemm(
-        x.data_ptr(), packed.data_ptr(), ptr(b), ptr(residual), n, y.data_ptr(), x.numel() // k, n, k, ACTS[act],
+        x.data_ptr(), packed.data_ptr(), ptr(b), ptr(residual), n, y.data_ptr(), y.numel() // max(n, 1), n, k, ACTS[act],
         ptr(ln_w), ptr(ln_b), eps, torch.get_num_threads(),
     )  # fmt: skip
     if status:
