@@ -218,6 +218,12 @@ def test_padding_never_changes_hidden_states(tiny):
     torch.testing.assert_close(in_pad[:, :9], alone, atol=1e-6, rtol=0)
 
 
+def test_empty_batch(tiny):
+    model, _ = tiny
+    with torch.inference_mode():
+        assert bert.forward(model.params, model.cfg, torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, 32)
+
+
 def test_feed_forward_chunks_change_nothing(tiny, monkeypatch):
     """The feed-forward runs in row chunks (bert.FFN_ROWS) for speed; any chunking gives the same bits."""
     model, _ = tiny

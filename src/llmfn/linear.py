@@ -5,8 +5,8 @@ implements `linear(x)` and `embedding(ids)`; model code never branches on the we
 
 fp32 CPU matmuls take the fastest path measured on this project's 2-core AVX2 machine: llmfn's C
 matrix-vector kernel up to kernels.cpu.MAX_ROWS rows (decode: it streams the weight at ~27 GB/s,
-MKL ~18); above that llmfn's C GEMM for a PackedWeight (kernels/cpu_gemm.py: 12-20% faster than
-oneDNN at MiniLM's shapes, with bias, GELU and residual fused), else oneDNN's linear (prefill: 8%
+MKL ~18); above that llmfn's C GEMM for a PackedWeight (kernels/cpu_gemm.py: 1.10-1.31x oneDNN at
+MiniLM's shapes, bias, GELU, residual and LayerNorm fused), else oneDNN's linear (prefill: 8%
 faster than MKL's sgemm end to end, SmolLM2's 128-token prompt 459 -> 495 tok/s). On each path a
 row's result does not depend on its batch, as the engine needs."""
 

@@ -2,9 +2,10 @@
 LayerNorm fused into its write-back: y = norm(act(x @ w.T + b) + residual).
 
 Why: BERT's encoder (and any prefill) is bound by fp32 matmuls of a few hundred to thousands of
-rows. oneDNN, the fastest of torch's CPU GEMMs here, runs MiniLM's shapes at 124-148 GFLOP/s on this
-project's 2-core AVX2 machine; this kernel at 153-176 (M = 6400, k = 384 / 1536, `make bench-kernels`),
-and the fused write-back removes the separate GELU and residual-add passes over the activations.
+rows. oneDNN, the fastest of torch's CPU GEMMs here, runs MiniLM's shapes at 152-163 GFLOP/s on this
+project's 2-core AVX2 machine (FMA peak ~195-205); this kernel at 170-180 with its write-back (M =
+6400, k = 384 / 1536, `make bench-kernels`), and the fused write-back removes the separate GELU,
+residual-add and LayerNorm passes over the activations.
 
 How (the BLIS / GotoBLAS scheme): the weight is packed once (`pack`) into panels of NR = 16 columns,
 k-major, in blocks of KC rows of k; a task packs MC rows of x into MR = 6-row panels and a 6 x 16
