@@ -175,7 +175,8 @@ def _feed_forward(x: torch.Tensor, layer: dict, cfg: BertConfig) -> torch.Tensor
     24 MB instead of 400 MB). Measured speed-neutral at 32 x 200 tokens."""
     out = torch.empty_like(x)
     n = x.shape[0]
-    rows = max(1, -(-n // -(-n // FFN_ROWS)))  # equal chunks: no small tail on another kernel
+    chunks = max(1, -(-n // FFN_ROWS))
+    rows = max(1, -(-n // chunks))  # equal chunks: no small tail on another kernel
     for s in range(0, n, rows):
         xs = x[s : s + rows]
         h = linear(xs, layer["w_up"], layer["b_up"], act=cfg.act)  # [rows, F]
