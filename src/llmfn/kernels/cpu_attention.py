@@ -36,9 +36,11 @@ SOURCE = csimd.EXP8 + r"""
 #define NR 16
 
 
-/* out[r * ldo + c] = sum over k of a[r * ar + k * ak] * b[k * bk + c], k ascending; r < 6, c < 16. */
+/* out[r * ldo + c] = sum over k of a[r * ar + k * ak] * b[k * bk + c], k ascending, (+ bias[c]);
+   r < 6, c < 16. With a bias (the scores' key mask), each row's running maximum rmax[r] (8 lanes)
+   takes in the new scores too, so the softmax needs no pass of its own for it. */
 static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, int64_t bk, int64_t kn,
-                        float* out, int64_t ldo) {
+                        float* out, int64_t ldo, const float* bias, float rmax[MR][8]) {
 #ifdef __AVX2__
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -54,8 +56,14 @@ static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, 
     }
     __m256 all[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     for (int r = 0; r < MR; r++) {
-        _mm256_storeu_ps(out + r * ldo, all[r][0]);
-        _mm256_storeu_ps(out + r * ldo + 8, all[r][1]);
+        __m256 v0 = all[r][0], v1 = all[r][1];
+        if (bias) {
+            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(bias));
+            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(bias + 8));
+            _mm256_storeu_ps(rmax[r], _mm256_max_ps(_mm256_loadu_ps(rmax[r]), _mm256_max_ps(v0, v1)));
+        }
+        _mm256_storeu_ps(out + r * ldo, v0);
+        _mm256_storeu_ps(out + r * ldo + 8, v1);
     }
 #else  /* without FMA each product would round twice: sum in double instead */
     double sum[MR][NR] = {{0.0}};
@@ -63,36 +71,32 @@ static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, 
         for (int r = 0; r < MR; r++)
             for (int c = 0; c < NR; c++) sum[r][c] += (double)a[r * ar + k * ak] * b[c];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NR; c++) out[r * ldo + c] = (float)sum[r][c];
+        for (int c = 0; c < NR; c++) {
+            float v = (float)sum[r][c] + (bias ? bias[c] : 0.0f);
+            if (bias && v > rmax[r][c % 8]) rmax[r][c % 8] = v;
+            out[r * ldo + c] = v;
+        }
 #endif
 }
 
-/* s[0..tp) = exp(s + bias - max) with bias 0 for live keys and -inf for masked ones (those get 0);
-   returns the sum (0: all masked). tp is a multiple of 8. */
-static float softmax_row(float* s, const float* bias, int64_t tp) {
-    int64_t j = 0;
-    float m = -INFINITY, sum = 0.0f;
-#ifdef __AVX2__
-    __m256 mv = _mm256_set1_ps(-INFINITY);
-    for (; j < tp; j += 8) mv = _mm256_max_ps(mv, _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j)));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, mv);
-    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
+/* s[0..tp) = exp(s - m), masked keys (-inf) giving 0; returns the sum (0: all masked, m = -inf).
+   tp is a multiple of 8. */
+static float softmax_row(float* s, float m, int64_t tp) {
     if (m == -INFINITY) { memset(s, 0, sizeof(float) * tp); return 0.0f; }
-    __m256 acc = _mm256_setzero_ps();
-    mv = _mm256_set1_ps(m);
-    for (j = 0; j < tp; j += 8) {  /* masked: exp8(-inf) is exactly 0 (csimd.py) */
-        __m256 p = exp8(_mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j)), mv));
+    int64_t j = 0;
+    float sum = 0.0f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
+    for (; j < tp; j += 8) {  /* exp8(-inf) is exactly 0 (csimd.py) */
+        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
         _mm256_storeu_ps(s + j, p);
         acc = _mm256_add_ps(acc, p);
     }
+    float lanes[8];
     _mm256_storeu_ps(lanes, acc);
     for (int l = 0; l < 8; l++) sum += lanes[l];
-#else
-    for (; j < tp; j++) m = bias[j] == 0.0f && s[j] > m ? s[j] : m;
-    if (m == -INFINITY) { memset(s, 0, sizeof(float) * tp); return 0.0f; }
-    for (j = 0; j < tp; j++) { s[j] = bias[j] == 0.0f ? expf(s[j] - m) : 0.0f; sum += s[j]; }
 #endif
+    for (; j < tp; j++) { s[j] = expf(s[j] - m); sum += s[j]; }
     return sum;
 }
 
@@ -140,17 +144,23 @@ int llmfn_encoder_attention(const float* qkv, const uint8_t* mask, float* out, i
                 int rows = t - i0 < MR ? (int)(t - i0) : MR;
                 for (int r = 0; r < MR; r++)
                     for (int64_t c = 0; c < hd; c++) qb[c * MR + r] = r < rows ? base[(i0 + r) * ld + c] * scale : 0.0f;
-                for (int64_t jp = 0; jp < tp / NR; jp++) tile(qb, 1, MR, kt + jp * hd * NR, NR, hd, s + jp * NR, tp);
+                float rmax[MR][8];
+                for (int r = 0; r < MR; r++)
+                    for (int l = 0; l < 8; l++) rmax[r][l] = -INFINITY;
+                for (int64_t jp = 0; jp < tp / NR; jp++)
+                    tile(qb, 1, MR, kt + jp * hd * NR, NR, hd, s + jp * NR, tp, bias + jp * NR, rmax);
                 /* keys from t8 on are padding (weight 0): the softmax and the values stop there */
                 float inv[MR];
                 for (int r = 0; r < rows; r++) {
-                    float sum = softmax_row(s + r * tp, bias, t8);
+                    float m = -INFINITY;
+                    for (int l = 0; l < 8; l++) m = rmax[r][l] > m ? rmax[r][l] : m;
+                    float sum = softmax_row(s + r * tp, m, t8);
                     inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
                 }
                 for (int r = rows; r < MR; r++) memset(s + r * tp, 0, sizeof(float) * t8);
                 float acc[MR][NR];
                 for (int64_t c0 = 0; c0 < hd; c0 += NR) {
-                    tile(s, tp, 1, vp + c0, hp, t8, acc[0], NR);
+                    tile(s, tp, 1, vp + c0, hp, t8, acc[0], NR, NULL, NULL);
                     int cols = hd - c0 < NR ? (int)(hd - c0) : NR;
                     for (int r = 0; r < rows; r++) {
                         float* o = out + (bi * t + i0 + r) * d + hi * hd + c0;
