@@ -27,10 +27,12 @@ import torch
 
 from llmfn import cbuild
 
-MR, NR, KC, MC = 6, 16, 384, 48  # micro-tile rows / columns, k block, rows per task (tuned above)
+# micro-tile rows / columns, k block, most rows per task (measured on this machine); the C code gets them
+# as #defines, so these are the one place they are set
+MR, NR, KC, MC = 6, 16, 384, 48
 ACTS = {None: 0, "gelu": 1, "relu": 2}  # activations fused in C; others run in torch after it
 
-SOURCE = r"""
+SOURCE = f"#define MR {MR}\n#define NR {NR}\n#define KC {KC}\n#define MC {MC}\n" + r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,11 +41,6 @@ SOURCE = r"""
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
-
-#define MR 6
-#define NR 16
-#define KC 384
-#define MC 48
 
 enum { ACT_NONE = 0, ACT_GELU = 1, ACT_RELU = 2 };
 
