@@ -78,23 +78,23 @@ def bench_layer(bench, name: str, dim: int, hq: int, hk: int, hd: int) -> None:
         "torch SDPA + mask",
     )
 
-    # int4 weight-only: the MLP up projection (d -> 4d), group 128
-    n = 4 * dim
-    qw, sc, z = ref.quantize_int4(torch.randn(n, dim, device=dev, dtype=dt), 128)
-    dense = ref.dequantize_int4(qw, sc, z, 128, dt)
+    # int4 weight-only: the MLP up projection (d -> 4d), group 128 (64 where d is no multiple of 128)
+    n, g = 4 * dim, 128 if dim % 128 == 0 else 64
+    qw, sc, z = ref.quantize_int4(torch.randn(n, dim, device=dev, dtype=dt), g)
+    dense = ref.dequantize_int4(qw, sc, z, g, dt)
     for m in (1, 16, 512):
         xm = torch.randn(m, dim, device=dev, dtype=dt)
         bench(
             "int4 matmul",
-            f"{name} m={m} {n}x{dim} g=128",
-            lambda xm=xm: triton_int4.int4_matmul(xm, qw, sc, z, 128),
-            lambda xm=xm: ref.int4_matmul(xm, qw, sc, z, 128),
+            f"{name} m={m} {n}x{dim} g={g}",
+            lambda xm=xm: triton_int4.int4_matmul(xm, qw, sc, z, g),
+            lambda xm=xm: ref.int4_matmul(xm, qw, sc, z, g),
             "torch dequantize + matmul",
         )
         bench(
             "int4 matmul",
-            f"{name} m={m} {n}x{dim} g=128",
-            lambda xm=xm: triton_int4.int4_matmul(xm, qw, sc, z, 128),
+            f"{name} m={m} {n}x{dim} g={g}",
+            lambda xm=xm: triton_int4.int4_matmul(xm, qw, sc, z, g),
             lambda xm=xm: xm @ dense.t(),
             "fp16 dense matmul",
         )

@@ -81,6 +81,7 @@ def _prefill_kernel(
     HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // hq).to(tl.int64)
@@ -141,6 +142,7 @@ def _decode_split_kernel(
     HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     pid_bk = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bk // hk).to(tl.int64)

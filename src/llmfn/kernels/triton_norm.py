@@ -27,7 +27,7 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_sum + offs, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / dim + eps)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / dim + tl.cast(eps, tl.float32))  # inductor passes eps as fp64
     normed = (xf * rstd).to(x.dtype).to(tl.float32)  # round to the input dtype first, like HF
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, normed * w, mask=mask)
