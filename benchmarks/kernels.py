@@ -2,6 +2,10 @@
 
     python benchmarks/kernels.py            # prints a markdown table for benchmarks/RESULTS.md
 
+Each op is called as the model calls it (the torch.ops.llmfn custom ops) and timed twice: with
+`do_bench` (host launch cost included, which dominates at decode sizes) and with
+`do_bench_cudagraph` (one CUDA graph replay: the GPU work alone).
+
 Needs a CUDA GPU; on a CPU-only machine it says so and exits 0. Shapes are a decoder layer of
 SmolLM2-135M (d=576, 9/3 heads of 64) and of Llama-3-8B (d=4096, 32/8 heads of 128)."""
 
@@ -49,7 +53,7 @@ def bench_layer(bench, name: str, dim: int, hq: int, hk: int, hd: int) -> None:
     bench(
         "attention prefill",
         f"{name} s={s} cache={t}",
-        lambda: triton_attention.prefill(q, k, v, pos, hd**-0.5),
+        lambda: triton_attention.attention(q, k, v, pos, hd**-0.5),
         lambda: ref.attention(q, k, v, pos, hd**-0.5),
         "torch SDPA + mask",
     )
@@ -57,7 +61,7 @@ def bench_layer(bench, name: str, dim: int, hq: int, hk: int, hd: int) -> None:
     bench(
         "attention prefill",
         f"{name} s={s} causal",
-        lambda: triton_attention.prefill(q, kk, vv, pos, hd**-0.5),
+        lambda: triton_attention.attention(q, kk, vv, pos, hd**-0.5),
         lambda: torch.nn.functional.scaled_dot_product_attention(
             q, kk, vv, is_causal=True, scale=hd**-0.5, enable_gqa=hq != hk
         ),
@@ -73,7 +77,7 @@ def bench_layer(bench, name: str, dim: int, hq: int, hk: int, hd: int) -> None:
     bench(
         "attention decode",
         f"{name} b={b} pos=4000 cache={t}",
-        lambda: triton_attention.decode(q, k, v, pos, hd**-0.5),
+        lambda: triton_attention.attention(q, k, v, pos, hd**-0.5),
         lambda: ref.attention(q, k, v, pos, hd**-0.5),
         "torch SDPA + mask",
     )
@@ -105,13 +109,14 @@ def main() -> int:
         print("benchmarks/kernels.py: needs a CUDA GPU (none found); nothing timed.")
         return 0
 
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
-    rows: list[tuple[str, str, float, float, str]] = []
+    rows: list[tuple[str, str, float, float, float, float, str]] = []
 
     def bench(op: str, shape: str, ours, theirs, peer: str) -> None:
         ours(), theirs()  # compile / warm up
-        rows.append((op, shape, do_bench(ours), do_bench(theirs), peer))
+        rows.append((op, shape, do_bench(ours), do_bench(theirs), do_bench_cudagraph(ours),
+                     do_bench_cudagraph(theirs), peer))  # fmt: skip
 
     for model in (("smollm2-135m", 576, 9, 3, 64), ("llama3-8b", 4096, 32, 8, 128)):
         bench_layer(bench, *model)
@@ -119,10 +124,11 @@ def main() -> int:
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, fp16, times from triton.testing.do_bench\n"
     )
-    print("| op | shape | llmfn Triton (ms) | peer (ms) | peer | speedup |")
-    print("|---|---|---:|---:|---|---:|")
-    for op, shape, ours, theirs, peer in rows:
-        print(f"| {op} | {shape} | {ours:.4f} | {theirs:.4f} | {peer} | {theirs / ours:.2f}x |")
+    print("| op | shape | peer | llmfn ms | peer ms | speedup | llmfn graph ms | peer graph ms | graph speedup |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for op, shape, ours, theirs, ours_g, theirs_g, peer in rows:
+        print(f"| {op} | {shape} | {peer} | {ours:.4f} | {theirs:.4f} | {theirs / ours:.2f}x | "
+              f"{ours_g:.4f} | {theirs_g:.4f} | {theirs_g / ours_g:.2f}x |")  # fmt: skip
     return 0
 
 
