@@ -33,6 +33,15 @@ def timed(fn) -> tuple[float, float]:
     return do_bench(fn), graph
 
 
+def row(case: str, settings: str, fn, want: torch.Tensor) -> None:
+    """One table row: times and max error, or the failure (a setting the GPU cannot run is a row)."""
+    try:
+        err = (fn().float() - want).abs().max().item()
+        print(f"| {case} | {settings} | " + " | ".join(f"{x:.4f}" for x in timed(fn)) + f" | {err:.2e} |")
+    except Exception as e:  # noqa: BLE001
+        print(f"| {case} | {settings} | failed: {type(e).__name__} | | |")
+
+
 def sweep(name: str, hq: int, hk: int, hd: int) -> None:
     """Prefill (2048 causal) and decode (8 rows at 4000 of 8192) rows for one model's head shape."""
     from llmfn.kernels import reference as ref
@@ -51,12 +60,7 @@ def sweep(name: str, hq: int, hk: int, hd: int) -> None:
     for bm, bn, w, st in PREFILL:
         fn = lambda bm=bm, bn=bn, w=w, st=st: ta.prefill(q, k, v, pos, hd**-0.5, block_m=bm, block_n=bn,
                                                          num_warps=w, num_stages=st)  # fmt: skip
-        try:
-            err = (fn().float() - want).abs().max().item()
-            print(f"| {case} | M={bm} N={bn} warps={w} stages={st} | "
-                  + " | ".join(f"{x:.4f}" for x in timed(fn)) + f" | {err:.2e} |")  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - a setting the GPU cannot run is a row, not the end
-            print(f"| {case} | M={bm} N={bn} warps={w} stages={st} | failed: {type(e).__name__} | | |")
+        row(case, f"M={bm} N={bn} warps={w} stages={st}", fn, want)
 
     b, t = 8, 8192
     q = torch.randn(b, hq, 1, hd, device=dev, dtype=dt)
@@ -73,12 +77,7 @@ def sweep(name: str, hq: int, hk: int, hd: int) -> None:
     for bn, splits, w, st in DECODE:
         fn = lambda bn=bn, sp=splits, w=w, st=st: ta.decode(q, k, v, pos, hd**-0.5, num_splits=sp, block_n=bn,
                                                             num_warps=w, num_stages=st)  # fmt: skip
-        try:
-            err = (fn().float() - want).abs().max().item()
-            print(f"| {case} | N={bn} splits={splits or 'auto'} warps={w} stages={st} | "
-                  + " | ".join(f"{x:.4f}" for x in timed(fn)) + f" | {err:.2e} |")  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            print(f"| {case} | N={bn} splits={splits} warps={w} stages={st} | failed: {type(e).__name__} | | |")
+        row(case, f"N={bn} splits={splits or 'auto'} warps={w} stages={st}", fn, want)
 
 
 def main() -> int:
