@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from llmfn import linear as llmfn_linear
 from llmfn.embed import (
     POOLING_MODES,
     SPLIT_MIN_TOKENS,
@@ -224,14 +225,19 @@ def test_empty_batch(tiny):
         assert bert.forward(model.params, model.cfg, torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, 32)
 
 
-def test_feed_forward_chunks_change_nothing(tiny, monkeypatch):
-    """The feed-forward runs in row chunks (bert.FFN_ROWS) for speed; any chunking gives the same bits."""
+def test_feed_forward_fused_and_chunked_change_nothing(tiny, monkeypatch):
+    """Packed weights run the feed-forward fused (one C pass), plain ones in row chunks of at most
+    linear.FFN_ROWS: the same bits either way, and whatever the chunking."""
     model, _ = tiny
     tokens, mask, _ = random_batch(B=4, T=17)
+    plain = {**model.params, "layers": [{k: getattr(w, "w", w) for k, w in layer.items()} for layer in model.params["layers"]]}
     with torch.inference_mode():
-        whole = bert.forward(model.params, model.cfg, tokens, mask)
-        monkeypatch.setattr(bert, "FFN_ROWS", 20)  # 68 rows: 4 chunks of 17
-        assert torch.equal(bert.forward(model.params, model.cfg, tokens, mask), whole)
+        fused = bert.forward(model.params, model.cfg, tokens, mask)
+        whole = bert.forward(plain, model.cfg, tokens, mask)
+        monkeypatch.setattr(llmfn_linear, "FFN_ROWS", 20)  # 68 rows: 4 chunks of 17
+        assert torch.equal(bert.forward(plain, model.cfg, tokens, mask), whole)
+        assert torch.equal(bert.forward(model.params, model.cfg, tokens, mask), fused)
+    assert (fused - whole).abs().max().item() <= 1e-5  # the C GEMM against oneDNN: rounding only
 
 
 # ---------------------------------------------------------------------------------------------- pooling

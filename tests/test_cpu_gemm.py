@@ -131,6 +131,64 @@ def test_gemm_shape_mismatches_are_errors_not_memory_reads():
         cpu_gemm.linear(randn(g, 3, 16), packed, 8, norm=(randn(g, 8), randn(g, 9), 1e-5))
 
 
+# ---------------------------------------------------------------------------------------------- fused FFN
+
+
+def two_calls(x, up, b_up, down, b_down, f, act, ln):
+    """The feed-forward as two GEMM calls: the order of sums the fused kernel must keep."""
+    d = x.shape[-1]
+    return cpu_gemm.linear(cpu_gemm.linear(x, up, f, b_up, act), down, d, b_down, None, x, ln)
+
+
+@EXAMPLES
+@given(m=st.integers(1, 200), d=st.integers(1, 80), f=st.integers(1, 900), bias=st.booleans(),
+       act=st.sampled_from([None, "gelu", "relu"]), norm=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_ffn_is_bitwise_the_two_gemm_calls(m, d, f, bias, act, norm, seed):
+    """Hidden widths across several KC blocks and ragged tiles, rows across several row blocks: the
+    fused pass gives the two calls' bits (and those are held to torch by the GEMM tests), whatever
+    the number of threads."""
+    g = torch.Generator().manual_seed(seed)
+    _, w_down, b_down, _, ln = operands(g, m, d, f, bias, False, norm)
+    x, w_up, b_up = randn(g, m, d), randn(g, f, d) / d**0.5, randn(g, f) if bias else None
+    up, down = cpu_gemm.pack(w_up), cpu_gemm.pack(w_down)
+    want = two_calls(x, up, b_up, down, b_down, f, act, ln)
+    assert torch.equal(cpu_gemm.ffn(x, up, b_up, down, b_down, f, act, ln), want)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_gemm.ffn(x, up, b_up, down, b_down, f, act, ln), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ffn_takes_empty_dimensions_and_checks_shapes():
+    g = torch.Generator().manual_seed(0)
+    x, b_down, ln = randn(g, 7, 5), randn(g, 5), (randn(g, 5), randn(g, 5), 1e-5)
+    no_hidden = cpu_gemm.ffn(x, cpu_gemm.pack(randn(g, 0, 5)), None, cpu_gemm.pack(randn(g, 5, 0)), b_down, 0, "gelu", ln)
+    torch.testing.assert_close(no_hidden, F.layer_norm(x + b_down, (5,), ln[0], ln[1], ln[2]))  # the hidden is empty
+    up, down = cpu_gemm.pack(randn(g, 9, 5)), cpu_gemm.pack(randn(g, 5, 9))
+    assert cpu_gemm.ffn(randn(g, 0, 5), up, None, down, None, 9).shape == (0, 5)
+    with pytest.raises(ValueError, match="ffn: shapes"):
+        cpu_gemm.ffn(randn(g, 3, 4), up, None, down, None, 9)
+    with pytest.raises(ValueError, match="ffn: shapes"):
+        cpu_gemm.ffn(x, up, randn(g, 5), down, None, 9)
+    with pytest.raises(ValueError, match="ffn: shapes"):
+        cpu_gemm.ffn(x, up, None, down, None, 9, norm=(randn(g, 9), randn(g, 9), 1e-5))
+
+
+@pytest.mark.parametrize("rows", [1, cpu.MAX_ROWS + 1, 300])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_feed_forward_with_packed_weights_matches_plain_weights(rows, act):
+    """llmfn.linear.feed_forward: fused for packed weights on the GEMM's path, else two linears (the
+    decode kernel for few rows; an activation C does not fuse)."""
+    g = torch.Generator().manual_seed(rows)
+    _, w_down, b_down, _, ln = operands(g, rows, 40, 96, True, False, True)
+    x, w_up, b_up = randn(g, rows, 40), randn(g, 96, 40) / 40**0.5, randn(g, 96)
+    plain = lin.feed_forward(x, w_up, b_up, w_down, b_down, act=act, norm=ln)
+    packed = lin.feed_forward(x, lin.pack(w_up), b_up, lin.pack(w_down), b_down, act=act, norm=ln)
+    torch.testing.assert_close(packed, plain, atol=2e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- llmfn.linear
 
 

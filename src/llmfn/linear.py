@@ -110,6 +110,36 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, *, act: str | None
     return _finish(y if b is None else y + b, act, residual, norm)
 
 
+FFN_ROWS = 8192  # most rows per feed-forward chunk when the two matmuls run apart (see feed_forward)
+
+
+def feed_forward(x: torch.Tensor, w_up, b_up: torch.Tensor | None, w_down, b_down: torch.Tensor | None, *,
+                 act: str | None = None, norm: tuple | None = None) -> torch.Tensor:
+    """norm(act(x @ w_up.T + b_up) @ w_down.T + b_down + x) for x [N, D]: a post-LN feed-forward block.
+
+    With PackedWeights on the C GEMM's path both matmuls run in one pass over the rows: each thread's
+    [48, F] hidden block stays in its cache instead of a [N, F] tensor going through memory (MiniLM,
+    6400 rows: 97 -> 83 ms), bitwise equal to the two `linear` calls. Elsewhere the rows go in chunks of
+    at most FFN_ROWS, so the hidden stays bounded (MiniLM at 256 x 256 tokens: 50 MB, not 400 MB)."""
+    if isinstance(w_up, PackedWeight) and isinstance(w_down, PackedWeight) and act in cpu_gemm.ACTS:
+        operands = (w_up.w, w_down.w, b_up, b_down, *(norm[:2] if norm else ()))
+        if _gemm_takes(x, *operands):
+            return cpu_gemm.ffn(x, w_up.packed, b_up, w_down.packed, b_down, w_up.shape[0], act, norm)
+
+    def block(xs: torch.Tensor) -> torch.Tensor:
+        h = linear(xs, w_up, b_up, act=act)
+        return linear(h, w_down, b_down, residual=xs, norm=norm)
+
+    n = x.shape[0]
+    if n <= FFN_ROWS:
+        return block(x)
+    rows = -(-n // -(-n // FFN_ROWS))  # equal chunks: no small tail on another kernel
+    out = torch.empty_like(x)
+    for s in range(0, n, rows):
+        out[s : s + rows] = block(x[s : s + rows])
+    return out
+
+
 def embedding(w, ids: torch.Tensor) -> torch.Tensor:
     """Rows of w at ids. w: [vocab, dim], a PackedWeight or a quantized leaf."""
     if isinstance(w, torch.Tensor):
