@@ -30,7 +30,7 @@ from llmfn.embed import (
     tokenize,
 )
 from llmfn.errors import CheckpointError, RequestError, UnsupportedModelError
-from llmfn.kernels import cpu_gemm
+from llmfn.kernels import cpu_attention, cpu_gemm
 from llmfn.linear import PackedWeight
 from llmfn.loading import load
 from llmfn.models import bert
@@ -223,6 +223,29 @@ def test_empty_batch(tiny):
     model, _ = tiny
     with torch.inference_mode():
         assert bert.forward(model.params, model.cfg, torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, 32)
+
+
+def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path, monkeypatch):
+    """Batches of long-enough sequences run each layer's attention half as one C pass per sequence
+    (cpu_attention.attention_block): the bits of the three calls it replaces, padding included,
+    and transformers' hidden states."""
+    hf = tiny_hf()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = bert.read_config(tmp_path)
+    params = bert.pack_params(bert.load_params(tmp_path, cfg))
+    B, T = bert.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, bert.BLOCK_MIN_TOKENS + 5
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(5, 128, (B, T), generator=g)
+    mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (B, 1), generator=g)).long()
+    blocks, real = [], cpu_attention.attention_block
+    monkeypatch.setattr(cpu_attention, "attention_block", lambda *a, **k: blocks.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        fused = bert.forward(params, cfg, tokens, mask)
+        assert len(blocks) == cfg.n_layers or not cpu_attention.available()
+        monkeypatch.setattr(bert, "BLOCK_MIN_TOKENS", T + 1)
+        assert torch.equal(bert.forward(params, cfg, tokens, mask), fused)
+    keep = mask.bool()
+    assert (fused[keep] - hf_hidden(hf, tokens, mask)[keep]).abs().max().item() <= 1e-5
 
 
 def test_feed_forward_fused_and_chunked_change_nothing(tiny, monkeypatch):

@@ -41,6 +41,16 @@ def operands(g, m, n, k, bias, residual, norm):
     return x, w, b, res, ln
 
 
+def on_one_thread(fn):
+    """fn() with torch, and so the C kernels, on one thread."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def as64(t):
     return None if t is None else t.double()
 
@@ -79,12 +89,7 @@ def test_gemm_rows_are_batch_and_thread_invariant(m, n, k, norm, seed):
     for i in {0, m // 2, m - 1}:
         assert torch.equal(out[i : i + 1], cpu_gemm.linear(x[i : i + 1], packed, n, b, "gelu", res[i : i + 1], ln))
     assert torch.equal(cpu_gemm.linear(x.flip(0), packed, n, b, "gelu", res.flip(0), ln), out.flip(0))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(cpu_gemm.linear(x, packed, n, b, "gelu", res, ln), out)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(on_one_thread(lambda: cpu_gemm.linear(x, packed, n, b, "gelu", res, ln)), out)
 
 
 def test_gemm_gelu_at_the_ends_of_the_float_range():
@@ -153,12 +158,7 @@ def test_ffn_is_bitwise_the_two_gemm_calls(m, d, f, bias, act, norm, seed):
     up, down = cpu_gemm.pack(w_up), cpu_gemm.pack(w_down)
     want = two_calls(x, up, b_up, down, b_down, f, act, ln)
     assert torch.equal(cpu_gemm.ffn(x, up, b_up, down, b_down, f, act, ln), want)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(cpu_gemm.ffn(x, up, b_up, down, b_down, f, act, ln), want)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(on_one_thread(lambda: cpu_gemm.ffn(x, up, b_up, down, b_down, f, act, ln)), want)
 
 
 def test_ffn_takes_empty_dimensions_and_checks_shapes():
@@ -279,3 +279,34 @@ def test_attention_shape_mismatches_are_errors():
         cpu_attention.attention(randn(g, 1, 4, 3 * 10), 3)
     with pytest.raises(ValueError, match="attention: shapes"):
         cpu_attention.attention(randn(g, 2, 4, 3 * 8), 2, torch.ones(2, 5, dtype=torch.bool))
+
+
+@EXAMPLES
+@given(b=st.integers(1, 5), t=st.integers(1, 110), heads=st.integers(1, 4), hd=st.integers(1, 40),
+       masked=st.booleans(), bias=st.booleans(), norm=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_attention_block_is_bitwise_the_three_calls(b, t, heads, hd, masked, bias, norm, seed):
+    """One pass per sequence (projection, attention, output projection, residual, LayerNorm) gives the
+    bits of the three calls it replaces, which the tests above hold to torch; on one thread too."""
+    g = torch.Generator().manual_seed(seed)
+    d = heads * hd
+    _, wo, bo, _, ln = operands(g, 1, d, d, bias, False, norm)
+    x, wqkv, bqkv = randn(g, b, t, d), randn(g, 3 * d, d) / d**0.5, randn(g, 3 * d) if bias else None
+    mask = torch.rand(b, t, generator=g) > 0.3 if masked else None
+    pq, po = cpu_gemm.pack(wqkv), cpu_gemm.pack(wo)
+    a = cpu_attention.attention(cpu_gemm.linear(x, pq, 3 * d, bqkv), heads, mask)
+    want = cpu_gemm.linear(a, po, d, bo, None, x, ln)
+    assert torch.equal(cpu_attention.attention_block(x, pq, bqkv, po, bo, heads, mask, ln), want)
+    assert torch.equal(on_one_thread(lambda: cpu_attention.attention_block(x, pq, bqkv, po, bo, heads, mask, ln)), want)
+
+
+def test_attention_block_empty_inputs_and_shape_errors():
+    g = torch.Generator().manual_seed(0)
+    pq, po = cpu_gemm.pack(randn(g, 24, 8)), cpu_gemm.pack(randn(g, 8, 8))
+    assert cpu_attention.attention_block(randn(g, 0, 5, 8), pq, None, po, None, 2).shape == (0, 5, 8)
+    assert cpu_attention.attention_block(randn(g, 3, 0, 8), pq, None, po, None, 2).shape == (3, 0, 8)
+    with pytest.raises(ValueError, match="attention_block: shapes"):
+        cpu_attention.attention_block(randn(g, 2, 5, 8), pq, None, po, None, 3)  # 8 is no multiple of 3 heads
+    with pytest.raises(ValueError, match="attention_block: shapes"):
+        cpu_attention.attention_block(randn(g, 2, 5, 8), po, None, po, None, 2)  # wqkv packed as [8, 8]
+    with pytest.raises(ValueError, match="attention_block: shapes"):
+        cpu_attention.attention_block(randn(g, 2, 5, 8), pq, None, po, None, 2, torch.ones(2, 4, dtype=torch.bool))

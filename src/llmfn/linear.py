@@ -78,7 +78,7 @@ def _finish(y: torch.Tensor, act: str | None, residual: torch.Tensor | None, nor
     return y if norm is None else F.layer_norm(y, y.shape[-1:], norm[0], norm[1], norm[2])
 
 
-def _gemm_takes(x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
+def gemm_takes(x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
     """Whether llmfn's C GEMM serves x: fp32 CPU, more rows than the decode kernels take, k > 0."""
     k = x.shape[-1]
     if k == 0 or x.numel() <= cpu.MAX_ROWS * k or not cpu.fp32_cpu(x, *(t for t in operands if t is not None)):
@@ -92,7 +92,7 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, *, act: str | None
     leaf; act: None or a key of ACTIVATIONS; residual: [..., out] or None; norm: None or a LayerNorm
     over the outputs, (weight [out], bias [out], eps) (post-LN blocks such as BERT's)."""
     if isinstance(w, PackedWeight):
-        if _gemm_takes(x, w.w, b, residual, *(norm[:2] if norm else ())):
+        if gemm_takes(x, w.w, b, residual, *(norm[:2] if norm else ())):
             if act in cpu_gemm.ACTS:
                 return cpu_gemm.linear(x, w.packed, w.shape[0], b, act, residual, norm)
             return _finish(cpu_gemm.linear(x, w.packed, w.shape[0], b), act, residual, norm)
@@ -123,7 +123,7 @@ def feed_forward(x: torch.Tensor, w_up, b_up: torch.Tensor | None, w_down, b_dow
     at most FFN_ROWS, so the hidden stays bounded (MiniLM at 256 x 256 tokens: 50 MB, not 400 MB)."""
     if isinstance(w_up, PackedWeight) and isinstance(w_down, PackedWeight) and act in cpu_gemm.ACTS:
         operands = (w_up.w, w_down.w, b_up, b_down, *(norm[:2] if norm else ()))
-        if _gemm_takes(x, *operands):
+        if gemm_takes(x, *operands):
             return cpu_gemm.ffn(x, w_up.packed, b_up, w_down.packed, b_down, w_up.shape[0], act, norm)
 
     def block(xs: torch.Tensor) -> torch.Tensor:

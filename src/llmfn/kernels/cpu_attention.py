@@ -7,6 +7,11 @@ Here one task is one (sequence, head): its keys (transposed) and values are copi
 panels that stay in L1/L2, then each block of 6 queries takes its scores with a 6 x 16 register
 tile, a softmax (vectorised exp) and the values with the same tile.
 
+`attention_block` runs a post-LN encoder layer's whole attention half for one sequence per task (the
+GEMM of kernels/cpu_gemm.py is compiled into this library): projection, attention, output projection,
+residual and LayerNorm, the sequence's [T, 3D] projection kept in the thread's cache. MiniLM, 32 x 200
+tokens: 58 ms a layer instead of the three calls' 67, the same bits.
+
 Semantics are `F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])` (no
 causal mask): a query whose keys are all masked gets zeros, as torch's CPU kernel gives. The C code
 trusts its shapes: `attention` checks them first.
@@ -20,9 +25,10 @@ import functools
 import torch
 
 from llmfn import cbuild
-from llmfn.kernels import csimd
+from llmfn.kernels import cpu_gemm, csimd
 
-SOURCE = csimd.EXP8 + r"""
+# the GEMM's code is compiled in too: attention_block runs its products around the attention
+SOURCE = csimd.EXP8 + cpu_gemm.SOURCE + r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,20 +106,76 @@ static float softmax_row(float* s, float m, int64_t tp) {
     return sum;
 }
 
+/* Scratch floats for one head: keys transposed in 16-key panels [tp / 16][hd][16], values [tp][hp],
+   6 query rows k-major [hd][6], scores [6][tp], key bias [tp] (0 or -inf). */
+static size_t head_scratch(int64_t t, int64_t hd) {
+    int64_t tp = (t + NR - 1) / NR * NR, hp = (hd + NR - 1) / NR * NR;
+    return (size_t)(tp * hd + tp * hp + hd * MR + MR * tp + tp);
+}
+
+/* One (sequence, head): out[i * ldo + c] = softmax(q_i k^T * scale, keys where mask) v, for the
+   sequence's t rows of q, k, v at base, base + d, base + 2 * d (row stride ld = 3 * d); mask [t]
+   (nonzero = attend) or NULL; buf: head_scratch(t, hd) floats. */
+static void attend_head(const float* base, int64_t ld, int64_t d, const uint8_t* mask, float* out, int64_t ldo,
+                        int64_t t, int64_t hd, float scale, float* buf) {
+    int64_t tp = (t + NR - 1) / NR * NR, t8 = (t + 7) / 8 * 8, hp = (hd + NR - 1) / NR * NR;
+    float *kt = buf, *vp = kt + tp * hd, *qb = vp + tp * hp, *s = qb + hd * MR, *bias = s + MR * tp;
+    memset(vp, 0, sizeof(float) * tp * hp);
+    for (int64_t j = 0; j < tp; j++) {
+        /* rows are 3 * h * hd floats apart: the hardware prefetcher misses them, so fetch the
+           k and v rows a few ahead and this row's q (read again per query block) now */
+        for (int64_t c = 0; j + 4 < t && c < hd; c += 16) {
+            __builtin_prefetch(base + (j + 4) * ld + d + c);
+            __builtin_prefetch(base + (j + 4) * ld + 2 * d + c);
+        }
+        for (int64_t c = 0; j < t && c < hd; c += 16) __builtin_prefetch(base + j * ld + c);
+        bias[j] = j < t && (!mask || mask[j]) ? 0.0f : -INFINITY;
+        float* ktj = kt + (j / NR) * hd * NR + j % NR;
+        if (j >= t) { for (int64_t c = 0; c < hd; c++) ktj[c * NR] = 0.0f; continue; }
+        const float* kr = base + j * ld + d;
+        for (int64_t c = 0; c < hd; c++) ktj[c * NR] = kr[c];
+        memcpy(vp + j * hp, kr + d, sizeof(float) * hd);
+    }
+    for (int64_t i0 = 0; i0 < t; i0 += MR) {
+        int rows = t - i0 < MR ? (int)(t - i0) : MR;
+        for (int r = 0; r < MR; r++)
+            for (int64_t c = 0; c < hd; c++) qb[c * MR + r] = r < rows ? base[(i0 + r) * ld + c] * scale : 0.0f;
+        float rmax[MR][8];
+        for (int r = 0; r < MR; r++)
+            for (int l = 0; l < 8; l++) rmax[r][l] = -INFINITY;
+        for (int64_t jp = 0; jp < tp / NR; jp++)
+            tile(qb, 1, MR, kt + jp * hd * NR, NR, hd, s + jp * NR, tp, bias + jp * NR, rmax);
+        /* keys from t8 on are padding (weight 0): the softmax and the values stop there */
+        float inv[MR];
+        for (int r = 0; r < rows; r++) {
+            float m = -INFINITY;
+            for (int l = 0; l < 8; l++) m = rmax[r][l] > m ? rmax[r][l] : m;
+            float sum = softmax_row(s + r * tp, m, t8);
+            inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+        }
+        for (int r = rows; r < MR; r++) memset(s + r * tp, 0, sizeof(float) * t8);
+        float acc[MR][NR];
+        for (int64_t c0 = 0; c0 < hd; c0 += NR) {
+            tile(s, tp, 1, vp + c0, hp, t8, acc[0], NR, NULL, NULL);
+            int cols = hd - c0 < NR ? (int)(hd - c0) : NR;
+            for (int r = 0; r < rows; r++) {
+                float* o = out + (i0 + r) * ldo + c0;
+                for (int c = 0; c < cols; c++) o[c] = acc[r][c] * inv[r];
+            }
+        }
+    }
+}
+
 /* out [b, t, h * hd] = softmax(q k^T * scale, keys where mask) v per sequence and head, with q, k, v
    the three [h * hd] thirds of qkv [b, t, 3 * h * hd]; mask [b, t] (nonzero = attend) or NULL.
    Returns -1 when scratch memory cannot be allocated. */
 int llmfn_encoder_attention(const float* qkv, const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t h,
                             int64_t hd, float scale, int nthreads) {
     int64_t d = h * hd, ld = 3 * d;
-    int64_t tp = (t + NR - 1) / NR * NR, t8 = (t + 7) / 8 * 8, hp = (hd + NR - 1) / NR * NR;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
-        /* keys transposed in 16-key panels [tp / 16][hd][16], values [tp][hp], 6 query rows k-major
-           [hd][6], scores [6][tp], key bias [tp] (0 or -inf) */
-        size_t floats = (size_t)(tp * hd + tp * hp + hd * MR + MR * tp + tp);
-        float* buf = aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
+        float* buf = aligned_alloc(64, (sizeof(float) * head_scratch(t, hd) + 63) / 64 * 64);
         if (!buf) {
             #pragma omp atomic write
             failed = 1;
@@ -122,61 +184,66 @@ int llmfn_encoder_attention(const float* qkv, const uint8_t* mask, float* out, i
         for (int64_t task = 0; task < b * h; task++) {
             if (!buf) continue;
             int64_t bi = task / h, hi = task % h;
-            float *kt = buf, *vp = kt + tp * hd, *qb = vp + tp * hp, *s = qb + hd * MR, *bias = s + MR * tp;
-            const float* base = qkv + bi * t * ld + hi * hd;
-            memset(vp, 0, sizeof(float) * tp * hp);
-            for (int64_t j = 0; j < tp; j++) {
-                /* rows are 3 * h * hd floats apart: the hardware prefetcher misses them, so fetch the
-                   k and v rows a few ahead and this row's q (read again per query block) now */
-                for (int64_t c = 0; j + 4 < t && c < hd; c += 16) {
-                    __builtin_prefetch(base + (j + 4) * ld + d + c);
-                    __builtin_prefetch(base + (j + 4) * ld + 2 * d + c);
-                }
-                for (int64_t c = 0; j < t && c < hd; c += 16) __builtin_prefetch(base + j * ld + c);
-                bias[j] = j < t && (!mask || mask[bi * t + j]) ? 0.0f : -INFINITY;
-                float* ktj = kt + (j / NR) * hd * NR + j % NR;
-                if (j >= t) { for (int64_t c = 0; c < hd; c++) ktj[c * NR] = 0.0f; continue; }
-                const float* kr = base + j * ld + d;
-                for (int64_t c = 0; c < hd; c++) ktj[c * NR] = kr[c];
-                memcpy(vp + j * hp, kr + d, sizeof(float) * hd);
-            }
-            for (int64_t i0 = 0; i0 < t; i0 += MR) {
-                int rows = t - i0 < MR ? (int)(t - i0) : MR;
-                for (int r = 0; r < MR; r++)
-                    for (int64_t c = 0; c < hd; c++) qb[c * MR + r] = r < rows ? base[(i0 + r) * ld + c] * scale : 0.0f;
-                float rmax[MR][8];
-                for (int r = 0; r < MR; r++)
-                    for (int l = 0; l < 8; l++) rmax[r][l] = -INFINITY;
-                for (int64_t jp = 0; jp < tp / NR; jp++)
-                    tile(qb, 1, MR, kt + jp * hd * NR, NR, hd, s + jp * NR, tp, bias + jp * NR, rmax);
-                /* keys from t8 on are padding (weight 0): the softmax and the values stop there */
-                float inv[MR];
-                for (int r = 0; r < rows; r++) {
-                    float m = -INFINITY;
-                    for (int l = 0; l < 8; l++) m = rmax[r][l] > m ? rmax[r][l] : m;
-                    float sum = softmax_row(s + r * tp, m, t8);
-                    inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
-                }
-                for (int r = rows; r < MR; r++) memset(s + r * tp, 0, sizeof(float) * t8);
-                float acc[MR][NR];
-                for (int64_t c0 = 0; c0 < hd; c0 += NR) {
-                    tile(s, tp, 1, vp + c0, hp, t8, acc[0], NR, NULL, NULL);
-                    int cols = hd - c0 < NR ? (int)(hd - c0) : NR;
-                    for (int r = 0; r < rows; r++) {
-                        float* o = out + (bi * t + i0 + r) * d + hi * hd + c0;
-                        for (int c = 0; c < cols; c++) o[c] = acc[r][c] * inv[r];
-                    }
-                }
-            }
+            attend_head(qkv + bi * t * ld + hi * hd, ld, d, mask ? mask + bi * t : NULL, out + bi * t * d + hi * hd, d,
+                        t, hd, scale, buf);
         }
         free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* A post-LN encoder layer's attention half, one sequence at a time (its [t, 3d] projection and [t, d]
+   attention output stay in the thread's cache): y [b, t, d] = norm(attention(x @ wqkv.T + bqkv) @ wo.T
+   + bo + x), wqkv [3d, d] and wo [d, d] packed by llmfn_gemm_pack, bqkv / bo / ln_w NULL or given,
+   mask as llmfn_encoder_attention's. Bitwise the result of llmfn_gemm, llmfn_encoder_attention and
+   llmfn_gemm in turn. Returns -1 when scratch memory cannot be allocated. */
+int llmfn_encoder_attention_block(const float* x, const float* wqkv, const float* bqkv, const float* wo,
+                                  const float* bo, const uint8_t* mask, float* y, int64_t b, int64_t t, int64_t h,
+                                  int64_t hd, float scale, const float* ln_w, const float* ln_b, float eps,
+                                  int nthreads) {
+    int64_t d = h * hd;
+    if (b <= 0 || t <= 0 || d <= 0) return 0;
+    Epilogue e_qkv = {bqkv, NULL, 0, ACT_NONE}, e_out = {bo, x, d, ACT_NONE};
+    int64_t blocks = row_blocks(t, 1);  /* a sequence's rows in blocks of at most MC, as equal as panels allow */
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float* xp = aligned_alloc(64, sizeof(float) * MC * KC);
+        float* qkv = aligned_alloc(64, (sizeof(float) * (t * 4 * d + head_scratch(t, hd)) + 63) / 64 * 64);
+        if (!xp || !qkv) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic)
+        for (int64_t bi = 0; bi < b; bi++) {
+            if (!xp || !qkv) continue;
+            const float* xs = x + bi * t * d;
+            float *a = qkv + t * 3 * d, *scratch = a + t * d, *ys = y + bi * t * d;
+            for (int64_t ib = 0; ib < blocks; ib++) {
+                int64_t i0 = first_row(ib, t, blocks), mc = first_row(ib + 1, t, blocks) - i0;
+                gemm_block(xs + i0 * d, d, wqkv, 3 * d, d, qkv + i0 * 3 * d, 3 * d, 0, mc, 0, (3 * d + NR - 1) / NR,
+                           &e_qkv, xp);
+            }
+            for (int64_t hi = 0; hi < h; hi++)
+                attend_head(qkv + hi * hd, 3 * d, d, mask ? mask + bi * t : NULL, a + hi * hd, d, t, hd, scale, scratch);
+            for (int64_t ib = 0; ib < blocks; ib++) {
+                int64_t i0 = first_row(ib, t, blocks), mc = first_row(ib + 1, t, blocks) - i0;
+                gemm_block(a + i0 * d, d, wo, d, d, ys + i0 * d, d, bi * t + i0, mc, 0, (d + NR - 1) / NR, &e_out, xp);
+            }
+            if (ln_w) layer_norm_rows(ys, d, 0, t, ln_w, ln_b, eps);
+        }
+        free(xp);
+        free(qkv);
     }
     return failed ? -1 : 0;
 }
 """
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-_SIGNATURES = {"llmfn_encoder_attention": [_p, _p, _p, _i64, _i64, _i64, _i64, _f32, _i32]}
+_SIGNATURES = {
+    "llmfn_encoder_attention": [_p, _p, _p, _i64, _i64, _i64, _i64, _f32, _i32],
+    "llmfn_encoder_attention_block": [_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _f32, _p, _p, _f32, _i32],
+}
 
 
 @functools.cache
@@ -213,3 +280,32 @@ def attention(qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None = N
     if status:
         raise MemoryError("attention: cannot allocate scratch memory")
     return out
+
+
+def attention_block(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
+                    bo: torch.Tensor | None, n_heads: int, key_mask: torch.Tensor | None = None,
+                    norm: tuple | None = None, scale: float | None = None) -> torch.Tensor:
+    """norm(attention(x @ wqkv.T + bqkv) @ wo.T + bo + x) for x [B, T, D], wqkv [3D, D] and wo [D, D] given
+    as cpu_gemm.pack(w): a post-LN encoder layer's attention half, one sequence per task, bitwise
+    equal to cpu_gemm.linear, `attention` and cpu_gemm.linear in turn. Parallel over sequences: for
+    batches of at least a few per thread."""
+    B, T, D = x.shape
+    hd = D // max(n_heads, 1)
+    ln_w, ln_b, eps = norm if norm is not None else (None, None, 0.0)
+    ok = n_heads > 0 and D == n_heads * hd and wqkv.numel() == D * -(-3 * D // cpu_gemm.NR) * cpu_gemm.NR
+    ok = ok and wo.numel() == D * -(-D // cpu_gemm.NR) * cpu_gemm.NR and (key_mask is None or tuple(key_mask.shape) == (B, T))
+    ok = ok and all(t is None or tuple(t.shape) == (n,) for t, n in ((bqkv, 3 * D), (bo, D), (ln_w, D), (ln_b, D)))
+    if not ok:
+        shapes = ", ".join("None" if t is None else str(list(t.shape)) for t in (x, wqkv, bqkv, wo, bo, key_mask, ln_w))
+        raise ValueError(f"attention_block: shapes do not fit ({shapes}, {n_heads} heads)")
+    x = x.contiguous()
+    mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
+    y = torch.empty_like(x)
+    ptr = lambda t: None if t is None else t.contiguous().data_ptr()
+    status = library().llmfn_encoder_attention_block(
+        x.data_ptr(), wqkv.data_ptr(), ptr(bqkv), wo.data_ptr(), ptr(bo), ptr(mask), y.data_ptr(), B, T, n_heads, hd,
+        hd**-0.5 if scale is None else scale, ptr(ln_w), ptr(ln_b), eps, torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("attention_block: cannot allocate scratch memory")
+    return y
