@@ -135,3 +135,54 @@ def test_encoder_attention(benchmark, impl):
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(32, 200, 384)
 
     benchmark(lambda: cpu_attention.attention(qkv, 12) if impl == "llmfn C" else sdpa())
+
+
+def minilm_layer(seed: int = 0) -> dict:
+    """Random weights of MiniLM's layer shapes, plain and packed for the C GEMM."""
+    from llmfn.kernels import cpu_gemm
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"wqkv": (1152, 384), "wo": (384, 384), "w_up": (1536, 384), "w_down": (384, 1536)}
+    layer = {name: torch.randn(*shape, generator=g) * 0.05 for name, shape in shapes.items()}
+    layer |= {"b" + name[1:]: torch.randn(shape[0], generator=g) for name, shape in shapes.items()}
+    layer |= {name + "_packed": cpu_gemm.pack(layer[name]) for name in shapes}
+    layer["norm"] = (torch.rand(384, generator=g) + 0.5, torch.randn(384, generator=g), 1e-12)
+    return layer
+
+
+@pytest.mark.benchmark(group="encoder feed-forward [6400, 384] -> 1536 -> 384 + LayerNorm (MiniLM, 32 x 200 tokens)")
+@pytest.mark.parametrize("impl", ["llmfn C, one pass", "llmfn C, two GEMM calls", "torch oneDNN + ops"])
+def test_encoder_feed_forward(benchmark, impl):
+    from llmfn.kernels import cpu_gemm
+
+    L, x = minilm_layer(), torch.randn(6400, 384)
+    if impl == "llmfn C, one pass":
+        benchmark(lambda: cpu_gemm.ffn(x, L["w_up_packed"], L["b_up"], L["w_down_packed"], L["b_down"], 1536, "gelu",
+                                       L["norm"]))  # fmt: skip
+    elif impl == "llmfn C, two GEMM calls":
+        h = lambda: cpu_gemm.linear(x, L["w_up_packed"], 1536, L["b_up"], "gelu")
+        benchmark(lambda: cpu_gemm.linear(h(), L["w_down_packed"], 384, L["b_down"], None, x, L["norm"]))
+    else:
+        def torch_ffn():
+            h = F.gelu(torch.ops.mkldnn._linear_pointwise(x, L["w_up"], L["b_up"], "none", [], ""))
+            y = torch.ops.mkldnn._linear_pointwise(h, L["w_down"], L["b_down"], "none", [], "") + x
+            return F.layer_norm(y, (384,), *L["norm"][:2], L["norm"][2])
+
+        benchmark(torch_ffn)
+
+
+@pytest.mark.benchmark(group="encoder attention half [32, 200, 384]: qkv, attention, out + LayerNorm (MiniLM)")
+@pytest.mark.parametrize("impl", ["llmfn C, one pass per sequence", "llmfn C, three calls"])
+def test_encoder_attention_half(benchmark, impl):
+    from llmfn.kernels import cpu_attention, cpu_gemm
+
+    L, x = minilm_layer(), torch.randn(32, 200, 384)
+    if impl == "llmfn C, one pass per sequence":
+        benchmark(lambda: cpu_attention.attention_block(x, L["wqkv_packed"], L["bqkv"], L["wo_packed"], L["bo"], 12,
+                                                        None, L["norm"]))  # fmt: skip
+    else:
+        def three():
+            a = cpu_attention.attention(cpu_gemm.linear(x, L["wqkv_packed"], 1152, L["bqkv"]), 12)
+            return cpu_gemm.linear(a, L["wo_packed"], 384, L["bo"], None, x, L["norm"])
+
+        benchmark(three)
