@@ -14,8 +14,8 @@ the task's row panels. Tasks (row blocks x column blocks) are balanced over Open
 
 `ffn` runs a whole post-LN feed-forward block (up, activation, down, residual, LayerNorm) per block of
 48 rows, the [48, F] hidden kept in the thread's cache between the two products: at MiniLM's 6400
-rows that is 83 ms instead of the two calls' 97 (the [6400, 1536] hidden no longer goes through
-memory), bitwise the same result.
+rows that is 87 ms instead of the two calls' 99 (the [6400, 1536] hidden no longer goes through
+memory; `make bench-kernels`), bitwise the same result.
 
 Every output element is summed over k in the same order (k ascending within each KC block, the
 blocks in order), whatever the number of rows, the thread or the tile it falls in: results are

@@ -146,13 +146,12 @@ def _attention(qkv: torch.Tensor, n_heads: int, attention_mask: torch.Tensor | N
 BLOCK_MIN_TOKENS, BLOCK_MIN_PER_THREAD = 48, 4
 
 
-def _attention_half(x: torch.Tensor, layer: dict, cfg: BertConfig, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """norm(attention(x @ wqkv.T + bqkv) @ wo.T + bo + x) for x [B, T, D]: fused per sequence where that
-    is faster (its [T, 3D] projection then stays in the thread's cache), else in three calls; the
-    same bits either way."""
+def _attention_half(x: torch.Tensor, layer: dict, cfg: BertConfig, mask: torch.Tensor | None) -> torch.Tensor:
+    """norm(attention(x @ wqkv.T + bqkv) @ wo.T + bo + x) for x [B, T, D], mask [B, T] bool or None:
+    fused per sequence where that is faster (its [T, 3D] projection then stays in the thread's cache),
+    else in three calls; the same bits either way."""
     B, T, _ = x.shape
     wqkv, wo, norm = layer["wqkv"], layer["wo"], _norm_args(layer["attn_norm"], cfg)
-    mask = None if attention_mask is None else attention_mask.bool()
     fused = isinstance(wqkv, PackedWeight) and isinstance(wo, PackedWeight) and cpu_attention.available()
     fused = fused and T >= BLOCK_MIN_TOKENS and B >= BLOCK_MIN_PER_THREAD * torch.get_num_threads()
     if fused and gemm_takes(x, wqkv.w, wo.w, layer["bqkv"], layer["bo"], *norm[:2]):
@@ -180,8 +179,9 @@ def forward(
     else:
         extra = params["pos_embed"][:T] + F.embedding(token_type_ids, params["type_embed"])  # [B, T, D]
     x = _norm(F.embedding(tokens, params["tok_embed"]) + extra, params["embed_norm"], cfg.norm_eps)  # [B, T, D]
+    mask = None if attention_mask is None else attention_mask.bool()  # [B, T], True = attend
     for layer in params["layers"]:
-        x = _attention_half(x, layer, cfg, attention_mask)
+        x = _attention_half(x, layer, cfg, mask)
         x = feed_forward(x.view(B * T, cfg.dim), layer["w_up"], layer["b_up"], layer["w_down"], layer["b_down"],
                          act=cfg.act, norm=_norm_args(layer["mlp_norm"], cfg)).view(B, T, cfg.dim)  # fmt: skip
     return x
