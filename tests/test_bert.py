@@ -226,14 +226,14 @@ def test_empty_batch(tiny):
 
 
 def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path, monkeypatch):
-    """Batches of long-enough sequences run each layer's attention half as one C pass per sequence
+    """Batches of enough sequences run each layer's attention half as one C pass per group of sequences
     (cpu_attention.attention_block): the bits of the three calls it replaces, padding included,
     and transformers' hidden states."""
     hf = tiny_hf()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     cfg = bert.read_config(tmp_path)
     params = bert.pack_params(bert.load_params(tmp_path, cfg))
-    B, T = bert.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, bert.BLOCK_MIN_TOKENS + 5
+    B, T = 2 * bert.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, 29  # 2 sequences a task
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(5, 128, (B, T), generator=g)
     mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (B, 1), generator=g)).long()
@@ -242,7 +242,7 @@ def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path,
     with torch.inference_mode():
         fused = bert.forward(params, cfg, tokens, mask)
         assert len(blocks) == cfg.n_layers or not cpu_attention.available()
-        monkeypatch.setattr(bert, "BLOCK_MIN_TOKENS", T + 1)
+        monkeypatch.setattr(bert, "BLOCK_MIN_PER_THREAD", B)
         assert torch.equal(bert.forward(params, cfg, tokens, mask), fused)
     keep = mask.bool()
     assert (fused[keep] - hf_hidden(hf, tokens, mask)[keep]).abs().max().item() <= 1e-5

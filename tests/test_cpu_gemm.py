@@ -282,11 +282,13 @@ def test_attention_shape_mismatches_are_errors():
 
 
 @EXAMPLES
-@given(b=st.integers(1, 5), t=st.integers(1, 110), heads=st.integers(1, 4), hd=st.integers(1, 40),
-       masked=st.booleans(), bias=st.booleans(), norm=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
-def test_attention_block_is_bitwise_the_three_calls(b, t, heads, hd, masked, bias, norm, seed):
-    """One pass per sequence (projection, attention, output projection, residual, LayerNorm) gives the
-    bits of the three calls it replaces, which the tests above hold to torch; on one thread too."""
+@given(b=st.integers(1, 7), t=st.integers(1, 110), heads=st.integers(1, 4), hd=st.integers(1, 40),
+       group=st.integers(0, 4), masked=st.booleans(), bias=st.booleans(), norm=st.booleans(),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_attention_block_is_bitwise_the_three_calls(b, t, heads, hd, group, masked, bias, norm, seed):
+    """One pass per group of sequences (projection, attention, output projection, residual, LayerNorm)
+    gives the bits of the three calls it replaces, which the tests above hold to torch; on one thread
+    too. Groups that do not divide the batch leave a smaller last task; group 0 counts as 1."""
     g = torch.Generator().manual_seed(seed)
     d = heads * hd
     _, wo, bo, _, ln = operands(g, 1, d, d, bias, False, norm)
@@ -295,8 +297,9 @@ def test_attention_block_is_bitwise_the_three_calls(b, t, heads, hd, masked, bia
     pq, po = cpu_gemm.pack(wqkv), cpu_gemm.pack(wo)
     a = cpu_attention.attention(cpu_gemm.linear(x, pq, 3 * d, bqkv), heads, mask)
     want = cpu_gemm.linear(a, po, d, bo, None, x, ln)
-    assert torch.equal(cpu_attention.attention_block(x, pq, bqkv, po, bo, heads, mask, ln), want)
-    assert torch.equal(on_one_thread(lambda: cpu_attention.attention_block(x, pq, bqkv, po, bo, heads, mask, ln)), want)
+    block = lambda: cpu_attention.attention_block(x, pq, bqkv, po, bo, heads, mask, ln, group=group)
+    assert torch.equal(block(), want)
+    assert torch.equal(on_one_thread(block), want)
 
 
 def test_attention_block_empty_inputs_and_shape_errors():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
-from llmfn.kernels import cpu, cpu_attention
+from llmfn.kernels import cpu, cpu_attention, cpu_gemm
 from llmfn.linear import PackedWeight, feed_forward, gemm_takes, linear, pack
 
 # hidden_act values of Hugging Face configs -> llmfn.linear.ACTIVATIONS names
@@ -139,23 +139,26 @@ def _attention(qkv: torch.Tensor, n_heads: int, attention_mask: torch.Tensor | N
     return a.transpose(1, 2).reshape(B, T, D3 // 3)
 
 
-# The attention half of a layer runs as one C pass per sequence (kernels/cpu_attention.attention_block)
-# for sequences of at least this many tokens, in batches of at least BLOCK_MIN_PER_THREAD sequences per
-# thread (it is parallel over sequences). Measured on MiniLM's shapes: 1.06-1.17x at 48-200 tokens,
-# 0.83-0.96x at 14-32 (each short sequence re-reads the weights), 0.83x at 3 sequences on 2 threads.
-BLOCK_MIN_TOKENS, BLOCK_MIN_PER_THREAD = 48, 4
+# The attention half of a layer runs as one C pass per task of `group` sequences (at least MC = 48 rows,
+# so each pass over the weights serves enough rows; kernels/cpu_attention.attention_block) when that
+# makes at least BLOCK_MIN_PER_THREAD tasks a thread (it is parallel over tasks). Measured on MiniLM's
+# shapes against the three calls: 1.06-1.17x at 48-200 tokens, 1.1-1.2x at 12-32 tokens in groups,
+# even at 14; 0.83x with 3 tasks on 2 threads.
+BLOCK_MIN_PER_THREAD = 4
 
 
 def _attention_half(x: torch.Tensor, layer: dict, cfg: BertConfig, mask: torch.Tensor | None) -> torch.Tensor:
     """norm(attention(x @ wqkv.T + bqkv) @ wo.T + bo + x) for x [B, T, D], mask [B, T] bool or None:
-    fused per sequence where that is faster (its [T, 3D] projection then stays in the thread's cache),
-    else in three calls; the same bits either way."""
+    fused per group of sequences where that is faster (their [rows, 3D] projection then stays in the
+    thread's cache), else in three calls; the same bits either way."""
     B, T, _ = x.shape
     wqkv, wo, norm = layer["wqkv"], layer["wo"], _norm_args(layer["attn_norm"], cfg)
+    group = -(-cpu_gemm.MC // max(T, 1))  # sequences per task
     fused = isinstance(wqkv, PackedWeight) and isinstance(wo, PackedWeight) and cpu_attention.available()
-    fused = fused and T >= BLOCK_MIN_TOKENS and B >= BLOCK_MIN_PER_THREAD * torch.get_num_threads()
+    fused = fused and -(-B // group) >= BLOCK_MIN_PER_THREAD * torch.get_num_threads()
     if fused and gemm_takes(x, wqkv.w, wo.w, layer["bqkv"], layer["bo"], *norm[:2]):
-        return cpu_attention.attention_block(x, wqkv.packed, layer["bqkv"], wo.packed, layer["bo"], cfg.n_heads, mask, norm)
+        return cpu_attention.attention_block(x, wqkv.packed, layer["bqkv"], wo.packed, layer["bo"], cfg.n_heads, mask, norm,
+                                             group=group)  # fmt: skip
     a = _attention(linear(x, wqkv, layer["bqkv"]), cfg.n_heads, mask)  # [B, T, D]
     return linear(a, wo, layer["bo"], residual=x, norm=norm)
 
