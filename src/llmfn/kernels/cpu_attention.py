@@ -192,6 +192,17 @@ int llmfn_encoder_attention(const float* qkv, const uint8_t* mask, float* out, i
     return failed ? -1 : 0;
 }
 
+/* y [rows, n] = epilogue(x [rows, k] @ w.T) on this thread, in row blocks of at most MC rows as equal
+   as 6-row panels allow (x, y contiguous; row0: the first row's index for the epilogue's residual). */
+static void gemm_rows(const float* x, const float* packed, int64_t n, int64_t k, float* y, int64_t row0,
+                      int64_t rows, const Epilogue* e, float* xp) {
+    int64_t blocks = row_blocks(rows, 1);
+    for (int64_t ib = 0; ib < blocks; ib++) {
+        int64_t i0 = first_row(ib, rows, blocks), mc = first_row(ib + 1, rows, blocks) - i0;
+        gemm_block(x + i0 * k, k, packed, n, k, y + i0 * n, n, row0 + i0, mc, 0, (n + NR - 1) / NR, e, xp);
+    }
+}
+
 /* A post-LN encoder layer's attention half, `group` sequences per task (their [group * t, 3d] projection
    and attention output stay in the thread's cache): y [b, t, d] = norm(attention(x @ wqkv.T + bqkv) @
    wo.T + bo + x), wqkv [3d, d] and wo [d, d] packed by llmfn_gemm_pack, bqkv / bo / ln_w NULL or
@@ -220,22 +231,13 @@ int llmfn_encoder_attention_block(const float* x, const float* wqkv, const float
         for (int64_t task = 0; task < tasks; task++) {
             if (!xp || !qkv) continue;
             int64_t b0 = task * group, nb = b - b0 < group ? b - b0 : group, rows = nb * t, row0 = b0 * t;
-            int64_t blocks = row_blocks(rows, 1);  /* blocks of at most MC rows, as equal as panels allow */
             float *a = qkv + rows * 3 * d, *scratch = a + rows * d;
-            for (int64_t ib = 0; ib < blocks; ib++) {
-                int64_t i0 = first_row(ib, rows, blocks), mc = first_row(ib + 1, rows, blocks) - i0;
-                gemm_block(x + (row0 + i0) * d, d, wqkv, 3 * d, d, qkv + i0 * 3 * d, 3 * d, 0, mc, 0,
-                           (3 * d + NR - 1) / NR, &e_qkv, xp);
-            }
+            gemm_rows(x + row0 * d, wqkv, 3 * d, d, qkv, 0, rows, &e_qkv, xp);
             for (int64_t s = 0; s < nb; s++)
                 for (int64_t hi = 0; hi < h; hi++)
                     attend_head(qkv + s * t * 3 * d + hi * hd, 3 * d, d, mask ? mask + (b0 + s) * t : NULL,
                                 a + s * t * d + hi * hd, d, t, hd, scale, scratch);
-            for (int64_t ib = 0; ib < blocks; ib++) {
-                int64_t i0 = first_row(ib, rows, blocks), mc = first_row(ib + 1, rows, blocks) - i0;
-                gemm_block(a + i0 * d, d, wo, d, d, y + (row0 + i0) * d, d, row0 + i0, mc, 0, (d + NR - 1) / NR,
-                           &e_out, xp);
-            }
+            gemm_rows(a, wo, d, d, y + row0 * d, row0, rows, &e_out, xp);
             if (ln_w) layer_norm_rows(y, d, row0, row0 + rows, ln_w, ln_b, eps);
         }
         free(xp);
