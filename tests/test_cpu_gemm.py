@@ -313,3 +313,22 @@ def test_attention_block_empty_inputs_and_shape_errors():
         cpu_attention.attention_block(randn(g, 2, 5, 8), po, None, po, None, 2)  # wqkv packed as [8, 8]
     with pytest.raises(ValueError, match="attention_block: shapes"):
         cpu_attention.attention_block(randn(g, 2, 5, 8), pq, None, po, None, 2, torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_fused_passes_take_strided_operands():
+    """Biases and LayerNorm weights that are strided views (every other float of a tensor) give the
+    results of their contiguous copies: the wrappers copy them before taking their addresses."""
+    g = torch.Generator().manual_seed(5)
+    d, f, heads = 16, 40, 2
+    x = randn(g, 2, 9, d)
+    strided = lambda n: randn(g, 2 * n)[::2]
+    b_up, b_down, bqkv, bo = strided(f), strided(d), strided(3 * d), strided(d)
+    ln = (strided(d), strided(d), 1e-5)
+    flat = lambda t: t.contiguous()
+    ln_flat = (flat(ln[0]), flat(ln[1]), 1e-5)
+    up, down = cpu_gemm.pack(randn(g, f, d)), cpu_gemm.pack(randn(g, d, f))
+    assert torch.equal(cpu_gemm.ffn(x, up, b_up, down, b_down, f, "gelu", ln),
+                       cpu_gemm.ffn(x, up, flat(b_up), down, flat(b_down), f, "gelu", ln_flat))  # fmt: skip
+    pq, po = cpu_gemm.pack(randn(g, 3 * d, d)), cpu_gemm.pack(randn(g, d, d))
+    assert torch.equal(cpu_attention.attention_block(x, pq, bqkv, po, bo, heads, None, ln),
+                       cpu_attention.attention_block(x, pq, flat(bqkv), po, flat(bo), heads, None, ln_flat))  # fmt: skip

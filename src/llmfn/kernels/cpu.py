@@ -412,7 +412,9 @@ def available() -> bool:
     return library() is not None
 
 
-def _ptr(t: torch.Tensor | None):
+def ptr(t: torch.Tensor | None):
+    """The address the C code reads (None for an absent operand). t must outlive the call: pass a
+    contiguous tensor held by a name, never `x.contiguous()` made inline (its copy may be freed first)."""
     return None if t is None else t.data_ptr()
 
 
@@ -425,10 +427,10 @@ def takes(x: torch.Tensor, *others: torch.Tensor, max_rows: int | None = MAX_ROW
     return not torch.compiler.is_compiling() and library() is not None
 
 
-def _check(ok: bool, op: str, *ts: torch.Tensor | None) -> None:
+def check_shapes(ok: bool, op: str, *ts: torch.Tensor | None, detail: str = "") -> None:
     """The C code trusts its shapes: a mismatch is an error here, as in the torch op it replaces."""
     if not ok:
-        shapes = ", ".join("None" if t is None else str(list(t.shape)) for t in ts)
+        shapes = ", ".join(["None" if t is None else str(list(t.shape)) for t in ts] + ([detail] if detail else []))
         raise ValueError(f"{op}: shapes do not fit ({shapes})")
 
 
@@ -449,16 +451,16 @@ def fp32_cpu(*ts: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., k] @ w [n, k]^T (+ b [n]); w row-major contiguous."""
     n, k = w.shape
-    _check(x.shape[-1] == k and (b is None or tuple(b.shape) == (n,)), "linear", x, w, b)
+    check_shapes(x.shape[-1] == k and (b is None or tuple(b.shape) == (n,)), "linear", x, w, b)
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], n)
     b = None if b is None else b.contiguous()
-    library().llmfn_gemv(x.data_ptr(), w.data_ptr(), _ptr(b), y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads())
+    library().llmfn_gemv(x.data_ptr(), w.data_ptr(), ptr(b), y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads())
     return y
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    _check(tuple(w.shape) == (x.shape[-1],), "rms_norm", x, w)
+    check_shapes(tuple(w.shape) == (x.shape[-1],), "rms_norm", x, w)
     x = x.contiguous()
     y = torch.empty_like(x)
     d = x.shape[-1]
@@ -468,7 +470,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [..., 2f] = cat(gate, up)."""
-    _check(gate_up.shape[-1] % 2 == 0, "silu_mul", gate_up)
+    check_shapes(gate_up.shape[-1] % 2 == 0, "silu_mul", gate_up)
     gate_up = gate_up.contiguous()
     f = gate_up.shape[-1] // 2
     y = gate_up.new_empty(*gate_up.shape[:-1], f)
@@ -479,7 +481,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def _step_args(op: str, cos, sin, q_scale, positions, alibi_slopes, b: int, t: int, hd: int, num_heads: int):
     """The per-step tensors both attention entry points hand to C, shape-checked and contiguous:
     (cos, sin, q_scale [b, t], positions, alibi_slopes fp32), None where absent."""
-    _check(
+    check_shapes(
         tuple(positions.shape) == (b, t)
         and all(c is None or tuple(c.shape) == (b, t, hd // 2) for c in (cos, sin))
         and (q_scale is None or q_scale.numel() == b * t)
@@ -502,7 +504,7 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     (the engine passes the first slots of each row) with the same strides and contiguous rows."""
     b, t, _ = qkv.shape
     hd = k_cache.shape[-1]
-    _check(
+    check_shapes(
         qkv.shape[2] == (num_heads + 2 * num_kv_heads) * hd
         and num_heads % num_kv_heads == 0
         and cache_layout_ok(k_cache, v_cache)
@@ -516,8 +518,8 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     out = qkv.new_empty(b, t, num_heads * hd)
     strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
     status = library().llmfn_qkv_attention(
-        qkv.data_ptr(), _ptr(cos), _ptr(sin), _ptr(q_scale), positions.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), strides, _ptr(alibi_slopes), out.data_ptr(), b, t, num_heads, num_kv_heads, hd,
+        qkv.data_ptr(), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), strides, ptr(alibi_slopes), out.data_ptr(), b, t, num_heads, num_kv_heads, hd,
         k_cache.shape[2], scale, window or 0, torch.get_num_threads(),
     )
     _position_error(status, k_cache.shape[2])
@@ -605,15 +607,15 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
         raise ValueError(f"decoder_layers: x {list(x.shape)} / cache {list(k_cache.shape)} do not fit the config")
     if not x.is_contiguous():
         raise ValueError("decoder_layers: x must be contiguous (it is updated in place)")
-    _check(cache_layout_ok(k_cache, v_cache), "decoder_layers", k_cache, v_cache)
+    check_shapes(cache_layout_ok(k_cache, v_cache), "decoder_layers", k_cache, v_cache)
     cos, sin, q_scale, positions, alibi_slopes = _step_args(
         "decoder_layers", cos, sin, q_scale, positions, alibi_slopes, b, t, hd, cfg.num_heads
     )
     strides = (ctypes.c_int64 * 4)(*k_cache.stride()[1:4], k_cache.stride(0))
     layers = (ctypes.c_void_p * len(fields))(*(ctypes.addressof(f) for f in fields))
     status = library().llmfn_decoder_layers(
-        x.data_ptr(), layers, len(fields), _ptr(cos), _ptr(sin), _ptr(q_scale), positions.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), strides, _ptr(alibi_slopes), b * t, t, d, cfg.num_heads,
+        x.data_ptr(), layers, len(fields), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), strides, ptr(alibi_slopes), b * t, t, d, cfg.num_heads,
         cfg.num_kv_heads, hd, cfg.intermediate_size, k_cache.shape[3], cfg.rms_norm_eps, 1.0 / math.sqrt(hd),
         cfg.sliding_window or 0, torch.get_num_threads(),
     )

@@ -26,6 +26,7 @@ import torch
 
 from llmfn import cbuild
 from llmfn.kernels import cpu_gemm, csimd
+from llmfn.kernels.cpu import check_shapes, ptr
 
 # the GEMM's code is compiled in too: attention_block runs its products around the attention
 SOURCE = csimd.EXP8 + cpu_gemm.SOURCE + r"""
@@ -273,9 +274,8 @@ def attention(qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None = N
     B, T, three_d = qkv.shape
     d = three_d // 3
     hd = d // n_heads
-    if three_d != 3 * d or d != n_heads * hd or (key_mask is not None and tuple(key_mask.shape) != (B, T)):
-        mask_shape = None if key_mask is None else list(key_mask.shape)
-        raise ValueError(f"attention: shapes do not fit (qkv {list(qkv.shape)}, {n_heads} heads, mask {mask_shape})")
+    ok = three_d == 3 * d and d == n_heads * hd and (key_mask is None or tuple(key_mask.shape) == (B, T))
+    check_shapes(ok, "attention", qkv, key_mask, detail=f"{n_heads} heads")
     qkv = qkv.contiguous()
     mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
     out = qkv.new_empty(B, T, d)
@@ -283,7 +283,7 @@ def attention(qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None = N
         return out
     scale = hd**-0.5 if scale is None else scale
     status = library().llmfn_encoder_attention(
-        qkv.data_ptr(), None if mask is None else mask.data_ptr(), out.data_ptr(), B, T, n_heads, hd, scale,
+        qkv.data_ptr(), ptr(mask), out.data_ptr(), B, T, n_heads, hd, scale,
         torch.get_num_threads(),
     )  # fmt: skip
     if status:
@@ -304,13 +304,11 @@ def attention_block(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | No
     ok = n_heads > 0 and D == n_heads * hd and wqkv.numel() == D * -(-3 * D // cpu_gemm.NR) * cpu_gemm.NR
     ok = ok and wo.numel() == D * -(-D // cpu_gemm.NR) * cpu_gemm.NR and (key_mask is None or tuple(key_mask.shape) == (B, T))
     ok = ok and all(t is None or tuple(t.shape) == (n,) for t, n in ((bqkv, 3 * D), (bo, D), (ln_w, D), (ln_b, D)))
-    if not ok:
-        shapes = ", ".join("None" if t is None else str(list(t.shape)) for t in (x, wqkv, bqkv, wo, bo, key_mask, ln_w))
-        raise ValueError(f"attention_block: shapes do not fit ({shapes}, {n_heads} heads)")
+    check_shapes(ok, "attention_block", x, wqkv, bqkv, wo, bo, key_mask, ln_w, ln_b, detail=f"{n_heads} heads")
     x = x.contiguous()
     mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
     y = torch.empty_like(x)
-    ptr = lambda t: None if t is None else t.contiguous().data_ptr()
+    bqkv, bo, ln_w, ln_b = (None if t is None else t.contiguous() for t in (bqkv, bo, ln_w, ln_b))
     status = library().llmfn_encoder_attention_block(
         x.data_ptr(), wqkv.data_ptr(), ptr(bqkv), wo.data_ptr(), ptr(bo), ptr(mask), y.data_ptr(), B, T, n_heads, hd,
         group, hd**-0.5 if scale is None else scale, ptr(ln_w), ptr(ln_b), eps, torch.get_num_threads(),

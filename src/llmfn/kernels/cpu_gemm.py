@@ -31,6 +31,7 @@ import functools
 import torch
 
 from llmfn import cbuild
+from llmfn.kernels.cpu import check_shapes, ptr
 
 # micro-tile rows / columns, k block, most rows per task (measured on this machine); the C code gets them
 # as #defines, so these are the one place they are set
@@ -380,12 +381,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, n: int, b: torch.Tensor | None
     ln_w, ln_b, eps = norm if norm is not None else (None, None, 0.0)
     ok = packed.numel() == k * -(-n // NR) * NR and all(t is None or tuple(t.shape) == (n,) for t in (b, ln_w, ln_b))
     ok = ok and (residual is None or tuple(residual.shape) == (*x.shape[:-1], n))
-    if not ok:
-        shapes = ", ".join("None" if t is None else str(list(t.shape)) for t in (x, packed, b, residual, ln_w, ln_b))
-        raise ValueError(f"linear: shapes do not fit ({shapes}, n={n})")
+    check_shapes(ok, "linear", x, packed, b, residual, ln_w, ln_b, detail=f"n={n}")
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], n)
-    ptr = lambda t: None if t is None else t.data_ptr()
     b, residual, ln_w, ln_b = (None if t is None else t.contiguous() for t in (b, residual, ln_w, ln_b))
     status = library().llmfn_gemm(
         x.data_ptr(), packed.data_ptr(), ptr(b), ptr(residual), n, y.data_ptr(), y.numel() // max(n, 1), n, k, ACTS[act],
@@ -404,12 +402,10 @@ def ffn(x: torch.Tensor, up: torch.Tensor, b_up: torch.Tensor | None, down: torc
     ln_w, ln_b, eps = norm if norm is not None else (None, None, 0.0)
     ok = up.numel() == d * -(-f // NR) * NR and down.numel() == f * -(-d // NR) * NR
     ok = ok and all(t is None or tuple(t.shape) == (n,) for t, n in ((b_up, f), (b_down, d), (ln_w, d), (ln_b, d)))
-    if not ok:
-        shapes = ", ".join("None" if t is None else str(list(t.shape)) for t in (x, up, b_up, down, b_down, ln_w, ln_b))
-        raise ValueError(f"ffn: shapes do not fit ({shapes}, f={f})")
+    check_shapes(ok, "ffn", x, up, b_up, down, b_down, ln_w, ln_b, detail=f"f={f}")
     x = x.contiguous()
     y = torch.empty_like(x)
-    ptr = lambda t: None if t is None else t.contiguous().data_ptr()
+    b_up, b_down, ln_w, ln_b = (None if t is None else t.contiguous() for t in (b_up, b_down, ln_w, ln_b))
     status = library().llmfn_ffn(
         x.data_ptr(), up.data_ptr(), ptr(b_up), down.data_ptr(), ptr(b_down), y.data_ptr(), x.numel() // max(d, 1),
         d, f, ACTS[act], ptr(ln_w), ptr(ln_b), eps, torch.get_num_threads(),
