@@ -79,7 +79,7 @@ def write_f32_gguf(source: Path, out: Path) -> None:
 def peer_rows(folder: Path, ids, gen) -> list[tuple[str, PerfReport, float]]:
     """transformers on the checkpoint folder, llama.cpp on an f32 GGUF of the same weights and on the
     original Q4_1 GGUF, each in its own process with the user's environment (benchmarks/peers.py)."""
-    from llmfn.registry import ALIASES, package_path
+    from llmfn.loading.registry import ALIASES, package_path
 
     q4 = package_path(ALIASES["smollm2-135m-instruct"])
     f32 = Path(tempfile.gettempdir()) / "smollm2-135m-f32.gguf"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llmfn.embed import embed, load_embedding_model, tokenize
-from llmfn.registry import ALIASES, package_path
+from llmfn.loading.registry import ALIASES, package_path
 
 SHORT = [
     "The cat sits on the mat.",

@@ -124,7 +124,7 @@ def llmfn_row(variant: str, args) -> dict | None:
 def llama_cpp_row(args) -> dict | None:
     """llama.cpp on the original Q4_1 GGUF, with the user's environment (benchmarks/peers.py), on
     llmfn's token ids of the same prompt."""
-    from llmfn.registry import ALIASES, package_path
+    from llmfn.loading.registry import ALIASES, package_path
 
     path = package_path(ALIASES[ALIAS])
     ids = llmfn.load_tokenizer(llmfn.loading.resolve(ALIAS)).encode(TEXT * (args.prompt_tokens // 20 + 1))

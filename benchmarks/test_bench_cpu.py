@@ -59,7 +59,7 @@ def test_decode_matmul(benchmark, gate_up, impl):
 @pytest.mark.benchmark(group="prefill matmul [128, 576] x [3072, 576] fp32")
 @pytest.mark.parametrize("impl", ["llmfn linear (oneDNN)", "torch MKL"])
 def test_prefill_matmul(benchmark, gate_up, impl):
-    from llmfn.linear import linear
+    from llmfn.kernels.linear import linear
 
     x, w = torch.randn(128, 576), gate_up[0]
     benchmark(lambda: linear(x, w) if impl.startswith("llmfn") else F.linear(x, w))

@@ -230,13 +230,13 @@ def test_models_lists_aliases_and_cache(tmp_path, monkeypatch, capsys):
 
 
 def test_convert_gguf_wiring_and_errors(tmp_path, monkeypatch, capsys):
-    import llmfn.gguf_import
+    import llmfn.loading.gguf
 
     assert cli.main(["convert", "gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("llmfn: error: ") and "missing.gguf" in err and len(err.strip().splitlines()) == 1
     calls = []
-    monkeypatch.setattr(llmfn.gguf_import, "convert_gguf",
+    monkeypatch.setattr(llmfn.loading.gguf, "convert_gguf",
                         lambda src, out, dtype, progress: calls.append((src, out, dtype)) or out)
     assert cli.main(["convert", "gguf", "in.gguf", "out-dir", "--dtype", "bfloat16"]) == 0
     import torch
@@ -310,7 +310,7 @@ def test_convert_gguf_writes_a_loadable_folder(tmp_path):
     import torch
 
     import llmfn
-    from llmfn.registry import ALIASES, package_path
+    from llmfn.loading.registry import ALIASES, package_path
 
     gguf_file = package_path(ALIASES["smollm2-135m-instruct"])
     out = tmp_path / "smol"

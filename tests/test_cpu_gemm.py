@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmfn import linear as lin
+from llmfn.kernels import linear as lin
 from llmfn.kernels import cpu, cpu_attention, cpu_gemm
 from test_cpu_kernels import assert_rule, randn
 
@@ -179,7 +179,7 @@ def test_ffn_takes_empty_dimensions_and_checks_shapes():
 @pytest.mark.parametrize("rows", [1, cpu.MAX_ROWS + 1, 300])
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
 def test_feed_forward_with_packed_weights_matches_plain_weights(rows, act):
-    """llmfn.linear.feed_forward: fused for packed weights on the GEMM's path, else two linears (the
+    """llmfn.kernels.linear.feed_forward: fused for packed weights on the GEMM's path, else two linears (the
     decode kernel for few rows; an activation C does not fuse)."""
     g = torch.Generator().manual_seed(rows)
     _, w_down, b_down, _, ln = operands(g, rows, 40, 96, True, False, True)
@@ -189,7 +189,7 @@ def test_feed_forward_with_packed_weights_matches_plain_weights(rows, act):
     torch.testing.assert_close(packed, plain, atol=2e-5, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------- llmfn.linear
+# ---------------------------------------------------------------------------------------------- llmfn.kernels.linear
 
 
 @pytest.mark.parametrize("rows", [1, cpu.MAX_ROWS, cpu.MAX_ROWS + 1, 300])

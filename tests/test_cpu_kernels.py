@@ -162,7 +162,7 @@ def test_qkv_attention_rejects_positions_outside_the_cache_and_writes_nothing():
 def test_ops_take_the_c_path_for_decode_and_the_reference_for_long_inputs(monkeypatch):
     """Matrix products take the C kernel up to MAX_ROWS rows only, row-wise ops for any number of
     fp32 rows, neither for other dtypes (a counted call proves the choice)."""
-    from llmfn.linear import linear
+    from llmfn.kernels.linear import linear
 
     calls = []
     monkeypatch.setattr(cpu, "rms_norm", lambda *a: calls.append("norm") or ref.rms_norm(*a))
@@ -197,8 +197,8 @@ def test_cpu_attention_over_used_slots_matches_reference(b, t, hk, group, extra,
 
 
 def test_linear_above_max_rows_matches_f_linear():
-    """Prefill-sized fp32 inputs take oneDNN's linear (llmfn.linear): F.linear's result to fp32 rounding."""
-    from llmfn.linear import linear
+    """Prefill-sized fp32 inputs take oneDNN's linear (llmfn.kernels.linear): F.linear's result to fp32 rounding."""
+    from llmfn.kernels.linear import linear
 
     g = torch.Generator().manual_seed(0)
     x, w, b = randn(g, 3, 40, 64), randn(g, 96, 64), randn(g, 96)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmfn import quant
-from llmfn.config import LlamaConfig
+from llmfn.models.llama import LlamaConfig
 from llmfn.kernels import cpu
 from llmfn.kernels import reference as ref
 from llmfn.models import llama

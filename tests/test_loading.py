@@ -128,7 +128,7 @@ def test_bfloat16_load(good):
 
 
 def test_sentence_transformers_folder_with_a_transformer_subfolder(tmp_path):
-    from llmfn.registry import ALIASES, package_path
+    from llmfn.loading.registry import ALIASES, package_path
 
     minilm = package_path(ALIASES["all-minilm-l6-v2"])
     root = tmp_path / "st"

@@ -323,8 +323,8 @@ def test_gguf_blocks_dequantize_exactly_as_gguf(small_gguf):
 def test_smollm2_tensors_dequantize_exactly_as_gguf():
     from gguf.quants import dequantize
 
-    from llmfn.gguf_import import open_gguf
-    from llmfn.registry import ALIASES, package_path
+    from llmfn.loading.gguf import open_gguf
+    from llmfn.loading.registry import ALIASES, package_path
 
     reader = open_gguf(package_path(ALIASES["smollm2-135m-instruct"]))
     picked = [t for t in reader.tensors if t.name == "token_embd.weight" or t.name.startswith(("blk.0.", "blk.29."))]

@@ -701,7 +701,7 @@ def test_engine_error_mid_stream(tiny_dir, monkeypatch):
 def default_server(tmp_path_factory):
     """`llmfn serve` with no config: SmolLM2-135M-Instruct and all-MiniLM-L6-v2, no API keys."""
     from llmfn.errors import CheckpointError
-    from llmfn.registry import ALIASES, package_path
+    from llmfn.loading.registry import ALIASES, package_path
 
     for name in ("smollm2-135m-instruct", "all-minilm-l6-v2"):
         try:

@@ -6,7 +6,7 @@ import torch
 
 import llmfn
 from llmfn.chat_template import apply_chat_template
-from llmfn.registry import ALIASES, package_path
+from llmfn.loading.registry import ALIASES, package_path
 
 GGUF = package_path(ALIASES["smollm2-135m-instruct"])
 

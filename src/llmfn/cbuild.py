@@ -34,7 +34,7 @@ def _cpu_flags() -> str:
 
 
 def library_path(name: str, source: str) -> Path:
-    from llmfn.registry import home
+    from llmfn.loading.registry import home
 
     key = hashlib.sha256((source + " ".join(FLAGS) + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
     return home() / "kernels" / f"{name}_{key}.so"

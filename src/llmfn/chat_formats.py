@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmfn.config import read_json
+from llmfn.loading.config import read_json
 from llmfn.tokenizer import Tokenizer
 
 # Qwen-1 ChatML: the raw_text of make_context() in Qwen's qwen_generation_utils.py

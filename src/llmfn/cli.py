@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from llmfn.errors import LlmfnError
-from llmfn.registry import DEFAULT_CHAT_MODEL
+from llmfn.loading.registry import DEFAULT_CHAT_MODEL
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -44,7 +44,7 @@ def load_model(name: str, dtype: str | None = None, device: str = "cpu", compile
     import llmfn
     from llmfn.cli_progress import spinner
     from llmfn.loading import resolve
-    from llmfn.registry import ALIASES, converted_path
+    from llmfn.loading.registry import ALIASES, converted_path
 
     target = name
     if quantize is None:  # (with quantize, load keeps a GGUF's blocks quantized: no conversion)
@@ -169,7 +169,7 @@ def bench_prompt(model, n: int) -> list[int]:
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
     from llmfn.cli_progress import Progress
-    from llmfn.gguf_import import convert_gguf
+    from llmfn.loading.gguf import convert_gguf
     from llmfn.loading import parse_dtype
 
     dtype = parse_dtype(args.dtype)

@@ -278,7 +278,7 @@ def _setup_readline() -> None:
         import atexit
         import readline
 
-        from llmfn.registry import home
+        from llmfn.loading.registry import home
 
         path = home() / "chat_history"
         path.parent.mkdir(parents=True, exist_ok=True)

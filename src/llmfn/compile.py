@@ -21,7 +21,7 @@ import torch
 
 from llmfn.model import Model
 from llmfn.models import llama
-from llmfn.registry import home
+from llmfn.loading.registry import home
 
 COMPILE_MIN_PARAMS = 50_000_000
 

@@ -76,6 +76,7 @@ from llmfn.kernels.reference import visible_keys
 from llmfn.model import Model
 from llmfn.models import llama
 from llmfn.sampling import SamplingParams, apply_penalties, fresh_seed, sample
+from llmfn.sampling import check as check_sampling
 from llmfn.stopping import StopStrings
 
 log = logging.getLogger("llmfn.engine")
@@ -83,7 +84,6 @@ log = logging.getLogger("llmfn.engine")
 ROW_ALIGN = 8  # decode batch rows are a multiple of this (see the module docstring)
 WINDOW = 256  # decode attention covers a multiple of this many slots (see the module docstring)
 MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
-_INT64 = (-(2**63), 2**63)
 GREEDY = SamplingParams()
 
 
@@ -409,7 +409,7 @@ class Engine:
                 f"({n + request.max_tokens} in all), over this engine's {self.slot_len}-token sequence slot",
                 param="max_tokens",
             )
-        _check_sampling(request.sampling)
+        check_sampling(request.sampling)
         if not all(isinstance(s, str) for s in request.stop):
             raise RequestError("stop must be a tuple of strings", param="stop")
         if request.stop_token_ids is not None and not all(isinstance(t, int) for t in request.stop_token_ids):
@@ -744,29 +744,6 @@ def batch_invariant_attention(
 
 
 batch_invariant_attention.batch_invariant = True  # llmfn's CPU C kernels, batch-invariant too, may stand in
-
-
-def _check_sampling(sp: SamplingParams) -> None:
-    def bad(param: str, rule: str, value) -> RequestError:
-        return RequestError(f"{param} must be {rule}, got {value!r}", param=param)
-
-    if not isinstance(sp, SamplingParams):
-        raise RequestError("sampling must be a SamplingParams", param="sampling")
-    if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
-        raise bad("temperature", ">= 0", sp.temperature)
-    if not 0 < sp.top_p <= 1:
-        raise bad("top_p", "in (0, 1]", sp.top_p)
-    if not isinstance(sp.top_k, int) or sp.top_k < 0:
-        raise bad("top_k", "an integer >= 0", sp.top_k)
-    if not 0 <= sp.min_p <= 1:
-        raise bad("min_p", "in [0, 1]", sp.min_p)
-    if not (math.isfinite(sp.repetition_penalty) and sp.repetition_penalty > 0):
-        raise bad("repetition_penalty", "> 0", sp.repetition_penalty)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not math.isfinite(getattr(sp, name)):
-            raise bad(name, "finite", getattr(sp, name))
-    if sp.seed is not None and not (isinstance(sp.seed, int) and _INT64[0] <= sp.seed < _INT64[1]):
-        raise bad("seed", "a 64-bit integer", sp.seed)
 
 
 def _describe(exc: BaseException) -> str:

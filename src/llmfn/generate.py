@@ -11,7 +11,7 @@ from llmfn.compile import decode_forward
 from llmfn.errors import RequestError
 from llmfn.model import Model
 from llmfn.models import llama
-from llmfn.sampling import SamplingParams, apply_penalties, fresh_seed, sample
+from llmfn.sampling import SamplingParams, apply_penalties, fresh_seed, sample, sampling_params
 from llmfn.stopping import StopStrings
 
 
@@ -73,7 +73,9 @@ def generate(
 
     The token at position p is sampled with key (seed, p), so a seeded run is reproducible."""
     _require_causal(model)
-    params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed)
+    params = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                             frequency_penalty=frequency_penalty)
     stops = set(stop_token_ids if stop_token_ids is not None else eos_ids(model))
     prompt = list(prompt_ids)
     check_prompt(model, len(prompt), max_tokens)

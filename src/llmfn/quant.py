@@ -454,7 +454,7 @@ def _map_leaves(tree, f):
 
 
 class _Pending:
-    """Stands in for a quantized weight while llama.params_from_hf maps names and checks shapes:
+    """Stands in for a quantized weight while hf_llama.params_from_hf maps names and checks shapes:
     its torch.cat of q/k/v or gate/up becomes cat_out, so naming stays in one place."""
 
     def __init__(self, leaf):
@@ -522,11 +522,11 @@ def quantized_tensors(tensors: dict[str, torch.Tensor], qc: dict, source) -> dic
 
 
 def params_from_quantized(tensors: dict[str, torch.Tensor], cfg, qc: dict, source="model.safetensors") -> dict:
-    """Like llama.params_from_hf, for a checkpoint whose linears are quantized: the same pytree with
+    """Like hf_llama.params_from_hf, for a checkpoint whose linears are quantized: the same pytree with
     Int4Weight / Int8Weight leaves (fused along the output dim where llama fuses)."""
-    from llmfn.models import llama
+    from llmfn.loading import llama as hf_llama
 
-    return _unwrap(llama.params_from_hf(quantized_tensors(tensors, qc, source), cfg, source))
+    return _unwrap(hf_llama.params_from_hf(quantized_tensors(tensors, qc, source), cfg, source))
 
 
 def finish_params(params: dict, dtype: torch.dtype, device: str) -> dict:
@@ -543,8 +543,8 @@ def finish_params(params: dict, dtype: torch.dtype, device: str) -> dict:
 
 def load_quantized_causal_lm(folder: Path, raw: dict, dtype: torch.dtype, device: str):
     """load_causal_lm for a checkpoint with a quantization_config (AutoAWQ GEMM, llmfn int8)."""
-    from llmfn.checkpoint import read_tensors, weight_files
-    from llmfn.config import llama_config_from_hf
+    from llmfn.loading.checkpoint import read_tensors, weight_files
+    from llmfn.loading.config import llama_config_from_hf
     from llmfn.loading import finish_causal_lm
 
     qc = read_quantization_config(raw, folder / "config.json")
@@ -598,7 +598,7 @@ def gguf_tensors(reader, config: dict, keep: tuple[str, ...] = GGUF_KEPT, transf
     and passed through transform(name, tensor) when given (one tensor at a time, to bound memory)."""
     from gguf.quants import dequantize
 
-    from llmfn.gguf_import import _unpermute, hf_name, permuted_heads
+    from llmfn.loading.gguf import _unpermute, hf_name, permuted_heads
 
     out = {}
     for t in reader.tensors:
@@ -620,7 +620,7 @@ def gguf_tensors(reader, config: dict, keep: tuple[str, ...] = GGUF_KEPT, transf
 def _gguf_folder(gguf_path: Path, reader, config: dict) -> Path:
     """A cached folder with the GGUF's config, tokenizer and generation files (no weights)."""
     from llmfn.gguf_tokenizer import tokenizer_files_from_gguf
-    from llmfn.registry import home, publish_folder
+    from llmfn.loading.registry import home, publish_folder
 
     def fill(tmp: Path) -> None:
         for name, text in tokenizer_files_from_gguf(reader).items():
@@ -639,10 +639,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     """Load a llama / qwen2 GGUF as a Model. keep_quantized: Q4_0 / Q4_1 tensors become Int4Weight and
     Q8_0 Int8Weight (exactly the gguf package's dequantized values); other types are dequantized.
     quantize="int8": keep Q8_0 only and round the other linears to int8 (per channel) as they load."""
-    from llmfn.config import llama_config_from_hf
-    from llmfn.gguf_import import config_from_gguf, open_gguf
+    from llmfn.loading.config import llama_config_from_hf
+    from llmfn.loading.gguf import config_from_gguf, open_gguf
     from llmfn.loading import finish_causal_lm
-    from llmfn.models import llama
+    from llmfn.loading import llama as hf_llama
 
     path = Path(path)
     reader = open_gguf(path)
@@ -653,7 +653,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
         tensors = gguf_tensors(reader, config, ("Q8_0",), lambda n, t: quantize_tensor(n, t, "int8"))
     else:
         tensors = gguf_tensors(reader, config, GGUF_KEPT if keep_quantized else ())
-    params = _unwrap(llama.params_from_hf(tensors, cfg, source=path))
+    params = _unwrap(hf_llama.params_from_hf(tensors, cfg, source=path))
     return finish_causal_lm(folder, config, cfg, finish_params(params, dtype, device))
 
 
@@ -671,11 +671,11 @@ def load_quantized(path: str | Path, quantize: str, dtype: torch.dtype | None = 
     model never sits in memory whole; an AWQ or int8 checkpoint is already quantized: as stored."""
     from safetensors import safe_open
 
-    from llmfn.checkpoint import weight_files
-    from llmfn.config import LLAMA_FAMILY, llama_config_from_hf, read_json
+    from llmfn.loading.checkpoint import weight_files
+    from llmfn.loading.config import LLAMA_FAMILY, llama_config_from_hf, read_json
     from llmfn.loading import finish_causal_lm, load_causal_lm, resolve
-    from llmfn.models import llama
-    from llmfn.registry import ALIASES, package_path
+    from llmfn.loading import llama as hf_llama
+    from llmfn.loading.registry import ALIASES, package_path
 
     method = normalize_method(quantize)
     dtype = dtype or torch.float32
@@ -696,7 +696,7 @@ def load_quantized(path: str | Path, quantize: str, dtype: torch.dtype | None = 
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 tensors[key] = quantize_tensor(key, f.get_tensor(key), method, group_size)
-    params = _unwrap(llama.params_from_hf(tensors, cfg, source=files[0] if len(files) == 1 else folder))
+    params = _unwrap(hf_llama.params_from_hf(tensors, cfg, source=files[0] if len(files) == 1 else folder))
     return finish_causal_lm(folder, raw, cfg, finish_params(params, dtype, device))
 
 
@@ -707,7 +707,7 @@ _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|lm_head)\.weight$")
 def quantize_tensor(name: str, w: torch.Tensor, method: str, group_size: int = 32):
     """One HF-named tensor as load_quantized stores it: decoder linears in int4 (group_size, when it
     divides the input dim; int8 per channel otherwise) or int8, the embedding and lm_head in per-row
-    int8; anything else unchanged. Quantized results are pending leaves for llama.params_from_hf."""
+    int8; anything else unchanged. Quantized results are pending leaves for hf_llama.params_from_hf."""
     if w.dim() != 2 or not w.is_floating_point():
         return w
     if _LAYER_LINEAR.search(name):

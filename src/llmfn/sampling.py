@@ -3,30 +3,84 @@
 Noise is a counter-based hash of (seed, step, token id): the same seed gives the same tokens on
 every run, no global RNG is touched, and a row's draw never depends on the other rows in a batch.
 Sampling uses the exponential-race trick, argmax(probs / Exp(1) noise), which needs no host sync.
+
+Every sampling parameter is defined once, in KNOBS (type, default, range, meaning): the wire schemas
+(serve/schemas.py), the CLI flags and chat /set (cli/), `generate`'s keywords and `check` derive
+from it, so a range is stated in one place.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
+from llmfn.errors import RequestError
+
 _MASK32 = 0xFFFFFFFF
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One sampling parameter: its type, default, bounds (ge / gt below, le above; every knob has a
+    lower bound, which also rejects NaN) and a one-line meaning."""
+
+    kind: type  # float or int
+    default: float | int | None
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def ok(self, value) -> bool:
+        if self.kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+            return False
+        if self.kind is float and not isinstance(value, int | float):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le))  # fmt: skip
+
+    def rule(self) -> str:
+        """The range in words, for error messages: "in [0, 2]", "> 0", "a 64-bit integer"."""
+        if self.kind is int and (self.ge, self.le) == (INT64_MIN, INT64_MAX):
+            return "a 64-bit integer"
+        if self.le is not None:
+            low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}"
+            return f"in {low}, {_num(self.le)}]"
+        return f">= {_num(self.ge)}" if self.ge is not None else f"> {_num(self.gt)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+KNOBS: dict[str, Knob] = {
+    "temperature": Knob(float, 0.0, "0 is greedy", ge=0.0, le=2.0),
+    "top_p": Knob(float, 1.0, "nucleus sampling: keep the most likely tokens up to this mass", gt=0.0, le=1.0),
+    "top_k": Knob(int, 0, "keep the k most likely tokens (0 or -1: no limit)", ge=-1),
+    "min_p": Knob(float, 0.0, "drop tokens below min_p times the top probability", ge=0.0, le=1.0),
+    "repetition_penalty": Knob(float, 1.0, "divide the logits of seen tokens (HF / vLLM meaning; 1 is off)", gt=0.0, le=10.0),
+    "presence_penalty": Knob(float, 0.0, "OpenAI: subtracted once from every generated token's logit", ge=-2.0, le=2.0),
+    "frequency_penalty": Knob(float, 0.0, "OpenAI: subtracted per occurrence in the generated text", ge=-2.0, le=2.0),
+    "seed": Knob(int, None, "sampling seed (none: a fresh one per request, reported back)", ge=INT64_MIN, le=INT64_MAX),
+}
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling settings (OpenAI / vLLM meanings). temperature 0 is greedy."""
+    """Per-request sampling settings (OpenAI / vLLM meanings; ranges and defaults in KNOBS).
+    temperature 0 is greedy. Build from untrusted values with `sampling_params`."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no limit
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # HF/vLLM: divides positive logits of seen tokens
-    presence_penalty: float = 0.0  # OpenAI: subtracted once from every generated token's logit
-    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated text
-    seed: int | None = None
+    temperature: float = KNOBS["temperature"].default
+    top_p: float = KNOBS["top_p"].default
+    top_k: int = KNOBS["top_k"].default
+    min_p: float = KNOBS["min_p"].default
+    repetition_penalty: float = KNOBS["repetition_penalty"].default
+    presence_penalty: float = KNOBS["presence_penalty"].default
+    frequency_penalty: float = KNOBS["frequency_penalty"].default
+    seed: int | None = KNOBS["seed"].default
 
     @property
     def greedy(self) -> bool:
@@ -35,6 +89,28 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+assert [f.name for f in fields(SamplingParams)] == list(KNOBS), "SamplingParams and KNOBS must list the same fields"
+
+
+def check(sp: SamplingParams) -> SamplingParams:
+    """sp itself when every field is in its KNOBS range, else RequestError naming the field."""
+    if not isinstance(sp, SamplingParams):
+        raise RequestError("sampling must be a SamplingParams", param="sampling")
+    for name, knob in KNOBS.items():
+        value = getattr(sp, name)
+        if not (value is None and knob.default is None or knob.ok(value)):
+            raise RequestError(f"{name} must be {knob.rule()}, got {value!r}", param=name)
+    return sp
+
+
+def sampling_params(**values) -> SamplingParams:
+    """SamplingParams from keyword values (None: the default), checked against KNOBS."""
+    unknown = set(values) - set(KNOBS)
+    if unknown:
+        raise RequestError(f"unknown sampling parameter {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
+    return check(SamplingParams(**{k: v for k, v in values.items() if v is not None}))
 
 
 def fresh_seed() -> int:

@@ -16,7 +16,7 @@ Params pytree (every Hugging Face layout is converted to it at load; q, k, v are
                  "mlp_norm": {"w": [D], "b": [D]}}, ...]}
 
 `abstract(cfg)` is the same tree with shapes at the leaves; loading checks every tensor against it.
-`pack_params` turns the four matmul weights into llmfn.linear.PackedWeight leaves for the CPU GEMM.
+`pack_params` turns the four matmul weights into llmfn.kernels.linear.PackedWeight leaves for the CPU GEMM.
 Weights are read from safetensors only (memory-mapped); pickle checkpoints are refused.
 """
 
@@ -33,9 +33,9 @@ from safetensors import safe_open
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.kernels import cpu, cpu_attention, cpu_gemm
-from llmfn.linear import PackedWeight, feed_forward, gemm_takes, linear, pack
+from llmfn.kernels.linear import PackedWeight, feed_forward, gemm_takes, linear, pack
 
-# hidden_act values of Hugging Face configs -> llmfn.linear.ACTIVATIONS names
+# hidden_act values of Hugging Face configs -> llmfn.kernels.linear.ACTIVATIONS names
 _ACTS = {
     "gelu": "gelu",  # exact (erf)
     "gelu_new": "gelu_tanh",
@@ -123,7 +123,7 @@ def _norm(x: torch.Tensor, n: dict, eps: float) -> torch.Tensor:
 
 
 def _norm_args(n: dict, cfg: BertConfig) -> tuple:
-    """A LayerNorm as llmfn.linear's `norm` argument (fused into the matmul before it)."""
+    """A LayerNorm as llmfn.kernels.linear's `norm` argument (fused into the matmul before it)."""
     return n["w"], n["b"], cfg.norm_eps
 
 
@@ -191,7 +191,7 @@ def forward(
 
 
 def pack_params(params: dict) -> dict:
-    """The params tree with each layer's matmul weights as llmfn.linear.PackedWeight leaves (fp32 CPU
+    """The params tree with each layer's matmul weights as llmfn.kernels.linear.PackedWeight leaves (fp32 CPU
     weights only; others are kept): batches of many tokens then skip repacking them per call."""
     packed = ("wqkv", "wo", "w_up", "w_down")
     layers = [{name: pack(w) if name in packed else w for name, w in layer.items()} for layer in params["layers"]]

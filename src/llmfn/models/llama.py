@@ -16,18 +16,63 @@ Qwen-1's dynamic-NTK rope and logn query scaling are cfg flags that are off for 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from llmfn import kernels
-from llmfn.checkpoint import take
-from llmfn.config import LlamaConfig
-from llmfn.errors import CheckpointError
 from llmfn.kernels import cpu as cpu_kernels
-from llmfn.linear import embedding, linear
+from llmfn.kernels.linear import embedding, linear
 
 Params = dict
 Cache = dict
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling as in HF `rope_parameters` / `rope_scaling`; kind: default, linear, llama3."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    # Baichuan-2 13B / Qwen-1 style variants (filled by their loaders).
+    position_encoding: str = "rope"  # "rope" or "alibi"
+    norm_head: bool = False  # lm_head rows were unit-normalised at load (Baichuan 2)
+    # Qwen-1 long context, off (None) elsewhere: past this trained length the rope base grows with
+    # the row's length (dynamic NTK), and queries are scaled by log(pos + 1) / log(length) (logn).
+    dynamic_ntk_length: int | None = None
+    logn_length: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -159,57 +204,3 @@ def forward(
         x = x[torch.arange(x.shape[0], device=x.device), logit_index][:, None]  # [B, 1, D]
     x = kernels.rms_norm(x, params["norm"], cfg.rms_norm_eps)
     return linear(x, params["lm_head"]).float(), cache
-
-
-def params_from_hf(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, source="model.safetensors") -> Params:
-    """Map HF LlamaForCausalLM-style tensor names onto the llmfn layout, checking every shape.
-
-    Consumes `tensors`; anything left over that is not a known buffer is an error."""
-    D, F_ = cfg.hidden_size, cfg.intermediate_size
-    names = {k.removeprefix("model."): k for k in tensors}
-    t = {k.removeprefix("model."): v for k, v in tensors.items()}
-
-    def get(name, shape):
-        return take(t, name, shape, source)
-
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        q = get(p + "self_attn.q_proj.weight", (cfg.q_size, D))
-        k = get(p + "self_attn.k_proj.weight", (cfg.kv_size, D))
-        v = get(p + "self_attn.v_proj.weight", (cfg.kv_size, D))
-        layer = {
-            "attn_norm": get(p + "input_layernorm.weight", (D,)),
-            "wqkv": torch.cat([q, k, v]),
-            "wo": get(p + "self_attn.o_proj.weight", (D, cfg.q_size)),
-            "mlp_norm": get(p + "post_attention_layernorm.weight", (D,)),
-            "w_gate_up": torch.cat(
-                [get(p + "mlp.gate_proj.weight", (F_, D)), get(p + "mlp.up_proj.weight", (F_, D))]
-            ),
-            "w_down": get(p + "mlp.down_proj.weight", (D, F_)),
-        }
-        if cfg.qkv_bias:
-            layer["bqkv"] = torch.cat(
-                [
-                    get(p + "self_attn.q_proj.bias", (cfg.q_size,)),
-                    get(p + "self_attn.k_proj.bias", (cfg.kv_size,)),
-                    get(p + "self_attn.v_proj.bias", (cfg.kv_size,)),
-                ]
-            )
-        if cfg.o_bias:
-            layer["bo"] = get(p + "self_attn.o_proj.bias", (D,))
-        if cfg.mlp_bias:
-            layer["b_gate_up"] = torch.cat([get(p + "mlp.gate_proj.bias", (F_,)), get(p + "mlp.up_proj.bias", (F_,))])
-            layer["b_down"] = get(p + "mlp.down_proj.bias", (D,))
-        layers.append(layer)
-    embed = get("embed_tokens.weight", (cfg.vocab_size, D))
-    norm = get("norm.weight", (D,))
-    head_name = "lm_head.weight"
-    if cfg.tie_word_embeddings and head_name not in t:
-        lm_head = embed
-    else:
-        lm_head = get(head_name, (cfg.vocab_size, D))
-    leftover = [names.get(k, k) for k in t if "rotary_emb" not in k]
-    if leftover:
-        raise CheckpointError(f"{source}: unexpected tensors {leftover[:5]}")
-    return {"embed": embed, "norm": norm, "lm_head": lm_head, "rope_inv_freq": rope_inv_freq(cfg), "layers": layers}

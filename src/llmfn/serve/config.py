@@ -70,7 +70,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 def default_models() -> list[ModelConfig]:
     """SmolLM2-135M-Instruct for chat and all-MiniLM-L6-v2 for embeddings (the registry aliases)."""
-    from llmfn.registry import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
+    from llmfn.loading.registry import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
 
     return [
         ModelConfig(name=DEFAULT_CHAT_MODEL, path=DEFAULT_CHAT_MODEL, type="causal-lm"),
@@ -134,7 +134,7 @@ def api_keys(config: ServerConfig) -> list[str]:
 def check_model_paths(config: ServerConfig) -> None:
     """Fail fast, before any server starts, on a model path that is neither a file, a folder nor an
     alias whose weights package is installed. (Loading itself happens in each worker.)"""
-    from llmfn.registry import ALIASES, package_path
+    from llmfn.loading.registry import ALIASES, package_path
 
     for m in config.models:
         if m.path in ALIASES:

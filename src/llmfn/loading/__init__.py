@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from llmfn.chat_formats import fallback_template
-from llmfn.checkpoint import read_tensors, weight_files
-from llmfn.config import LLAMA_FAMILY, llama_config_from_hf, read_json
+from llmfn.loading.checkpoint import read_tensors, weight_files
+from llmfn.loading.config import LLAMA_FAMILY, llama_config_from_hf, read_json
 from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
 from llmfn.kernels import cpu as cpu_kernels
 from llmfn.model import GenerationDefaults, Model
-from llmfn.models import llama
-from llmfn.registry import ALIASES, converted_path, package_path, publish_folder
+from llmfn.loading import llama as hf_llama
+from llmfn.loading.registry import ALIASES, converted_path, package_path, publish_folder
 from llmfn.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -75,7 +75,7 @@ def _register_families() -> None:
     """Import the optional family modules so they add themselves to FAMILY_LOADERS."""
     import importlib
 
-    for module in ("llmfn.embed", "llmfn.models.qwen", "llmfn.models.baichuan"):
+    for module in ("llmfn.embed", "llmfn.loading.qwen", "llmfn.loading.baichuan"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -102,7 +102,7 @@ def resolve(path: str | Path) -> Path:
 def ensure_converted(gguf_file: Path, name: str) -> Path:
     """Convert a GGUF once into LLMFN_HOME; concurrent first uses each write a temp folder and the
     first rename wins."""
-    from llmfn.gguf_import import convert_gguf
+    from llmfn.loading.gguf import convert_gguf
 
     if not gguf_file.is_file():
         raise CheckpointError(f"{gguf_file}: file not found")
@@ -153,7 +153,7 @@ def load_causal_lm(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> 
     cfg = llama_config_from_hf(raw, folder / "config.json")
     files = weight_files(folder)
     tensors = read_tensors(files)
-    params = llama.params_from_hf(tensors, cfg, source=files[0] if len(files) == 1 else folder)
+    params = hf_llama.params_from_hf(tensors, cfg, source=files[0] if len(files) == 1 else folder)
     tied = cfg.tie_word_embeddings and params["lm_head"] is params["embed"]
     params = cast_params(params, dtype, device)
     if tied:  # keep one tensor for both after the cast

@@ -6,60 +6,13 @@ caches and compiled graphs."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.models.llama import LlamaConfig, RopeScaling
 
 # Families that share the Llama forward after their weights are mapped to its layout.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Rotary scaling as in HF `rope_parameters` / `rope_scaling`; kind: default, linear, llama3."""
-
-    kind: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling = RopeScaling()
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    sliding_window: int | None = None
-    # Baichuan-2 13B / Qwen-1 style variants (filled by their loaders).
-    position_encoding: str = "rope"  # "rope" or "alibi"
-    norm_head: bool = False  # lm_head rows were unit-normalised at load (Baichuan 2)
-    # Qwen-1 long context, off (None) elsewhere: past this trained length the rope base grows with
-    # the row's length (dynamic NTK), and queries are scaled by log(pos + 1) / log(length) (logn).
-    dynamic_ntk_length: int | None = None
-    logn_length: int | None = None
-
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
 
 
 def read_json(path: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from llmfn.config import read_json
+from llmfn.loading.config import read_json
 from llmfn.errors import CheckpointError
 
 

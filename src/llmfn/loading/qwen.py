@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from llmfn import chat_formats
-from llmfn.checkpoint import read_tensors, take, take_stacked, weight_files
-from llmfn.config import LlamaConfig
+from llmfn.loading.checkpoint import read_tensors, take, take_stacked, weight_files
+from llmfn.models.llama import LlamaConfig
 from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.loading import FAMILY_LOADERS, cast_params, finish_causal_lm
 from llmfn.model import Model
