@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from llmfn.kernels import linear as llmfn_linear
 from llmfn.embed import (
     POOLING_MODES,
     SPLIT_MIN_TOKENS,
@@ -31,10 +30,11 @@ from llmfn.embed import (
 )
 from llmfn.errors import CheckpointError, RequestError, UnsupportedModelError
 from llmfn.kernels import cpu_attention, cpu_gemm
+from llmfn.kernels import linear as llmfn_linear
 from llmfn.kernels.linear import PackedWeight
 from llmfn.loading import load
-from llmfn.models import bert
 from llmfn.loading.registry import ALIASES, package_path
+from llmfn.models import bert
 
 WORDS = "the a cat dog sat on mat hello world quick brown fox jumps over lazy is was and of to in".split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmfn.kernels import linear as lin
 from llmfn.kernels import cpu, cpu_attention, cpu_gemm
+from llmfn.kernels import linear as lin
 from test_cpu_kernels import assert_rule, randn
 
 pytestmark = pytest.mark.skipif(

@@ -14,9 +14,9 @@ import llmfn
 from llmfn import chat_formats
 from llmfn.chat_template import apply_chat_template, render
 from llmfn.kernels import reference as ref
-from llmfn.models import llama
 from llmfn.loading.baichuan import baichuan_config
 from llmfn.loading.qwen import qwen_config
+from llmfn.models import llama
 from tiny import CORPUS, write_tokenizer
 
 V, D, HEADS, FF, LAYERS = 384, 64, 4, 96, 2

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmfn import quant
-from llmfn.models.llama import LlamaConfig
 from llmfn.kernels import cpu
 from llmfn.kernels import reference as ref
 from llmfn.models import llama
+from llmfn.models.llama import LlamaConfig
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler to build the CPU kernels")
 

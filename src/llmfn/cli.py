@@ -169,8 +169,8 @@ def bench_prompt(model, n: int) -> list[int]:
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
     from llmfn.cli_progress import Progress
-    from llmfn.loading.gguf import convert_gguf
     from llmfn.loading import parse_dtype
+    from llmfn.loading.gguf import convert_gguf
 
     dtype = parse_dtype(args.dtype)
     with Progress(f"converting {Path(args.input).name}") as progress:  # a bar per tensor

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from llmfn.cli import one_line
-from llmfn.models.llama import LlamaConfig
 from llmfn.loading.registry import ALIASES, converted_path, home, package_path
+from llmfn.models.llama import LlamaConfig
 
 OK, FAIL = "ok", "FAILED"
 

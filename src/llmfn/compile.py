@@ -19,9 +19,9 @@ import os
 
 import torch
 
+from llmfn.loading.registry import home
 from llmfn.model import Model
 from llmfn.models import llama
-from llmfn.loading.registry import home
 
 COMPILE_MIN_PARAMS = 50_000_000
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.loading.checkpoint import read_tensors, weight_files
 from llmfn.loading.config import read_json
-from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.quant import normalize_method, pack_awq, pack_int32, rtn_int4, rtn_int8, unpack_int32
 
 Progress = Callable[..., None] | None

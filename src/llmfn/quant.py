@@ -543,9 +543,9 @@ def finish_params(params: dict, dtype: torch.dtype, device: str) -> dict:
 
 def load_quantized_causal_lm(folder: Path, raw: dict, dtype: torch.dtype, device: str):
     """load_causal_lm for a checkpoint with a quantization_config (AutoAWQ GEMM, llmfn int8)."""
+    from llmfn.loading import finish_causal_lm
     from llmfn.loading.checkpoint import read_tensors, weight_files
     from llmfn.loading.config import llama_config_from_hf
-    from llmfn.loading import finish_causal_lm
 
     qc = read_quantization_config(raw, folder / "config.json")
     cfg = llama_config_from_hf(raw, folder / "config.json")
@@ -639,10 +639,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     """Load a llama / qwen2 GGUF as a Model. keep_quantized: Q4_0 / Q4_1 tensors become Int4Weight and
     Q8_0 Int8Weight (exactly the gguf package's dequantized values); other types are dequantized.
     quantize="int8": keep Q8_0 only and round the other linears to int8 (per channel) as they load."""
-    from llmfn.loading.config import llama_config_from_hf
-    from llmfn.loading.gguf import config_from_gguf, open_gguf
     from llmfn.loading import finish_causal_lm
     from llmfn.loading import llama as hf_llama
+    from llmfn.loading.config import llama_config_from_hf
+    from llmfn.loading.gguf import config_from_gguf, open_gguf
 
     path = Path(path)
     reader = open_gguf(path)
@@ -671,10 +671,10 @@ def load_quantized(path: str | Path, quantize: str, dtype: torch.dtype | None = 
     model never sits in memory whole; an AWQ or int8 checkpoint is already quantized: as stored."""
     from safetensors import safe_open
 
-    from llmfn.loading.checkpoint import weight_files
-    from llmfn.loading.config import LLAMA_FAMILY, llama_config_from_hf, read_json
     from llmfn.loading import finish_causal_lm, load_causal_lm, resolve
     from llmfn.loading import llama as hf_llama
+    from llmfn.loading.checkpoint import weight_files
+    from llmfn.loading.config import LLAMA_FAMILY, llama_config_from_hf, read_json
     from llmfn.loading.registry import ALIASES, package_path
 
     method = normalize_method(quantize)

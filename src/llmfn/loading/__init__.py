@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from llmfn.chat_formats import fallback_template
-from llmfn.loading.checkpoint import read_tensors, weight_files
-from llmfn.loading.config import LLAMA_FAMILY, llama_config_from_hf, read_json
 from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
 from llmfn.kernels import cpu as cpu_kernels
-from llmfn.model import GenerationDefaults, Model
 from llmfn.loading import llama as hf_llama
+from llmfn.loading.checkpoint import read_tensors, weight_files
+from llmfn.loading.config import LLAMA_FAMILY, llama_config_from_hf, read_json
 from llmfn.loading.registry import ALIASES, converted_path, package_path, publish_folder
+from llmfn.model import GenerationDefaults, Model
 from llmfn.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from llmfn import chat_formats
-from llmfn.loading.checkpoint import read_tensors, take, take_stacked, weight_files
-from llmfn.models.llama import LlamaConfig
 from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.kernels.reference import alibi_slopes
 from llmfn.loading import FAMILY_LOADERS, cast_params, finish_causal_lm
+from llmfn.loading.checkpoint import read_tensors, take, take_stacked, weight_files
 from llmfn.model import Model
 from llmfn.models import llama
+from llmfn.models.llama import LlamaConfig
 
 BAICHUAN2_VOCAB = 125696
 

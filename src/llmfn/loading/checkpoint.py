@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from llmfn.loading.config import read_json
 from llmfn.errors import CheckpointError
+from llmfn.loading.config import read_json
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from llmfn import chat_formats
-from llmfn.loading.checkpoint import read_tensors, take, take_stacked, weight_files
-from llmfn.models.llama import LlamaConfig
 from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.loading import FAMILY_LOADERS, cast_params, finish_causal_lm
+from llmfn.loading.checkpoint import read_tensors, take, take_stacked, weight_files
 from llmfn.model import Model
 from llmfn.models import llama
+from llmfn.models.llama import LlamaConfig
 
 # Qwen-1's chat() stops on these besides the generation config's <|endoftext|> (get_stop_words_ids).
 CHATML_STOPS = ("<|im_end|>", "<|im_start|>")
