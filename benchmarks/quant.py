@@ -94,7 +94,7 @@ def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None) -> di
     t0 = time.perf_counter()
     quantize = None if variant == "fp32" else variant
     model = llmfn.load(ALIAS, quantize=quantize, compile=compile)
-    from llmfn.compile import should_compile
+    from llmfn.backend import should_compile
 
     compiled = should_compile(model)
     load_s = time.perf_counter() - t0

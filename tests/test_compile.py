@@ -32,7 +32,7 @@ def test_compiled_decode_matches_eager_without_recompiles(folder):
 
 
 def test_compiled_logits_are_close_to_eager(folder):
-    from llmfn.compile import compiled_forward
+    from llmfn.backend import compiled_forward
     from llmfn.models import llama
 
     model = llmfn.load(folder, compile=True)

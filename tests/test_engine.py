@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import llmfn
-from llmfn import engine as engine_module
 from llmfn.engine import Engine, GenerationRequest, QueueFullError
+from llmfn.engine import core as engine_module
 from llmfn.errors import RequestError
 from llmfn.models import llama
 from llmfn.sampling import SamplingParams as SP
@@ -430,8 +430,7 @@ def test_library_helpers(model):
 def test_batch_invariant_attention_matches_the_kernel_and_ignores_the_batch(hk, g, alibi, window):
     """The decode attention equals kernels.attention, and a row's result is bitwise the same at every
     place in batches of 8 and 16 whatever the other rows hold (the CPU flash kernel's is not)."""
-    from llmfn.engine import batch_invariant_attention
-    from llmfn.kernels import attention
+    from llmfn.kernels import attention, batch_invariant_attention
     from llmfn.kernels.reference import alibi_slopes
 
     S, d = 64, 16

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmfn import quant
+from llmfn.backend import fused_forward
 from llmfn.kernels import cpu
 from llmfn.kernels import reference as ref
 from llmfn.models import llama
@@ -67,15 +68,15 @@ def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=1
         if not fused:
             m.setattr(cpu, "layer_fields", lambda layer, cfg: None)
         full = llama.init_cache(cfg, batch, slot_len)
-        cache = {k: v[..., :view, :] for k, v in full.items()}
+        cache = full.view(slots=view)
         g = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, cfg.vocab_size, (batch, 3 + steps), generator=g)
         start = torch.arange(batch)[:, None]  # row b starts at position b
         outs = []
-        logits, cache = llama.forward(params, cfg, tokens[:, :3], start + torch.arange(3), cache)
+        logits, cache = fused_forward(params, cfg, tokens[:, :3], start + torch.arange(3), cache)
         outs.append(logits)
         for i in range(3, 3 + steps):
-            logits, cache = llama.forward(params, cfg, tokens[:, i : i + 1], start + i, cache)
+            logits, cache = fused_forward(params, cfg, tokens[:, i : i + 1], start + i, cache)
             outs.append(logits)
         return torch.cat(outs, dim=1), full
 
@@ -96,7 +97,7 @@ def test_fused_layer_is_bitwise_the_op_by_op_layer(variant, weights, monkeypatch
         op_by_op, op_cache = run(params, cfg, steps=5, batch=2, fused=False, monkeypatch=monkeypatch)
     assert calls == [cfg.num_layers] * 6
     assert torch.equal(fused, op_by_op)
-    assert torch.equal(fused_cache["k"], op_cache["k"]) and torch.equal(fused_cache["v"], op_cache["v"])
+    assert torch.equal(fused_cache.k, op_cache.k) and torch.equal(fused_cache.v, op_cache.v)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -117,8 +118,8 @@ def test_fused_layer_refuses_positions_outside_the_cache():
     params = random_params(cfg, seed=0)
     cache = llama.init_cache(cfg, 1, 4)
     with pytest.raises(IndexError, match="KV cache length"), torch.inference_mode():
-        llama.forward(params, cfg, torch.tensor([[1]]), torch.tensor([[4]]), cache)
-    assert not cache["k"].any() and not cache["v"].any()
+        fused_forward(params, cfg, torch.tensor([[1]]), torch.tensor([[4]]), cache)
+    assert not cache.k.any() and not cache.v.any()
 
 
 def test_layer_structs_refuse_shapes_that_do_not_fit_the_config_and_follow_replaced_weights():
@@ -153,7 +154,7 @@ def test_fused_layers_match_the_torch_ops_over_random_shapes(data):
         mp.setattr(cpu, "_lib", None)
         torch_ops, torch_cache = run(params, cfg, steps=steps, batch=batch, fused=False, monkeypatch=mp)
     assert (fused - torch_ops).abs().max().item() <= 1e-4 * max(torch_ops.abs().max().item(), 1.0)
-    assert torch.allclose(fused_cache["k"], torch_cache["k"], atol=1e-5)
+    assert torch.allclose(fused_cache.k, torch_cache.k, atol=1e-5)
 
 
 def test_a_callers_own_attention_op_is_used_not_replaced_by_the_c_path(monkeypatch):
@@ -176,5 +177,5 @@ def test_a_callers_own_attention_op_is_used_not_replaced_by_the_c_path(monkeypat
         for op, expect_calls in ((own, True), (marked, False)):
             calls.clear()
             cache = llama.init_cache(cfg, 1, 8)
-            llama.forward(params, cfg, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), cache, attention=op)
+            fused_forward(params, cfg, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), cache, attention=op)
             assert bool(calls) == expect_calls

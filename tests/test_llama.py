@@ -77,8 +77,8 @@ def test_batched_rows_with_different_positions(pair):
     # Row 0 of the cache holds a's prefix, row 1 b's prefix, then one joint step.
     cache = llama.init_cache(cfg, 2, 16)
     with torch.inference_mode():
-        row0 = {k: v[:, 0:1] for k, v in cache.items()}
-        row1 = {k: v[:, 1:2] for k, v in cache.items()}
+        row0 = cache.view(slice(0, 1))
+        row1 = cache.view(slice(1, 2))
         llama.forward(params, cfg, a[:, :8], torch.arange(8)[None], row0)
         llama.forward(params, cfg, b[:, :5], torch.arange(5)[None], row1)
         step, _ = llama.forward(params, cfg, torch.tensor([[a[0, 8]], [b[0, 5]]]), torch.tensor([[8], [5]]), cache)

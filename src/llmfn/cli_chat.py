@@ -267,7 +267,7 @@ def read_lines(interactive: bool) -> Iterator[str]:
 
 def compiles(model: Model) -> bool:
     try:
-        from llmfn.compile import should_compile
+        from llmfn.backend import should_compile
     except ImportError:
         return False
     return should_compile(model)

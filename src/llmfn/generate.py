@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import torch
 
+from llmfn.backend import forward_for
 from llmfn.chat_template import apply_chat_template
-from llmfn.compile import decode_forward
 from llmfn.errors import RequestError
 from llmfn.model import Model
-from llmfn.models import llama
+from llmfn.models import family
 from llmfn.sampling import SamplingParams, apply_penalties, fresh_seed, sample, sampling_params
 from llmfn.stopping import StopStrings
 
@@ -27,10 +27,10 @@ def logits(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     """A full forward without a prior cache. tokens: [B, T] -> fp32 logits [B, T, V]."""
     _require_causal(model)
     b, t = tokens.shape
-    cache = llama.init_cache(model.cfg, b, t, _dtype(model), _device(model))
+    cache = family(model.cfg).init_cache(model.cfg, b, t, _dtype(model), _device(model))
     positions = torch.arange(t, device=_device(model)).expand(b, t)
     with torch.inference_mode():
-        out, _ = llama.forward(model.params, model.cfg, tokens.to(_device(model)), positions, cache)
+        out, _ = forward_for(model)(model.params, model.cfg, tokens.to(_device(model)), positions, cache)
     return out
 
 
@@ -39,9 +39,8 @@ def _require_causal(model: Model) -> None:
         raise RequestError(f"model is a {model.kind} model, not a causal language model", param="model")
 
 
-def check_prompt(model: Model, n_prompt: int, max_tokens: int) -> None:
+def check_prompt(n_prompt: int, max_tokens: int, context: int) -> None:
     """Raise RequestError when the prompt is empty or prompt + max_tokens exceeds the context."""
-    context = model.cfg.max_position_embeddings
     if n_prompt == 0:
         raise RequestError("the prompt is empty", param="prompt")
     if max_tokens < 1:
@@ -78,7 +77,7 @@ def generate(
                              frequency_penalty=frequency_penalty)
     stops = set(stop_token_ids if stop_token_ids is not None else eos_ids(model))
     prompt = list(prompt_ids)
-    check_prompt(model, len(prompt), max_tokens)
+    check_prompt(len(prompt), max_tokens, model.cfg.max_position_embeddings)
     if any(not 0 <= t < model.cfg.vocab_size for t in prompt):
         raise RequestError(f"prompt token ids must be in [0, {model.cfg.vocab_size})", param="prompt")
     return _generate(model, prompt, max_tokens, params, stops)
@@ -107,12 +106,12 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
     counts = torch.zeros(1, cfg.vocab_size, dtype=torch.int64, device=device)
     seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=device)
     seen[0, torch.tensor(prompt, device=device)] = True
-    step_forward = decode_forward(model)
+    prefill_forward, step_forward = forward_for(model), forward_for(model, decode=True)
     with torch.inference_mode():
-        cache = llama.init_cache(cfg, 1, cache_length(n + max_tokens, cfg.max_position_embeddings), _dtype(model), device)
+        cache = family(cfg).init_cache(cfg, 1, cache_length(n + max_tokens, cfg.max_position_embeddings), _dtype(model), device)
         tokens = torch.tensor([prompt], device=device)
         positions = torch.arange(n, device=device)[None]
-        out, cache = llama.forward(params, cfg, tokens, positions, cache, logit_index=row(n - 1, torch.int64))
+        out, cache = prefill_forward(params, cfg, tokens, positions, cache, logit_index=row(n - 1, torch.int64))
         for step in range(max_tokens):
             next_logits = out[:, -1]
             if sp.penalized:

@@ -447,7 +447,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 
 
 def _chunked(x: torch.Tensor, n: int, dequant) -> torch.Tensor:
-    from llmfn.linear import linear  # the fastest dense fp32 matmul for these rows (oneDNN's)
+    from llmfn.kernels.linear import linear  # the fastest dense fp32 matmul for these rows (oneDNN's)
 
     if n <= CHUNK_ROWS:
         return linear(x, dequant(0, n))

@@ -10,6 +10,8 @@ Public ops (shapes in comments):
         q: [b, hq, s, d] at positions q_pos [b, s]; k/v: [b, hk, t, d], slot j holds position j
     qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, hq, hk, scale, alibi, window)
         rope + KV-cache write + attention from a fused projection qkv [b, t, (hq+2hk)*d] -> [b, t, hq*d]
+    batch_invariant_attention(q, k, v, q_pos, scale, alibi_slopes, window)
+        attention's result computed so that a row's result does not depend on its batch (the engine's)
     silu_mul(gate_up)                              gate_up: [..., 2f] -> silu(gate) * up [..., f]
     int4_matmul(x, qweight, scales, zeros, group_size)   x: [..., k] -> [..., n]
         int4 layout (qweight uint8 [n, k/2], scales/zeros [n, k/g]): see reference.py;
@@ -20,6 +22,7 @@ from llmfn.kernels.ops import (
     add_rms_norm,
     apply_rope,
     attention,
+    batch_invariant_attention,
     int4_matmul,
     qkv_attention,
     rms_norm,
@@ -38,6 +41,7 @@ __all__ = [
     "add_rms_norm",
     "apply_rope",
     "attention",
+    "batch_invariant_attention",
     "dequantize_int4",
     "int4_matmul",
     "pack_int4",

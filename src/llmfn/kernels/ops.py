@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from llmfn.kernels import cpu
 from llmfn.kernels import reference as ref
+from llmfn.kernels.reference import visible_keys
 
 # Importing the Triton paths pulls in triton and torch._inductor (seconds), so CPU-only machines
 # skip it; without triton every device takes the reference.
@@ -92,6 +93,40 @@ def _cpu_attention(q, k, v, q_pos, scale, alibi_slopes, window):
     if alibi_slopes is None and window is None and used == t and bool((q_pos == torch.arange(t)).all()):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return ref.attention(q, k, v, q_pos, scale, alibi_slopes, window)
+
+
+def batch_invariant_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """kernels.attention (same arguments and result) computed so that a row's result does not depend
+    on its place in the batch. q: [b, hq, t, d] at q_pos [b, t]; k, v: [b, hk, s, d].
+
+    On CPU: two batched matmuls per kv head group (the hq / hk query heads that share a kv head are
+    the rows of one product, so GQA needs no repeated keys) around an fp32 softmax. On CUDA: the
+    Triton kernels, whose split of the keys depends only on s."""
+    if q.is_cuda:
+        return attention(q, k, v, q_pos, scale, alibi_slopes, window)
+    b, hq, t, d = q.shape
+    hk, s = k.shape[1], k.shape[2]
+    g = hq // hk
+    scores = torch.matmul(q.reshape(b, hk, g * t, d), k.transpose(-1, -2))  # [b, hk, g*t, s]
+    scores = scores.view(b, hk, g, t, s).float() * scale
+    if alibi_slopes is not None:
+        dist = (torch.arange(s, device=q.device)[None, None, :] - q_pos[:, :, None]).float()  # [b, t, s]
+        scores = scores + alibi_slopes.float().view(1, hk, g, 1, 1) * dist[:, None, None]
+    visible = visible_keys(q_pos, s, window)[:, None, None]  # [b, 1, 1, t, s]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(v.dtype)
+    out = torch.matmul(probs.view(b, hk, g * t, s), v)  # [b, hk, g*t, d]
+    return out.view(b, hq, t, d)
+
+
+batch_invariant_attention.batch_invariant = True  # llmfn's CPU C kernels, batch-invariant too, may stand in
 
 
 def int4_matmul(

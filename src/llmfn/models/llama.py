@@ -7,25 +7,50 @@ Params layout (every Llama-family checkpoint is mapped onto it at load):
     rope_inv_freq [hd/2] (fp32, derived from cfg); alibi_slopes [Hq] instead for ALiBi models;
     layers: list of {attn_norm [D], wqkv [(Hq+2Hk)*hd, D], bqkv? [(Hq+2Hk)*hd], wo [D, Hq*hd], bo? [D],
                      mlp_norm [D], w_gate_up [2F, D], b_gate_up? [2F], w_down [D, F], b_down? [D]}
-KV cache: {"k": [L, B, Hk, S, hd], "v": [L, B, Hk, S, hd]}; slot j of row b holds position j.
+KV cache: `KVCache(k, v)`, each [L, B, Hk, S, hd]; slot j of row b holds position j.
 The cache is donated: forward writes the new keys and values into it in place and returns it.
-Qwen-1 and Baichuan checkpoints map onto the same layout (models/qwen.py, models/baichuan.py);
+Qwen-1 and Baichuan checkpoints map onto the same layout (loading/qwen.py, loading/baichuan.py);
 Qwen-1's dynamic-NTK rope and logn query scaling are cfg flags that are off for every other family.
+
+This file is the readable reference: it never asks which device, dtype or backend it runs on.
+A backend that has a faster equal layer stack passes it as `forward(..., layers=)` (llmfn.backend
+gives the fused C decode step on CPU); ops inside go through llmfn.kernels, which picks Triton, C or
+torch per call.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from llmfn import kernels
-from llmfn.kernels import cpu as cpu_kernels
 from llmfn.kernels.linear import embedding, linear
 
 Params = dict
-Cache = dict
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, k and v each [L, B, Hk, S, hd]: slot j of row b holds the
+    key / value at position j. A view of the first slots or of some rows is a KVCache too."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def view(self, rows: slice = slice(None), slots: int | None = None) -> KVCache:
+        """The given rows and first `slots` slots, sharing memory (writes land in self)."""
+        return KVCache(*(t[:, rows, :, :slots] for t in self))
+
+
+class RopeTables(NamedTuple):
+    """Per-step position tables: cos, sin [B, T, hd/2] (None for ALiBi models) and Qwen-1's logn
+    query scale [B, T, 1, 1] (None elsewhere)."""
+
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    q_scale: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -122,64 +147,19 @@ def logn_scale(cfg: LlamaConfig, positions: torch.Tensor) -> torch.Tensor:
     return scale[..., None, None]
 
 
-def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=torch.float32, device="cpu") -> Cache:
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=torch.float32, device="cpu") -> KVCache:
     """A zeroed KV cache for `batch` rows of `length` positions each."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+    return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
 
-def _attention(x, layer, cfg: LlamaConfig, params, cos, sin, positions, k_cache, v_cache, q_scale=None, attention=None):
-    qkv = linear(x, layer["wqkv"], layer.get("bqkv"))  # [b, t, (Hq+2Hk)*hd]
-    out = kernels.qkv_attention(
-        qkv, cos, sin, q_scale, positions, k_cache, v_cache, cfg.num_heads, cfg.num_kv_heads,
-        1.0 / math.sqrt(cfg.head_dim), params.get("alibi_slopes"), cfg.sliding_window, attention,
-    )  # [b, t, Hq*hd]; the caches are written in place
-    return linear(out, layer["wo"], layer.get("bo"))
+def kv_bytes_per_token(cfg: LlamaConfig, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one position takes over all layers."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
-def _mlp(x, layer, cfg: LlamaConfig):
-    gate_up = linear(x, layer["w_gate_up"], layer.get("b_gate_up"))  # [b, t, 2F]
-    return linear(kernels.silu_mul(gate_up), layer["w_down"], layer.get("b_down"))
-
-
-def _fused_layers(params, cfg: LlamaConfig, x, cos, sin, positions, cache) -> list | None:
-    """The layers' C structs when this step may run them as one C call: fp32 decode-sized CPU inputs,
-    caches laid out as kernels.qkv_attention's C path takes them, weights the fused kernel takes."""
-    k, v = cache["k"], cache["v"]
-    cfg_shape = (len(params["layers"]), x.shape[0], cfg.num_kv_heads)
-    ok = (
-        positions.dtype == torch.int64
-        and positions.shape == x.shape[:2]
-        and x.is_contiguous()
-        and cpu_kernels.cache_layout_ok(k, v)
-        and k.shape[:3] == cfg_shape
-        and k.shape[-1] == cfg.head_dim
-        and all(t.shape == (*x.shape[:2], cfg.head_dim // 2) for t in (cos, sin) if t is not None)
-        and cpu_kernels.takes(x, k, v, *(t for t in (cos, sin) if t is not None))
-    )
-    if not ok:
-        return None
-    fields = [cpu_kernels.layer_fields(layer, cfg) for layer in params["layers"]]
-    return None if any(f is None for f in fields) else fields
-
-
-def forward(
-    params: Params,
-    cfg: LlamaConfig,
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    cache: Cache,
-    logit_index: torch.Tensor | None = None,
-    attention=None,
-) -> tuple[torch.Tensor, Cache]:
-    """tokens, positions: [B, T] (int64). Returns fp32 logits [B, T, V] and the (donated) cache.
-
-    With logit_index [B] (an index into T per row), only those rows' logits are computed: [B, 1, V].
-    attention: an op with kernels.attention's signature to use instead of it (the engine passes a
-    batch-invariant one for its decode steps). fp32 CPU decode steps run the layers as one C call,
-    which is batch-invariant itself: it stands in for an op marked `batch_invariant = True`, never
-    for any other."""
-    x = embedding(params["embed"], tokens)  # [B, T, D]
+def rope_tables(params: Params, cfg: LlamaConfig, positions: torch.Tensor) -> RopeTables:
+    """cos / sin of every position's rotation (none for ALiBi models) and the logn query scale."""
     cos = sin = None
     if "rope_inv_freq" in params:
         inv_freq = params["rope_inv_freq"]  # [hd/2]
@@ -187,19 +167,52 @@ def forward(
             inv_freq = dynamic_ntk_inv_freq(cfg, positions)  # [B, 1, hd/2]
         freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
         cos, sin = freqs.cos(), freqs.sin()
-    q_scale = logn_scale(cfg, positions) if cfg.logn_length else None
-    own_attention = attention is not None and not getattr(attention, "batch_invariant", False)
-    fused = None if own_attention else _fused_layers(params, cfg, x, cos, sin, positions, cache)
-    if fused is not None:  # all layers in one C call (kernels/cpu.py), bitwise equal to the loop below
-        x = cpu_kernels.decoder_layers(x, fused, cfg, cos, sin, q_scale, positions, cache["k"], cache["v"],
-                                       params.get("alibi_slopes"))  # fmt: skip
-    else:
-        for i, layer in enumerate(params["layers"]):
-            h = kernels.rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-            x = x + _attention(h, layer, cfg, params, cos, sin, positions, cache["k"][i], cache["v"][i], q_scale,
-                               attention)  # fmt: skip
-            h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-            x = x + _mlp(h, layer, cfg)
+    return RopeTables(cos, sin, logn_scale(cfg, positions) if cfg.logn_length else None)
+
+
+def _attention(x, layer, params, cfg: LlamaConfig, rope: RopeTables, positions, k_cache, v_cache, attention):
+    qkv = linear(x, layer["wqkv"], layer.get("bqkv"))  # [b, t, (Hq+2Hk)*hd]
+    out = kernels.qkv_attention(
+        qkv, rope.cos, rope.sin, rope.q_scale, positions, k_cache, v_cache, cfg.num_heads, cfg.num_kv_heads,
+        1.0 / math.sqrt(cfg.head_dim), params.get("alibi_slopes"), cfg.sliding_window, attention,
+    )  # [b, t, Hq*hd]; the caches are written in place
+    return linear(out, layer["wo"], layer.get("bo"))
+
+
+def _mlp(x, layer):
+    gate_up = linear(x, layer["w_gate_up"], layer.get("b_gate_up"))  # [b, t, 2F]
+    return linear(kernels.silu_mul(gate_up), layer["w_down"], layer.get("b_down"))
+
+
+def decoder_layers(params: Params, cfg: LlamaConfig, x: torch.Tensor, rope: RopeTables, positions: torch.Tensor,
+                   cache: KVCache, attention=None) -> torch.Tensor:
+    """The pre-norm layer stack over the residual stream x [B, T, D] -> [B, T, D]; writes the cache."""
+    for i, layer in enumerate(params["layers"]):
+        h = kernels.rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+        x = x + _attention(h, layer, params, cfg, rope, positions, cache.k[i], cache.v[i], attention)
+        h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+        x = x + _mlp(h, layer)
+    return x
+
+
+def forward(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    logit_index: torch.Tensor | None = None,
+    attention=None,
+    layers=decoder_layers,
+) -> tuple[torch.Tensor, KVCache]:
+    """tokens, positions: [B, T] (int64). Returns fp32 logits [B, T, V] and the (donated) cache.
+
+    With logit_index [B] (an index into T per row), only those rows' logits are computed: [B, 1, V].
+    attention: an op with kernels.attention's signature to use instead of it (the engine passes a
+    batch-invariant one for its decode steps). layers: `decoder_layers` or a function that computes
+    the same (same arguments, same result), how a backend substitutes a fused implementation."""
+    x = embedding(params["embed"], tokens)  # [B, T, D]
+    x = layers(params, cfg, x, rope_tables(params, cfg, positions), positions, cache, attention)
     if logit_index is not None:
         x = x[torch.arange(x.shape[0], device=x.device), logit_index][:, None]  # [B, 1, D]
     x = kernels.rms_norm(x, params["norm"], cfg.rms_norm_eps)

@@ -10,7 +10,7 @@ A step (1) frees the slots of cancelled requests, (2) admits waiting requests in
 most `prefill_chunk` prompt tokens, so a long prompt never stalls the running decodes for more than
 one chunk, and (5) retires finished sequences (eos / stop string / max_tokens), freeing their slots.
 
-KV memory: static slots, not paged blocks. The cache is `llama.init_cache(cfg, rows, slot_len)`,
+KV memory: static slots, not paged blocks. The cache is the model's `init_cache(cfg, rows, slot_len)`,
 the layout `forward` already takes (slot j of row b holds position j); a sequence owns one row for
 its whole life. Chosen over paged blocks because it needs no block tables and no new attention
 kernel, and because every decode step then has one fixed shape, which batch invariance needs (below).
@@ -65,148 +65,33 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 
-from llmfn import kernels
+from llmfn.backend import forward_for
+from llmfn.engine.requests import (
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    QueueFullError,
+    Sequence,
+    TokenLogprob,
+    check_request,
+)
+from llmfn.engine.rows import RowSampler
+from llmfn.engine.stream import RequestStream
 from llmfn.errors import LlmfnError, RequestError
-from llmfn.generate import check_prompt, eos_ids
-from llmfn.kernels.reference import visible_keys
+from llmfn.generate import eos_ids
+from llmfn.kernels import batch_invariant_attention
 from llmfn.model import Model
-from llmfn.models import llama
-from llmfn.sampling import SamplingParams, apply_penalties, fresh_seed, sample
-from llmfn.sampling import check as check_sampling
-from llmfn.stopping import StopStrings
+from llmfn.models import family
+from llmfn.sampling import SamplingParams, fresh_seed
 
 log = logging.getLogger("llmfn.engine")
 
 ROW_ALIGN = 8  # decode batch rows are a multiple of this (see the module docstring)
 WINDOW = 256  # decode attention covers a multiple of this many slots (see the module docstring)
-MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
 GREEDY = SamplingParams()
-
-
-class QueueFullError(LlmfnError):
-    """The engine's queue is full; retry after `retry_after` seconds (HTTP 429 with Retry-After)."""
-
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams = SamplingParams()  # seed None -> fresh_seed(), reported in events
-    stop: tuple[str, ...] = ()  # stop strings (never emitted)
-    stop_token_ids: tuple[int, ...] | None = None  # None -> the model's EOS ids
-    logprobs: int | None = None  # top-N logprobs per token (0: only the sampled token's)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The sampled token's log-probability under the model (raw logits, before penalties and
-    temperature) and the `top` most likely tokens as (token id, logprob), most likely first."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class GenerationEvent:  # one per engine step for a request, streamed in order
-    text: str  # new complete-UTF-8 text (may be "")
-    token_ids: list[int]
-    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
-    prompt_tokens: int
-    completion_tokens: int
-    seed: int
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when requested
-
-
-@dataclass
-class GenerationResult:
-    """A finished request from `generate_many`: all its text and tokens."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    seed: int
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-
-
-class _Seq:
-    """A request inside the engine. The loop thread owns every field except `cancelled`."""
-
-    def __init__(self, request: GenerationRequest, seed: int, stops: frozenset[int], detok):
-        self.request = request
-        self.prompt = list(request.prompt_ids)
-        self.seed = seed
-        self.stops = stops
-        self.detok = detok
-        self.stop_strings = StopStrings(request.stop)
-        self.sink: Callable[[GenerationEvent], None] = lambda event: None
-        self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens whose KV is in the slot
-        self.tokens: list[int] = []  # generated so far
-        self.cancelled = False
-        self.done = False
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt)
-
-
-class RequestStream:
-    """The events of one submitted request: an async iterator (also awaitable, returning itself, so
-    `await engine.submit(r)` and `engine.submit(r)` both work). Closing it cancels the request."""
-
-    def __init__(self, engine: Engine, seq: _Seq, queue: asyncio.Queue):
-        self._engine = engine
-        self._seq = seq
-        self._queue = queue
-        self._finished = False
-        self.seed = seq.seed
-        self.prompt_tokens = len(seq.prompt)
-
-    def __await__(self):
-        return self
-        yield  # unreachable: makes this a generator, as __await__ must return an iterator
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> GenerationEvent:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            event = await self._queue.get()
-        except BaseException:  # the consumer's task was cancelled (client gone, timeout)
-            self.cancel()
-            raise
-        if event.finish_reason is not None:
-            self._finished = True
-        return event
-
-    def cancel(self) -> None:
-        """Cancel the request; the engine frees its slot at the next step."""
-        if not self._finished:
-            self._seq.cancelled = True
-            self._engine._wake()
-
-    async def aclose(self) -> None:
-        self.cancel()
-        self._finished = True
-
-    def __del__(self):
-        if not self._finished:
-            self._seq.cancelled = True  # no lock here: __del__ may run anywhere
 
 
 class Engine:
@@ -250,25 +135,19 @@ class Engine:
             )
         self._device = model.params["norm"].device
         dtype = model.params["norm"].dtype
-        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        arch = family(cfg)  # the model's math: init_cache, forward (run through backend.forward_for)
+        self.kv_bytes_per_token = arch.kv_bytes_per_token(cfg, dtype)
+        self._forward = forward_for(model)  # eager: generate's torch.compile'd step is not used here yet
         self._eos = frozenset(eos_ids(model))
-        R, V = self.rows, cfg.vocab_size
+        R = self.rows
         with torch.inference_mode():
-            self._cache = llama.init_cache(cfg, R, self.slot_len, dtype, self._device)
-            zeros = lambda dt: torch.zeros(R, dtype=dt, device=self._device)  # noqa: E731
-            ones = lambda: torch.ones(R, dtype=torch.float32, device=self._device)  # noqa: E731
-            # Per-row sampling settings, set when a sequence takes the row (llmfn.sampling meanings).
-            self._knobs = {"temperature": zeros(torch.float32), "top_k": zeros(torch.int64), "top_p": ones(),
-                           "min_p": zeros(torch.float32), "seed": zeros(torch.int64)}  # fmt: skip
-            self._penalty = {"repetition_penalty": ones(), "presence_penalty": zeros(torch.float32),
-                             "frequency_penalty": zeros(torch.float32)}  # fmt: skip
-            self._counts = torch.zeros(R, V, dtype=torch.int64, device=self._device)  # generated occurrences
-            self._seen = torch.zeros(R, V, dtype=torch.bool, device=self._device)  # in prompt or output
-        self._slots: list[_Seq | None] = [None] * R  # rows >= max_running stay None: scratch
+            self._cache = arch.init_cache(cfg, R, self.slot_len, dtype, self._device)
+            self._sampler = RowSampler(R, cfg.vocab_size, self._device)
+        self._slots: list[Sequence | None] = [None] * R  # rows >= max_running stay None: scratch
         self._prefix: list[list[int]] = [[] for _ in range(R)]  # prompt tokens (whole chunks) with valid KV
         self._freed_at = [0] * R
-        self._prefilling: deque[_Seq] = deque()
-        self._waiting: deque[_Seq] = deque()  # guarded by _cv
+        self._prefilling: deque[Sequence] = deque()
+        self._waiting: deque[Sequence] = deque()  # guarded by _cv
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -391,36 +270,14 @@ class Engine:
         ids = self.model.tokenizer.encode_prompt(item) if isinstance(item, str) else list(item)
         return GenerationRequest(ids, max_tokens, sampling, tuple(stop))
 
-    def _prepare(self, request: GenerationRequest) -> _Seq:
+    def _prepare(self, request: GenerationRequest) -> Sequence:
         """Validate a request (RequestError with .param) and wrap it for the loop."""
-        if not isinstance(request, GenerationRequest):
-            raise RequestError(f"expected a GenerationRequest, got {type(request).__name__}", param="prompt")
-        prompt, n, vocab = request.prompt_ids, len(request.prompt_ids), self.model.cfg.vocab_size
-        if not isinstance(request.max_tokens, int):
-            raise RequestError(
-                f"max_tokens must be an integer, got {request.max_tokens!r}", param="max_tokens"
-            )
-        check_prompt(self.model, n, request.max_tokens)
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-        if n + request.max_tokens > self.slot_len:
-            raise RequestError(
-                f"the prompt has {n} tokens and max_tokens asks for {request.max_tokens} more "
-                f"({n + request.max_tokens} in all), over this engine's {self.slot_len}-token sequence slot",
-                param="max_tokens",
-            )
-        check_sampling(request.sampling)
-        if not all(isinstance(s, str) for s in request.stop):
-            raise RequestError("stop must be a tuple of strings", param="stop")
-        if request.stop_token_ids is not None and not all(isinstance(t, int) for t in request.stop_token_ids):
-            raise RequestError("stop_token_ids must be integers", param="stop_token_ids")
-        if request.logprobs is not None and not 0 <= request.logprobs <= min(MAX_LOGPROBS, vocab):
-            raise RequestError(f"logprobs must be in [0, {min(MAX_LOGPROBS, vocab)}]", param="logprobs")
+        check_request(request, self.model.cfg.vocab_size, self.model.cfg.max_position_embeddings, self.slot_len)
         seed = fresh_seed() if request.sampling.seed is None else request.sampling.seed
         stops = self._eos if request.stop_token_ids is None else frozenset(request.stop_token_ids)
-        return _Seq(request, seed, stops, self.model.tokenizer.stream())
+        return Sequence(request, seed, stops, self.model.tokenizer.stream())
 
-    def _enqueue(self, seq: _Seq) -> None:
+    def _enqueue(self, seq: Sequence) -> None:
         self.start()
         with self._cv:
             if self._closed:
@@ -457,7 +314,7 @@ class Engine:
             "rows": self.rows,
             "cache_tokens": self.rows * self.slot_len,
             "kv_bytes_per_token": self.kv_bytes_per_token,
-            "cache_bytes": sum(t.numel() * t.element_size() for t in self._cache.values()),
+            "cache_bytes": sum(t.numel() * t.element_size() for t in self._cache),
             **self._n,
         }
 
@@ -521,16 +378,7 @@ class Engine:
             self._prefilling.append(s)
             self._n["prefix_cache_hit_tokens"] += reused
             self._n["prompt_tokens"] += len(s.prompt)
-            sp = s.request.sampling
-            temperature = 0.0 if sp.greedy else sp.temperature  # top_k=1 too: argmax, as generate does
-            for name, value in (("temperature", temperature), ("top_k", sp.top_k), ("top_p", sp.top_p),
-                                ("min_p", sp.min_p), ("seed", s.seed)):  # fmt: skip
-                self._knobs[name][j] = value
-            for name, t in self._penalty.items():
-                t[j] = getattr(sp, name)
-            self._counts[j] = 0
-            self._seen[j] = False
-            self._seen[j, torch.tensor(s.prompt, device=self._device)] = True
+            self._sampler.assign(j, s)
 
     def _place(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
         """(slot, prompt tokens whose KV is already there). Only whole chunks are reused, and never the
@@ -552,8 +400,8 @@ class Engine:
         m = matches[target]
         if matches[source] > m:
             m = matches[source]
-            for name in ("k", "v"):  # [L, rows, Hk, S, hd]: copy positions [0, m) of the source row
-                self._cache[name][:, target, :, :m].copy_(self._cache[name][:, source, :, :m])
+            for t in self._cache:  # [L, rows, Hk, S, hd]: copy positions [0, m) of the source row
+                t[:, target, :, :m].copy_(t[:, source, :, :m])
         self._prefix[target] = prompt[:m]
         return target, m
 
@@ -583,11 +431,11 @@ class Engine:
         try:
             tok = torch.tensor(tokens, device=self._device)[:, None]  # [R, 1]
             pos = torch.tensor(positions, device=self._device)[:, None]  # [R, 1]
-            view = {name: t[..., :w, :] for name, t in self._cache.items()}  # [L, R, Hk, w, hd]
-            logits, _ = llama.forward(
+            view = self._cache.view(slots=w)  # [L, R, Hk, w, hd]
+            logits, _ = self._forward(
                 self.model.params, self.model.cfg, tok, pos, view, attention=batch_invariant_attention
             )  # [R, 1, V]
-            picked = self._pick(logits[:, 0], slice(None), pos[:, 0] + 1, active)
+            picked = self._sampler.pick(logits[:, 0], slice(None), pos[:, 0] + 1, active)
         except Exception as exc:
             log.exception("decode step failed")
             for s in active:
@@ -612,18 +460,16 @@ class Engine:
             if s.decoding and not s.done:  # done: finished on its first token, already removed
                 self._prefilling.popleft()
 
-    def _prefill_chunk(self, s: _Seq, start: int, end: int) -> bool:
+    def _prefill_chunk(self, s: Sequence, start: int, end: int) -> bool:
         j, n = s.slot, len(s.prompt)
         w = min(self.slot_len, -(-end // WINDOW) * WINDOW)  # depends on this prompt only
-        view = {
-            name: t[:, j : j + 1, :, :w] for name, t in self._cache.items()
-        }  # [L, 1, Hk, w, hd], shares memory
+        view = self._cache.view(slice(j, j + 1), w)  # [L, 1, Hk, w, hd], shares memory
         try:
             tok = torch.tensor([s.prompt[start:end]], device=self._device)  # [1, T]
             pos = torch.arange(start, end, device=self._device)[None]  # [1, T]
             last = torch.tensor([end - start - 1], device=self._device)
-            logits, _ = llama.forward(self.model.params, self.model.cfg, tok, pos, view, logit_index=last)
-            picked = self._pick(logits[:, 0], slice(j, j + 1), pos[:, -1] + 1, [s]) if end == n else None
+            logits, _ = self._forward(self.model.params, self.model.cfg, tok, pos, view, logit_index=last)
+            picked = self._sampler.pick(logits[:, 0], slice(j, j + 1), pos[:, -1] + 1, [s]) if end == n else None
         except Exception as exc:
             log.exception("prefill failed")
             self._finish(s, "error", _describe(exc))
@@ -635,33 +481,9 @@ class Engine:
             self._accept(s, *picked[0])
         return True
 
-    def _pick(self, logits: torch.Tensor, rows: slice, step: torch.Tensor, seqs: list[_Seq]) -> list:
-        """Sample the next token of `rows` (logits [r, V] fp32; step [r]: the sampled token's position).
-        Returns, per row, (token id, TokenLogprob or None); one host sync (two with logprobs)."""
-        raw = logits
-        if any(s.request.sampling.penalized for s in seqs):
-            pen = [t[rows] for t in self._penalty.values()]
-            logits = apply_penalties(logits, self._counts[rows], self._seen[rows], *pen)
-        if all(s.request.sampling.greedy for s in seqs):
-            ids = logits.argmax(dim=-1)
-        else:
-            ids = sample(logits, step=step, **{k: t[rows] for k, t in self._knobs.items()})
-        if any(s.request.sampling.penalized for s in seqs):  # only penalized rows read the counts
-            live = torch.tensor([s.slot for s in seqs], device=ids.device) - (rows.start or 0)  # [n]
-            self._counts[rows][live, ids[live]] += 1
-            self._seen[rows][live, ids[live]] = True
-        n_top = max((s.request.logprobs for s in seqs if s.request.logprobs is not None), default=None)
-        if n_top is None:
-            return [(i, None) for i in ids.tolist()]
-        lsm = torch.log_softmax(raw, dim=-1)  # [r, V]
-        chosen = lsm.gather(1, ids[:, None])[:, 0]
-        top_lp, top_id = lsm.topk(n_top, dim=-1)
-        rows_out = zip(ids.tolist(), chosen.tolist(), top_id.tolist(), top_lp.tolist(), strict=True)
-        return [(i, TokenLogprob(i, lp, tuple(zip(tid, tlp, strict=True)))) for i, lp, tid, tlp in rows_out]
-
     # ----------------------------------------------------------------------------------- retiring
 
-    def _accept(self, s: _Seq, token: int, logprob: TokenLogprob | None) -> None:
+    def _accept(self, s: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """Record a sampled token, detokenize, check the stop conditions, emit the event."""
         if s.done:
             return
@@ -686,7 +508,7 @@ class Engine:
         lps = [logprob] if logprob is not None and req.logprobs is not None else None
         self._send(s, GenerationEvent(text, [token], reason, len(s.prompt), len(s.tokens), s.seed, None, lps))
 
-    def _finish(self, s: _Seq, reason: str, error: str | None = None) -> None:
+    def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
         """End a sequence early ("cancelled" / "error"): free its slot, send the final event."""
         if s.done:
             return
@@ -696,7 +518,7 @@ class Engine:
         self._n["errors" if reason == "error" else "cancelled"] += 1
         self._send(s, GenerationEvent("", [], reason, len(s.prompt), len(s.tokens), s.seed, error))
 
-    def _release(self, s: _Seq) -> None:
+    def _release(self, s: Sequence) -> None:
         s.done = True
         if s.slot is not None:
             self._slots[s.slot] = None
@@ -705,45 +527,11 @@ class Engine:
         if s in self._prefilling:
             self._prefilling.remove(s)
 
-    def _send(self, s: _Seq, event: GenerationEvent) -> None:
+    def _send(self, s: Sequence, event: GenerationEvent) -> None:
         try:
             s.sink(event)
         except Exception:  # the consumer's event loop is gone: nobody listens any more
             s.cancelled = True
-
-
-def batch_invariant_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    scale: float,
-    alibi_slopes: torch.Tensor | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
-    """kernels.attention (same arguments and result) computed so that a row's result does not depend
-    on its place in the batch. q: [b, hq, t, d] at q_pos [b, t]; k, v: [b, hk, s, d].
-
-    On CPU: two batched matmuls per kv head group (the hq / hk query heads that share a kv head are
-    the rows of one product, so GQA needs no repeated keys) around an fp32 softmax. On CUDA: the
-    Triton kernels, whose split of the keys depends only on s."""
-    if q.is_cuda:
-        return kernels.attention(q, k, v, q_pos, scale, alibi_slopes, window)
-    b, hq, t, d = q.shape
-    hk, s = k.shape[1], k.shape[2]
-    g = hq // hk
-    scores = torch.matmul(q.reshape(b, hk, g * t, d), k.transpose(-1, -2))  # [b, hk, g*t, s]
-    scores = scores.view(b, hk, g, t, s).float() * scale
-    if alibi_slopes is not None:
-        dist = (torch.arange(s, device=q.device)[None, None, :] - q_pos[:, :, None]).float()  # [b, t, s]
-        scores = scores + alibi_slopes.float().view(1, hk, g, 1, 1) * dist[:, None, None]
-    visible = visible_keys(q_pos, s, window)[:, None, None]  # [b, 1, 1, t, s]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(v.dtype)
-    out = torch.matmul(probs.view(b, hk, g * t, s), v)  # [b, hk, g*t, d]
-    return out.view(b, hq, t, d)
-
-
-batch_invariant_attention.batch_invariant = True  # llmfn's CPU C kernels, batch-invariant too, may stand in
 
 
 def _describe(exc: BaseException) -> str:

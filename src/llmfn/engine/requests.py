@@ -1,0 +1,119 @@
+"""What goes into the engine and what comes out: requests, per-step events, results, and the
+engine's record of a request in flight (`Sequence`). Requests are checked once, at submit
+(`check_request`); the loop thread then trusts them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmfn.errors import LlmfnError, RequestError
+from llmfn.generate import check_prompt
+from llmfn.sampling import SamplingParams
+from llmfn.sampling import check as check_sampling
+from llmfn.stopping import StopStrings
+
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
+
+
+class QueueFullError(LlmfnError):
+    """The engine's queue is full; retry after `retry_after` seconds (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()  # seed None -> fresh_seed(), reported in events
+    stop: tuple[str, ...] = ()  # stop strings (never emitted)
+    stop_token_ids: tuple[int, ...] | None = None  # None -> the model's EOS ids
+    logprobs: int | None = None  # top-N logprobs per token (0: only the sampled token's)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The sampled token's log-probability under the model (raw logits, before penalties and
+    temperature) and the `top` most likely tokens as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class GenerationEvent:  # one per engine step for a request, streamed in order
+    text: str  # new complete-UTF-8 text (may be "")
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when requested
+
+
+@dataclass
+class GenerationResult:
+    """A finished request from `generate_many`: all its text and tokens."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+
+class Sequence:
+    """A request inside the engine. The loop thread owns every field except `cancelled`."""
+    def __init__(self, request: GenerationRequest, seed: int, stops: frozenset[int], detok):
+        self.request = request
+        self.prompt = list(request.prompt_ids)
+        self.seed = seed
+        self.stops = stops
+        self.detok = detok
+        self.stop_strings = StopStrings(request.stop)
+        self.sink: Callable[[GenerationEvent], None] = lambda event: None
+        self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens whose KV is in the slot
+        self.tokens: list[int] = []  # generated so far
+        self.cancelled = False
+        self.done = False
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+
+def check_request(request: GenerationRequest, vocab: int, context: int, slot_len: int) -> None:
+    """RequestError (with .param) unless the request fits a model of `vocab` tokens and `context`
+    positions and an engine slot of `slot_len` positions."""
+    if not isinstance(request, GenerationRequest):
+        raise RequestError(f"expected a GenerationRequest, got {type(request).__name__}", param="prompt")
+    n = len(request.prompt_ids)
+    if not isinstance(request.max_tokens, int):
+        raise RequestError(f"max_tokens must be an integer, got {request.max_tokens!r}", param="max_tokens")
+    check_prompt(n, request.max_tokens, context)
+    if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.prompt_ids):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+    if n + request.max_tokens > slot_len:
+        raise RequestError(
+            f"the prompt has {n} tokens and max_tokens asks for {request.max_tokens} more "
+            f"({n + request.max_tokens} in all), over this engine's {slot_len}-token sequence slot",
+            param="max_tokens",
+        )
+    check_sampling(request.sampling)
+    if not all(isinstance(s, str) for s in request.stop):
+        raise RequestError("stop must be a tuple of strings", param="stop")
+    if request.stop_token_ids is not None and not all(isinstance(t, int) for t in request.stop_token_ids):
+        raise RequestError("stop_token_ids must be integers", param="stop_token_ids")
+    if request.logprobs is not None and not 0 <= request.logprobs <= min(MAX_LOGPROBS, vocab):
+        raise RequestError(f"logprobs must be in [0, {min(MAX_LOGPROBS, vocab)}]", param="logprobs")

@@ -1,0 +1,61 @@
+"""Per-row sampling state of the engine's decode batch: each row's sampling settings as [rows]
+tensors (llmfn.sampling meanings) and the token counts its penalties read, set when a sequence takes
+the row. `pick` samples many rows in one call, so a step costs one host sync (two with logprobs)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmfn.engine.requests import Sequence, TokenLogprob
+from llmfn.sampling import apply_penalties, sample
+
+
+class RowSampler:
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        zeros = lambda dt: torch.zeros(rows, dtype=dt, device=device)  # noqa: E731
+        ones = lambda: torch.ones(rows, dtype=torch.float32, device=device)  # noqa: E731
+        self.device = device
+        self.knobs = {"temperature": zeros(torch.float32), "top_k": zeros(torch.int64), "top_p": ones(),
+                      "min_p": zeros(torch.float32), "seed": zeros(torch.int64)}  # fmt: skip
+        self.penalty = {"repetition_penalty": ones(), "presence_penalty": zeros(torch.float32),
+                        "frequency_penalty": zeros(torch.float32)}  # fmt: skip
+        self.counts = torch.zeros(rows, vocab, dtype=torch.int64, device=device)  # generated occurrences
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)  # in prompt or output
+
+    def assign(self, j: int, s: Sequence) -> None:
+        """Row j now samples for sequence s (its settings, its prompt seen, nothing generated yet)."""
+        sp = s.request.sampling
+        temperature = 0.0 if sp.greedy else sp.temperature  # top_k=1 too: argmax, as generate does
+        for name, value in (("temperature", temperature), ("top_k", sp.top_k), ("top_p", sp.top_p),
+                            ("min_p", sp.min_p), ("seed", s.seed)):  # fmt: skip
+            self.knobs[name][j] = value
+        for name, t in self.penalty.items():
+            t[j] = getattr(sp, name)
+        self.counts[j] = 0
+        self.seen[j] = False
+        self.seen[j, torch.tensor(s.prompt, device=self.device)] = True
+
+    def pick(self, logits: torch.Tensor, rows: slice, step: torch.Tensor, seqs: list[Sequence]) -> list:
+        """Sample the next token of `rows` (logits [r, V] fp32; step [r]: the sampled token's position).
+        Returns, per row, (token id, TokenLogprob or None)."""
+        raw = logits
+        penalized = any(s.request.sampling.penalized for s in seqs)
+        if penalized:
+            pen = [t[rows] for t in self.penalty.values()]
+            logits = apply_penalties(logits, self.counts[rows], self.seen[rows], *pen)
+        if all(s.request.sampling.greedy for s in seqs):
+            ids = logits.argmax(dim=-1)
+        else:
+            ids = sample(logits, step=step, **{k: t[rows] for k, t in self.knobs.items()})
+        if penalized:  # only penalized rows read the counts
+            live = torch.tensor([s.slot for s in seqs], device=ids.device) - (rows.start or 0)  # [n]
+            self.counts[rows][live, ids[live]] += 1
+            self.seen[rows][live, ids[live]] = True
+        n_top = max((s.request.logprobs for s in seqs if s.request.logprobs is not None), default=None)
+        if n_top is None:
+            return [(i, None) for i in ids.tolist()]
+        lsm = torch.log_softmax(raw, dim=-1)  # [r, V]
+        chosen = lsm.gather(1, ids[:, None])[:, 0]
+        top_lp, top_id = lsm.topk(n_top, dim=-1)
+        rows_out = zip(ids.tolist(), chosen.tolist(), top_id.tolist(), top_lp.tolist(), strict=True)
+        return [(i, TokenLogprob(i, lp, tuple(zip(tid, tlp, strict=True)))) for i, lp, tid, tlp in rows_out]
