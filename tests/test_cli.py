@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import llmfn
-from llmfn import cli
+from llmfn.cli import commands as cli
 from llmfn.perf import PerfReport, TokenClock, format_report, measure
 from server_util import write_config
 from tiny import make_checkpoint
@@ -246,10 +246,10 @@ def test_convert_gguf_wiring_and_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_convert_quantize_and_gptq_to_awq(tiny, tmp_path, monkeypatch, capsys):
-    import llmfn.cli_progress
+    import llmfn.cli.progress
 
     out = tmp_path / "int8"
-    monkeypatch.setattr(llmfn.cli_progress, "enabled", lambda: True)  # as on a terminal: draw the bar
+    monkeypatch.setattr(llmfn.cli.progress, "enabled", lambda: True)  # as on a terminal: draw the bar
     assert cli.main(["convert", "quantize", str(tiny), str(out), "--method", "rtn-int8", "--group-size", "32"]) == 0
     captured = capsys.readouterr()
     assert captured.out == f"wrote {out}\n"
@@ -277,7 +277,7 @@ def test_serve_flags_override_the_config():
 
 
 def test_progress_is_quiet_off_a_terminal(capsys):
-    from llmfn.cli_progress import Progress, spinner
+    from llmfn.cli.progress import Progress, spinner
 
     with spinner("waiting", delay=0):
         pass
@@ -288,10 +288,10 @@ def test_progress_is_quiet_off_a_terminal(capsys):
 
 
 def test_chat_session_commands(model, capsys):
-    from llmfn.cli_chat import ChatSession
+    from llmfn.cli.chat import ChatSession
 
     session = ChatSession(model, {**cli.model_defaults(model), "max_tokens": 4})
-    for line in ("/set max-tokens 0", "/set top_k -1", "/set seed none", "/set colour red", "/undo", "/system"):
+    for line in ("/set max-tokens 0", "/set top_k -2", "/set seed none", "/set colour red", "/undo", "/system"):
         assert session.handle(line)
     err = capsys.readouterr().err
     assert "error: /set max_tokens needs a value" in err and "error: /set top_k needs a value" in err

@@ -10,64 +10,14 @@ import sys
 import traceback
 from pathlib import Path
 
+from llmfn.cli.common import add_sampling_flags, load_model, model_defaults, one_line, sampling_settings
 from llmfn.errors import LlmfnError
 from llmfn.loading.registry import DEFAULT_CHAT_MODEL
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
-# (flag, generate() keyword, type, help) for the sampling settings shared by chat, run and bench
-SAMPLING_FLAGS = (
-    ("--temperature", "temperature", float, "0 is greedy (default: the model's generation_config)"),
-    ("--top-p", "top_p", float, "nucleus sampling mass"),
-    ("--top-k", "top_k", int, "keep the k most likely tokens (0: all)"),
-    ("--min-p", "min_p", float, "drop tokens below min_p times the top probability"),
-    ("--repetition-penalty", "repetition_penalty", float, "divide the logits of seen tokens (HF meaning)"),
-    ("--presence-penalty", "presence_penalty", float, "OpenAI presence penalty"),
-    ("--frequency-penalty", "frequency_penalty", float, "OpenAI frequency penalty"),
-    ("--seed", "seed", int, "sampling seed (default: a fresh one per answer)"),
-)
-
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    if isinstance(error, LlmfnError) or isinstance(error, OSError):
-        return text or type(error).__name__
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def load_model(name: str, dtype: str | None = None, device: str = "cpu", compile: bool | None = None,
-               quantize: str | None = None):
-    """llmfn.load with progress: GGUF first-use preparation and loading each get a spinner on a TTY."""
-    import llmfn
-    from llmfn.cli_progress import spinner
-    from llmfn.loading import resolve
-    from llmfn.loading.registry import ALIASES, converted_path
-
-    target = name
-    if quantize is None:  # (with quantize, load keeps a GGUF's blocks quantized: no conversion)
-        stem = name if name in ALIASES else Path(name).stem.lower()
-        gguf = str(name).endswith(".gguf") or (name in ALIASES and ALIASES[name].relative.endswith(".gguf"))
-        first_use = gguf and not (converted_path(stem) / "config.json").exists()
-        with spinner(f"preparing {name} (first use: converting the GGUF into the cache)" if first_use
-                     else f"resolving {name}"):  # fmt: skip
-            target = resolve(name)
-    with spinner(f"loading {name}" + (f" with {quantize} weights" if quantize else "")):
-        return llmfn.load(target, dtype=dtype, device=device, compile=compile, quantize=quantize)
-
-
-def sampling_settings(args: argparse.Namespace) -> dict:
-    """The sampling flags that were given, as generate() keywords."""
-    return {key: getattr(args, key) for _, key, _, _ in SAMPLING_FLAGS if getattr(args, key, None) is not None}
-
-
-def model_defaults(model) -> dict:
-    """Sampling defaults from the model's generation_config.json."""
-    g = model.generation
-    return {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "min_p": 0.0,
-            "repetition_penalty": g.repetition_penalty, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = "on for models of 50M+ parameters") -> None:
@@ -76,13 +26,6 @@ def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = "on for 
     p.add_argument("--quantize", choices=("int4", "int8"), help="weight-only quantized linears (a GGUF keeps its blocks)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help=f"torch.compile the decode step: slow the first time, then faster (default: {compile_default})")
-
-
-def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, help=max_tokens_help)
-    for flag, key, kind, text in SAMPLING_FLAGS:
-        g.add_argument(flag, dest=key, type=kind, help=text)
 
 
 # --------------------------------------------------------------------------------------- commands
@@ -112,14 +55,14 @@ def serve_overrides(config, models: list[str] | None, api_key: str | None):
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from llmfn.cli_chat import run_chat
+    from llmfn.cli.chat import run_chat
 
     model = load_model(args.model, args.dtype, args.device, args.compile, args.quantize)
     return run_chat(model, args.model, sampling_settings(args), args.max_tokens, args.system, args.perf)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from llmfn.cli_chat import answer_once
+    from llmfn.cli.chat import answer_once
 
     if len(args.words) > 2:
         args.parser.error("run takes [MODEL] PROMPT; quote the prompt")
@@ -168,7 +111,7 @@ def bench_prompt(model, n: int) -> list[int]:
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
-    from llmfn.cli_progress import Progress
+    from llmfn.cli.progress import Progress
     from llmfn.loading import parse_dtype
     from llmfn.loading.gguf import convert_gguf
 
@@ -180,7 +123,7 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_gptq_to_awq(args: argparse.Namespace) -> int:
-    from llmfn.cli_progress import Progress
+    from llmfn.cli.progress import Progress
     from llmfn.convert import convert_gptq_to_awq
 
     with Progress("repacking GPTQ as AWQ", unit="linear") as progress:
@@ -190,7 +133,7 @@ def cmd_convert_gptq_to_awq(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_quantize(args: argparse.Namespace) -> int:
-    from llmfn.cli_progress import Progress
+    from llmfn.cli.progress import Progress
     from llmfn.convert import quantize_checkpoint
 
     with Progress(f"quantizing ({args.method})", unit="linear") as progress:
@@ -201,13 +144,13 @@ def cmd_convert_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from llmfn.cli_doctor import doctor
+    from llmfn.cli.doctor import doctor
 
     return doctor(config_path=args.config, models=args.model, check_models=not args.no_models)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from llmfn.cli_doctor import list_models
+    from llmfn.cli.doctor import list_models
 
     return list_models(as_json=args.json)
 
@@ -249,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     p.add_argument("--perf", action="store_true", help="print the decoder perf report after each answer")
     _add_model_flags(p)
-    _add_sampling_flags(p, "most tokens per answer (default 512, capped by the context)")
+    add_sampling_flags(p, "most tokens per answer (default 512, capped by the context)")
 
     p = command("run", "answer one prompt and print the answer to stdout", cmd_run,
                 "Answer one prompt with the model's chat template (or --raw text completion). "
@@ -260,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text (no chat template)")
     p.add_argument("--perf", action="store_true", help="print the decoder perf report to stderr")
     _add_model_flags(p, "off: one answer rarely repays the compile time")
-    _add_sampling_flags(p, "most tokens to generate (default 256, capped by the context)")
+    add_sampling_flags(p, "most tokens to generate (default 256, capped by the context)")
 
     p = command("convert", "convert checkpoints: gguf, gptq-to-awq, quantize", None)
     conv = p.add_subparsers(dest="conversion", metavar="KIND", required=True)
@@ -293,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     _add_model_flags(p)
-    _add_sampling_flags(p, "tokens to generate, EOS ignored (default 128)")
+    add_sampling_flags(p, "tokens to generate, EOS ignored (default 128)")
     p.set_defaults(max_tokens=128)
 
     p = command("doctor", "check the install: versions, devices, Triton, a tiny forward, the models", cmd_doctor)
@@ -330,7 +273,3 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if deliberate or args.debug else " (an internal error; run with --debug for the traceback)"
         print(f"llmfn: error: {one_line(e)}{hint}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

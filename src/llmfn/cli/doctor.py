@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llmfn.cli import one_line
+from llmfn.cli.common import load_model, one_line
 from llmfn.loading.registry import ALIASES, converted_path, home, package_path
 from llmfn.models.llama import LlamaConfig
 
@@ -193,8 +193,6 @@ def configured_models(config_path: str | None, models: list[str] | None):
 
 
 def model_check(path: str, dtype: str | None, device: str) -> tuple[bool, str]:
-    from llmfn.cli import load_model
-
     start = time.perf_counter()
     try:
         model = load_model(path, dtype, device)

@@ -10,26 +10,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from llmfn.chat_template import apply_chat_template
+from llmfn.cli.common import model_defaults, parse_knob
 from llmfn.errors import LlmfnError, RequestError
 from llmfn.generate import eos_ids, generate
 from llmfn.model import Model
 from llmfn.perf import PerfReport, TokenClock, format_report
+from llmfn.sampling import KNOBS, Knob
 
 DEFAULT_CHAT_TOKENS = 512
 DEFAULT_RUN_TOKENS = 256
 
-# /set keys: name -> (type, check, description)
-SETTINGS = {
-    "temperature": (float, lambda v: v >= 0, "0 is greedy"),
-    "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (int, lambda v: v >= 0, "0: no limit"),
-    "min_p": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "repetition_penalty": (float, lambda v: v > 0, "> 0, 1 is off"),
-    "presence_penalty": (float, lambda v: -2 <= v <= 2, "in [-2, 2]"),
-    "frequency_penalty": (float, lambda v: -2 <= v <= 2, "in [-2, 2]"),
-    "seed": (int, lambda v: v >= 0, "an integer, or 'none' for a fresh seed per answer"),
-    "max_tokens": (int, lambda v: v >= 1, "most tokens per answer"),
-}
+# /set keys: every sampling knob, and max_tokens (a chat setting, not a sampling parameter)
+MAX_TOKENS = Knob(int, DEFAULT_CHAT_TOKENS, "most tokens per answer", ge=1)
+SETTINGS: dict[str, Knob] = {**KNOBS, "max_tokens": MAX_TOKENS}
 
 HELP = """commands:
   /help                 this list
@@ -96,8 +89,6 @@ def print_stream(texts: Iterator[str], out=None) -> tuple[str, bool]:
 def answer_once(model: Model, prompt: str, sampling: dict, max_tokens: int | None, system: str | None,
                 raw: bool, perf: bool) -> int:
     """`llmfn run`: one answer to stdout."""
-    from llmfn.cli import model_defaults
-
     require_causal(model)
     if raw:
         ids = model.tokenizer.encode_prompt(prompt)
@@ -218,17 +209,17 @@ class ChatSession:
         if key not in SETTINGS:
             note(f"error: unknown setting {key!r}; one of: {', '.join(SETTINGS)}")
             return
-        kind, check, meaning = SETTINGS[key]
-        if key == "seed" and value.lower() == "none":
-            self.settings.pop("seed", None)
-            note("seed = none")
+        knob = SETTINGS[key]
+        if knob.default is None and value.lower() == "none":
+            self.settings.pop(key, None)
+            note(f"{key} = none")
             return
         try:
-            parsed = kind(value)
+            parsed = parse_knob(knob, value)
         except ValueError:
-            parsed = None
-        if parsed is None or not check(parsed):
-            note(f"error: /set {key} needs a value {meaning}, got {value!r}")
+            rule = knob.rule()
+            wanted = (rule if rule.startswith("a ") else f"a value {rule}") + (" or none" if knob.default is None else "")
+            note(f"error: /set {key} needs {wanted}, got {value!r}")
             return
         self.settings[key] = parsed
         note(f"{key} = {parsed}")
@@ -292,8 +283,6 @@ def _setup_readline() -> None:
 
 def run_chat(model: Model, name: str, sampling: dict, max_tokens: int | None, system: str | None, perf: bool) -> int:
     """`llmfn chat`: the read-answer loop until /exit or end of input."""
-    from llmfn.cli import model_defaults
-
     require_causal(model)
     require_template(model, f"llmfn run --raw {name}")
     settings = {**model_defaults(model), **sampling, "max_tokens": max_tokens or DEFAULT_CHAT_TOKENS}
