@@ -159,7 +159,7 @@ def test_forward_matches_transformers_bertmodel(tmp_path, act, path, sizes, monk
         params = bert.pack_params(params)
         assert all(isinstance(layer["w_up"], PackedWeight) for layer in params["layers"]) or not cpu_gemm.available()
     if path == "torch":
-        monkeypatch.setattr(bert.cpu_attention, "available", lambda: False)
+        monkeypatch.setattr(cpu_attention, "available", lambda: False)
     tokens, mask, lengths = random_batch()
     types = (torch.arange(tokens.shape[1])[None] >= 5).long().expand_as(tokens)
     with torch.inference_mode():
@@ -233,7 +233,7 @@ def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path,
     hf.save_pretrained(tmp_path, safe_serialization=True)
     cfg = bert.read_config(tmp_path)
     params = bert.pack_params(bert.load_params(tmp_path, cfg))
-    B, T = 2 * bert.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, 29  # 2 sequences a task
+    B, T = 2 * llmfn_linear.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, 29  # 2 sequences a task
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(5, 128, (B, T), generator=g)
     mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (B, 1), generator=g)).long()
@@ -242,7 +242,7 @@ def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path,
     with torch.inference_mode():
         fused = bert.forward(params, cfg, tokens, mask)
         assert len(blocks) == cfg.n_layers or not cpu_attention.available()
-        monkeypatch.setattr(bert, "BLOCK_MIN_PER_THREAD", B)
+        monkeypatch.setattr(llmfn_linear, "BLOCK_MIN_PER_THREAD", B)
         assert torch.equal(bert.forward(params, cfg, tokens, mask), fused)
     keep = mask.bool()
     assert (fused[keep] - hf_hidden(hf, tokens, mask)[keep]).abs().max().item() <= 1e-5

@@ -8,7 +8,7 @@ TRITON_INTERPRET=1 by calling the triton_* modules directly."""
 import torch
 import torch.nn.functional as F
 
-from llmfn.kernels import cpu
+from llmfn.kernels import cpu, cpu_attention
 from llmfn.kernels import reference as ref
 from llmfn.kernels.reference import visible_keys
 
@@ -127,6 +127,19 @@ def batch_invariant_attention(
 
 
 batch_invariant_attention.batch_invariant = True  # llmfn's CPU C kernels, batch-invariant too, may stand in
+
+
+def encoder_attention(qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bidirectional attention over a fused projection qkv [B, T, 3D] (q, k, v heads in turn) ->
+    [B, T, D], padded keys (key_mask [B, T] bool, False) masked out: llmfn's C kernel for fp32 CPU
+    inputs (it reads q, k, v in place, no permute copies), else SDPA."""
+    B, T, D3 = qkv.shape
+    if cpu.takes(qkv, max_rows=None) and cpu_attention.available():
+        return cpu_attention.attention(qkv, n_heads, key_mask)
+    q, k, v = qkv.view(B, T, 3, n_heads, D3 // 3 // n_heads).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, T], True = attend
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+    return a.transpose(1, 2).reshape(B, T, D3 // 3)
 
 
 def int4_matmul(

@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
-from llmfn.kernels import cpu, cpu_attention, cpu_gemm
-from llmfn.kernels.linear import PackedWeight, feed_forward, gemm_takes, linear, pack
+from llmfn.kernels.linear import attention_block, feed_forward, pack
 
 # hidden_act values of Hugging Face configs -> llmfn.kernels.linear.ACTIVATIONS names
 _ACTS = {
@@ -127,42 +126,6 @@ def _norm_args(n: dict, cfg: BertConfig) -> tuple:
     return n["w"], n["b"], cfg.norm_eps
 
 
-def _attention(qkv: torch.Tensor, n_heads: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Bidirectional attention over the fused projection qkv [B, T, 3D] -> [B, T, D], padded keys
-    (attention_mask [B, T] bool, False) masked out: llmfn's C kernel for fp32 CPU inputs, else SDPA."""
-    B, T, D3 = qkv.shape
-    if cpu.takes(qkv, max_rows=None) and cpu_attention.available():
-        return cpu_attention.attention(qkv, n_heads, attention_mask)
-    q, k, v = qkv.view(B, T, 3, n_heads, D3 // 3 // n_heads).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
-    mask = None if attention_mask is None else attention_mask[:, None, None, :]  # [B, 1, 1, T], True = attend
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
-    return a.transpose(1, 2).reshape(B, T, D3 // 3)
-
-
-# The attention half of a layer runs as one C pass per task of `group` sequences (at least MC = 48 rows,
-# so each pass over the weights serves enough rows; kernels/cpu_attention.attention_block) when that
-# makes at least BLOCK_MIN_PER_THREAD tasks a thread (it is parallel over tasks). Measured on MiniLM's
-# shapes against the three calls: 1.06-1.17x at 48-200 tokens, 1.1-1.2x at 12-32 tokens in groups,
-# even at 14; 0.83x with 3 tasks on 2 threads.
-BLOCK_MIN_PER_THREAD = 4
-
-
-def _attention_half(x: torch.Tensor, layer: dict, cfg: BertConfig, mask: torch.Tensor | None) -> torch.Tensor:
-    """norm(attention(x @ wqkv.T + bqkv) @ wo.T + bo + x) for x [B, T, D], mask [B, T] bool or None:
-    fused per group of sequences where that is faster (their [rows, 3D] projection then stays in the
-    thread's cache), else in three calls; the same bits either way."""
-    B, T, _ = x.shape
-    wqkv, wo, norm = layer["wqkv"], layer["wo"], _norm_args(layer["attn_norm"], cfg)
-    group = -(-cpu_gemm.MC // max(T, 1))  # sequences per task
-    fused = isinstance(wqkv, PackedWeight) and isinstance(wo, PackedWeight) and cpu_attention.available()
-    fused = fused and -(-B // group) >= BLOCK_MIN_PER_THREAD * torch.get_num_threads()
-    if fused and gemm_takes(x, wqkv.w, wo.w, layer["bqkv"], layer["bo"], *norm[:2]):
-        return cpu_attention.attention_block(x, wqkv.packed, layer["bqkv"], wo.packed, layer["bo"], cfg.n_heads, mask, norm,
-                                             group=group)  # fmt: skip
-    a = _attention(linear(x, wqkv, layer["bqkv"]), cfg.n_heads, mask)  # [B, T, D]
-    return linear(a, wo, layer["bo"], residual=x, norm=norm)
-
-
 def forward(
     params: dict,
     cfg: BertConfig,
@@ -184,7 +147,8 @@ def forward(
     x = _norm(F.embedding(tokens, params["tok_embed"]) + extra, params["embed_norm"], cfg.norm_eps)  # [B, T, D]
     mask = None if attention_mask is None else attention_mask.bool()  # [B, T], True = attend
     for layer in params["layers"]:
-        x = _attention_half(x, layer, cfg, mask)
+        x = attention_block(x, layer["wqkv"], layer["bqkv"], layer["wo"], layer["bo"], cfg.n_heads, mask,
+                            norm=_norm_args(layer["attn_norm"], cfg))  # fmt: skip
         x = feed_forward(x.view(B * T, cfg.dim), layer["w_up"], layer["b_up"], layer["w_down"], layer["b_down"],
                          act=cfg.act, norm=_norm_args(layer["mlp_norm"], cfg)).view(B, T, cfg.dim)  # fmt: skip
     return x
