@@ -1,11 +1,12 @@
 """Prometheus text exposition (format 0.0.4) for the server: counters, histograms and gauges, each
 labelled, kept in plain dicts. One process's view: with several Granian workers, each answers for
-itself."""
+itself. `Tracking` records one generation's share."""
 
 from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections.abc import Callable
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -109,3 +110,35 @@ class Metrics:
                        self.ttft, self.tpot, *self.gauges):  # fmt: skip
             lines += metric.render()
         return "\n".join(lines) + "\n"
+
+
+class Tracking:
+    """Per-generation metrics: time to first token, time per output token, token counts."""
+
+    def __init__(self, metrics: Metrics, model: str, t0: float):
+        self.metrics, self.model, self.t0 = metrics, model, t0
+        self.first: float | None = None
+        self.last = None
+        self.closed = False
+
+    def event(self, ev) -> None:
+        self.last = ev
+        if self.first is None and ev.token_ids:
+            self.first = time.perf_counter()
+            self.metrics.ttft.observe(self.first - self.t0, model=self.model)
+
+    def close(self) -> None:
+        """Record the outcome once; a generation that ended without a finish_reason was abandoned
+        (client gone, or an error) and counts as "cancelled"."""
+        if self.closed:
+            return
+        self.closed = True
+        m, last = self.metrics, self.last
+        reason = "cancelled" if last is None or last.finish_reason is None else last.finish_reason
+        m.finished.inc(model=self.model, reason=reason)
+        if last is None:
+            return
+        m.prompt_tokens.inc(last.prompt_tokens, model=self.model)
+        m.generation_tokens.inc(last.completion_tokens, model=self.model)
+        if reason != "cancelled" and self.first is not None and last.completion_tokens > 1:
+            m.tpot.observe((time.perf_counter() - self.first) / (last.completion_tokens - 1), model=self.model)

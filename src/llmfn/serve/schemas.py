@@ -13,16 +13,11 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from llmfn.sampling import KNOBS, Knob
+
 # ---------------------------------------------------------------------------------------------- shared
 
-Temperature = Annotated[float, Meta(ge=0.0, le=2.0, description="0 is greedy; OpenAI's default is 1")]
-TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
-TopK = Annotated[int, Meta(ge=-1, description="0 or -1: no limit")]
-MinP = Annotated[float, Meta(ge=0.0, le=1.0)]
-Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
 MaxTokens = Annotated[int, Meta(ge=1)]
-Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 TokenIds = list[Annotated[int, Meta(ge=0)]]
 
@@ -48,6 +43,32 @@ class ErrorResponse(Struct):
     error: ErrorDetail
 
 
+def _knob_type(knob: Knob):
+    """The wire type of a sampling parameter: its KNOBS type and range, its meaning as the description."""
+    return Annotated[knob.kind, Meta(ge=knob.ge, gt=knob.gt, le=knob.le, description=knob.help)]
+
+
+# One optional field per sampling parameter, derived from KNOBS (None: unset). Keyword-only, so that a
+# request's required fields may follow these optional ones.
+SamplingFields = msgspec.defstruct(
+    "SamplingFields", [(name, _knob_type(knob) | None, None) for name, knob in KNOBS.items()],
+    kw_only=True, frozen=True, module=__name__,
+)  # fmt: skip
+
+
+class GenerationFields(SamplingFields, kw_only=True, frozen=True):
+    """What chat and text completions both take. Unset sampling fields take llmfn.sampling's defaults,
+    except temperature: unset means 1, OpenAI's default."""
+
+    model: str | None = None
+    max_tokens: MaxTokens | None = None
+    stop: str | list[str] | None = None
+    n: Annotated[int, Meta(ge=1)] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
 # ---------------------------------------------------------------------------------------------- chat
 
 
@@ -68,28 +89,13 @@ class ResponseFormat(Struct, frozen=True):
     type: Literal["text", "json_object", "json_schema"] = "text"
 
 
-class ChatCompletionRequest(Struct, frozen=True):
+class ChatCompletionRequest(GenerationFields, frozen=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    model: str | None = None
-    max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
-    seed: Seed | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    n: Annotated[int, Meta(ge=1)] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     logprobs: bool | None = False
     top_logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = None
-    user: str | None = None
 
 
 class TopLogprob(Struct):
@@ -161,27 +167,12 @@ class ChatCompletionChunk(Struct):
 Prompt = str | list[str | int | list[int]]
 
 
-class CompletionRequest(Struct, frozen=True):
+class CompletionRequest(GenerationFields, frozen=True):
     prompt: Prompt
-    model: str | None = None
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
-    seed: Seed | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    n: Annotated[int, Meta(ge=1)] | None = None
     best_of: Annotated[int, Meta(ge=1)] | None = None
     echo: bool | None = False
     suffix: str | None = None
-    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
+    logprobs: TopLogprobs | None = None
 
 
 class CompletionLogprobs(Struct):

@@ -1,0 +1,66 @@
+"""POST /v1/embeddings: sentence embeddings of up to MAX_EMBEDDING_INPUTS texts or token id lists,
+computed on the model pool's thread and answered as floats or base64 (little-endian float32)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from llmfn.errors import LlmfnError
+from llmfn.serve import schemas as s
+from llmfn.serve.http import ApiError, Request, Response
+from llmfn.serve.metrics import Metrics
+from llmfn.serve.models import ModelPool, Served
+from llmfn.serve.requests import engine_error, listed
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+async def embeddings(pool: ModelPool, metrics: Metrics, req: Request):
+    body = req.decode(s.EmbeddingRequest)
+    served = pool.get(body.model, "embedding")
+    inputs = _inputs(body.input, served.model.cfg.vocab_size)
+    dim = _dim(served)
+    if body.dimensions is not None and body.dimensions != dim:
+        raise ApiError(
+            400,
+            f"dimensions must be {dim} for {served.name!r} (it cannot be changed)",
+            param="dimensions",
+        )
+
+    def run():
+        from llmfn.embed import embed_with_usage
+
+        return embed_with_usage(served.model, inputs)
+
+    try:
+        vectors, n_tokens = await asyncio.wrap_future(pool.run(run))
+    except LlmfnError as e:
+        raise engine_error(e) from None
+    metrics.prompt_tokens.inc(n_tokens, model=served.name)
+    if body.encoding_format == "base64":
+        rows = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") for v in vectors]
+    else:
+        rows = vectors.tolist()
+    data = [s.Embedding(i, row) for i, row in enumerate(rows)]
+    return Response.json(
+        s.EmbeddingList(data, body.model or served.name, s.EmbeddingUsage(n_tokens, n_tokens))
+    )
+
+
+def _inputs(value, vocab: int):
+    items = listed(value, "input", MAX_EMBEDDING_INPUTS)
+    for i, item in enumerate(items):
+        if len(item) == 0:
+            raise ApiError(400, f"input[{i}] is empty", param="input")
+        if not isinstance(item, str) and any(not 0 <= t < vocab for t in item):
+            raise ApiError(400, f"input[{i}]: token ids must be in [0, {vocab})", param="input")
+    return value if isinstance(value, str) else items
+
+
+def _dim(served: Served) -> int:
+    """The length of the model's vectors: its hidden size times the number of poolings concatenated."""
+    cfg = served.model.cfg
+    return int(getattr(cfg, "dim", getattr(cfg, "hidden_size", 0))) * len(
+        served.model.extra.get("pooling", ("mean",))
+    )
