@@ -1,58 +1,5 @@
-"""Continuous batching: one engine thread serves many requests, one batched forward per step.
-
-    engine = llmfn.Engine(model, max_running=8)
-    async for event in engine.submit(GenerationRequest(prompt_ids, max_tokens=64)):
-        print(event.text, end="")
-    results = engine.generate_many(["Hello", "Once upon a time"], max_tokens=32)  # blocking, offline
-
-A step (1) frees the slots of cancelled requests, (2) admits waiting requests into free slots,
-(3) decodes one token for every decoding sequence in one `forward` of fixed shape, (4) prefills at
-most `prefill_chunk` prompt tokens, so a long prompt never stalls the running decodes for more than
-one chunk, and (5) retires finished sequences (eos / stop string / max_tokens), freeing their slots.
-
-KV memory: static slots, not paged blocks. The cache is the model's `init_cache(cfg, rows, slot_len)`,
-the layout `forward` already takes (slot j of row b holds position j); a sequence owns one row for
-its whole life. Chosen over paged blocks because it needs no block tables and no new attention
-kernel, and because every decode step then has one fixed shape, which batch invariance needs (below).
-The price: a sequence reserves slot_len positions whatever its length (paged blocks would pack more
-short sequences into the same memory).
-Budget: `max_cache_tokens` = rows * slot_len positions (default slot_len: the model's context), at
-`kv_bytes_per_token` each. A request whose prompt + max_tokens exceeds slot_len is refused at submit
-with a RequestError naming both numbers, never truncated; when every slot is busy requests wait.
-
-Batch invariance: a request's tokens are identical whether it runs alone or among other requests.
-- Decode always runs all `rows` rows (idle rows feed token 0 at a junk position of their own slot
-  that nothing reads before it is rewritten), so its batch never depends on the traffic.
-- rows is max_running rounded up to a multiple of ROW_ALIGN (8): MKL's sgemm computes the tail rows
-  of a short batch (M = 5, 6, 7, 9, ...) with another kernel than the rest, so a row's result would
-  depend on its place; with M a multiple of 8 every row takes the same path (the extra rows are
-  scratch slots, counted in the memory budget).
-- Attention is masked by position; masked keys add exact zeros, so a row never sees another row or
-  the stale contents of its own slot. To cost what is used rather than slot_len, decode attends over
-  the first W slots, W the longest live row rounded up to a multiple of WINDOW (256): W depends on
-  the other rows, but with exact-zero tails the result does not (the test checks it bitwise for
-  every W). Prefill attends over its own chunk end rounded up the same way. Decode steps use
-  `batch_invariant_attention` (passed to `forward`): torch's CPU flash-attention kernel gives rows
-  handled by the calling thread and by an OpenMP worker different last bits (its one-query products
-  differ by thread; with MKL_NUM_THREADS=1 they do not), so a row's result would depend on its place.
-- Prefill runs per request, alone, in chunks [k*C, (k+1)*C) of the prompt (C = prefill_chunk): its
-  shapes depend only on the request's own prompt length.
-- Sampling keys noise by (request seed, position of the sampled token), as `llmfn.generate` does;
-  the first token is sampled in a [1, V] call, later ones in the fixed [rows, V] decode call.
-tests/test_engine.py proves it: 16 mixed requests together give exactly the tokens each gives alone.
-
-Prefix caching: a slot remembers the prompt chunks whose KV it holds (whole chunks only; they stay
-valid after the sequence finishes, until the slot is reused). A new prompt that starts with the same
-chunks skips their prefill: it takes the free slot holding the longest match, or copies the match
-from another slot. A chunk's KV depends only on the tokens up to its end, computed in the same shape,
-so reused KV is bitwise what prefill would have written and outputs stay identical.
-
-Threads: the step loop runs in a daemon thread under torch.inference_mode. `submit` (called on an
-asyncio loop) validates synchronously and returns a RequestStream fed through a per-request
-asyncio.Queue with `loop.call_soon_threadsafe`. Closing the stream (aclose, task cancelled, garbage
-collected) marks the request cancelled; the next step frees its slot. An exception in a step fails
-the requests of that forward with finish_reason "error"; the loop keeps serving.
-"""
+"""The Engine: KV slots, the prefix cache and the step loop (the scheduling, memory and batch
+invariance it keeps are described in llmfn/engine/__init__.py)."""
 
 from __future__ import annotations
 
@@ -69,6 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from llmfn.backend import forward_for
+from llmfn.engine.prefix_cache import PrefixCache
 from llmfn.engine.requests import (
     GenerationEvent,
     GenerationRequest,
@@ -144,8 +92,7 @@ class Engine:
             self._cache = arch.init_cache(cfg, R, self.slot_len, dtype, self._device)
             self._sampler = RowSampler(R, cfg.vocab_size, self._device)
         self._slots: list[Sequence | None] = [None] * R  # rows >= max_running stay None: scratch
-        self._prefix: list[list[int]] = [[] for _ in range(R)]  # prompt tokens (whole chunks) with valid KV
-        self._freed_at = [0] * R
+        self._prefix = PrefixCache(R, prefill_chunk, prefix_cache)
         self._prefilling: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()  # guarded by _cv
         self._cv = threading.Condition()
@@ -208,7 +155,7 @@ class Engine:
         seq = self._prepare(request)
         queue: asyncio.Queue = asyncio.Queue()
         seq.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
-        stream = RequestStream(self, seq, queue)
+        stream = RequestStream(seq, queue, self._wake)
         self._enqueue(seq)
         return stream
 
@@ -381,28 +328,11 @@ class Engine:
             self._sampler.assign(j, s)
 
     def _place(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
-        """(slot, prompt tokens whose KV is already there). Only whole chunks are reused, and never the
-        chunk holding the last prompt token (its logits are needed)."""
-        if not self.prefix_cache:
-            return free[0], 0
-        C = self.prefill_chunk
-        limit = (len(prompt) - 1) // C * C
-
-        def match(j: int) -> int:
-            held, m = self._prefix[j], 0
-            while m + C <= min(limit, len(held)) and held[m : m + C] == prompt[m : m + C]:
-                m += C
-            return m
-
-        matches = [match(j) for j in range(self.max_running)]
-        target = max(free, key=lambda j: (matches[j], -self._freed_at[j]))  # else the least recently freed
-        source = max(range(self.max_running), key=lambda j: matches[j])
-        m = matches[target]
-        if matches[source] > m:
-            m = matches[source]
+        """(slot, prompt tokens whose KV is already there), copying a cached prefix between rows."""
+        target, source, m = self._prefix.place(prompt, free, self.max_running)
+        if source is not None:
             for t in self._cache:  # [L, rows, Hk, S, hd]: copy positions [0, m) of the source row
                 t[:, target, :, :m].copy_(t[:, source, :, :m])
-        self._prefix[target] = prompt[:m]
         return target, m
 
     def _window(self) -> int:
@@ -426,8 +356,8 @@ class Engine:
             tokens[s.slot] = s.tokens[-1]
             positions[s.slot] = len(s.prompt) + len(s.tokens) - 1
         for j in range(self.rows):
-            if self._slots[j] is None and len(self._prefix[j]) > w - 1:
-                del self._prefix[j][(w - 1) // self.prefill_chunk * self.prefill_chunk :]
+            if self._slots[j] is None:
+                self._prefix.overwritten_from(j, w - 1)
         try:
             tok = torch.tensor(tokens, device=self._device)[:, None]  # [R, 1]
             pos = torch.tensor(positions, device=self._device)[:, None]  # [R, 1]
@@ -475,8 +405,7 @@ class Engine:
             self._finish(s, "error", _describe(exc))
             return False
         s.prefilled = end
-        if end % self.prefill_chunk == 0:
-            self._prefix[j] = s.prompt[:end]
+        self._prefix.prefilled(j, s.prompt, end)
         if picked is not None:
             self._accept(s, *picked[0])
         return True
@@ -513,7 +442,7 @@ class Engine:
         if s.done:
             return
         if s.slot is not None and error is not None:
-            self._prefix[s.slot] = []  # a failed forward may have left partial writes
+            self._prefix.forget(s.slot)  # a failed forward may have left partial writes
         self._release(s)
         self._n["errors" if reason == "error" else "cancelled"] += 1
         self._send(s, GenerationEvent("", [], reason, len(s.prompt), len(s.tokens), s.seed, error))
@@ -522,7 +451,7 @@ class Engine:
         s.done = True
         if s.slot is not None:
             self._slots[s.slot] = None
-            self._freed_at[s.slot] = self._n["steps"]
+            self._prefix.freed_at[s.slot] = self._n["steps"]
             s.slot = None
         if s in self._prefilling:
             self._prefilling.remove(s)

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from llmfn.engine.requests import GenerationEvent, Sequence
-
-if TYPE_CHECKING:
-    from llmfn.engine.core import Engine
 
 
 class RequestStream:
     """The events of one submitted request: an async iterator (also awaitable, returning itself, so
     `await engine.submit(r)` and `engine.submit(r)` both work). Closing it cancels the request."""
 
-    def __init__(self, engine: Engine, seq: Sequence, queue: asyncio.Queue):
-        self._engine = engine
+    def __init__(self, seq: Sequence, queue: asyncio.Queue, wake: Callable[[], None]):
+        self._wake = wake  # tells the engine's loop to look at cancellations now
         self._seq = seq
         self._queue = queue
         self._finished = False
@@ -46,7 +43,7 @@ class RequestStream:
         """Cancel the request; the engine frees its slot at the next step."""
         if not self._finished:
             self._seq.cancelled = True
-            self._engine._wake()
+            self._wake()
 
     async def aclose(self) -> None:
         self.cancel()
