@@ -7,6 +7,7 @@ TRITON_INTERPRET=1 by calling the triton_* modules directly."""
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from llmfn.kernels import cpu, cpu_attention
 from llmfn.kernels import reference as ref
@@ -64,15 +65,8 @@ def apply_rope(
     return ref.apply_rope(q, k, cos, sin)
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    scale: float,
-    alibi_slopes: torch.Tensor | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
+              alibi_slopes: Tensor | None = None, window: int | None = None) -> Tensor:
     """Causal GQA attention over a position-indexed KV cache (see reference.attention).
     On CUDA: flash-attention prefill, or split-KV decode when s == 1."""
     if _triton(q):
@@ -95,15 +89,8 @@ def _cpu_attention(q, k, v, q_pos, scale, alibi_slopes, window):
     return ref.attention(q, k, v, q_pos, scale, alibi_slopes, window)
 
 
-def batch_invariant_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    scale: float,
-    alibi_slopes: torch.Tensor | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
+def batch_invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
+                              alibi_slopes: Tensor | None = None, window: int | None = None) -> Tensor:
     """kernels.attention (same arguments and result) computed so that a row's result does not depend
     on its place in the batch. q: [b, hq, t, d] at q_pos [b, t]; k, v: [b, hk, s, d].
 

@@ -4,6 +4,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from llmfn.errors import LlmfnError
 
@@ -58,15 +59,8 @@ def visible_keys(q_pos: torch.Tensor, k_len: int, window: int | None = None) -> 
     return mask
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    scale: float,
-    alibi_slopes: torch.Tensor | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
+              alibi_slopes: Tensor | None = None, window: int | None = None) -> Tensor:
     """Causal attention over a position-indexed KV cache, with GQA and optional ALiBi.
 
     q: [b, hq, s, d] at positions q_pos: [b, s]; k, v: [b, hk, t, d] holding position j

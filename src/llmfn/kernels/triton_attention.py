@@ -18,6 +18,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from llmfn.kernels.reference import KernelError
@@ -331,15 +332,8 @@ def decode(
 
 
 @triton_op("llmfn::attention", mutates_args=())
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    scale: float,
-    alibi_slopes: torch.Tensor | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
+              alibi_slopes: Tensor | None = None, window: int | None = None) -> Tensor:
     """Triton attention with reference.attention's contract: split-KV decode when s == 1, else prefill."""
     if q.shape[2] == 1:
         return decode(q, k, v, q_pos, scale, alibi_slopes, window)
