@@ -1,6 +1,6 @@
 """Compile a C source once per machine into LLMFN_HOME/kernels/ and load it with ctypes.
 
-Used by llmfn's CPU kernels (llmfn.kernels.cpu, llmfn.quant_cpu). Built with the system C compiler
+Used by llmfn's CPU kernels (llmfn.kernels.cpu, llmfn.kernels.cpu_quant). Built with the system C compiler
 (-O3 -march=native -fopenmp); the library's name hashes the source, the flags and the CPU's flags,
 so -march=native code never runs on another CPU sharing LLMFN_HOME. Without a compiler (or on a
 non-Linux system) `load` returns None and callers take their torch path."""

@@ -1,6 +1,6 @@
 """C kernels for decode on CPU: matrix-vector products, RMSNorm, SiLU-gate, the fused rope +
 KV-cache write + attention of a step, and all decoder layers of a step in one call (fp32, int4 or
-int8 weights; the int4 / int8 matrix code is llmfn.quant_cpu's, built into the same library). Each
+int8 weights; the int4 / int8 matrix code is llmfn.cpu_quant's, built into the same library). Each
 has a torch reference (kernels/reference.py and the model code) that it is tested against;
 `llmfn.kernels.ops`, `llmfn.linear` and `models/llama.py` pick these for fp32 CPU inputs of at
 most MAX_ROWS rows, the torch path otherwise.
@@ -26,13 +26,13 @@ import weakref
 
 import torch
 
-from llmfn import cbuild, quant_cpu
-from llmfn.kernels import csimd
+from llmfn import cbuild
+from llmfn.kernels import cpu_quant, csimd
 
 # Most activation rows the kernels take (decode steps, small engine batches); more go to torch.
 MAX_ROWS = 16  # at most 16: the fused layers keep a row's outputs in float[16]
 
-SOURCE = quant_cpu.SOURCE + csimd.EXP8 + r"""
+SOURCE = cpu_quant.SOURCE + csimd.EXP8 + r"""
 #include <math.h>
 #include <sched.h>
 #include <omp.h>
@@ -386,7 +386,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    **quant_cpu.SIGNATURES,
+    **cpu_quant.SIGNATURES,
     "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _p, *[_i64] * 8, _f32, _f32, _i64, _i32],
     "llmfn_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_rms_norm": [_p, _p, _p, _i64, _i64, _f32],
