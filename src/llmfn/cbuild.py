@@ -17,6 +17,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from llmfn._env import home
+
 # LLMFN_CPU_MARCH picks the target (default: this CPU); e.g. x86-64 builds the portable C paths
 # that a CPU without AVX2 runs, which the tests check too.
 FLAGS = ["-O3", f"-march={os.environ.get('LLMFN_CPU_MARCH', 'native')}", "-ffp-contract=off", "-fopenmp", "-shared",
@@ -34,8 +36,6 @@ def _cpu_flags() -> str:
 
 
 def library_path(name: str, source: str) -> Path:
-    from llmfn.registry import home
-
     key = hashlib.sha256((source + " ".join(FLAGS) + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
     return home() / "kernels" / f"{name}_{key}.so"
 
