@@ -148,7 +148,8 @@ def kernels(threads: int) -> None:
     from memory as in a real forward, CPU time of one thread (robust on a shared machine)."""
     import torch.nn.functional as F
 
-    from llmfn import quant, quant_cpu
+    from llmfn import quant
+    from llmfn.kernels import cpu_quant
 
     torch.set_num_threads(1)
     shapes = {"wqkv": (960, 576), "w_gate_up": (3072, 576), "w_down": (576, 1536), "lm_head": (49152, 576)}
@@ -165,11 +166,11 @@ def kernels(threads: int) -> None:
           "torch int4pack (bf16 x) | torch int8pack | dequant + F.linear | torch.compile(dequant + F.linear) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (n, k) in shapes.items():
-        row = kernel_row(n, k, bench, quant, quant_cpu, F)
+        row = kernel_row(n, k, bench, quant, cpu_quant, F)
         print(f"| {name} [{n}, {k}] | " + " | ".join(f"{v:.0f} us" for v in row) + " |")
 
 
-def kernel_row(n, k, bench, quant, quant_cpu, F) -> list[float]:
+def kernel_row(n, k, bench, quant, cpu_quant, F) -> list[float]:
     copies = 2 if n > 40000 else 20
     ws = [torch.randn(n, k) for _ in range(copies)]
     w4 = [quant.Int4Weight.quantize(w, 32) for w in ws]
@@ -177,7 +178,7 @@ def kernel_row(n, k, bench, quant, quant_cpu, F) -> list[float]:
     x = torch.randn(1, k)
     packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(quant.unpack_int4(w.qweight).int(), 2) for w in w4]
     sz = torch.randn(k // 32, n, 2)
-    fast = quant_cpu.available()
+    fast = cpu_quant.available()
     fused = torch.compile(lambda x, qw, s, o: F.linear(x, quant._dequantize_int4(qw, s, o, 32)), dynamic=False)
     return [
         bench(lambda i: F.linear(x, ws[i]), copies),

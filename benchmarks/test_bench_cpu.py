@@ -19,8 +19,8 @@ import itertools
 import pytest
 import torch.nn.functional as F
 
-from llmfn import quant, quant_cpu
-from llmfn.kernels import cpu
+from llmfn import quant
+from llmfn.kernels import cpu, cpu_quant
 from llmfn.loading import decode_layout
 from llmfn.models import llama
 
@@ -73,7 +73,7 @@ def test_decode_int4_matmul(benchmark, gate_up, impl):
     nxt = cycling(leaves)
     def kernel():
         w = nxt()
-        return quant_cpu.int4_linear(x, w.qweight, w.scales, w.offsets, w.group_size)
+        return cpu_quant.int4_linear(x, w.qweight, w.scales, w.offsets, w.group_size)
 
     benchmark(kernel if impl == "llmfn C int4" else lambda: F.linear(x, nxt().dequantize()))
 

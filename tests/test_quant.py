@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmfn
-from llmfn import quant, quant_cpu
+from llmfn import quant
 from llmfn.convert import convert_gptq_to_awq, pack_gptq, quantize_checkpoint
 from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.kernels import cpu_quant
 from llmfn.models import llama
 from tiny import make_checkpoint
 
@@ -194,8 +195,8 @@ def test_quantize_names_a_group_size_that_fits(tiny, tmp_path):
 # --- kernels -------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not quant_cpu.available(), reason="no C compiler for the CPU kernels")
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40, quant_cpu.MAX_ROWS + 6])  # the last: dequant + matmul
+@pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40, cpu_quant.MAX_ROWS + 6])  # the last: dequant + matmul
 @pytest.mark.parametrize("n,k,g", [(40, 64, 32), (24, 384, 128), (8, 96, 96)])
 def test_cpu_kernels_match_float64_matmul(m, n, k, g):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))

@@ -1,5 +1,7 @@
 """Environment defaults llmfn sets when imported, before torch is (torch's OpenMP runtime and its
-allocator read them once, when loaded); a value the user set is kept.
+allocator read them once, when loaded); a value the user set is kept. Also `home()`, the cache
+folder (LLMFN_HOME), here so that modules low in the package (cbuild) read it without importing
+the model registry.
 
 OMP_WAIT_POLICY=PASSIVE: libgomp spins idle worker threads after each parallel region by default.
 On a small machine shared with an engine thread, a server or another process, that spinning takes
@@ -15,8 +17,14 @@ bandwidth (a 540 MB read on 2 cores: 28.2 -> 32.1 GB/s).
 """
 
 import os
+from pathlib import Path
 
 # The variables llmfn sets (the user had not): benchmarks start peer runtimes without them.
 ENV_SET_BY_LLMFN = tuple(k for k in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE") if k not in os.environ)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def home() -> Path:
+    """llmfn's cache folder: LLMFN_HOME, default ~/.cache/llmfn (converted models, compiled kernels)."""
+    return Path(os.environ.get("LLMFN_HOME", Path.home() / ".cache" / "llmfn"))

@@ -24,8 +24,8 @@ import os
 import torch
 
 from llmfn import models
+from llmfn._env import home
 from llmfn.kernels import cpu
-from llmfn.loading.registry import home
 from llmfn.model import Model
 from llmfn.models import llama
 

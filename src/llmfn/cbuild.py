@@ -1,9 +1,12 @@
-"""Compile a C source once per machine into LLMFN_HOME/kernels/ and load it with ctypes.
+"""Compile a C library once per machine into LLMFN_HOME/kernels/ and load it with ctypes.
 
-Used by llmfn's CPU kernels (llmfn.kernels.cpu, llmfn.quant_cpu). Built with the system C compiler
-(-O3 -march=native -fopenmp); the library's name hashes the source, the flags and the CPU's flags,
-so -march=native code never runs on another CPU sharing LLMFN_HOME. Without a compiler (or on a
-non-Linux system) `load` returns None and callers take their torch path."""
+Used by llmfn's CPU kernels (llmfn.kernels.cpu, cpu_gemm, cpu_attention) and native tokenizers. The
+sources live in llmfn/kernels/csrc/: a library is one .c file there (the translation unit), which
+includes the headers beside it. Built with the system C compiler (-O3 -march=native -fopenmp); the
+library's name hashes the .c file, every header in csrc/, the generated headers, the flags (defines
+included) and the CPU's flags, so an edited header rebuilds and -march=native code never runs on
+another CPU sharing LLMFN_HOME. Without a compiler (or on a non-Linux system) `load` returns None
+and callers take their torch path."""
 
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+
+from llmfn._env import home
+
+CSRC = Path(__file__).parent / "kernels" / "csrc"
 
 # LLMFN_CPU_MARCH picks the target (default: this CPU); e.g. x86-64 builds the portable C paths
 # that a CPU without AVX2 runs, which the tests check too.
@@ -33,11 +40,26 @@ def _cpu_flags() -> str:
         return ""
 
 
-def library_path(name: str, source: str) -> Path:
-    from llmfn.loading.registry import home
+def _flags(defines: dict[str, object]) -> list[str]:
+    return [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
 
-    key = hashlib.sha256((source + " ".join(FLAGS) + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
-    return home() / "kernels" / f"{name}_{key}.so"
+
+def build_dir() -> Path:
+    """Where the compiled libraries live."""
+    return home() / "kernels"
+
+
+def library_path(name: str, main: str, defines: dict[str, object] | None = None,
+                 generated: dict[str, str] | None = None) -> Path:
+    """The library built from csrc/`main` with these -D `defines` and `generated` headers ({file
+    name: text}, written beside the build, on its include path): its name hashes all the build reads."""
+    files = [(p.name, p.read_bytes()) for p in [CSRC / main, *sorted(CSRC.glob("*.h"))]]
+    files += [(file, text.encode()) for file, text in sorted((generated or {}).items())]
+    h = hashlib.sha256()
+    for file, data in files:  # each named and sized: no two sets of files hash alike
+        h.update(f"{file}\0{len(data)}\0".encode() + data)
+    h.update("\0".join([*_flags(defines or {}), platform.machine(), _cpu_flags()]).encode())
+    return build_dir() / f"{name}_{h.hexdigest()[:16]}.so"
 
 
 def compiler() -> str | None:
@@ -45,28 +67,31 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _compile(source: str, target: Path) -> None:
+def _compile(main: str, defines: dict[str, object], generated: dict[str, str], target: Path) -> None:
     cc = compiler()
     if cc is None:
         raise OSError("no C compiler")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "kernel.c"
-        src.write_text(source)
+        for file, text in generated.items():
+            (Path(tmp) / file).write_text(text)
         out = Path(tmp) / "kernel.so"
-        subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True)
+        cmd = [cc, *_flags(defines), f"-I{tmp}", f"-I{CSRC}", str(CSRC / main), "-o", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True)
         out.replace(target)  # atomic: concurrent first uses each compile, one rename wins
 
 
-def cpu_kernels(name: str, source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
+def cpu_kernels(name: str, main: str, signatures: dict[str, list], **kwargs) -> ctypes.CDLL | None:
     """`load` for llmfn's CPU compute kernels, or None when LLMFN_CPU_KERNELS=torch turns them off
     (callers then take their torch path)."""
-    return None if os.environ.get("LLMFN_CPU_KERNELS", "c") == "torch" else load(name, source, signatures)
+    return None if os.environ.get("LLMFN_CPU_KERNELS", "c") == "torch" else load(name, main, signatures, **kwargs)
 
 
-def load(name: str, source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
-    """The compiled library (compiling on first use), its functions typed by `signatures`
-    ({function: argtypes}, all returning int), or None when it cannot be built here."""
+def load(name: str, main: str, signatures: dict[str, list], defines: dict[str, object] | None = None,
+         generated: dict[str, str] | None = None) -> ctypes.CDLL | None:
+    """The library built from csrc/`main` (compiling on first use; `defines` and `generated` as in
+    library_path), its functions typed by `signatures` ({function: argtypes}, all returning int), or
+    None when it cannot be built here."""
     if name in _loaded:
         return _loaded[name]
     with _lock:
@@ -74,10 +99,10 @@ def load(name: str, source: str, signatures: dict[str, list]) -> ctypes.CDLL | N
             return _loaded[name]
         lib = None
         if platform.system() == "Linux":
-            path = library_path(name, source)
             try:
+                path = library_path(name, main, defines, generated)
                 if not path.exists():
-                    _compile(source, path)
+                    _compile(main, defines or {}, generated or {}, path)
                 lib = ctypes.CDLL(str(path))
                 for fn, argtypes in signatures.items():
                     getattr(lib, fn).argtypes = argtypes

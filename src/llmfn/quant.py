@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from llmfn import quant_cpu
 from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
+from llmfn.kernels import cpu_quant
 from llmfn.kernels.reference import pack_int4, unpack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -100,7 +100,7 @@ def _fp32_cpu(q: torch.Tensor, *floats: torch.Tensor) -> bool:
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and quant_cpu.available()
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_quant.available()
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +127,7 @@ class Int4Weight:
     def fused_args(self) -> tuple | None:
         """(kind 1, qweight, scales, offsets, group) pointers for the fused C decoder layer
         (kernels/cpu.py), or None when its int4 kernel cannot take this weight."""
-        ok = _fp32_cpu(self.qweight, self.scales, self.offsets) and quant_cpu.int4_ok(self.shape[1], self.group_size)
+        ok = _fp32_cpu(self.qweight, self.scales, self.offsets) and cpu_quant.int4_ok(self.shape[1], self.group_size)
         if not ok:
             return None
         return (1, self.qweight.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), self.group_size)
@@ -158,8 +158,8 @@ class Int4Weight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [n, k]: q * scales + offsets in fp32, then cast to dtype (default self.dtype)."""
         dtype = dtype or self.dtype
-        if _cpu_kernels(self.qweight) and quant_cpu.int4_ok(self.shape[1], self.group_size):
-            return quant_cpu.int4_dequantize(self.qweight, self.scales, self.offsets, self.group_size).to(dtype)
+        if _cpu_kernels(self.qweight) and cpu_quant.int4_ok(self.shape[1], self.group_size):
+            return cpu_quant.int4_dequantize(self.qweight, self.scales, self.offsets, self.group_size).to(dtype)
         return _dequantize_int4(self.qweight, self.scales, self.offsets, self.group_size).to(dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Int4Weight:
@@ -229,7 +229,7 @@ class Int8Weight:
     def fused_args(self) -> tuple | None:
         """(kind 2, qweight, scales, 0, group) pointers for the fused C decoder layer (kernels/cpu.py),
         or None when its int8 kernel cannot take this weight."""
-        if not (_fp32_cpu(self.qweight, self.scales) and quant_cpu.int8_ok(self.shape[1], self.group_size)):
+        if not (_fp32_cpu(self.qweight, self.scales) and cpu_quant.int8_ok(self.shape[1], self.group_size)):
             return None
         return (2, self.qweight.data_ptr(), self.scales.data_ptr(), 0, self.group_size)
 
@@ -251,7 +251,7 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dtype
         if _cpu_kernels(self.qweight):
-            return quant_cpu.int8_dequantize(self.qweight, self.scales, self.group_size).to(dtype)
+            return cpu_quant.int8_dequantize(self.qweight, self.scales, self.group_size).to(dtype)
         return _dequantize_int8(self.qweight, self.scales, self.group_size).to(dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Int8Weight:
@@ -319,14 +319,14 @@ def _dequantize_int8(qweight, scales, g) -> torch.Tensor:
 
 
 def _int4_linear_cpu(x, qweight, scales, offsets, group_size) -> torch.Tensor:
-    if quant_cpu.int4_ok(x.shape[1], group_size) and quant_cpu.available():
-        return quant_cpu.int4_linear(x, qweight, scales, offsets, group_size)
+    if cpu_quant.int4_ok(x.shape[1], group_size) and cpu_quant.available():
+        return cpu_quant.int4_linear(x, qweight, scales, offsets, group_size)
     return F.linear(x, _dequantize_int4(qweight, scales, offsets, group_size))
 
 
 def _int8_linear_cpu(x, qweight, scales, group_size) -> torch.Tensor:
-    if quant_cpu.int8_ok(x.shape[1], group_size) and quant_cpu.available():
-        return quant_cpu.int8_linear(x, qweight, scales, group_size)
+    if cpu_quant.int8_ok(x.shape[1], group_size) and cpu_quant.available():
+        return cpu_quant.int8_linear(x, qweight, scales, group_size)
     return F.linear(x, _dequantize_int8(qweight, scales, group_size))
 
 

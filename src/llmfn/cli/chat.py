@@ -269,7 +269,7 @@ def _setup_readline() -> None:
         import atexit
         import readline
 
-        from llmfn.loading.registry import home
+        from llmfn._env import home
 
         path = home() / "chat_history"
         path.parent.mkdir(parents=True, exist_ok=True)

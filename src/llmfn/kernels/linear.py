@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from llmfn.kernels import cpu, cpu_attention, cpu_gemm
 from llmfn.kernels.ops import encoder_attention
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf)
     "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
@@ -102,10 +100,8 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, *, act: str | None
         operands = (w,) if b is None else (w, b)
         if w.is_contiguous() and cpu.takes(x, *operands):
             y = cpu.linear(x, w, b)
-        elif _ONEDNN and w.is_contiguous() and cpu.fp32_cpu(x, *operands) and not torch.compiler.is_compiling():
-            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         else:
-            y = F.linear(x, w, b)
+            y = cpu.dense_linear(x, w, b)
         return _finish(y, act, residual, norm)
     y = w.linear(x)
     return _finish(y if b is None else y + b, act, residual, norm)

@@ -6,13 +6,13 @@ cache on first use; the embedding model is used in place."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmfn._env import home  # re-exported: callers import it from here
 from llmfn.errors import CheckpointError
 
 
@@ -36,10 +36,6 @@ ALIASES = {
 }
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
-
-
-def home() -> Path:
-    return Path(os.environ.get("LLMFN_HOME", Path.home() / ".cache" / "llmfn"))
 
 
 def package_path(alias: Alias) -> Path:

@@ -1,13 +1,14 @@
-"""C code shared by llmfn's CPU kernels (kernels/cpu.py, kernels/cpu_attention.py), pasted into their
-sources: AVX2 helpers that must behave the same wherever they are used."""
-
-# e^x for 8 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, about
-# 1 ulp). x is clamped to [-88.38, 88] (2^n must not reach the exponent bits 255): at the low end 2^n
-# is the bits 0, so e^x for x <= -88.38 (-inf included) is exactly 0; from -88.38 to -87.3 it may be
-# a denormal.
-EXP8 = r"""
+/* AVX2 helpers shared by llmfn's CPU kernels (decode.c, quant.h, attention.c): one definition, so they
+   behave the same wherever they are used. */
+#ifndef LLMFN_SIMD_H
+#define LLMFN_SIMD_H
 #ifdef __AVX2__
 #include <immintrin.h>
+
+/* e^x for 8 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, about
+   1 ulp). x is clamped to [-88.38, 88] (2^n must not reach the exponent bits 255): at the low end 2^n
+   is the bits 0, so e^x for x <= -88.38 (-inf included) is exactly 0; from -88.38 to -87.3 it may be
+   a denormal. */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.0f));
     __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
@@ -23,5 +24,13 @@ static inline __m256 exp8(__m256 x) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
+
+/* The sum of the 8 lanes. */
+static inline float hsum(__m256 t) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    return _mm_cvtss_f32(v);
+}
 #endif
-"""
+#endif

@@ -1,0 +1,111 @@
+"""CPU kernels for weight-only int4 / int8 linears (layouts in llmfn.quant).
+
+Why a small C kernel: on this project's AVX2 machines none of torch's options beat it. Decode
+(one activation row) of SmolLM2's [3072, 576] gate/up weight, one thread, weights from memory
+(`python benchmarks/quant.py --kernels`): fp32 F.linear 681 us; this int4 kernel 185 us, int8 197 us;
+torch `_weight_int4pack_mm_for_cpu` 7866 us with fp32 activations, 279 us with bf16 ones (which
+would cost the model its fp32 numerics); `_weight_int8pack_mm` 1589 us; dequantize + F.linear
+3685 us, the same fused by torch.compile 5263 us. The kernel streams the packed bytes once and
+dequantizes in registers, in fp32:
+
+    y[i, j] = sum_g scales[j, g] * (sum_{t in g} x[i, t] * q[j, t]) + offsets[j, g] * sum_{t in g} x[i, t]
+
+for up to MAX_ROWS activation rows (decode, small batches, short prompts); bigger inputs dequantize the weight in
+row chunks and call F.linear (the BLAS matmul is faster once the weight is reused enough).
+
+The C code (csrc/quant.h) is compiled once per machine into kernels/cpu.py's library, in
+LLMFN_HOME/kernels/. Without a compiler, or with LLMFN_QUANT_KERNEL=torch, `available()` is False
+and llmfn.quant falls back to dequantize + F.linear (same numbers up to summation order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from llmfn.kernels import cpu
+
+# Largest number of activation rows the streaming kernels take; more rows go dequant + matmul.
+# Measured crossover on 2 cores ([3072, 576], int4 / int8): 64 rows 3.1 / 2.6 ms in the kernel vs
+# 4.0 / 4.6 ms dequant + matmul; 128 rows 6.4 / 5.4 vs 5.1 / 5.7 ms.
+MAX_ROWS = 64
+# Rows of the weight dequantized at a time on the F.linear path (bounds the temporary).
+CHUNK_ROWS = 4096
+
+
+def _load() -> ctypes.CDLL | None:
+    """kernels/cpu.py's library, which holds these kernels (csrc/quant.h)."""
+    if os.environ.get("LLMFN_QUANT_KERNEL", "c") == "torch":
+        return None
+    return cpu.library()
+
+
+def available() -> bool:
+    """True when the compiled kernels load (compiling them on first use)."""
+    return _load() is not None
+
+
+def int4_ok(k: int, group_size: int) -> bool:
+    return group_size % 32 == 0 and k % group_size == 0
+
+
+def int8_ok(k: int, group_size: int) -> bool:
+    return group_size % 8 == 0 and k % group_size == 0
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x [m, k] fp32 contiguous @ int4 weight [n, k]^T -> [m, n] fp32 (layout in llmfn.quant)."""
+    lib = _load()
+    m, k = x.shape
+    n = qweight.shape[0]
+    if m > MAX_ROWS:
+        return _chunked(x, n, lambda lo, hi: int4_dequantize(qweight[lo:hi], scales[lo:hi], offsets[lo:hi], group_size))
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.llmfn_int4_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr(),
+                          m, n, k, group_size, torch.get_num_threads())
+    return y
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [m, k] fp32 contiguous @ int8 weight [n, k]^T -> [m, n] fp32."""
+    lib = _load()
+    m, k = x.shape
+    n = qweight.shape[0]
+    if m > MAX_ROWS:
+        return _chunked(x, n, lambda lo, hi: int8_dequantize(qweight[lo:hi], scales[lo:hi], group_size))
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.llmfn_int8_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                          m, n, k, group_size, torch.get_num_threads())
+    return y
+
+
+def _chunked(x: torch.Tensor, n: int, dequant) -> torch.Tensor:
+    # cpu.dense_linear: the fastest dense fp32 matmul for these rows (oneDNN's)
+    if n <= CHUNK_ROWS:
+        return cpu.dense_linear(x, dequant(0, n))
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    for lo in range(0, n, CHUNK_ROWS):
+        hi = min(n, lo + CHUNK_ROWS)
+        y[:, lo:hi] = cpu.dense_linear(x, dequant(lo, hi))
+    return y
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dense fp32 [n, k] = q * scales + offsets (contiguous CPU inputs)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    w = torch.empty(n, k, dtype=torch.float32)
+    _load().llmfn_int4_dequant(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), w.data_ptr(),
+                               n, k, group_size, torch.get_num_threads())
+    return w
+
+
+def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dense fp32 [n, k] = q * scales (contiguous CPU inputs)."""
+    n, k = qweight.shape
+    w = torch.empty(n, k, dtype=torch.float32)
+    _load().llmfn_int8_dequant(qweight.data_ptr(), scales.data_ptr(), w.data_ptr(), n, k, group_size,
+                               torch.get_num_threads())
+    return w

@@ -1,0 +1,2 @@
+/* The GEMM library (kernels/cpu_gemm.py). */
+#include "gemm.h"
