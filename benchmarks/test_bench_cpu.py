@@ -19,8 +19,8 @@ import itertools
 import pytest
 import torch.nn.functional as F
 
-from llmfn import quant, quant_cpu
-from llmfn.kernels import cpu
+from llmfn import quant_cpu
+from llmfn.kernels import cpu, quant
 from llmfn.loading import decode_layout
 from llmfn.models import llama
 
