@@ -148,8 +148,7 @@ def kernels(threads: int) -> None:
     from memory as in a real forward, CPU time of one thread (robust on a shared machine)."""
     import torch.nn.functional as F
 
-    from llmfn import quant
-    from llmfn.kernels import cpu_quant
+    from llmfn.kernels import cpu_quant, quant
 
     torch.set_num_threads(1)
     shapes = {"wqkv": (960, 576), "w_gate_up": (3072, 576), "w_down": (576, 1536), "lm_head": (49152, 576)}

@@ -19,8 +19,7 @@ import itertools
 import pytest
 import torch.nn.functional as F
 
-from llmfn import quant
-from llmfn.kernels import cpu, cpu_quant
+from llmfn.kernels import cpu, cpu_quant, quant
 from llmfn.loading import decode_layout
 from llmfn.models import llama
 

@@ -32,6 +32,7 @@ from llmfn.errors import CheckpointError, RequestError, UnsupportedModelError
 from llmfn.kernels import cpu_attention, cpu_gemm
 from llmfn.kernels import linear as llmfn_linear
 from llmfn.kernels.linear import PackedWeight
+from llmfn.loading import bert as bert_loading
 from llmfn.loading import load
 from llmfn.loading.registry import ALIASES, package_path
 from llmfn.models import bert
@@ -153,10 +154,10 @@ def test_forward_matches_transformers_bertmodel(tmp_path, act, path, sizes, monk
     plain: unpacked weights (oneDNN), C attention; torch: torch's SDPA. Sizes off the kernels' tiles too."""
     hf = tiny_hf(act=act, **sizes)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    cfg = bert.read_config(tmp_path)
-    params = bert.load_params(tmp_path, cfg)
+    cfg = bert_loading.read_config(tmp_path)
+    params = bert_loading.load_params(tmp_path, cfg)
     if path == "packed":
-        params = bert.pack_params(params)
+        params = bert_loading.pack_params(params)
         assert all(isinstance(layer["w_up"], PackedWeight) for layer in params["layers"]) or not cpu_gemm.available()
     if path == "torch":
         monkeypatch.setattr(cpu_attention, "available", lambda: False)
@@ -177,8 +178,8 @@ def test_loads_prefixed_checkpoints_and_ignores_heads(tmp_path):
     """BertForMaskedLM saves `bert.`-prefixed tensors plus a `cls.` head and a pooler is absent."""
     hf = tiny_hf(masked_lm=True)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    cfg = bert.read_config(tmp_path)
-    params = bert.load_params(tmp_path, cfg)
+    cfg = bert_loading.read_config(tmp_path)
+    params = bert_loading.load_params(tmp_path, cfg)
     tokens, mask, lengths = random_batch()
     with torch.inference_mode():
         ours = bert.forward(params, cfg, tokens, mask)
@@ -205,7 +206,7 @@ def test_params_tree_matches_abstract(tiny):
                 check(a, b)
 
     check(model.params, shapes)
-    assert hash(model.cfg) == hash(bert.read_config(model.path))
+    assert hash(model.cfg) == hash(bert_loading.read_config(model.path))
 
 
 def test_padding_never_changes_hidden_states(tiny):
@@ -231,8 +232,8 @@ def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path,
     and transformers' hidden states."""
     hf = tiny_hf()
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    cfg = bert.read_config(tmp_path)
-    params = bert.pack_params(bert.load_params(tmp_path, cfg))
+    cfg = bert_loading.read_config(tmp_path)
+    params = bert_loading.pack_params(bert_loading.load_params(tmp_path, cfg))
     B, T = 2 * llmfn_linear.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, 29  # 2 sequences a task
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(5, 128, (B, T), generator=g)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import llmfn
-from llmfn import chat_formats
 from llmfn.chat_template import apply_chat_template, render
 from llmfn.kernels import reference as ref
+from llmfn.loading import chat_formats
 from llmfn.loading.baichuan import baichuan_config
 from llmfn.loading.qwen import qwen_config
 from llmfn.models import llama
@@ -568,7 +568,7 @@ def test_qwen1_tiktoken_folder_chatml_equals_make_context(qwen_tiktoken, turns):
 
 
 # ---------------------------------------------------------------------------------------------
-# AWQ checkpoints of each layout (llmfn.quant leaves), and GPTQ through `llmfn convert gptq-to-awq`
+# AWQ checkpoints of each layout (llmfn.kernels.quant leaves), and GPTQ through `llmfn convert gptq-to-awq`
 # ---------------------------------------------------------------------------------------------
 
 QUANTIZED = re.compile(r"\.(c_attn|c_proj|w1|w2|W_pack|o_proj|gate_proj|up_proj|down_proj)\.weight$")
@@ -577,8 +577,8 @@ QUANTIZED = re.compile(r"\.(c_attn|c_proj|w1|w2|W_pack|o_proj|gate_proj|up_proj|
 def quantized_variants(tensors, group_size=32, seed=0):
     """Random int4 weights (q, zero point z, fp16 scale s) for every decoder linear of `tensors`:
     (dense tensors holding (q - z) * s, the same as AutoAWQ GEMM tensors, the same as GPTQ tensors)."""
-    from llmfn.convert import pack_gptq
-    from llmfn.quant import pack_awq
+    from llmfn.kernels.quant import pack_awq
+    from llmfn.loading.convert import pack_gptq
 
     g = torch.Generator().manual_seed(seed)
     dense, awq, gptq = {}, {}, {}
@@ -611,8 +611,8 @@ def _layout(kind, folder):
 
 @pytest.mark.parametrize("kind", ["qwen1", "baichuan7b", "baichuan13b"])
 def test_awq_and_converted_gptq_checkpoints_equal_their_dense_weights(tmp_path, kind):
-    from llmfn.convert import convert_gptq_to_awq
-    from llmfn.quant import Int4Weight
+    from llmfn.kernels.quant import Int4Weight
+    from llmfn.loading.convert import convert_gptq_to_awq
 
     config, tensors = _layout(kind, tmp_path / "float")
     dense, awq, gptq = quantized_variants(tensors)

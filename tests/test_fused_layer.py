@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmfn import quant
 from llmfn.backend import fused_forward
 from llmfn.kernels import cpu
 from llmfn.kernels import reference as ref
+from llmfn.loading.quantize import quantize_params
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
 
@@ -87,7 +87,7 @@ def test_fused_layer_is_bitwise_the_op_by_op_layer(variant, weights, monkeypatch
     cfg = config(**VARIANTS[variant])
     params = random_params(cfg, seed=len(variant))
     if weights != "fp32":
-        params = quant.quantize_params(params, weights)
+        params = quantize_params(params, weights)
     calls = []
     real = cpu.decoder_layers
     monkeypatch.setattr(cpu, "decoder_layers", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))

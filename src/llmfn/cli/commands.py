@@ -124,7 +124,7 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
 
 def cmd_convert_gptq_to_awq(args: argparse.Namespace) -> int:
     from llmfn.cli.progress import Progress
-    from llmfn.convert import convert_gptq_to_awq
+    from llmfn.loading.convert import convert_gptq_to_awq
 
     with Progress("repacking GPTQ as AWQ", unit="linear") as progress:
         out = convert_gptq_to_awq(args.input, args.output, progress=progress)
@@ -134,7 +134,7 @@ def cmd_convert_gptq_to_awq(args: argparse.Namespace) -> int:
 
 def cmd_convert_quantize(args: argparse.Namespace) -> int:
     from llmfn.cli.progress import Progress
-    from llmfn.convert import quantize_checkpoint
+    from llmfn.loading.convert import quantize_checkpoint
 
     with Progress(f"quantizing ({args.method})", unit="linear") as progress:
         out = quantize_checkpoint(args.input, args.output, args.method, group_size=args.group_size,

@@ -1,4 +1,5 @@
-"""Baichuan checkpoints (model_type "baichuan"), mapped onto the Llama forward.
+"""Baichuan checkpoints (model_type "baichuan"), mapped onto the Llama forward: a config reader and
+a tensor name map, which loading/families.py names for model_type "baichuan".
 
 Original (Baichuan's modeling_baichuan.py)        llmfn (models/llama.py layout)
   model.layers.N.self_attn.W_pack, q|k|v stacked   wqkv
@@ -22,12 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmfn import chat_formats
 from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.kernels.reference import alibi_slopes
-from llmfn.loading import FAMILY_LOADERS, cast_params, finish_causal_lm
-from llmfn.loading.checkpoint import read_tensors, take, take_stacked, weight_files
-from llmfn.model import Model
+from llmfn.loading.checkpoint import take, take_stacked
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
 
@@ -71,7 +69,7 @@ def params_from_baichuan(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
                          source: Path | str = "model.safetensors") -> llama.Params:
     """Map BaichuanForCausalLM tensor names onto the llmfn layout, checking every shape; the
     lm_head rows are normalised here when cfg.norm_head. Consumes `tensors`; a quantized
-    checkpoint's linears arrive as llmfn.quant's pending leaves, which stack like tensors."""
+    checkpoint's linears arrive as Pending leaves (llmfn.loading.quantize), which stack like tensors."""
     t = {k.removeprefix("model."): v for k, v in tensors.items()}
     D, F_ = cfg.hidden_size, cfg.intermediate_size
 
@@ -106,25 +104,3 @@ def params_from_baichuan(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
     else:
         params["rope_inv_freq"] = llama.rope_inv_freq(cfg)
     return params
-
-
-def load_baichuan(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> Model:
-    """A Baichuan checkpoint folder (safetensors, dense or AWQ; SentencePiece tokenizer.model)."""
-    cfg = baichuan_config(raw, folder / "config.json")
-    files = weight_files(folder)
-    source = files[0] if len(files) == 1 else folder
-    tensors = read_tensors(files)
-    if raw.get("quantization_config"):
-        from llmfn import quant
-
-        qc = quant.read_quantization_config(raw, folder / "config.json")
-        params = quant._unwrap(params_from_baichuan(quant.quantized_tensors(tensors, qc, source), cfg, source))
-        params = quant.finish_params(params, dtype, device)
-    else:
-        params = cast_params(params_from_baichuan(tensors, cfg, source), dtype, device)
-    model = finish_causal_lm(folder, raw, cfg, params)
-    model.chat_template = model.chat_template or chat_formats.fallback_template(folder, raw, model.tokenizer)
-    return model
-
-
-FAMILY_LOADERS["baichuan"] = load_baichuan

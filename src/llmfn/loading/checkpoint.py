@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,26 +23,31 @@ def weight_files(folder: Path) -> list[Path]:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map")
         return [folder / name for name in sorted(set(weight_map.values()))]
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise CheckpointError(f"{folder}: only pickle weights (*.bin/*.pt) found; llmfn never unpickles, convert to safetensors")
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt") for p in folder.glob(pattern))
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle weights ({', '.join(pickles)}) found; llmfn never unpickles "
+                              "(it can run code), convert them to safetensors")
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_tensors(files: list[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of the given safetensors files by name (mmap'd on CPU)."""
-    tensors: dict[str, torch.Tensor] = {}
+def iter_tensors(files: list[Path], device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the given safetensors files, one at a time (mmap'd on CPU)."""
     for file in files:
         if not file.exists():
             raise CheckpointError(f"{file}: file not found")
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
+                    yield name, f.get_tensor(name)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors reports truncation and bad headers this way
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-    return tensors
+
+
+def read_tensors(files: list[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of the given safetensors files by name (mmap'd on CPU)."""
+    return dict(iter_tensors(files, device))
 
 
 def take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], source: Path | str) -> torch.Tensor:
@@ -57,7 +63,7 @@ def take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], so
 def take_stacked(tensors: dict, names, out: int, inp: int, source: Path | str) -> torch.Tensor:
     """The `<name>.weight` of one linear [out, inp], or of several stacked along the output dim
     (fused q/k/v or gate/up), each checked as [out / len(names), inp]. Quantized checkpoints'
-    pending leaves (llmfn.quant) stack like tensors."""
+    Pending leaves (llmfn.loading.quantize) stack like tensors."""
     names = (names,) if isinstance(names, str) else tuple(names)
     parts = [take(tensors, n + ".weight", (out // len(names), inp), source) for n in names]
     return parts[0] if len(parts) == 1 else torch.cat(parts)

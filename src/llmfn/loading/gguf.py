@@ -1,9 +1,18 @@
-"""GGUF import: read a llama.cpp GGUF file with the `gguf` package and write a Hugging Face-style
-folder (config.json, model.safetensors, tokenizer files, generation_config.json)."""
+"""GGUF files (llama.cpp), read with the `gguf` package: one reader of the tensors under Hugging Face
+names (`gguf_tensors`: Q4_0 / Q4_1 / Q8_0 blocks kept as quantized leaves or dequantized, as the
+caller asks) and one cache folder per converted model (`converted_folder`).
+
+    load("model.gguf")                      converted_folder: config, tokenizer and fp32 weights
+                                            written once, then read like any Hugging Face folder
+    load("model.gguf", quantize="int4")     load_gguf: the blocks straight into Int4Weight /
+                                            Int8Weight leaves, config and tokenizer from the same folder
+    llmfn convert gguf IN OUT               convert_gguf: the same folder written where asked
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +20,15 @@ import torch
 from safetensors.torch import save_file
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.kernels.quant import Int4Weight, Int8Weight, QuantizedWeight
+from llmfn.loading.causal_lm import causal_lm_model
+from llmfn.loading.config import llama_config_from_hf
+from llmfn.loading.llama import params_from_hf
+from llmfn.loading.params import finish_params
+from llmfn.loading.quantize import Pending, quantize_tensor, unwrap
+from llmfn.loading.registry import converted_path, publish_folder, published_stamp
+from llmfn.model import Model
+from llmfn.tokenization.gguf import tokenizer_files_from_gguf
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 _LAYER_NAMES = {
@@ -90,23 +108,6 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantized_tensors(reader, config: dict, dtype: torch.dtype = torch.float32, progress=None) -> dict[str, torch.Tensor]:
-    """All tensors of a GGUF under HF names, dequantized with the `gguf` package.
-    progress(done, total, name), if given, is called after each tensor."""
-    from gguf.quants import dequantize
-
-    out = {}
-    for done, t in enumerate(reader.tensors, 1):
-        name, heads = hf_name(t.name), permuted_heads(config, t.name)
-        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # writable copy
-        if heads is not None:
-            w = _unpermute(w, heads)
-        out[name] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
-        if progress is not None:
-            progress(done, len(reader.tensors), t.name)
-    return out
-
-
 def hf_name(gguf_name: str) -> str:
     """The Hugging Face name of a GGUF tensor ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
     if gguf_name.startswith("blk."):
@@ -126,24 +127,130 @@ def permuted_heads(config: dict, gguf_name: str) -> int | None:
     return {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(kind)
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32, progress=None) -> Path:
-    """Write a Hugging Face-style folder for gguf_path into out_dir and return out_dir.
-    progress(done, total, name), if given, reports each tensor as it is dequantized."""
-    from llmfn.gguf_tokenizer import tokenizer_files_from_gguf
+# ---------------------------------------------------------------------------------------------
+# The tensors: one reader, blocks kept quantized or dequantized
 
+GGUF_KEPT = ("Q4_0", "Q4_1", "Q8_0")
+_BLOCK = 32
+
+
+def gguf_leaf(tensor) -> QuantizedWeight:
+    """A GGUF Q4_0 / Q4_1 / Q8_0 tensor (rows = output features) as an Int4Weight / Int8Weight."""
+    kind = tensor.tensor_type.name
+    k, n = int(tensor.shape[0]), int(np.prod(tensor.shape[1:]))
+    raw = np.ascontiguousarray(tensor.data).view(np.uint8)
+    blocks = raw.reshape(n, k // _BLOCK, -1)  # [n, G, bytes per block]
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # [n, G]
+    if kind == "Q8_0":
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(n, k)
+        return Int8Weight.from_q(q, d, _BLOCK)
+    if kind == "Q4_0":
+        packed, offsets = blocks[..., 2:], -8 * d
+    elif kind == "Q4_1":
+        packed = blocks[..., 4:]
+        offsets = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    else:
+        raise UnsupportedModelError(f"GGUF type {kind} is not kept quantized ({', '.join(GGUF_KEPT)} are)")
+    # GGUF byte i of a block holds q[i] (low nibble) and q[i + 16] (high); ours holds q[2i] and q[2i + 1].
+    even, odd = packed[..., 0::2], packed[..., 1::2]  # [n, G, 8]
+    ours = np.concatenate([(even & 0xF) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=-1)  # [n, G, 16]
+    qweight = torch.from_numpy(ours.reshape(n, k // 2))
+    return Int4Weight(qweight, d.contiguous(), offsets.float().contiguous(), _BLOCK)
+
+
+def _rows(leaf: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
+    if isinstance(leaf, Int4Weight):
+        return replace(leaf, qweight=leaf.qweight[index], scales=leaf.scales[index], offsets=leaf.offsets[index])
+    return replace(leaf, qweight=leaf.qweight[index], scales=leaf.scales[index])
+
+
+def gguf_tensors(reader, config: dict, keep: tuple[str, ...] = GGUF_KEPT, transform=None, progress=None) -> dict:
+    """All tensors of a GGUF under HF names: types in `keep` as Pending quantized leaves (the name map
+    fuses them), the rest dequantized to fp32 with the gguf package and passed through
+    transform(name, tensor) when given (one tensor at a time, to bound memory); q / k rows
+    un-permuted either way. progress(done, total, gguf name), if given, follows each tensor."""
+    from gguf.quants import dequantize
+
+    out = {}
+    for done, t in enumerate(reader.tensors, 1):
+        name, heads = hf_name(t.name), permuted_heads(config, t.name)
+        if t.tensor_type.name in keep and len(t.shape) == 2:
+            leaf = gguf_leaf(t)
+            if heads is not None:
+                leaf = _rows(leaf, torch.from_numpy(_unpermute(np.arange(leaf.shape[0]), heads).copy()))
+            out[name] = Pending(leaf)
+        else:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            if heads is not None:
+                w = _unpermute(w, heads)
+            w = torch.from_numpy(np.array(w))
+            out[name] = transform(name, w) if transform is not None else w
+        if progress is not None:
+            progress(done, len(reader.tensors), t.name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder: config, tokenizer and (dense route) weights
+
+
+def write_folder(gguf_path: Path, out: Path, dtype: torch.dtype = torch.float32, *, weights: bool = True,
+                 progress=None) -> Path:
+    """Write a Hugging Face-style folder for gguf_path into out and return out: config.json,
+    generation_config.json, tokenizer files and, with weights, model.safetensors dequantized to dtype.
+    progress(done, total, name), if given, reports each tensor as it is dequantized."""
     reader = open_gguf(gguf_path)
     config = config_from_gguf(reader, gguf_path)
     tokenizer_files = tokenizer_files_from_gguf(reader)
-    tensors = dequantized_tensors(reader, config, dtype, progress)
-    out = Path(out_dir)
+    tensors = gguf_tensors(reader, config, (), lambda _, w: w.to(dtype), progress) if weights else None
     out.mkdir(parents=True, exist_ok=True)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if weights:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
     for name, text in tokenizer_files.items():
         (out / name).write_text(text, encoding="utf-8")
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    save_file(tensors, str(out / "model.safetensors.partial"), metadata={"format": "pt", "source": Path(gguf_path).name})
-    (out / "model.safetensors.partial").replace(out / "model.safetensors")
-    # config.json last: its presence marks a complete conversion.
+    if tensors is not None:
+        partial = out / "model.safetensors.partial"
+        save_file(tensors, str(partial), metadata={"format": "pt", "source": Path(gguf_path).name})
+        partial.replace(out / "model.safetensors")
+    # config.json last: its presence marks a complete folder.
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32, progress=None) -> Path:
+    """`llmfn convert gguf IN OUT`: the folder of write_folder, weights included, where asked."""
+    return write_folder(Path(gguf_path), Path(out_dir), dtype, progress=progress)
+
+
+def converted_folder(gguf_file: Path, name: str, *, weights: bool = True) -> Path:
+    """The one cache folder of a GGUF (registry.converted_path(name)): its config, tokenizer and
+    generation files, plus model.safetensors dequantized to fp32 once a dense load asks for weights
+    (quantize= reads the GGUF's blocks instead, so it writes none; a later dense load rebuilds the
+    folder with them). Built once per source file (size and mtime); see registry.publish_folder."""
+    if not gguf_file.is_file():
+        raise CheckpointError(f"{gguf_file}: file not found")
+    out = converted_path(name)
+    stamp = f"{gguf_file.stat().st_size}-{int(gguf_file.stat().st_mtime)}"
+    if not weights and published_stamp(out) == stamp:  # a folder with weights serves a quantized load too
+        return out
+    if not weights:
+        stamp += " (config and tokenizer only)"
+    return publish_folder(out, stamp, lambda tmp: write_folder(gguf_file, tmp, weights=weights))
+
+
+def load_gguf(gguf_file: Path, name: str, dtype: torch.dtype, device: str, quantize: str) -> Model:
+    """load(gguf, quantize=...) for a llama / qwen2 GGUF: "int4" keeps Q4_0 / Q4_1 tensors as
+    Int4Weight and Q8_0 as Int8Weight (exactly the gguf package's dequantized values) and dequantizes
+    other types; "int8" keeps Q8_0 only and rounds the other linears to int8 (per channel) as they load."""
+    reader = open_gguf(gguf_file)
+    config = config_from_gguf(reader, gguf_file)
+    folder = converted_folder(gguf_file, name, weights=False)
+    cfg = llama_config_from_hf(config, gguf_file)
+    if quantize == "int8":
+        tensors = gguf_tensors(reader, config, ("Q8_0",), lambda n, t: quantize_tensor(n, t, "int8"))
+    else:
+        tensors = gguf_tensors(reader, config, GGUF_KEPT)
+    params = unwrap(params_from_hf(tensors, cfg, source=gguf_file))
+    return causal_lm_model(folder, config, cfg, finish_params(params, dtype, device))

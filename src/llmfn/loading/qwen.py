@@ -1,4 +1,5 @@
-"""Qwen (1) checkpoints (`QWenLMHeadModel`, model_type "qwen"), mapped onto the Llama forward.
+"""Qwen (1) checkpoints (`QWenLMHeadModel`, model_type "qwen"), mapped onto the Llama forward: a
+config reader and a tensor name map, which loading/families.py names for model_type "qwen".
 
 Original (Qwen's modeling_qwen.py)               llmfn (models/llama.py layout)
   transformer.wte                                  embed
@@ -15,16 +16,12 @@ dynamic-NTK rope and logn query scaling past `seq_length` (see llama.dynamic_ntk
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from llmfn import chat_formats
 from llmfn.errors import CheckpointError, UnsupportedModelError
-from llmfn.loading import FAMILY_LOADERS, cast_params, finish_causal_lm
-from llmfn.loading.checkpoint import read_tensors, take, take_stacked, weight_files
-from llmfn.model import Model
+from llmfn.loading.checkpoint import take, take_stacked
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
 
@@ -73,7 +70,7 @@ def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
     """Map QWenLMHeadModel tensor names onto the llmfn layout, checking every shape.
 
     Consumes `tensors`; anything left over is an error. A quantized checkpoint's linears arrive
-    as llmfn.quant's pending leaves, which stack (torch.cat) like tensors."""
+    as Pending leaves (llmfn.loading.quantize), which stack (torch.cat) like tensors."""
     t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     D, F_, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
 
@@ -108,36 +105,3 @@ def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
     if leftover:
         raise CheckpointError(f"{source}: unexpected tensors {leftover[:5]}")
     return {"embed": embed, "norm": norm, "lm_head": lm_head, "rope_inv_freq": llama.rope_inv_freq(cfg), "layers": layers}
-
-
-def read_params(folder: Path, raw: dict, cfg: LlamaConfig, dtype: torch.dtype, device: str) -> llama.Params:
-    """The folder's weights in the llmfn layout, cast and moved; AWQ linears as llmfn.quant leaves."""
-    files = weight_files(folder)
-    source = files[0] if len(files) == 1 else folder
-    tensors = read_tensors(files)
-    if raw.get("quantization_config"):
-        from llmfn import quant
-
-        qc = quant.read_quantization_config(raw, folder / "config.json")
-        params = quant._unwrap(params_from_qwen(quant.quantized_tensors(tensors, qc, source), cfg, source))
-        return quant.finish_params(params, dtype, device)
-    params = params_from_qwen(tensors, cfg, source)
-    tied = params["lm_head"] is params["embed"]
-    params = cast_params(params, dtype, device)
-    if tied:
-        params["lm_head"] = params["embed"]
-    return params
-
-
-def load_qwen(folder: Path, raw: dict, dtype: torch.dtype, device: str) -> Model:
-    """A Qwen-1 checkpoint folder (safetensors, dense or AWQ; qwen.tiktoken or tokenizer.json)."""
-    cfg = qwen_config(raw, folder / "config.json")
-    model = finish_causal_lm(folder, raw, cfg, read_params(folder, raw, cfg, dtype, device))
-    stops = [i for i in (chat_formats.token_id(model.tokenizer, s) for s in CHATML_STOPS) if i is not None]
-    eos = tuple(dict.fromkeys(model.generation.eos_ids + tuple(stops)))
-    model.generation = dataclasses.replace(model.generation, eos_ids=eos)
-    model.chat_template = model.chat_template or chat_formats.fallback_template(folder, raw, model.tokenizer)
-    return model
-
-
-FAMILY_LOADERS["qwen"] = load_qwen

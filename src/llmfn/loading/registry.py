@@ -48,16 +48,21 @@ def package_path(alias: Alias) -> Path:
 
 
 def converted_path(name: str, dtype: str = "float32") -> Path:
-    """Cache folder for a GGUF converted to a Hugging Face-style folder."""
+    """The cache folder of a GGUF converted to a Hugging Face-style folder (loading.gguf.converted_folder)."""
     return home() / "models" / f"{name}-{dtype}"
+
+
+def published_stamp(out: Path) -> str | None:
+    """The stamp a folder was published with by publish_folder, or None."""
+    marker = out / "SOURCE"
+    return marker.read_text() if marker.exists() else None
 
 
 def publish_folder(out: Path, stamp: str, fill: Callable[[Path], None]) -> Path:
     """A cache folder built once per stamp (the source's identity): `fill(tmp)` writes a temp folder
     beside `out`, which is then renamed into place, so readers never see a half-written folder and
     concurrent first uses each build their own (the first rename wins)."""
-    marker = out / "SOURCE"
-    if marker.exists() and marker.read_text() == stamp:
+    if published_stamp(out) == stamp:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))

@@ -1,7 +1,6 @@
-"""Weight-only int4 and int8 weights: leaf types behind `llmfn.linear`, and the formats that load
-into them (AutoAWQ checkpoints, llmfn int8 checkpoints, GGUF Q4_0 / Q4_1 / Q8_0, round to nearest).
-
-Leaf types (what a params pytree holds where a float [out, in] weight would be):
+"""Weight-only int4 and int8 weights: the leaf types that `llmfn.kernels.linear` dispatches to where a
+params pytree would hold a float [out, in] weight, their packing, and round-to-nearest quantization.
+The formats that load into them (AutoAWQ / llmfn int8 checkpoints, GGUF blocks) are read in llmfn.loading.
 
   Int4Weight   w[n, k] = q[n, k] * scales[n, k // g] + offsets[n, k // g]       q in 0..15
       qweight  uint8 [n, k // 2]: byte (j, i) holds q[j, 2i] in its low nibble and q[j, 2i + 1] in
@@ -21,33 +20,19 @@ Leaf types (what a params pytree holds where a float [out, in] weight would be):
 Both carry `dtype`, the activation dtype: `embedding(ids)` and `dequantize()` return it and
 `linear(x)` returns x's dtype. Every method returns new values; leaves are immutable pytree nodes.
 
-On-disk formats read here (safetensors, `quantization_config` in config.json):
-  AutoAWQ GEMM  {"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": true, "version": "gemm"}
-      <linear>.qweight int32 [k, n / 8]   eight 4-bit q along the output dim, nibble i (bits 4i..4i+3)
-                                          holding column 8c + AWQ_ORDER[i], AWQ_ORDER = 0 2 4 6 1 3 5 7
-      <linear>.qzeros  int32 [k / g, n / 8]  zero points z, packed the same way
-      <linear>.scales  fp16  [k / g, n]
-  llmfn int8    {"quant_method": "llmfn_int8", "bits": 8, "group_size": g or -1 (per channel)}
-      <linear>.qweight int8 [n, k]; <linear>.scales fp16 [n, k / g]; w = q * s, q in -127..127
-GPTQ (converted to AWQ by llmfn.convert, not loaded directly):
-      qweight int32 [k / 8, n] packed along the input dim in plain order; qzeros int32 [k / g, n / 8]
-      packed along the output dim in plain order, holding z - 1 ("gptq" v1 format) or z ("gptq_v2");
-      scales fp16 [k / g, n]; g_idx int32 [k] (i // g unless desc_act).
+int32 nibble packing (AutoAWQ GEMM and GPTQ tensors, see llmfn.loading.awq): eight 4-bit values a
+word, nibble i (bits 4i..4i+3) holding column 8c + order[i]; AWQ_ORDER = 0 2 4 6 1 3 5 7.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
+from llmfn.errors import CheckpointError, LlmfnError
 from llmfn.kernels import cpu_quant
 from llmfn.kernels.reference import pack_int4, unpack_int4
 
@@ -354,13 +339,13 @@ pytree.register_pytree_node(
     Int4Weight,
     lambda w: ([w.qweight, w.scales, w.offsets, w.zeros], (w.group_size, w.dtype)),
     lambda children, ctx: Int4Weight(*children[:3], ctx[0], ctx[1], children[3]),
-    serialized_type_name="llmfn.quant.Int4Weight",
+    serialized_type_name="llmfn.kernels.quant.Int4Weight",
 )
 pytree.register_pytree_node(
     Int8Weight,
     lambda w: ([w.qweight, w.scales], (w.group_size, w.dtype)),
     lambda children, ctx: Int8Weight(*children, ctx[0], ctx[1]),
-    serialized_type_name="llmfn.quant.Int8Weight",
+    serialized_type_name="llmfn.kernels.quant.Int8Weight",
 )
 
 
@@ -392,328 +377,7 @@ def rtn_int8(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.
     return q.view(n, k).to(torch.int8), scales.to(scale_dtype)
 
 
-LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
-
-
-def quantize_params(params: dict, method: str, group_size: int = 32) -> dict:
-    """Quantize a Llama-layout params pytree at load: "int4" puts the layer linears in int4 (RTN,
-    group_size) and embed / lm_head in per-row int8; "int8" puts all of them in per-channel int8.
-    Leaves that are already quantized are kept. Returns a new pytree."""
-    method = normalize_method(method)
-    cache: dict[int, object] = {}  # keeps a tied embed / lm_head one leaf
-
-    def q(w, bits):
-        if not isinstance(w, torch.Tensor) or id(w) in cache:
-            return cache.get(id(w), w)
-        if bits == 4 and w.shape[1] % group_size == 0:
-            out = Int4Weight.quantize(w, group_size).to(dtype=w.dtype)
-        else:
-            out = Int8Weight.quantize(w).to(dtype=w.dtype)
-        cache[id(w)] = out
-        return out
-
-    bits = 4 if method == "int4" else 8
-    out = dict(params)
-    out["embed"] = q(params["embed"], 8)
-    out["lm_head"] = q(params["lm_head"], 8)
-    out["layers"] = [{k: (q(v, bits) if k in LINEARS else v) for k, v in layer.items()} for layer in params["layers"]]
-    return out
-
-
-def normalize_method(method: str) -> str:
-    m = method.lower().removeprefix("rtn-").removeprefix("rtn_")
-    if m not in ("int4", "int8"):
-        raise LlmfnError(f"unknown quantization {method!r} (int4, int8, rtn-int4 or rtn-int8)")
-    return m
-
-
-def dequantize_params(tree):
-    """The same pytree with every quantized leaf replaced by its dense weight (tied leaves stay tied)."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def f(w):
-        if is_quantized(w):
-            if id(w) not in seen:
-                seen[id(w)] = w.dequantize()
-            return seen[id(w)]
-        return w
-
-    return _map_leaves(tree, f)
-
-
-def _map_leaves(tree, f):
-    if isinstance(tree, dict):
-        return {k: _map_leaves(v, f) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_map_leaves(v, f) for v in tree]
-    return f(tree)
-
-
-# ---------------------------------------------------------------------------------------------
-# Quantized safetensors checkpoints (AutoAWQ, llmfn int8)
-
-
-class _Pending:
-    """Stands in for a quantized weight while hf_llama.params_from_hf maps names and checks shapes:
-    its torch.cat of q/k/v or gate/up becomes cat_out, so naming stays in one place."""
-
-    def __init__(self, leaf):
-        self.leaf = leaf
-        self.shape = leaf.shape
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.cat and kwargs.get("dim", args[1] if len(args) > 1 else 0) == 0:
-            return _Pending(cat_out([a.leaf if isinstance(a, _Pending) else a for a in args[0]]))
-        raise UnsupportedModelError(f"{func.__name__} is not supported on a quantized weight")
-
-
-def _unwrap(tree):
-    return _map_leaves(tree, lambda w: w.leaf if isinstance(w, _Pending) else w)
-
-
-def read_quantization_config(raw: dict, source) -> dict:
-    """The checkpoint's quantization_config, checked to be a format llmfn loads."""
-    qc = raw.get("quantization_config") or {}
-    method = str(qc.get("quant_method", "")).lower()
-    if method == "awq":
-        version = str(qc.get("version", "gemm")).lower()
-        if qc.get("bits", 4) != 4:
-            raise UnsupportedModelError(f"{source}: AWQ with {qc.get('bits')} bits is not supported (4 is)")
-        if version != "gemm":
-            raise UnsupportedModelError(f"{source}: AWQ version {version!r} is not supported (gemm is)")
-        if qc.get("zero_point", True) is not True:
-            raise UnsupportedModelError(f"{source}: AWQ without zero points is not supported")
-        return {"quant_method": "awq", "group_size": int(qc.get("group_size", 128))}
-    if method == "llmfn_int8":
-        return {"quant_method": method, "group_size": int(qc.get("group_size", -1))}
-    if method == "gptq":
-        raise UnsupportedModelError(f"{source}: GPTQ checkpoints load after `llmfn convert gptq-to-awq IN OUT`")
-    raise UnsupportedModelError(f"{source}: quantization {method or qc!r} is not supported (awq, llmfn_int8 are)")
-
-
-def quantized_tensors(tensors: dict[str, torch.Tensor], qc: dict, source) -> dict:
-    """Replace each quantized linear's tensors (<name>.qweight, ...) by <name>.weight -> a pending leaf."""
-    out = {}
-    for name in [n for n in tensors if n.endswith(".qweight")]:
-        base = name.removesuffix(".qweight")
-        try:
-            qweight = tensors.pop(name)
-            scales = tensors.pop(base + ".scales")
-            if qc["quant_method"] == "awq":
-                qzeros = tensors.pop(base + ".qzeros")
-                k, g = qweight.shape[0], qc["group_size"]
-                g = k if g in (-1, 0) else g
-                want = {"qzeros": (k // g, qweight.shape[1]), "scales": (k // g, qweight.shape[1] * 8)}
-                for what, t in (("qzeros", qzeros), ("scales", scales)):
-                    if tuple(t.shape) != want[what] or k % g:
-                        raise CheckpointError(f"{source}: {base}.{what} has shape {tuple(t.shape)}, expected {want[what]}")
-                leaf = Int4Weight.from_awq(qweight, qzeros, scales, g)
-            else:
-                k = qweight.shape[1]
-                g = k if qc["group_size"] in (-1, 0) else qc["group_size"]
-                leaf = Int8Weight.from_q(qweight, scales, g)
-        except KeyError as e:
-            raise CheckpointError(f"{source}: quantized {base!r} lacks {e.args[0]!r}") from None
-        out[base + ".weight"] = _Pending(leaf)
-    out.update(tensors)
-    return out
-
-
-def params_from_quantized(tensors: dict[str, torch.Tensor], cfg, qc: dict, source="model.safetensors") -> dict:
-    """Like hf_llama.params_from_hf, for a checkpoint whose linears are quantized: the same pytree with
-    Int4Weight / Int8Weight leaves (fused along the output dim where llama fuses)."""
-    from llmfn.loading import llama as hf_llama
-
-    return _unwrap(hf_llama.params_from_hf(quantized_tensors(tensors, qc, source), cfg, source))
-
-
-def finish_params(params: dict, dtype: torch.dtype, device: str) -> dict:
-    """Cast floats to dtype, move everything to device, give leaves the activation dtype; keeps ties."""
-    from llmfn.loading import cast_params
-
-    tied = params["lm_head"] is params["embed"]
-    params = _map_leaves(params, lambda w: w.to(device, dtype) if is_quantized(w) else w)
-    params = cast_params(params, dtype, device)
-    if tied:
-        params["lm_head"] = params["embed"]
-    return params
-
-
-def load_quantized_causal_lm(folder: Path, raw: dict, dtype: torch.dtype, device: str):
-    """load_causal_lm for a checkpoint with a quantization_config (AutoAWQ GEMM, llmfn int8)."""
-    from llmfn.loading import finish_causal_lm
-    from llmfn.loading.checkpoint import read_tensors, weight_files
-    from llmfn.loading.config import llama_config_from_hf
-
-    qc = read_quantization_config(raw, folder / "config.json")
-    cfg = llama_config_from_hf(raw, folder / "config.json")
-    files = weight_files(folder)
-    source = files[0] if len(files) == 1 else folder
-    params = params_from_quantized(read_tensors(files), cfg, qc, source)
-    return finish_causal_lm(folder, raw, cfg, finish_params(params, dtype, device))
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF: Q4_0 / Q4_1 / Q8_0 kept quantized
-
-GGUF_KEPT = ("Q4_0", "Q4_1", "Q8_0")
-_BLOCK = 32
-
-
-def gguf_leaf(tensor) -> QuantizedWeight:
-    """A GGUF Q4_0 / Q4_1 / Q8_0 tensor (rows = output features) as an Int4Weight / Int8Weight."""
-    kind = tensor.tensor_type.name
-    k, n = int(tensor.shape[0]), int(np.prod(tensor.shape[1:]))
-    raw = np.ascontiguousarray(tensor.data).view(np.uint8)
-    blocks = raw.reshape(n, k // _BLOCK, -1)  # [n, G, bytes per block]
-    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # [n, G]
-    if kind == "Q8_0":
-        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(n, k)
-        return Int8Weight.from_q(q, d, _BLOCK)
-    if kind == "Q4_0":
-        packed, offsets = blocks[..., 2:], -8 * d
-    elif kind == "Q4_1":
-        packed = blocks[..., 4:]
-        offsets = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
-    else:
-        raise UnsupportedModelError(f"GGUF type {kind} is not kept quantized ({', '.join(GGUF_KEPT)} are)")
-    # GGUF byte i of a block holds q[i] (low nibble) and q[i + 16] (high); ours holds q[2i] and q[2i + 1].
-    even, odd = packed[..., 0::2], packed[..., 1::2]  # [n, G, 8]
-    ours = np.concatenate([(even & 0xF) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=-1)  # [n, G, 16]
-    qweight = torch.from_numpy(ours.reshape(n, k // 2))
-    return Int4Weight(qweight, d.contiguous(), offsets.float().contiguous(), _BLOCK)
-
-
-def _rows(leaf: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
-    if isinstance(leaf, Int4Weight):
-        return replace(leaf, qweight=leaf.qweight[index], scales=leaf.scales[index], offsets=leaf.offsets[index])
-    return replace(leaf, qweight=leaf.qweight[index], scales=leaf.scales[index])
-
-
-def gguf_tensors(reader, config: dict, keep: tuple[str, ...] = GGUF_KEPT, transform=None) -> dict:
-    """All tensors of a GGUF under HF names: types in `keep` as pending quantized leaves, the rest
-    dequantized to fp32 with the gguf package (q / k rows un-permuted either way, as gguf_import does)
-    and passed through transform(name, tensor) when given (one tensor at a time, to bound memory)."""
-    from gguf.quants import dequantize
-
-    from llmfn.loading.gguf import _unpermute, hf_name, permuted_heads
-
-    out = {}
-    for t in reader.tensors:
-        name, heads = hf_name(t.name), permuted_heads(config, t.name)
-        if t.tensor_type.name in keep and len(t.shape) == 2:
-            leaf = gguf_leaf(t)
-            if heads is not None:
-                leaf = _rows(leaf, torch.from_numpy(_unpermute(np.arange(leaf.shape[0]), heads).copy()))
-            out[name] = _Pending(leaf)
-        else:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            if heads is not None:
-                w = _unpermute(w, heads)
-            w = torch.from_numpy(np.array(w))
-            out[name] = transform(name, w) if transform is not None else w
-    return out
-
-
-def _gguf_folder(gguf_path: Path, reader, config: dict) -> Path:
-    """A cached folder with the GGUF's config, tokenizer and generation files (no weights)."""
-    from llmfn.gguf_tokenizer import tokenizer_files_from_gguf
-    from llmfn.loading.registry import home, publish_folder
-
-    def fill(tmp: Path) -> None:
-        for name, text in tokenizer_files_from_gguf(reader).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-
-    st = gguf_path.stat()
-    stamp = f"{gguf_path.resolve()}-{st.st_size}-{int(st.st_mtime)}"
-    return publish_folder(home() / "models" / f"{gguf_path.stem.lower()}-meta", stamp, fill)
-
-
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", keep_quantized: bool = True,
-              quantize: str | None = None):
-    """Load a llama / qwen2 GGUF as a Model. keep_quantized: Q4_0 / Q4_1 tensors become Int4Weight and
-    Q8_0 Int8Weight (exactly the gguf package's dequantized values); other types are dequantized.
-    quantize="int8": keep Q8_0 only and round the other linears to int8 (per channel) as they load."""
-    from llmfn.loading import finish_causal_lm
-    from llmfn.loading import llama as hf_llama
-    from llmfn.loading.config import llama_config_from_hf
-    from llmfn.loading.gguf import config_from_gguf, open_gguf
-
-    path = Path(path)
-    reader = open_gguf(path)
-    config = config_from_gguf(reader, path)
-    folder = _gguf_folder(path, reader, config)
-    cfg = llama_config_from_hf(config, path)
-    if quantize is not None and normalize_method(quantize) == "int8":
-        tensors = gguf_tensors(reader, config, ("Q8_0",), lambda n, t: quantize_tensor(n, t, "int8"))
-    else:
-        tensors = gguf_tensors(reader, config, GGUF_KEPT if keep_quantized else ())
-    params = _unwrap(hf_llama.params_from_hf(tensors, cfg, source=path))
-    return finish_causal_lm(folder, config, cfg, finish_params(params, dtype, device))
-
-
-# ---------------------------------------------------------------------------------------------
-# llmfn.load(..., quantize=...)
-
-
-def load_quantized(path: str | Path, quantize: str, dtype: torch.dtype | None = None, device: str = "cpu",
-                   group_size: int = 32):
-    """`llmfn.load(path, quantize="int4" | "int8")`.
-
-    A GGUF (file or alias) with "int4" keeps its Q4_0 / Q4_1 / Q8_0 tensors quantized (the default
-    SmolLM2 Q4_1 runs in 4 bits, its Q8_0 embedding in 8); "int8" keeps Q8_0 and rounds the rest.
-    A float checkpoint is rounded tensor by tensor as it is read (quantize_tensor), so the float
-    model never sits in memory whole; an AWQ or int8 checkpoint is already quantized: as stored."""
-    from safetensors import safe_open
-
-    from llmfn.loading import finish_causal_lm, load_causal_lm, resolve
-    from llmfn.loading import llama as hf_llama
-    from llmfn.loading.checkpoint import weight_files
-    from llmfn.loading.config import LLAMA_FAMILY, llama_config_from_hf, read_json
-    from llmfn.loading.registry import ALIASES, package_path
-
-    method = normalize_method(quantize)
-    dtype = dtype or torch.float32
-    name = str(path)
-    gguf_file = package_path(ALIASES[name]) if name in ALIASES else Path(path).expanduser()
-    if gguf_file.suffix == ".gguf":
-        return load_gguf(gguf_file, dtype, device, keep_quantized=True, quantize=method)
-    folder = resolve(path)
-    raw = read_json(folder / "config.json")
-    if raw.get("model_type") not in LLAMA_FAMILY:
-        raise UnsupportedModelError(f"{folder}: quantize= supports Llama-family causal LMs ({', '.join(LLAMA_FAMILY)})")
-    if raw.get("quantization_config"):
-        return load_causal_lm(folder, raw, dtype, device)
-    cfg = llama_config_from_hf(raw, folder / "config.json")
-    files = weight_files(folder)
-    tensors = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = quantize_tensor(key, f.get_tensor(key), method, group_size)
-    params = _unwrap(hf_llama.params_from_hf(tensors, cfg, source=files[0] if len(files) == 1 else folder))
-    return finish_causal_lm(folder, raw, cfg, finish_params(params, dtype, device))
-
-
-_LAYER_LINEAR = re.compile(r"(^|\.)layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|lm_head)\.weight$")
-
-
-def quantize_tensor(name: str, w: torch.Tensor, method: str, group_size: int = 32):
-    """One HF-named tensor as load_quantized stores it: decoder linears in int4 (group_size, when it
-    divides the input dim; int8 per channel otherwise) or int8, the embedding and lm_head in per-row
-    int8; anything else unchanged. Quantized results are pending leaves for hf_llama.params_from_hf."""
-    if w.dim() != 2 or not w.is_floating_point():
-        return w
-    if _LAYER_LINEAR.search(name):
-        if method == "int4" and w.shape[1] % group_size == 0:
-            return _Pending(Int4Weight.quantize(w, group_size))
-        return _Pending(Int8Weight.quantize(w))
-    if _EMBEDDING.search(name):
-        return _Pending(Int8Weight.quantize(w))
-    return w
+__all__ = [
+    "AWQ_ORDER", "PLAIN_ORDER", "Int4Weight", "Int8Weight", "QuantizedWeight", "cat_out", "is_quantized",
+    "pack_awq", "pack_int4", "pack_int32", "rtn_int4", "rtn_int8", "unpack_awq", "unpack_int4", "unpack_int32",
+]  # fmt: skip

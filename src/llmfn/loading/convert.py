@@ -4,7 +4,7 @@
     quantize_checkpoint(IN, OUT, "rtn-int4", 128)      float -> AutoAWQ GEMM layout, round to nearest
     quantize_checkpoint(IN, OUT, "rtn-int8", 128)      float -> llmfn int8 layout (group_size -1: per channel)
 
-Layouts are documented in llmfn.quant. Only the decoder's linear layers (`layers.N.*_proj.weight`)
+Layouts are documented in llmfn.loading.awq. Only the decoder's linear layers (`layers.N.*_proj.weight`)
 are quantized, as AutoAWQ does; embeddings, norms and lm_head are copied. Tokenizer and other
 non-weight files are copied; config.json is written last (its presence marks a finished folder).
 `progress(done, total, name)` is called once per converted linear when given.
@@ -23,9 +23,10 @@ import torch
 from safetensors.torch import save_file
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.kernels.quant import pack_awq, pack_int32, rtn_int4, rtn_int8, unpack_int32
 from llmfn.loading.checkpoint import read_tensors, weight_files
 from llmfn.loading.config import read_json
-from llmfn.quant import normalize_method, pack_awq, pack_int32, rtn_int4, rtn_int8, unpack_int32
+from llmfn.loading.quantize import normalize_method
 
 Progress = Callable[..., None] | None
 LINEAR = re.compile(r"(^|\.)layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
