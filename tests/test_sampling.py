@@ -68,7 +68,8 @@ def test_top_p_and_min_p_never_pick_outside_the_allowed_set(values, top_p, min_p
         cum += probs[i].item()
     for s in range(5):
         token = int(sample(logits, step=_row(s, torch.int64), **_knobs(temperature, 0, top_p, min_p, seed)))
-        assert token in nucleus or probs[token] >= probs[order[0]] * (1 - 1e-6)
+        # a token tied with the nucleus' least likely one is as good as it (the sort may order ties either way)
+        assert token in nucleus or probs[token] >= min(probs[i] for i in nucleus) * (1 - 1e-12)
         assert probs[token] >= min_p * probs.max() * (1 - 1e-6)
 
 

@@ -192,7 +192,7 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
 
 def _lin_fields(w, b: torch.Tensor | None) -> list[int] | None:
     """A linear's Lin struct fields [q, scales, offsets, bias, kind, group], or None when the fused
-    layer cannot take the weight (quantized leaves describe themselves: llmfn.quant `fused_args`)."""
+    layer cannot take the weight (quantized leaves describe themselves: llmfn.kernels.quant `fused_args`)."""
     if b is not None and not (b.dtype == torch.float32 and b.device.type == "cpu" and b.is_contiguous()):
         return None
     bias = 0 if b is None else b.data_ptr()

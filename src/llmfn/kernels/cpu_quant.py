@@ -1,4 +1,4 @@
-"""CPU kernels for weight-only int4 / int8 linears (layouts in llmfn.quant).
+"""CPU kernels for weight-only int4 / int8 linears (layouts in llmfn.kernels.quant).
 
 Why a small C kernel: on this project's AVX2 machines none of torch's options beat it. Decode
 (one activation row) of SmolLM2's [3072, 576] gate/up weight, one thread, weights from memory
@@ -15,7 +15,7 @@ row chunks and call F.linear (the BLAS matmul is faster once the weight is reuse
 
 The C code (csrc/quant.h) is compiled once per machine into kernels/cpu.py's library, in
 LLMFN_HOME/kernels/. Without a compiler, or with LLMFN_QUANT_KERNEL=torch, `available()` is False
-and llmfn.quant falls back to dequantize + F.linear (same numbers up to summation order).
+and llmfn.kernels.quant falls back to dequantize + F.linear (same numbers up to summation order).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def int8_ok(k: int, group_size: int) -> bool:
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """x [m, k] fp32 contiguous @ int4 weight [n, k]^T -> [m, n] fp32 (layout in llmfn.quant)."""
+    """x [m, k] fp32 contiguous @ int4 weight [n, k]^T -> [m, n] fp32 (layout in llmfn.kernels.quant)."""
     lib = _load()
     m, k = x.shape
     n = qweight.shape[0]

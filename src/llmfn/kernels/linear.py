@@ -1,6 +1,6 @@
 """The one matmul and the one embedding lookup every model calls.
 
-A weight is a plain tensor [out, in], a PackedWeight (below) or a quantized leaf (llmfn.quant) that
+A weight is a plain tensor [out, in], a PackedWeight (below) or a quantized leaf (llmfn.kernels.quant) that
 implements `linear(x)` and `embedding(ids)`; model code never branches on the weight's kind.
 
 fp32 CPU matmuls take the fastest path measured on this project's 2-core AVX2 machine: llmfn's C

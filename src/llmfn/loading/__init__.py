@@ -44,7 +44,7 @@ def load(
     """Load a model: a Hugging Face folder, a .gguf file, or an alias such as "smollm2-135m-instruct".
 
     dtype defaults to float32 (the fast CPU type here); weights are mmap'd, never unpickled.
-    compile: torch.compile the decode step (None: on for models large enough to gain, see compile.py).
+    compile: torch.compile the decode step (None: on for models large enough to gain, see backend.py).
     quantize: "int4" | "int8" weight-only linears (llmfn.kernels.quant leaves): a float checkpoint is
     rounded as it is read, an AWQ / int8 checkpoint loads as stored, and a GGUF keeps its Q4_0 / Q4_1 /
     Q8_0 blocks quantized instead of dequantizing them ("int8": Q8_0 only, the rest rounded)."""

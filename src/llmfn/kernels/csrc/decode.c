@@ -210,7 +210,7 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
 
 /* ---- The fused decoder layer -------------------------------------------------------------- */
 
-/* One linear of a layer: kind 0 fp32 [n, k] row-major; 1 int4 and 2 int8 in llmfn.quant's layouts
+/* One linear of a layer: kind 0 fp32 [n, k] row-major; 1 int4 and 2 int8 in llmfn.kernels.quant's layouts
    (q, scales, offsets, group). bias may be NULL. */
 typedef struct { const void* q; const float* scales; const float* offsets; const float* bias; int64_t kind, group; } Lin;
 typedef struct { const float* attn_norm; Lin qkv, o; const float* mlp_norm; Lin gate_up, down; } Layer;

@@ -1,4 +1,4 @@
-/* int4 / int8 weight-only linears and dequantization (layouts in llmfn.quant; Python side and why:
+/* int4 / int8 weight-only linears and dequantization (layouts in llmfn.kernels.quant; Python side and why:
    kernels/cpu_quant.py). Part of the decode library: decode.c includes it, and its fused decoder layer
    reuses prep4, int4_block and int8_block. */
 #ifndef LLMFN_QUANT_H
@@ -318,7 +318,7 @@ int llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
     return 0;
 }
 
-/* w [n, k] fp32 = q * s + o (int4) and q * s (int8), as llmfn.quant dequantizes. */
+/* w [n, k] fp32 = q * s + o (int4) and q * s (int8), as llmfn.kernels.quant dequantizes. */
 int llmfn_int4_dequant(const uint8_t* q, const float* s, const float* o, float* w,
                         int64_t n, int64_t k, int64_t g, int nthreads) {
     int64_t G = k / g;
