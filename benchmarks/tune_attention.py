@@ -6,7 +6,7 @@ Each row: GPU time from `triton.testing.do_bench` and from `do_bench_cudagraph` 
 replay: the kernels alone), and the max error against the torch reference. Compare the graph
 column: the launchers called directly, as here, go through torch's wrap_triton dispatch, which costs
 ~0.4 ms of host time per call (the model calls them through the torch.ops.llmfn custom ops, which
-skip it; benchmarks/kernels.py times that path). The launchers' defaults come from this table."""
+skip it; benchmarks/triton_kernels.py times that path). The launchers' defaults come from this table."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Time each Triton kernel beside its torch reference (and torch's own fused op where there is one).
 
-    python benchmarks/kernels.py            # prints a markdown table for benchmarks/RESULTS.md
+    python benchmarks/triton_kernels.py            # prints a markdown table for benchmarks/RESULTS.md
 
 Each op is called as the model calls it (the torch.ops.llmfn custom ops) and timed twice: with
 `do_bench` (host launch cost included, which dominates at decode sizes) and with
@@ -106,7 +106,7 @@ def bench_layer(bench, name: str, dim: int, hq: int, hk: int, hd: int) -> None:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: needs a CUDA GPU (none found); nothing timed.")
+        print("benchmarks/triton_kernels.py: needs a CUDA GPU (none found); nothing timed.")
         return 0
 
     from triton.testing import do_bench, do_bench_cudagraph
