@@ -3,6 +3,8 @@ for token), limits, cancellation, failures, prefix caching and the library helpe
 
 import asyncio
 import gc
+import json
+import re
 import threading
 import time
 import weakref
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import llmfn
+from constrained import constrained_requests
 from llmfn.engine import Engine, GenerationRequest, QueueFullError
 from llmfn.engine import core as engine_module
 from llmfn.errors import RequestError
@@ -141,6 +144,30 @@ def test_greedy_and_seeded_engine_tokens_equal_generate(model):
         ref = llmfn.generate(model, prompt, max_tokens=24, temperature=sp.temperature, top_p=sp.top_p,
                              seed=sp.seed, stop_token_ids=[])  # fmt: skip
         assert result.token_ids == list(ref)
+
+
+def test_constrained_requests_together_equal_each_alone(model):
+    """Masks and biases are per row and depend on the row's own tokens: batch invariance holds."""
+    reqs = constrained_requests(model, ids)
+
+    async def alone(req):
+        with Engine(model, max_running=3, prefill_chunk=16) as engine:
+            return await collect(engine.submit(req))
+
+    async def together():
+        with Engine(model, max_running=3, prefill_chunk=16) as engine:
+            return await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
+
+    solo = [run(alone(r)) for r in reqs]
+    assert [summary(a) for a in solo] == [summary(b) for b in run(together())]
+    texts, reasons = ["".join(e.text for e in ev) for ev in solo], [ev[-1].finish_reason for ev in solo]
+    assert reasons[0] == reasons[2] == reasons[3] == reasons[5] == reasons[6] == "stop"
+    assert reasons[8] == "length" and len(solo[8]) == 6 and reasons[7] == "length"  # max_tokens mid-grammar
+    assert json.loads(texts[0]).keys() == {"n", "tags"} and json.loads(texts[6]).keys() == {"n", "tags"}
+    assert re.fullmatch("[a-f]{3,8}-[0-9]{2}", texts[2]) and re.fullmatch("<[a-z]{1,6}>", texts[5])
+    assert texts[3] in ("red", "green", "blue")  # +100 on EOS cannot end it before the grammar does
+    tokens = [[t for e in events for t in e.token_ids] for events in solo]
+    assert tokens[7] == [200] * 120 and 9 not in tokens[6]  # +100 forces a token, -100 bans one
 
 
 def test_text_stop_strings_eos_and_logprobs(model):

@@ -1,9 +1,11 @@
 """Generation and chat over a tiny random model: seeds, streaming, stop strings, injection."""
 
+import json
 
 import pytest
 
 import llmfn
+import llmfn.constraints
 from llmfn.chat_template import apply_chat_template, render
 from llmfn.stopping import StopStrings
 from tiny import make_checkpoint
@@ -78,6 +80,26 @@ def test_chat_streams_text_with_counts(model):
     assert stream.completion_tokens == len(ids)
     if stream.finish_reason == "length":
         assert stream.completion_tokens == 12
+
+
+def test_chat_and_generate_take_a_constraint_and_logit_bias(model):
+    """The keywords added for structured output; the other tests show the old calls unchanged."""
+    messages = [{"role": "user", "content": "Pick a colour"}]
+    stream = llmfn.chat(model, messages, max_tokens=20, response_format=llmfn.constraints.choice(["red", "blue"]),
+                        temperature=1.0, seed=1)  # fmt: skip
+    assert "".join(stream) in ("red", "blue") and stream.finish_reason == "stop"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}  # fmt: skip
+    stream = llmfn.chat(model, messages, max_tokens=20, response_format=schema)
+    full = stream.text()
+    assert json.loads(full).keys() == {"ok"} and stream.finish_reason == "stop"
+    cut = llmfn.chat(model, messages, max_tokens=3, response_format=schema)
+    assert full.startswith(cut.text()) and cut.finish_reason == "length" and cut.completion_tokens == 3
+    forced = list(llmfn.generate(model, PROMPT, max_tokens=5, stop_token_ids=[], logit_bias={42: 100}))
+    assert forced == [42] * 5
+    with pytest.raises(llmfn.RequestError) as err:
+        llmfn.chat(model, messages, max_tokens=4, response_format={"type": "json_schema"})
+    assert err.value.param == "response_format"
 
 
 def test_chat_stop_string_is_not_emitted(model):

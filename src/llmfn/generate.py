@@ -6,12 +6,22 @@ from collections.abc import Iterator
 
 import torch
 
+from llmfn import constraints
 from llmfn.backend import forward_for
 from llmfn.chat_template import apply_chat_template
 from llmfn.errors import RequestError
 from llmfn.model import Model
 from llmfn.models import family
-from llmfn.sampling import SamplingParams, apply_penalties, fresh_seed, sample, sampling_params
+from llmfn.sampling import (
+    SamplingParams,
+    apply_logit_bias,
+    apply_penalties,
+    apply_token_bitmask,
+    check_logit_bias,
+    fresh_seed,
+    sample,
+    sampling_params,
+)
 from llmfn.stopping import StopStrings
 
 
@@ -67,20 +77,36 @@ def generate(
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+    response_format=None,
 ) -> Iterator[int]:
     """Yield generated token ids; stops after an EOS id (yielded) or max_tokens.
 
-    The token at position p is sampled with key (seed, p), so a seeded run is reproducible."""
+    The token at position p is sampled with key (seed, p), so a seeded run is reproducible.
+    logit_bias: {token id: bias in [-100, 100]} added to the logits (OpenAI's meaning).
+    response_format: the output's constraint (see llmfn.constraints.as_constraint: a JSON schema dict,
+    a pydantic model class, {"type": "json_object"}, OpenAI's {"type": "json_schema", ...}, or a
+    Constraint); EOS is then allowed only where the grammar accepts, and generation also ends when the
+    grammar is complete. The constraint compiles here, so an invalid one raises RequestError at once."""
+    return _generate(*_prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response_format,
+                               temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty))  # fmt: skip
+
+
+def _prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response_format, **sampling) -> tuple:
+    """Check a generate() call; returns _generate's arguments."""
     _require_causal(model)
-    params = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                             frequency_penalty=frequency_penalty)
+    params = sampling_params(**sampling)
     stops = set(stop_token_ids if stop_token_ids is not None else eos_ids(model))
     prompt = list(prompt_ids)
     check_prompt(len(prompt), max_tokens, model.cfg.max_position_embeddings)
     if any(not 0 <= t < model.cfg.vocab_size for t in prompt):
         raise RequestError(f"prompt token ids must be in [0, {model.cfg.vocab_size})", param="prompt")
-    return _generate(model, prompt, max_tokens, params, stops)
+    bias = check_logit_bias(logit_bias, model.cfg.vocab_size)
+    constraint = constraints.as_constraint(response_format)
+    guide = None if constraint is None else constraints.compile(constraint, model.tokenizer).matcher(stops)
+    return model, prompt, max_tokens, params, stops, bias, guide
 
 
 def cache_length(needed: int, context: int) -> int:
@@ -93,7 +119,8 @@ def eos_ids(model: Model) -> tuple[int, ...]:
     return tuple(dict.fromkeys(model.generation.eos_ids + model.tokenizer.eos_ids))
 
 
-def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingParams, stops: set[int]) -> Iterator[int]:
+def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingParams, stops: set[int],
+              bias: dict[int, float] | None = None, guide: constraints.Matcher | None = None) -> Iterator[int]:
     cfg, params, device = model.cfg, model.params, _device(model)
     n = len(prompt)
     row = lambda v, dt: torch.tensor([v], dtype=dt, device=device)
@@ -106,6 +133,10 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
     counts = torch.zeros(1, cfg.vocab_size, dtype=torch.int64, device=device)
     seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=device)
     seen[0, torch.tensor(prompt, device=device)] = True
+    if bias is not None:
+        bias_at = (torch.zeros(len(bias), dtype=torch.int64, device=device), torch.tensor(list(bias), device=device),
+                   torch.tensor(list(bias.values()), dtype=torch.float32, device=device))  # fmt: skip
+    bitmask = torch.zeros(1, constraints.bitmask_words(cfg.vocab_size), dtype=torch.int32)
     prefill_forward, step_forward = forward_for(model), forward_for(model, decode=True)
     with torch.inference_mode():
         cache = family(cfg).init_cache(cfg, 1, cache_length(n + max_tokens, cfg.max_position_embeddings), _dtype(model), device)
@@ -116,13 +147,23 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
             next_logits = out[:, -1]
             if sp.penalized:
                 next_logits = apply_penalties(next_logits, counts, seen, *penalties)
+            if bias is not None:
+                next_logits = apply_logit_bias(next_logits, *bias_at)
+            if guide is not None:
+                next_logits = apply_token_bitmask(next_logits, guide.allowed(bitmask[0])[None])
             if sp.greedy:
                 token = next_logits.argmax(-1)
             else:
                 token = sample(next_logits, step=row(n + step, torch.int64), **knobs)
             token_id = int(token)
             yield token_id
-            if token_id in stops or step == max_tokens - 1:
+            if token_id in stops:
+                return
+            if guide is not None:
+                guide.advance(token_id)
+                if guide.finished:
+                    return
+            if step == max_tokens - 1:
                 return
             counts[0, token_id] += 1
             seen[0, token_id] = True
@@ -139,7 +180,11 @@ class ChatStream:
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._tokens = generate(model, prompt_ids, max_tokens=max_tokens, **sampling)
+        sampling = dict(sampling)
+        extra = {k: sampling.pop(k, None) for k in ("stop_token_ids", "logit_bias", "response_format")}
+        args = _prepare(model, prompt_ids, max_tokens, *extra.values(), **sampling)
+        self._guide = args[-1]  # a finished grammar ends the reply with "stop"
+        self._tokens = _generate(*args)
         self._max_tokens = max_tokens
         self._stop = stop
 
@@ -162,14 +207,16 @@ class ChatStream:
         if tail:
             yield tail
         if self.finish_reason is None:
-            self.finish_reason = "stop" if stops.stopped else "length"
+            grammar_done = self._guide is not None and self._guide.finished
+            self.finish_reason = "stop" if stops.stopped or grammar_done else "length"
 
     def text(self) -> str:
         return "".join(self)
 
 
 def chat(model: Model, messages: list[dict], *, max_tokens: int, stop: list[str] | str | None = None, **sampling) -> ChatStream:
-    """Stream the assistant's reply to messages, rendered with the model's own chat template."""
+    """Stream the assistant's reply to messages, rendered with the model's own chat template. `sampling`
+    takes generate()'s keywords, response_format and logit_bias included."""
     _require_causal(model)
     if not model.chat_template:
         raise RequestError("this model has no chat template; use generate() with a prompt", param="messages")

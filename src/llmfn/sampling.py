@@ -12,6 +12,7 @@ from it, so a range is stated in one place.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -150,6 +151,47 @@ def apply_penalties(
     logits = torch.where(seen, penalised, logits)
     counts = generated_counts.to(logits.dtype)
     return logits - presence_penalty[:, None] * (counts > 0) - frequency_penalty[:, None] * counts
+
+
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
+
+
+def check_logit_bias(bias, vocab: int) -> dict[int, float] | None:
+    """A logit_bias mapping (token id, or its decimal string as JSON sends it, -> bias in [-100, 100])
+    as {int: float}, None when empty; RequestError (param "logit_bias") otherwise."""
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise RequestError("logit_bias must map token ids to biases", param="logit_bias")
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+            raise RequestError(f"logit_bias: token id {key!r} is not an integer in [0, {vocab})", param="logit_bias")
+        if (not isinstance(value, int | float) or isinstance(value, bool)
+                or not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT):  # fmt: skip
+            raise RequestError(f"logit_bias: the bias of token {token} must be a number in [-100, 100], "
+                               f"got {value!r}", param="logit_bias")  # fmt: skip
+        out[token] = float(value)
+    return out or None
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with bias[k] added at (rows[k], ids[k]) (OpenAI's logit_bias; -100 all but bans a
+    token, +100 all but forces it). Returns new logits."""
+    return logits.index_put((rows, ids), bias.to(logits.dtype), accumulate=True)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with the tokens a bitmask forbids at -inf. bitmask: int32 [B, W], bit j of word w
+    allows token 32*w + j (llguidance's layout); ids past 32*W are forbidden. Returns new logits."""
+    B, V = logits.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (bitmask.to(logits.device, torch.int32)[:, :, None] >> shifts) & 1  # [B, W, 32]
+    allowed = bits.reshape(B, -1)[:, :V].bool()  # [B, min(V, 32W)]
+    if allowed.shape[1] < V:
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]), value=False)
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def allowed_tokens(

@@ -259,6 +259,11 @@ class Tokenizer:
         """The bytes one token stands for (mid-sequence form)."""
         return self._token_bytes[token_id]
 
+    def first_token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for at the start of a text (SentencePiece drops its dummy-prefix
+        space there; every other token reads as `token_bytes`)."""
+        return self._first_bytes.get(token_id, self._token_bytes[token_id])
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = list(ids)
         if not ids:

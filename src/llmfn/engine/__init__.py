@@ -13,7 +13,8 @@ through its family's `init_cache` and the forward llmfn.backend picks for it.
 A step (1) frees the slots of cancelled requests, (2) admits waiting requests into free slots,
 (3) decodes one token for every decoding sequence in one `forward` of fixed shape, (4) prefills at
 most `prefill_chunk` prompt tokens, so a long prompt never stalls the running decodes for more than
-one chunk, and (5) retires finished sequences (eos / stop string / max_tokens), freeing their slots.
+one chunk, and (5) retires finished sequences (eos / stop string / complete constraint / max_tokens),
+freeing their slots.
 
 KV memory: static slots, not paged blocks. The cache is the model's `init_cache(cfg, rows, slot_len)`,
 the layout `forward` already takes (slot j of row b holds position j); a sequence owns one row for
@@ -44,6 +45,8 @@ Batch invariance: a request's tokens are identical whether it runs alone or amon
   shapes depend only on the request's own prompt length.
 - Sampling keys noise by (request seed, position of the sampled token), as `llmfn.generate` does;
   the first token is sampled in a [1, V] call, later ones in the fixed [rows, V] decode call.
+  A request's logit_bias and its constraint's token mask (llmfn.constraints, compiled at submit on
+  the caller's thread) touch only its own row and depend only on its own tokens.
 tests/test_engine.py proves it: 16 mixed requests together give exactly the tokens each gives alone.
 
 Prefix caching (prefix_cache.py): a prompt that starts with whole prefill chunks another row still

@@ -25,6 +25,7 @@ from llmfn.engine.requests import (
     Sequence,
     TokenLogprob,
     check_request,
+    prepare_sequence,
 )
 from llmfn.engine.rows import RowSampler
 from llmfn.engine.stream import RequestStream
@@ -222,7 +223,7 @@ class Engine:
         check_request(request, self.model.cfg.vocab_size, self.model.cfg.max_position_embeddings, self.slot_len)
         seed = fresh_seed() if request.sampling.seed is None else request.sampling.seed
         stops = self._eos if request.stop_token_ids is None else frozenset(request.stop_token_ids)
-        return Sequence(request, seed, stops, self.model.tokenizer.stream())
+        return prepare_sequence(request, seed, stops, self.model.tokenizer, self.model.cfg.vocab_size, self._device)
 
     def _enqueue(self, seq: Sequence) -> None:
         self.start()
@@ -416,6 +417,12 @@ class Engine:
         """Record a sampled token, detokenize, check the stop conditions, emit the event."""
         if s.done:
             return
+        if s.guide is not None and token not in s.stops:
+            try:
+                s.guide.advance(token)
+            except LlmfnError as exc:  # the mask allowed only grammar tokens: a bug if it happens
+                self._finish(s, "error", str(exc))
+                return
         s.tokens.append(token)
         self._n["tokens_generated"] += 1
         req = s.request
@@ -424,7 +431,7 @@ class Engine:
             text, reason = "", "stop"
         else:
             text = s.stop_strings.push(s.detok.add(token))
-            if s.stop_strings.stopped:
+            if s.stop_strings.stopped or s.guide is not None and s.guide.finished:
                 reason = "stop"
         if reason is None and len(s.tokens) >= req.max_tokens:
             reason = "length"

@@ -4,14 +4,19 @@ engine's record of a request in flight (`Sequence`). Requests are checked once, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import torch
+
+from llmfn import constraints
+from llmfn.constraints import Constraint, Matcher
 from llmfn.errors import LlmfnError, RequestError
 from llmfn.generate import check_prompt
-from llmfn.sampling import SamplingParams
+from llmfn.sampling import SamplingParams, check_logit_bias
 from llmfn.sampling import check as check_sampling
 from llmfn.stopping import StopStrings
+from llmfn.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
 
@@ -32,12 +37,18 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # stop strings (never emitted)
     stop_token_ids: tuple[int, ...] | None = None  # None -> the model's EOS ids
     logprobs: int | None = None  # top-N logprobs per token (0: only the sampled token's)
+    # {token id: bias in [-100, 100]} added to the logits (OpenAI's logit_bias)
+    logit_bias: Mapping[int, float] | None = None
+    # What the output must match: a llmfn.constraints.Constraint, or anything as_constraint takes (a
+    # JSON schema dict, a pydantic model class, {"type": "json_object"}, ...). Compiled at submit.
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The sampled token's log-probability under the model (raw logits, before penalties and
-    temperature) and the `top` most likely tokens as (token id, logprob), most likely first."""
+    """The sampled token's log-probability under the model (raw logits, before penalties, logit_bias,
+    a constraint's mask and temperature) and the `top` most likely tokens as (token id, logprob),
+    most likely first."""
 
     token_id: int
     logprob: float
@@ -48,7 +59,8 @@ class TokenLogprob:
 class GenerationEvent:  # one per engine step for a request, streamed in order
     text: str  # new complete-UTF-8 text (may be "")
     token_ids: list[int]
-    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
+    # None while running; "stop" (EOS, stop string, or a complete constraint) | "length" | "cancelled" | "error"
+    finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
     seed: int
@@ -73,8 +85,11 @@ class GenerationResult:
 
 class Sequence:
     """A request inside the engine. The loop thread owns every field except `cancelled`."""
-    def __init__(self, request: GenerationRequest, seed: int, stops: frozenset[int], detok):
+    def __init__(self, request: GenerationRequest, seed: int, stops: frozenset[int], detok,
+                 bias: tuple[torch.Tensor, torch.Tensor] | None = None, guide: Matcher | None = None):
         self.request = request
+        self.bias = bias  # (token ids [K], biases [K]) on the model's device
+        self.guide = guide  # the constraint's matcher, advanced by the loop thread
         self.prompt = list(request.prompt_ids)
         self.seed = seed
         self.stops = stops
@@ -117,3 +132,17 @@ def check_request(request: GenerationRequest, vocab: int, context: int, slot_len
         raise RequestError("stop_token_ids must be integers", param="stop_token_ids")
     if request.logprobs is not None and not 0 <= request.logprobs <= min(MAX_LOGPROBS, vocab):
         raise RequestError(f"logprobs must be in [0, {min(MAX_LOGPROBS, vocab)}]", param="logprobs")
+    check_logit_bias(request.logit_bias, vocab)
+
+
+def prepare_sequence(request: GenerationRequest, seed: int, stops: frozenset[int], tokenizer: Tokenizer,
+                     vocab: int, device: torch.device) -> Sequence:
+    """A checked request as the loop's Sequence: its logit bias as tensors and its constraint compiled
+    (here, on the caller's thread, never in the loop; RequestError naming the constraint's param)."""
+    bias = check_logit_bias(request.logit_bias, vocab)
+    if bias is not None:
+        bias = (torch.tensor(list(bias), dtype=torch.int64, device=device),
+                torch.tensor(list(bias.values()), dtype=torch.float32, device=device))  # fmt: skip
+    constraint = constraints.as_constraint(request.constraint, param="constraint")
+    guide = None if constraint is None else constraints.compile(constraint, tokenizer).matcher(stops)
+    return Sequence(request, seed, stops, tokenizer.stream(), bias, guide)

@@ -1,13 +1,16 @@
 """Per-row sampling state of the engine's decode batch: each row's sampling settings as [rows]
 tensors (llmfn.sampling meanings) and the token counts its penalties read, set when a sequence takes
-the row. `pick` samples many rows in one call, so a step costs one host sync (two with logprobs)."""
+the row. `pick` samples many rows in one call, so a step costs one host sync (two with logprobs).
+Logit biases and constraint masks touch only the rows that have them, and cost nothing in a step
+where no row does."""
 
 from __future__ import annotations
 
 import torch
 
+from llmfn.constraints import bitmask_words
 from llmfn.engine.requests import Sequence, TokenLogprob
-from llmfn.sampling import apply_penalties, sample
+from llmfn.sampling import apply_logit_bias, apply_penalties, apply_token_bitmask, sample
 
 
 class RowSampler:
@@ -21,6 +24,8 @@ class RowSampler:
                         "frequency_penalty": zeros(torch.float32)}  # fmt: skip
         self.counts = torch.zeros(rows, vocab, dtype=torch.int64, device=device)  # generated occurrences
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)  # in prompt or output
+        # Constraint masks (CPU, llmfn.constraints layout); a row without a constraint allows every id.
+        self.bitmask = torch.full((rows, bitmask_words(vocab)), -1, dtype=torch.int32)
 
     def assign(self, j: int, s: Sequence) -> None:
         """Row j now samples for sequence s (its settings, its prompt seen, nothing generated yet)."""
@@ -33,16 +38,33 @@ class RowSampler:
             t[j] = getattr(sp, name)
         self.counts[j] = 0
         self.seen[j] = False
+        self.bitmask[j] = -1  # a constrained sequence rewrites it before every pick
         self.seen[j, torch.tensor(s.prompt, device=self.device)] = True
 
     def pick(self, logits: torch.Tensor, rows: slice, step: torch.Tensor, seqs: list[Sequence]) -> list:
         """Sample the next token of `rows` (logits [r, V] fp32; step [r]: the sampled token's position).
         Returns, per row, (token id, TokenLogprob or None)."""
         raw = logits
+        start = rows.start or 0
         penalized = any(s.request.sampling.penalized for s in seqs)
         if penalized:
             pen = [t[rows] for t in self.penalty.values()]
             logits = apply_penalties(logits, self.counts[rows], self.seen[rows], *pen)
+        biased = [s for s in seqs if s.bias is not None]
+        if biased:
+            at = torch.cat([torch.full_like(s.bias[0], s.slot - start) for s in biased])
+            logits = apply_logit_bias(logits, at, torch.cat([s.bias[0] for s in biased]),
+                                      torch.cat([s.bias[1] for s in biased]))  # fmt: skip
+        guided = [s for s in seqs if s.guide is not None]
+        if guided:  # each row's mask depends on its own sequence alone
+            for s in guided:
+                s.guide.allowed(self.bitmask[s.slot])
+            if 2 * len(guided) >= logits.shape[0]:  # the whole slice (other rows' masks allow all)
+                logits = apply_token_bitmask(logits, self.bitmask[rows])
+            else:  # only the constrained rows
+                slots = [s.slot for s in guided]
+                at = torch.tensor(slots, device=logits.device) - start
+                logits = logits.index_copy(0, at, apply_token_bitmask(logits[at], self.bitmask[slots]))
         if all(s.request.sampling.greedy for s in seqs):
             ids = logits.argmax(dim=-1)
         else:
