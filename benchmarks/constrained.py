@@ -127,7 +127,7 @@ def mask_times(model, ids, gen) -> tuple[float, float, float]:
     """Per token along a real constrained answer, in us: llguidance's mask (median, mean) and applying it
     to [1, V] logits (median)."""
     schema = constraints.json_schema(CITIES)
-    tokens = list(llmfn.generate(model, ids, max_tokens=gen, stop_token_ids=[], response_format=schema))
+    tokens = list(llmfn.generate(model, ids, max_tokens=gen, temperature=0.0, stop_token_ids=[], response_format=schema))
     matcher = constraints.compile(schema, model.tokenizer).matcher(model.tokenizer.eos_ids)
     V = model.cfg.vocab_size
     row = torch.zeros(1, constraints.bitmask_words(V), dtype=torch.int32)

@@ -44,7 +44,7 @@ def prompts(model, n: int) -> list[list[int]]:
 
 
 def one_at_a_time(model, batch: list[list[int]], gen: int) -> list[list[int]]:
-    return [list(llmfn.generate(model, p, max_tokens=gen, stop_token_ids=[])) for p in batch]
+    return [list(llmfn.generate(model, p, max_tokens=gen, temperature=0.0, stop_token_ids=[])) for p in batch]
 
 
 def engine_run(engine: Engine, batch: list[list[int]], gen: int) -> list[list[int]]:

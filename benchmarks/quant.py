@@ -99,7 +99,7 @@ def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None) -> di
     compiled = should_compile(model)
     load_s = time.perf_counter() - t0
     ids = model.tokenizer.encode(TEXT * (n_prompt // 20 + 1))[:n_prompt]
-    run = lambda ids, n: timed(llmfn.generate(model, ids, max_tokens=n, stop_token_ids=[]))
+    run = lambda ids, n: timed(llmfn.generate(model, ids, max_tokens=n, temperature=0.0, stop_token_ids=[]))
     t0 = time.perf_counter()
     run(ids[:8], 4)  # warm-up, compile included
     warm = time.perf_counter() - t0

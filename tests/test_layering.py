@@ -23,7 +23,7 @@ LAYERS = (
     ("llmfn.generate", "llmfn.backend", "llmfn.embed", "llmfn.perf", "llmfn.loading"),
     ("llmfn.models",),
     ("llmfn.kernels",),
-    ("llmfn.model", "llmfn.sampling", "llmfn.constraints", "llmfn.stopping", "llmfn.chat_template", "llmfn.tokenizer",
+    ("llmfn.model", "llmfn.sampling", "llmfn.constraints", "llmfn.tools", "llmfn.stopping", "llmfn.chat_template", "llmfn.tokenizer",
      "llmfn.tokenization", "llmfn.cbuild", "llmfn.errors", "llmfn._env"),
 )
 KERNEL_BACKENDS = ("llmfn.kernels.cpu", "llmfn.kernels.triton_")  # cpu*, cpu_gemm, ..., triton_*

@@ -20,7 +20,6 @@ from llmfn.sampling import (
     check_logit_bias,
     fresh_seed,
     sample,
-    sampling_params,
 )
 from llmfn.stopping import StopStrings
 
@@ -68,21 +67,23 @@ def generate(
     prompt_ids: list[int],
     *,
     max_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
     seed: int | None = None,
     stop_token_ids: list[int] | None = None,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
     logit_bias: dict[int, float] | None = None,
     response_format=None,
 ) -> Iterator[int]:
     """Yield generated token ids; stops after an EOS id (yielded) or max_tokens.
 
-    The token at position p is sampled with key (seed, p), so a seeded run is reproducible.
+    The token at position p is sampled with key (seed, p), so a seeded run is reproducible. A sampling
+    keyword left None takes the model's default (model.generation: generation_config.json, or the
+    settings recorded beside a built-in alias), then llmfn.sampling's (KNOBS).
     logit_bias: {token id: bias in [-100, 100]} added to the logits (OpenAI's meaning).
     response_format: the output's constraint (see llmfn.constraints.as_constraint: a JSON schema dict,
     a pydantic model class, {"type": "json_object"}, OpenAI's {"type": "json_schema", ...}, or a
@@ -97,7 +98,7 @@ def generate(
 def _prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response_format, **sampling) -> tuple:
     """Check a generate() call; returns _generate's arguments."""
     _require_causal(model)
-    params = sampling_params(**sampling)
+    params = model.generation.sampling(**sampling)
     stops = set(stop_token_ids if stop_token_ids is not None else eos_ids(model))
     prompt = list(prompt_ids)
     check_prompt(len(prompt), max_tokens, model.cfg.max_position_embeddings)

@@ -67,8 +67,10 @@ def measure(model: Model, prompt_ids: list[int], max_tokens: int, **sampling) ->
     """Generate from prompt_ids and time prefill and decode separately.
 
     EOS is ignored unless `stop_token_ids` is given, so exactly max_tokens tokens are generated
-    and runs are comparable; other keyword arguments are generate()'s sampling settings."""
+    and runs are comparable; decoding is greedy unless a temperature is given (the model's default
+    sampling would time the sampler too); other keyword arguments are generate()'s."""
     sampling.setdefault("stop_token_ids", [])
+    sampling.setdefault("temperature", 0.0)
     clock = TokenClock(generate(model, prompt_ids, max_tokens=max_tokens, **sampling), len(prompt_ids))
     for _ in clock:
         pass

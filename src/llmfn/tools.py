@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from llmfn.constraints import JSON_OPTIONS
 from llmfn.errors import RequestError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -77,16 +78,36 @@ def functions(tools: list[dict]) -> list[dict]:
     return out
 
 
+def render_args(messages: list[dict], template: str, tools: list[dict] | None) -> tuple[list[dict], dict]:
+    """(messages, extra template variables) for a chat with tools (None: none offered) or with tool
+    calls in its history: as they are, with `tools=`, for a template that takes tools; else in the
+    Hermes format."""
+    history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if template_takes_tools(template):
+        messages = [{**m, "tool_calls": [_native_call(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+                    for m in messages]  # fmt: skip
+        return messages, ({"tools": tools} if tools else {})
+    if tools or history:
+        return hermes_messages(messages, tools or []), {}
+    return messages, {}
+
+
+def _native_call(call: dict) -> dict:
+    """A past call for a template: transformers' templates read `arguments` as an object."""
+    return {**call, "function": {**call["function"], "arguments": _args(call)}}
+
+
 def hermes_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
-    """Messages for a template without tool support: tools in the system message, past calls and
-    tool results as text in the Hermes format."""
-    specs = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in functions(tools))
-    system = HERMES_SYSTEM.format(tools=specs)
+    """Messages for a template without tool support: tools (if any) in the system message, past calls
+    and tool results as text in the Hermes format."""
     out = []
-    if messages and messages[0]["role"] == "system":
-        system = messages[0]["content"] + "\n\n" + system
-        messages = messages[1:]
-    out.append({"role": "system", "content": system})
+    if tools:
+        specs = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in functions(tools))
+        system = HERMES_SYSTEM.format(tools=specs)
+        if messages and messages[0]["role"] == "system":
+            system = messages[0]["content"] + "\n\n" + system
+            messages = messages[1:]
+        out.append({"role": "system", "content": system})
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
             calls = [CALL_OPEN + "\n" + json.dumps({"name": c["function"]["name"], "arguments": _args(c)},
@@ -110,9 +131,9 @@ def _args(call: dict):
         return raw
 
 
-def parse_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
-    """(the text outside calls or None, the calls) from a model's output. A block that is not a JSON
-    object naming one of `names` with object arguments stays text: nothing is invented."""
+def split_calls(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
+    """(the text outside the calls, the calls) of a model's output. A block that is not a JSON object
+    naming one of `names` with object arguments is left in the text: nothing is invented."""
     calls, kept, pos = [], [], 0
     for m in _CALL_RE.finditer(text):
         try:
@@ -126,8 +147,13 @@ def parse_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]
         pos = m.end()
         calls.append(ToolCall(new_call_id(), obj["name"], json.dumps(args, ensure_ascii=False)))
     kept.append(text[pos:])
-    rest = "".join(kept).strip()
-    return (rest or None) if calls else text, calls
+    return "".join(kept), calls
+
+
+def parse_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
+    """(the message content, the calls): with calls, the text around them stripped (None if empty)."""
+    outside, calls = split_calls(text, names)
+    return ((outside.strip() or None) if calls else text), calls
 
 
 def call_grammar(tools: list[dict], name: str | None = None, parallel: bool = True) -> str:
@@ -138,6 +164,7 @@ def call_grammar(tools: list[dict], name: str | None = None, parallel: bool = Tr
     if not specs:
         raise RequestError(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
     one = {"anyOf": [_call_schema(f) for f in specs]} if len(specs) > 1 else _call_schema(specs[0])
+    one["x-guidance"] = JSON_OPTIONS  # one-line JSON, as for response_format (see llmfn.constraints)
     repeat = "+" if parallel and name is None else ""
     return "\n".join([
         f"start: call{repeat}",

@@ -30,16 +30,15 @@ def load_model(name: str, dtype: str | None = None, device: str = "cpu", compile
     from llmfn.loading import resolve
     from llmfn.loading.registry import ALIASES, converted_path
 
-    target = name
     if quantize is None:  # (with quantize, load keeps a GGUF's blocks quantized: no conversion)
         stem = name if name in ALIASES else Path(name).stem.lower()
         gguf = str(name).endswith(".gguf") or (name in ALIASES and ALIASES[name].relative.endswith(".gguf"))
         first_use = gguf and not (converted_path(stem) / "config.json").exists()
         with spinner(f"preparing {name} (first use: converting the GGUF into the cache)" if first_use
                      else f"resolving {name}"):  # fmt: skip
-            target = resolve(name)
+            resolve(name)  # converts a GGUF once; load finds it done (and keeps an alias's defaults)
     with spinner(f"loading {name}" + (f" with {quantize} weights" if quantize else "")):
-        return llmfn.load(target, dtype=dtype, device=device, compile=compile, quantize=quantize)
+        return llmfn.load(name, dtype=dtype, device=device, compile=compile, quantize=quantize)
 
 
 def model_defaults(model) -> dict:

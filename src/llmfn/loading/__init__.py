@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -62,6 +63,9 @@ def load(
             model = read_folder(resolve(path), torch_dtype, device, method)
     if compile is not None:
         model.extra["compile"] = compile
+    alias = ALIASES.get(str(path))
+    if alias is not None and alias.sampling:
+        model.generation = dataclasses.replace(model.generation, **dict(alias.sampling))
     return model
 
 

@@ -91,6 +91,7 @@ def generation_defaults(folder: Path, raw_config: dict) -> GenerationDefaults:
     eos = gen.get("eos_token_id", raw_config.get("eos_token_id"))
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     sampling = {}
-    if gen.get("do_sample"):
-        sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
+    if gen.get("do_sample"):  # transformers' defaults for what the file leaves out: temperature 1, top_k 50
+        sampling = {"temperature": 1.0, "top_k": 50, **{k: gen[k] for k in ("temperature", "top_p", "top_k")
+                                                        if gen.get(k) is not None}}  # fmt: skip
     return GenerationDefaults(eos_ids=eos_ids, repetition_penalty=float(gen.get("repetition_penalty", 1.0)), **sampling)

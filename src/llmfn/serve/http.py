@@ -75,7 +75,8 @@ def validation_error(message: str) -> ApiError:
     text, sep, where = message.rpartition(" - at ")
     if not sep:
         text, where = message, ""
-    param = where.strip("`").removeprefix("$.").removeprefix("$") or None
+    # a dict's value is `$.logit_bias[...]`: the param is the dict
+    param = where.strip("`").removeprefix("$.").removeprefix("$").replace("[...]", "") or None
     missing = re.search(r"missing required field `([^`]+)`", text)
     if missing:
         param = f"{param}.{missing.group(1)}" if param else missing.group(1)
@@ -128,8 +129,10 @@ class StreamingResponse:
         await send({"type": "http.response.body", "body": b""})
 
 
-def sse(obj) -> bytes:
-    return b"data: " + encoder.encode(obj) + b"\n\n"
+def sse(obj, event: str | None = None) -> bytes:
+    """One server-sent event: `data: <json>`, after an `event:` line when named (Responses API)."""
+    head = b"" if event is None else b"event: " + event.encode() + b"\n"
+    return head + b"data: " + encoder.encode(obj) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

@@ -11,6 +11,7 @@ from llmfn.serve import schemas as s
 ROUTES = [
     ("post", "/v1/chat/completions", "Chat completion (set stream for server-sent events)", s.ChatCompletionRequest, s.ChatCompletion, True, False),
     ("post", "/v1/completions", "Text completion from a prompt string or token ids", s.CompletionRequest, s.Completion, True, False),
+    ("post", "/v1/responses", "Responses API, one model turn (stream: response.* events); no server-side state", s.ResponsesRequest, s.ResponseObject, True, False),
     ("post", "/v1/embeddings", "Sentence embeddings (float or base64)", s.EmbeddingRequest, s.EmbeddingList, False, False),
     ("get", "/v1/models", "The served models and their aliases", None, s.ModelList, False, False),
     ("get", "/v1/models/{model}", "One served model", None, s.ModelCard, False, False),

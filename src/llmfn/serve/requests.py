@@ -28,7 +28,8 @@ def engine_error(e: LlmfnError) -> ApiError:
 
 
 def message_dict(m: s.ChatMessage, i: int) -> dict:
-    """messages[i] as the chat template takes it: text parts joined, "developer" read as "system"."""
+    """messages[i] as the chat template takes it: text parts joined, "developer" read as "system", an
+    assistant's tool calls and a tool result's call id kept (llmfn.tools renders them)."""
     content = m.content
     if content is None:
         if m.role != "assistant":
@@ -42,7 +43,16 @@ def message_dict(m: s.ChatMessage, i: int) -> dict:
                                param=f"messages[{i}].content[{j}].type")  # fmt: skip
             texts.append(part.text)
         content = "\n".join(texts)
-    return {"role": "system" if m.role == "developer" else m.role, "content": content}
+    out = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id or f"call_{i}_{j}", "type": "function",
+                              "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                             for j, c in enumerate(m.tool_calls)]  # fmt: skip
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
 
 
 def listed(value, param: str, limit: int) -> list:

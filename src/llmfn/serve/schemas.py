@@ -56,17 +56,44 @@ SamplingFields = msgspec.defstruct(
 )  # fmt: skip
 
 
+class JsonSchemaFormat(Struct, frozen=True):
+    name: str | None = None
+    schema: dict | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, frozen=True):
+    """OpenAI's response_format: "text", "json_object" or "json_schema" (with json_schema.schema)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+# How many choices a request may ask for (n): each is a generation of its own.
+MaxChoices = Annotated[int, Meta(ge=1, le=16)]
+# OpenAI's logit_bias: token id (a JSON object's keys are strings) -> bias in [-100, 100].
+LogitBias = dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]]
+
+
 class GenerationFields(SamplingFields, kw_only=True, frozen=True):
-    """What chat and text completions both take. Unset sampling fields take llmfn.sampling's defaults,
-    except temperature: unset means 1, OpenAI's default."""
+    """What chat and text completions both take. Unset sampling fields take the model's defaults
+    (generation_config.json, or the settings recorded beside a built-in alias), then llmfn.sampling's.
+    At most one constraint: response_format or one of vLLM's guided_* fields."""
 
     model: str | None = None
     max_tokens: MaxTokens | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Meta(ge=1)] | None = None
+    n: MaxChoices | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -79,14 +106,49 @@ class ContentPart(Struct, frozen=True):
     text: str | None = None
 
 
+class FunctionCall(Struct, frozen=True):
+    name: str
+    arguments: str = "{}"  # JSON text of an object
+
+
+class ToolCall(Struct, frozen=True):
+    """A call the assistant made, as it comes back in the history."""
+
+    function: FunctionCall
+    id: str | None = None
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(Struct, frozen=True):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
-class ResponseFormat(Struct, frozen=True):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+class FunctionDef(Struct, frozen=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(Struct, frozen=True):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(Struct, frozen=True):
+    name: str
+
+
+class NamedToolChoice(Struct, frozen=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(GenerationFields, frozen=True):
@@ -94,8 +156,9 @@ class ChatCompletionRequest(GenerationFields, frozen=True):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = False
     top_logprobs: TopLogprobs | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TopLogprob(Struct):
@@ -116,10 +179,17 @@ class ChoiceLogprobs(Struct):
     refusal: None = None
 
 
-class AssistantMessage(Struct):
+class ToolCallOut(Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class AssistantMessage(Struct, omit_defaults=True):
     role: str
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] = []
 
 
 class ChatChoice(Struct):
@@ -139,9 +209,24 @@ class ChatCompletion(Struct):
     system_fingerprint: str = "llmfn"
 
 
+class FunctionDelta(Struct, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ToolCallDelta(Struct, omit_defaults=True):
+    """One piece of a streamed call: the first carries id, type and name, the rest argument text."""
+
+    index: int
+    function: FunctionDelta
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+
+
 class ChatDelta(Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct):
@@ -197,6 +282,40 @@ class Completion(Struct):
     object: str = "text_completion"
     system_fingerprint: str = "llmfn"
     usage: Usage | None | UnsetType = UNSET
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+
+class ResponsesRequest(SamplingFields, kw_only=True, frozen=True):
+    """OpenAI's Responses API, one model turn: input items and tools are checked where they are read
+    (llmfn.serve.responses), as their shapes vary by type."""
+
+    input: str | list[dict]
+    model: str | None = None
+    instructions: str | None = None
+    max_output_tokens: MaxTokens | None = None
+    tools: list[dict] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict | None = None
+    stream: bool | None = False
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict | None = None
+    user: str | None = None
+
+
+class ResponseObject(Struct):
+    """The answer of /v1/responses (documentation: the route writes it as OpenAI's `response`)."""
+
+    id: str
+    created_at: float
+    status: Literal["completed", "incomplete", "in_progress"]
+    model: str
+    output: list[dict]
+    usage: dict | None
+    object: str = "response"
 
 
 # ---------------------------------------------------------------------------------------------- embeddings
@@ -285,12 +404,13 @@ class Health(Struct, omit_defaults=True):
 REQUESTS = {
     "ChatCompletionRequest": ChatCompletionRequest,
     "CompletionRequest": CompletionRequest,
+    "ResponsesRequest": ResponsesRequest,
     "EmbeddingRequest": EmbeddingRequest,
     "TokenizeRequest": TokenizeRequest,
     "DetokenizeRequest": DetokenizeRequest,
 }
 RESPONSES = (
-    ChatCompletion, ChatCompletionChunk, Completion, EmbeddingList, ModelList, ModelCard, TokenizeResponse,
+    ChatCompletion, ChatCompletionChunk, Completion, ResponseObject, EmbeddingList, ModelList, ModelCard, TokenizeResponse,
     DetokenizeResponse, Health, ErrorResponse,
 )  # fmt: skip
 
