@@ -48,7 +48,7 @@ def test_greedy_chat_continuation_matches_transformers(model, reference):
 
 def test_capital_of_france(model):
     """Greedy: the alias's own defaults (its card's temperature 0.2) sample, and this Q4_1 model then
-    opens with "L'..." in about a third of the seeds."""
+    opens with "L'..." in half the seeds (10 of 20)."""
     stream = llmfn.chat(model, [{"role": "user", "content": "What is the capital of France?"}], max_tokens=40,
                         temperature=0.0)
     assert "Paris" in stream.text()

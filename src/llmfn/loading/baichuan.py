@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.kernels.reference import alibi_slopes
-from llmfn.loading.checkpoint import take, take_stacked
+from llmfn.loading.checkpoint import TensorReader
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
 
@@ -70,14 +70,9 @@ def params_from_baichuan(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
     """Map BaichuanForCausalLM tensor names onto the llmfn layout, checking every shape; the
     lm_head rows are normalised here when cfg.norm_head. Consumes `tensors`; a quantized
     checkpoint's linears arrive as Pending leaves (llmfn.loading.quantize), which stack like tensors."""
-    t = {k.removeprefix("model."): v for k, v in tensors.items()}
+    reader = TensorReader(tensors, source, prefix="model.")
+    get, lin = reader.get, reader.linear
     D, F_ = cfg.hidden_size, cfg.intermediate_size
-
-    def get(name, shape):
-        return take(t, name, shape, source)
-
-    def lin(names, out, inp):  # one linear, or several stacked along the output dim
-        return take_stacked(t, names, out, inp, source)
 
     layers = []
     for i in range(cfg.num_layers):
@@ -95,9 +90,7 @@ def params_from_baichuan(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
     lm_head = get("lm_head.weight", (cfg.vocab_size, D))
     if cfg.norm_head:  # NormHead, once: rows to unit L2 norm (computed in fp32, then back)
         lm_head = F.normalize(lm_head.float(), dim=-1).to(lm_head.dtype)
-    leftover = [k for k in t if "rotary_emb" not in k and "future_mask" not in k]
-    if leftover:
-        raise CheckpointError(f"{source}: unexpected tensors {leftover[:5]}")
+    reader.check_all_taken(("rotary_emb", "future_mask"))
     params = {"embed": embed, "norm": norm, "lm_head": lm_head, "layers": layers}
     if cfg.position_encoding == "alibi":
         params["alibi_slopes"] = alibi_slopes(cfg.num_heads)  # [H] fp32

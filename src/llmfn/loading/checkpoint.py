@@ -67,3 +67,29 @@ def take_stacked(tensors: dict, names, out: int, inp: int, source: Path | str) -
     names = (names,) if isinstance(names, str) else tuple(names)
     parts = [take(tensors, n + ".weight", (out // len(names), inp), source) for n in names]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class TensorReader:
+    """A checkpoint's tensors by name (with `prefix` dropped), each taken once with its shape checked;
+    `check_all_taken` then names whatever the family's name map did not use."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: Path | str, prefix: str = ""):
+        self.original = {k.removeprefix(prefix): k for k in tensors}
+        self.tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+        self.source = source
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return take(self.tensors, name, shape, self.source)
+
+    def linear(self, names, out: int, inp: int) -> torch.Tensor:
+        """One linear's weight [out, inp], or several stacked along the output dim (take_stacked)."""
+        return take_stacked(self.tensors, names, out, inp, self.source)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def check_all_taken(self, buffers: tuple[str, ...] = ("rotary_emb",)) -> None:
+        """CheckpointError naming tensors left over, but for buffers (names containing one of these)."""
+        left = [self.original[k] for k in self.tensors if not any(b in k for b in buffers)]
+        if left:
+            raise CheckpointError(f"{self.source}: unexpected tensors {left[:5]}")

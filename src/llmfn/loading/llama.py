@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmfn.errors import CheckpointError
-from llmfn.loading.checkpoint import take
+from llmfn.loading.checkpoint import TensorReader
 from llmfn.models.llama import LlamaConfig, Params, rope_inv_freq
 
 
@@ -15,11 +14,8 @@ def params_from_hf(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, source="m
 
     Consumes `tensors`; anything left over that is not a known buffer is an error."""
     D, F_ = cfg.hidden_size, cfg.intermediate_size
-    names = {k.removeprefix("model."): k for k in tensors}
-    t = {k.removeprefix("model."): v for k, v in tensors.items()}
-
-    def get(name, shape):
-        return take(t, name, shape, source)
+    reader = TensorReader(tensors, source, prefix="model.")
+    get = reader.get
 
     layers = []
     for i in range(cfg.num_layers):
@@ -54,11 +50,9 @@ def params_from_hf(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, source="m
     embed = get("embed_tokens.weight", (cfg.vocab_size, D))
     norm = get("norm.weight", (D,))
     head_name = "lm_head.weight"
-    if cfg.tie_word_embeddings and head_name not in t:
+    if cfg.tie_word_embeddings and not reader.has(head_name):
         lm_head = embed
     else:
         lm_head = get(head_name, (cfg.vocab_size, D))
-    leftover = [names.get(k, k) for k in t if "rotary_emb" not in k]
-    if leftover:
-        raise CheckpointError(f"{source}: unexpected tensors {leftover[:5]}")
+    reader.check_all_taken()
     return {"embed": embed, "norm": norm, "lm_head": lm_head, "rope_inv_freq": rope_inv_freq(cfg), "layers": layers}

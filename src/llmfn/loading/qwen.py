@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
-from llmfn.loading.checkpoint import take, take_stacked
+from llmfn.loading.checkpoint import TensorReader
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
 
@@ -71,14 +71,9 @@ def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
 
     Consumes `tensors`; anything left over is an error. A quantized checkpoint's linears arrive
     as Pending leaves (llmfn.loading.quantize), which stack (torch.cat) like tensors."""
-    t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    reader = TensorReader(tensors, source, prefix="transformer.")
+    get, lin = reader.get, reader.linear
     D, F_, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
-
-    def get(name, shape):
-        return take(t, name, shape, source)
-
-    def lin(names, out, inp):  # one linear, or several stacked along the output dim
-        return take_stacked(t, names, out, inp, source)
 
     layers = []
     for i in range(cfg.num_layers):
@@ -100,8 +95,7 @@ def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
         layers.append(layer)
     embed = get("wte.weight", (cfg.vocab_size, D))
     norm = get("ln_f.weight", (D,))
-    lm_head = embed if cfg.tie_word_embeddings and "lm_head.weight" not in t else get("lm_head.weight", (cfg.vocab_size, D))
-    leftover = [k for k in t if "rotary_emb" not in k and "masked_bias" not in k]
-    if leftover:
-        raise CheckpointError(f"{source}: unexpected tensors {leftover[:5]}")
+    tied = cfg.tie_word_embeddings and not reader.has("lm_head.weight")
+    lm_head = embed if tied else get("lm_head.weight", (cfg.vocab_size, D))
+    reader.check_all_taken(("rotary_emb", "masked_bias"))
     return {"embed": embed, "norm": norm, "lm_head": lm_head, "rope_inv_freq": llama.rope_inv_freq(cfg), "layers": layers}

@@ -167,13 +167,8 @@ async def _chunks(served, streams, tracks, cid, created, name, include_usage, wa
     lasts: list = [None] * len(streams)
     for i in range(len(streams)):
         yield chunk(i, s.ChatDelta(role="assistant", content=""))
-    async with contextlib.aclosing(gen.merge(streams)) as merged:
-        async for i, ev in merged:
-            tracks[i].event(ev)
-            lasts[i] = ev
-            if (error := gen.event_error(ev)) is not None:
-                yield sse(error.body())
-                break
+    async with contextlib.aclosing(gen.each_event(streams, tracks, lasts)) as events:
+        async for i, ev in events:
             lp = s.ChoiceLogprobs(token_logprobs(served, ev)) if want_logprobs and ev.token_ids else None
             text = ev.text if held[i] is None else held[i].push(ev.text)
             if text or lp is not None:

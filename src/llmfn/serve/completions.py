@@ -85,13 +85,8 @@ async def _chunks(
     for i, echo in enumerate(echoes):
         if echo:
             yield chunk(i, echo)
-    async with contextlib.aclosing(gen.merge(streams)) as merged:
-        async for i, ev in merged:
-            tracks[i].event(ev)
-            lasts[i] = ev
-            if (error := gen.event_error(ev)) is not None:
-                yield sse(error.body())
-                break
+    async with contextlib.aclosing(gen.each_event(streams, tracks, lasts)) as events:
+        async for i, ev in events:
             lp = None
             if logprobs is not None and ev.token_ids:
                 acc = CompletionLogprobs(served)

@@ -240,6 +240,18 @@ async def merge(streams: list) -> AsyncIterator[tuple[int, object]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def each_event(streams: list, tracks: list[Tracking], lasts: list) -> AsyncIterator[tuple[int, object]]:
+    """(choice index, event) from the choices' streams as they come, each recorded in its choice's
+    metrics and as its last event; an event that reports an error raises it (sse_stream sends it)."""
+    async with contextlib.aclosing(merge(streams)) as merged:
+        async for i, ev in merged:
+            tracks[i].event(ev)
+            lasts[i] = ev
+            if (error := event_error(ev)) is not None:
+                raise error
+            yield i, ev
+
+
 async def sse_stream(frames: AsyncIterator[bytes], tracks: list[Tracking]) -> AsyncIterator[bytes]:
     """A route's SSE frames, then data: [DONE]. The status line is sent by then, so a failure midway
     is an error event; the generations' metrics are recorded however the stream ends."""
@@ -249,6 +261,8 @@ async def sse_stream(frames: AsyncIterator[bytes], tracks: list[Tracking]) -> As
                 yield frame
     except (asyncio.CancelledError, GeneratorExit):
         raise
+    except ApiError as e:  # a generation that failed or was cancelled midway
+        yield sse(e.body())
     except Exception as e:
         log.exception("stream failed")
         yield sse(ApiError(500, f"generation failed: {e}", code="internal_error").body())
