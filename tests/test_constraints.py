@@ -373,7 +373,7 @@ def test_smollm2_answers_in_a_pydantic_model_and_other_constraints(smollm2):
         country: str
         population: int
 
-    ask_ = lambda text, **kw: llmfn.chat(smollm2, [{"role": "user", "content": text}], **kw)  # noqa: E731
+    ask_ = lambda text, **kw: llmfn.chat(smollm2, [{"role": "user", "content": text}], **{"temperature": 0.0, **kw})  # noqa: E731
     reply = ask_("Describe Paris as JSON with name, country and population.", max_tokens=80, response_format=City)
     city = City.model_validate_json(reply.text())
     assert reply.finish_reason == "stop" and city.name

@@ -256,3 +256,15 @@ def test_pydantic_ai_agent_with_a_tool_and_a_typed_result(server):
     assert isinstance(result.output, Person)
     offered = result.all_messages()[1]  # the model's answer: a call of the output tool
     assert any(getattr(p, "tool_name", None) == "final_result" for p in offered.parts)
+
+
+def test_completions_take_the_same_constraints_n_and_logit_bias(client):
+    reply = client.completions.create(model=MODEL, prompt="Is water wet? Answer:", max_tokens=6, temperature=0.7,
+                                      seed=4, n=2, extra_body={"guided_choice": [" yes", " no"]})  # fmt: skip
+    assert [c.index for c in reply.choices] == [0, 1] and all(c.text in (" yes", " no") for c in reply.choices)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    text = client.completions.create(model=MODEL, prompt="A digit as JSON:", max_tokens=20, temperature=0,
+                                     extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                         "name": "digit", "schema": schema}}}).choices[0].text  # fmt: skip
+    assert 0 <= json.loads(text)["n"] <= 9
