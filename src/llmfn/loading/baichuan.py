@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.errors import UnsupportedModelError
 from llmfn.kernels.reference import alibi_slopes
 from llmfn.loading.checkpoint import TensorReader
+from llmfn.loading.config import config_fields
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
 
@@ -34,7 +35,7 @@ BAICHUAN2_VOCAB = 125696
 
 def baichuan_config(raw: dict, source: Path | str = "config.json") -> LlamaConfig:
     """Map a Baichuan config.json (7B: RoPE, 13B: ALiBi) to LlamaConfig."""
-    try:
+    with config_fields(source):
         hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         if raw.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported")
@@ -59,10 +60,6 @@ def baichuan_config(raw: dict, source: Path | str = "config.json") -> LlamaConfi
             position_encoding=encoding,
             norm_head=bool(raw.get("norm_head", vocab == BAICHUAN2_VOCAB)),
         )
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: bad value ({e})") from None
 
 
 def params_from_baichuan(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,

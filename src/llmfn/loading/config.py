@@ -6,6 +6,7 @@ caches and compiled graphs."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
@@ -13,6 +14,17 @@ from llmfn.models.llama import LlamaConfig, RopeScaling
 
 # Families that share the Llama forward after their weights are mapped to its layout.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+
+@contextmanager
+def config_fields(source: Path | str):
+    """Reading a config's fields: a missing one or a bad value is a CheckpointError naming the file."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad value ({e})") from None
 
 
 def read_json(path: Path) -> dict:
@@ -44,7 +56,7 @@ def llama_config_from_hf(raw: dict, source: Path | str = "config.json") -> Llama
     model_type = raw.get("model_type")
     if model_type not in LLAMA_FAMILY:
         raise UnsupportedModelError(f"{source}: model_type {model_type!r} is not a Llama-family model")
-    try:
+    with config_fields(source):
         hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         theta, scaling = _rope(raw)
         window = None
@@ -72,7 +84,3 @@ def llama_config_from_hf(raw: dict, source: Path | str = "config.json") -> Llama
             mlp_bias=bool(raw.get("mlp_bias", False)),
             sliding_window=int(window) if window else None,
         )
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: bad value ({e})") from None

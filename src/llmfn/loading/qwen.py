@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.errors import UnsupportedModelError
 from llmfn.loading.checkpoint import TensorReader
+from llmfn.loading.config import config_fields
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
 
@@ -31,7 +32,7 @@ CHATML_STOPS = ("<|im_end|>", "<|im_start|>")
 
 def qwen_config(raw: dict, source: Path | str = "config.json") -> LlamaConfig:
     """Map a Qwen-1 config.json (QWenConfig field names) to LlamaConfig."""
-    try:
+    with config_fields(source):
         hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         head_dim = int(raw.get("kv_channels") or hidden // heads)
         if head_dim * heads != hidden:
@@ -59,10 +60,6 @@ def qwen_config(raw: dict, source: Path | str = "config.json") -> LlamaConfig:
             dynamic_ntk_length=seq_length if raw.get("use_dynamic_ntk") else None,
             logn_length=seq_length if raw.get("use_logn_attn") else None,
         )
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: bad value ({e})") from None
 
 
 def params_from_qwen(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
