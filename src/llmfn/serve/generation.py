@@ -91,7 +91,7 @@ def request_sampling(served: Served, body: s.GenerationFields, seed: int | None 
 
 
 def generation_requests(served: Served, prompt: list[int], max_tokens: int, body: s.GenerationFields,
-                        logprobs: int | None, constraint=None, stop_token_ids=None) -> list:
+                        logprobs: int | None, constraint=None) -> list:
     """The body's n generations of one prompt (n choices): the same request but for the seed, seed + i
     when the body gives one (else a fresh seed each). The engine's prefix cache shares their prompt."""
     from llmfn.engine import GenerationRequest
@@ -102,7 +102,7 @@ def generation_requests(served: Served, prompt: list[int], max_tokens: int, body
     seeds = [None if body.seed is None else (body.seed + i + 2**63) % 2**64 - 2**63 for i in range(n)]
     return [GenerationRequest(prompt_ids=list(prompt), max_tokens=max_tokens,
                               sampling=request_sampling(served, body, seed), stop=stop,
-                              logit_bias=body.logit_bias, constraint=constraint, stop_token_ids=stop_token_ids, **kwargs)
+                              logit_bias=body.logit_bias, constraint=constraint, **kwargs)
             for seed in seeds]  # fmt: skip
 
 

@@ -8,6 +8,7 @@ ignored and previous_response_id is refused, so a conversation is sent whole eac
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -164,7 +165,7 @@ def _finished(head: dict, output: list[dict], last) -> dict:
 async def _events(events, track, head: dict, use) -> AsyncIterator[bytes]:
     """The streamed turn: response.created, the message's text deltas as they come (held back where a
     tool call may start), then each output item done, and response.completed."""
-    seq = iter(range(1 << 62))
+    seq = itertools.count()
 
     def event(kind: str, **fields) -> bytes:
         return sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
