@@ -98,11 +98,12 @@ def sixteen_requests(model) -> list[GenerationRequest]:
     return reqs
 
 
-@pytest.mark.parametrize("max_running, window", [(5, 16), (16, 256)])
+@pytest.mark.parametrize("max_running, window", [(5, 16), (16, 256), (17, 64)])
 def test_sixteen_requests_together_equal_each_alone(model, max_running, window, monkeypatch):
-    """The batch-invariance guarantee: submitted together (queueing, slot reuse, rows at every place,
-    prefills interleaved with decodes, shared prefixes, attention windows set by the longest row),
-    each request streams exactly the events it streams alone in a fresh engine."""
+    """The batch-invariance guarantee: submitted together (queueing, place reuse, rows at every place,
+    prefills interleaved with decodes, shared prefixes, block tables as wide as the longest row),
+    each request streams exactly the events it streams alone in a fresh engine. max_running 17 is
+    past the C kernels' rows: fixed-shape steps on torch's kernels, attention through gathered blocks."""
     monkeypatch.setattr(engine_module, "WINDOW", window)
     reqs = sixteen_requests(model)
 
@@ -199,8 +200,8 @@ def test_text_stop_strings_eos_and_logprobs(model):
 
 
 def test_requests_are_validated_at_submit(model):
-    engine = Engine(model, max_running=8, max_cache_tokens=8 * 64)  # 64-token slots
-    assert engine.slot_len == 64 and engine.stats()["cache_tokens"] == 512
+    engine = Engine(model, max_running=8, max_model_len=64)
+    assert engine.max_model_len == engine.stats()["max_model_len"] == 64
 
     async def submit(req):
         engine.submit(req)
@@ -221,9 +222,9 @@ def test_requests_are_validated_at_submit(model):
             with pytest.raises(RequestError) as err:
                 run(submit(req))
             assert err.value.param == param
-    with pytest.raises(RequestError) as err:  # over the slot: refused with both numbers, never truncated
+    with pytest.raises(RequestError) as err:  # over max_model_len: refused with the numbers, never truncated
         engine.generate_many([GenerationRequest([1] * 10, 55)])
-    assert "10 tokens" in str(err.value) and "55" in str(err.value) and "64-token" in str(err.value)
+    assert "10 tokens" in str(err.value) and "55" in str(err.value) and "max_model_len of 64" in str(err.value)
     with pytest.raises(RequestError) as err:  # over the model's context (512)
         Engine(model).generate_many([GenerationRequest([1] * 500, 13)])
     assert err.value.param == "max_tokens" and "512" in str(err.value)
@@ -235,7 +236,7 @@ def test_requests_wait_for_memory_and_complete_in_full(model):
     """2 slots, 6 requests: 4 wait in the queue, none is truncated."""
 
     async def main():
-        with Engine(model, max_running=2, max_cache_tokens=8 * 64, prefill_chunk=16) as engine:
+        with Engine(model, max_running=2, max_model_len=64, prefill_chunk=16) as engine:
             streams = [engine.submit(GenerationRequest(ids(20, i), 40, stop_token_ids=())) for i in range(6)]
             stats = engine.stats()
             assert stats["running"] <= 2 and stats["queued"] >= 3
@@ -364,11 +365,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(model, m
     engine.shutdown()
 
 
-@pytest.mark.parametrize("window", [16, 256])
-def test_prefix_cache_reuses_shared_prompts_with_identical_output(model, window, monkeypatch):
-    """Reused prefixes give the same tokens as prefilling them; with a 16-slot window, idle rows' junk
-    writes cut the prefixes kept in free slots, which must then be recomputed, not reused."""
-    monkeypatch.setattr(engine_module, "WINDOW", window)
+@pytest.mark.parametrize("blocks", [None, 12])
+def test_prefix_cache_reuses_shared_prompts_with_identical_output(model, blocks):
+    """Reused prefixes give the same tokens as prefilling them; in a pool of 12 blocks of 16, cached
+    blocks are evicted for new ones (and then recomputed, not reused)."""
+    memory = None if blocks is None else blocks * 16 * llama.kv_bytes_per_token(model.cfg, torch.float32)
     prompts = [SYSTEM + ids(5 + i, 200 + i) for i in range(6)] + [SYSTEM[:12] + ids(30, 7), SYSTEM]
     reqs = [
         GenerationRequest(p, 15, SP(temperature=0.9, seed=i), stop_token_ids=())
@@ -377,13 +378,15 @@ def test_prefix_cache_reuses_shared_prompts_with_identical_output(model, window,
     with Engine(model, max_running=2, prefill_chunk=16, prefix_cache=False) as plain:
         expected = plain.generate_many(reqs)
         assert plain.stats()["prefix_cache_hit_tokens"] == 0
-    with Engine(model, max_running=2, prefill_chunk=16) as cached:
+    with Engine(model, max_running=2, prefill_chunk=16, kv_cache_memory=memory) as cached:
         got = cached.generate_many(reqs)
-        # 2 whole chunks (32 tokens) of SYSTEM are reusable: requests 2-5 and 7 reuse them (copied from
-        # a busy slot or found in a freed one); request 1 too if it was admitted after request 0's
+        # 2 whole chunks (32 tokens) of SYSTEM are reusable: requests 2-5 and 7 reuse them (shared with a
+        # running sequence or kept after one ended); request 1 too if it was admitted after request 0's
         # prefill; request 6 shares less than a chunk.
-        hits = cached.stats()["prefix_cache_hit_tokens"]
-        assert 5 * 32 <= hits <= 6 * 32 if window == 256 else 0 < hits <= 6 * 32
+        stats = cached.stats()
+        hits = stats["prefix_cache_hit_tokens"]
+        assert 5 * 32 <= hits <= 6 * 32 if blocks is None else 0 < hits <= 6 * 32
+        assert [r.cached_tokens for r in got][2:6] == [32] * 4 if blocks is None else stats["blocks_total"] == 11
         again = cached.generate_many(reqs[:1])
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert again[0].token_ids == expected[0].token_ids
@@ -413,7 +416,7 @@ def test_many_requests_leave_the_engine_at_baseline(model):
     for key in ("running", "prefilling", "queued", "slots_used"):
         assert stats[key] == 0 == baseline[key]
     assert stats["slots_free"] == baseline["slots_free"] == 4
-    assert stats["cache_bytes"] == baseline["cache_bytes"]
+    assert stats["kv_cache_bytes"] == baseline["kv_cache_bytes"] and stats["blocks_used"] == 0
     assert stats["finished"] + stats["cancelled"] == 52
     assert stats["tokens_generated"] >= sum(r.completion_tokens for r in results)
     assert not engine._prefilling and not engine._waiting and not any(engine._slots)

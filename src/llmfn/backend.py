@@ -69,7 +69,7 @@ def _fused_layer_structs(params, cfg: llama.LlamaConfig, x, rope: llama.RopeTabl
         and positions.shape == x.shape[:2]
         and x.is_contiguous()
         and cpu.cache_layout_ok(cache.k, cache.v)
-        and cache.k.shape[:3] == (len(params["layers"]), x.shape[0], cfg.num_kv_heads)
+        and (cache.k.shape[0], cache.k.shape[2]) == (len(params["layers"]), cfg.num_kv_heads)
         and cache.k.shape[-1] == cfg.head_dim
         and all(t.shape == (*x.shape[:2], cfg.head_dim // 2) for t in tables)
         and cpu.takes(x, cache.k, cache.v, *tables)
@@ -90,7 +90,7 @@ def fused_layers(params, cfg: llama.LlamaConfig, x, rope: llama.RopeTables, posi
     if fields is None:
         return llama.decoder_layers(params, cfg, x, rope, positions, cache, attention)
     return cpu.decoder_layers(x, fields, cfg, rope.cos, rope.sin, rope.q_scale, positions, cache.k, cache.v,
-                              params.get("alibi_slopes"))  # fmt: skip
+                              params.get("alibi_slopes"), cache.blocks)  # fmt: skip
 
 
 def fused_forward(params, cfg: llama.LlamaConfig, tokens, positions, cache: llama.KVCache, logit_index=None,
@@ -107,3 +107,15 @@ def forward_for(model: Model, *, decode: bool = False):
         return compiled_forward()
     arch = models.family(model.cfg)
     return fused_forward if arch is llama else arch.forward
+
+
+def row_invariant_rows(model: Model) -> int:
+    """How many rows a decode step of `model` may have while each row's result stays independent of
+    the number of rows: llmfn's C kernels (fp32 activations on CPU, up to cpu.MAX_ROWS rows) compute
+    every output in an order fixed by its column alone, whatever the row count. 0 where the step runs
+    on torch's kernels (MKL / oneDNN tile their rows by the row count; the engine then keeps every
+    decode step at one fixed row count)."""
+    norm = model.params["norm"]
+    if models.family(model.cfg) is not llama or should_compile(model) or not cpu.fp32_cpu(norm):
+        return 0
+    return cpu.MAX_ROWS if cpu.available() else 0

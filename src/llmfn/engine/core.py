@@ -1,10 +1,11 @@
-"""The Engine: KV slots, the prefix cache and the step loop (the scheduling, memory and batch
-invariance it keeps are described in llmfn/engine/__init__.py)."""
+"""The Engine: the paged KV pool, the prefix cache and the step loop (the scheduling, memory and
+batch invariance it keeps are described in llmfn/engine/__init__.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import logging
 import math
 import threading
@@ -15,8 +16,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from llmfn.backend import forward_for
-from llmfn.engine.prefix_cache import PrefixCache
+from llmfn.backend import forward_for, row_invariant_rows
+from llmfn.engine.blocks import SCRATCH, BlockPool, default_kv_cache_memory, parse_bytes, zeros_untouched
 from llmfn.engine.requests import (
     GenerationEvent,
     GenerationRequest,
@@ -34,39 +35,44 @@ from llmfn.generate import eos_ids
 from llmfn.kernels import batch_invariant_attention
 from llmfn.model import Model
 from llmfn.models import family
+from llmfn.models.llama import KVCache
 from llmfn.sampling import SamplingParams, fresh_seed
 
 log = logging.getLogger("llmfn.engine")
 
-ROW_ALIGN = 8  # decode batch rows are a multiple of this (see the module docstring)
-WINDOW = 256  # decode attention covers a multiple of this many slots (see the module docstring)
+ROW_ALIGN = 8  # fixed-shape decode batches have a multiple of this many rows (see the module docstring)
+WINDOW = 256  # fixed-shape decode steps read a multiple of this many positions per row (ditto)
 GREEDY = SamplingParams()
 
 
 class Engine:
-    """Owns a causal LM, its KV slots and the step-loop thread. See the module docstring.
+    """Owns a causal LM, its paged KV cache and the step-loop thread. See the module docstring.
 
-    max_running: sequences decoded together (each holds a KV slot); max_queued: requests that may wait
-    for a slot beyond the free ones (more raise QueueFullError); max_cache_tokens: KV positions in all,
-    split into equal slots over max_running rounded up to a multiple of 8 (default: one full context
-    per slot); prefill_chunk: prompt tokens prefilled per step; prefix_cache: reuse shared prompt
-    prefixes. Decode runs eager (generate's torch.compile'd step is not used here yet)."""
+    max_running: sequences decoded together; max_queued: requests that may wait beyond the free places
+    (more raise QueueFullError); kv_cache_memory: the KV pool's size in bytes or as "512MiB" (default:
+    blocks.default_kv_cache_memory); max_model_len: the longest prompt + max_tokens a request may ask
+    for (default: the model's context, capped by what the pool holds); block_size: positions per KV
+    block; prefill_chunk: prompt tokens prefilled per step (a multiple of block_size); prefix_cache:
+    reuse the KV of shared prompt prefixes."""
 
     def __init__(
         self,
         model: Model,
         *,
-        max_running: int = 8,
+        max_running: int = 16,
         max_queued: int = 64,
-        max_cache_tokens: int | None = None,
+        kv_cache_memory: int | str | None = None,
+        max_model_len: int | None = None,
+        block_size: int = 16,
         prefill_chunk: int = 256,
         prefix_cache: bool = True,
     ):
         if model.kind != "causal-lm":
             raise LlmfnError(f"the engine needs a causal language model, got a {model.kind} model")
-        if max_running < 1 or max_queued < 0 or prefill_chunk < 1:
+        if max_running < 1 or max_queued < 0 or block_size < 1 or prefill_chunk < 1 or prefill_chunk % block_size:
             raise LlmfnError(
-                f"need max_running >= 1, max_queued >= 0, prefill_chunk >= 1; got {max_running}, {max_queued}, {prefill_chunk}"
+                f"need max_running >= 1, max_queued >= 0, block_size >= 1 and prefill_chunk a multiple of "
+                f"block_size; got {max_running}, {max_queued}, {block_size}, {prefill_chunk}"
             )
         cfg = model.cfg
         self.model = model
@@ -74,35 +80,45 @@ class Engine:
         self.max_queued = max_queued
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = prefix_cache
-        self.rows = -(-max_running // ROW_ALIGN) * ROW_ALIGN
-        context = cfg.max_position_embeddings
-        self.slot_len = context if max_cache_tokens is None else min(context, max_cache_tokens // self.rows)
-        if self.slot_len < 2:
-            raise LlmfnError(
-                f"max_cache_tokens={max_cache_tokens} leaves {self.slot_len} positions per slot for {self.rows} "
-                f"rows (max_running={max_running} rounded up to a multiple of {ROW_ALIGN}); need at least 2"
-            )
+        self.block_size = block_size
         self._device = model.params["norm"].device
         dtype = model.params["norm"].dtype
-        arch = family(cfg)  # the model's math: init_cache, forward (run through backend.forward_for)
+        arch = family(cfg)  # the model's math: forward (run through backend.forward_for)
         self.kv_bytes_per_token = arch.kv_bytes_per_token(cfg, dtype)
+        budget = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else default_kv_cache_memory(self._device)
+        num_blocks = budget // (self.kv_bytes_per_token * block_size)
+        context = cfg.max_position_embeddings
+        fits = (num_blocks - 1) * block_size  # one block is scratch
+        if max_model_len is not None and not 1 < max_model_len <= context:
+            raise LlmfnError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
+        self.max_model_len = min(max_model_len or context, fits)
+        if self.max_model_len < 2:
+            raise LlmfnError(
+                f"kv_cache_memory={budget} bytes holds {max(num_blocks, 0)} blocks of {block_size} positions at "
+                f"{self.kv_bytes_per_token} bytes a position: too few for a sequence; give it more memory"
+            )
+        # Decode steps: where the backend's kernels are row-invariant, only the rows up to the last busy
+        # place run; elsewhere every step runs the same `rows` rows (see the module docstring).
+        self.compact = max_running <= row_invariant_rows(model)
+        self.rows = max_running if self.compact else -(-max_running // ROW_ALIGN) * ROW_ALIGN
         self._forward = forward_for(model)  # eager: generate's torch.compile'd step is not used here yet
         self._eos = frozenset(eos_ids(model))
-        R = self.rows
+        shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         with torch.inference_mode():
-            self._cache = arch.init_cache(cfg, R, self.slot_len, dtype, self._device)
-            self._sampler = RowSampler(R, cfg.vocab_size, self._device)
-        self._slots: list[Sequence | None] = [None] * R  # rows >= max_running stay None: scratch
-        self._prefix = PrefixCache(R, prefill_chunk, prefix_cache)
+            self._kv = KVCache(zeros_untouched(shape, dtype, self._device), zeros_untouched(shape, dtype, self._device))
+            self._sampler = RowSampler(self.rows, cfg.vocab_size, self._device)
+        self._pool = BlockPool(num_blocks)
+        self._slots: list[Sequence | None] = [None] * self.rows  # places >= max_running stay None: scratch
         self._prefilling: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()  # guarded by _cv
+        self._arrivals = itertools.count()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
         self._step_s = 0.0  # moving average of a step's wall time, for Retry-After
         self._n = {"steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "prefix_cache_hit_tokens": 0,
-                   "finished": 0, "cancelled": 0, "errors": 0}  # fmt: skip
+                   "finished": 0, "cancelled": 0, "errors": 0, "preemptions": 0}  # fmt: skip
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -185,6 +201,7 @@ class Engine:
                 texts[i].append(event.text)
                 r.token_ids += event.token_ids
                 r.completion_tokens = event.completion_tokens
+                r.cached_tokens = event.cached_tokens
                 if event.logprobs is not None:
                     r.logprobs = (r.logprobs or []) + event.logprobs
                 if event.finish_reason is not None:
@@ -220,10 +237,11 @@ class Engine:
 
     def _prepare(self, request: GenerationRequest) -> Sequence:
         """Validate a request (RequestError with .param) and wrap it for the loop."""
-        check_request(request, self.model.cfg.vocab_size, self.model.cfg.max_position_embeddings, self.slot_len)
+        cfg = self.model.cfg
+        check_request(request, cfg.vocab_size, cfg.max_position_embeddings, self.max_model_len)
         seed = fresh_seed() if request.sampling.seed is None else request.sampling.seed
         stops = self._eos if request.stop_token_ids is None else frozenset(request.stop_token_ids)
-        return prepare_sequence(request, seed, stops, self.model.tokenizer, self.model.cfg.vocab_size, self._device)
+        return prepare_sequence(request, seed, stops, self.model.tokenizer, cfg.vocab_size, self._device)
 
     def _enqueue(self, seq: Sequence) -> None:
         self.start()
@@ -231,11 +249,13 @@ class Engine:
             if self._closed:
                 raise LlmfnError("the engine is shut down")
             free = self.max_running - sum(s is not None for s in self._slots[: self.max_running])
-            if len(self._waiting) - free >= self.max_queued:  # it would wait behind max_queued others
+            behind = max(0, len(self._waiting) - free)  # requests that would wait ahead of this one
+            if behind >= self.max_queued:
                 raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting (max_queued={self.max_queued})",
+                    f"{behind} requests are already waiting for a place (max_queued={self.max_queued})",
                     retry_after=self._retry_after(),
                 )
+            seq.arrival = next(self._arrivals)
             self._waiting.append(seq)
             self._cv.notify_all()
 
@@ -247,10 +267,13 @@ class Engine:
     # ----------------------------------------------------------------------------------- stats
 
     def stats(self) -> dict:
-        """A snapshot: running (holding a slot), queued, slots used / free / total, tokens, ..."""
+        """A snapshot: running, queued, places, KV blocks (used / cached / free), tokens, prefix hits,
+        preemptions, ..."""
         with self._cv:
             queued = len(self._waiting)
         used = sum(s is not None for s in list(self._slots))
+        pool = self._pool
+        prompt = self._n["prompt_tokens"]
         return {
             "running": used,
             "prefilling": sum(1 for s in list(self._slots) if s is not None and not s.decoding),
@@ -258,11 +281,15 @@ class Engine:
             "slots_total": self.max_running,
             "slots_used": used,
             "slots_free": self.max_running - used,
-            "slot_len": self.slot_len,
-            "rows": self.rows,
-            "cache_tokens": self.rows * self.slot_len,
+            "max_model_len": self.max_model_len,
+            "block_size": self.block_size,
+            "blocks_total": pool.num_blocks - 1,
+            "blocks_used": pool.used(),
+            "blocks_cached": pool.cached(),
+            "blocks_free": pool.available(),
             "kv_bytes_per_token": self.kv_bytes_per_token,
-            "cache_bytes": sum(t.numel() * t.element_size() for t in self._cache),
+            "kv_cache_bytes": sum(t.numel() * t.element_size() for t in (self._kv.k, self._kv.v)),
+            "prefix_hit_rate": self._n["prefix_cache_hit_tokens"] / prompt if prompt else 0.0,
             **self._n,
         }
 
@@ -302,7 +329,7 @@ class Engine:
         self._prefill()
 
     def _reap(self) -> None:
-        """Free the slots of cancelled sequences and drop cancelled waiting ones."""
+        """Free the places and blocks of cancelled sequences and drop cancelled waiting ones."""
         for s in [s for s in self._slots if s is not None and s.cancelled]:
             self._finish(s, "cancelled")
         with self._cv:
@@ -313,66 +340,115 @@ class Engine:
             self._finish(s, "cancelled")
 
     def _admit(self) -> None:
-        """Move waiting sequences into free slots, reusing cached prompt prefixes."""
+        """Move waiting sequences, oldest first, into free places while the pool has blocks for their
+        prompts (beyond a block for every decoding sequence's next token), reusing cached prefixes."""
         while True:
             free = [j for j in range(self.max_running) if self._slots[j] is None]
             with self._cv:
                 if not free or not self._waiting:
                     return
-                s = self._waiting.popleft()
-            j, reused = self._place(s.prompt, free)
-            s.slot, s.prefilled = j, reused
-            self._slots[j] = s
+                s = self._waiting[0]
+            matched = self._match(s.prompt)
+            need = -(-len(s.prompt) // self.block_size) - len(matched)
+            growing = sum(1 for r in self._slots if r is not None and r.decoding)
+            if self._pool.available() < need + growing:
+                self._pool.release(matched)
+                return  # wait for blocks to free (finishing sequences, or preemption of younger ones)
+            with self._cv:
+                self._waiting.popleft()
+            s.blocks = matched + [self._pool.allocate() for _ in range(need)]
+            s.prefilled = s.computed = len(matched) * self.block_size
+            s.slot = free[0]
+            self._slots[s.slot] = s
             self._prefilling.append(s)
-            self._n["prefix_cache_hit_tokens"] += reused
-            self._n["prompt_tokens"] += len(s.prompt)
-            self._sampler.assign(j, s)
+            if s.cached_tokens is None:  # first admission (not a return after preemption)
+                s.cached_tokens = s.prefilled
+                self._n["prefix_cache_hit_tokens"] += s.prefilled
+                self._n["prompt_tokens"] += len(s.prompt)
+            self._sampler.assign(s.slot, s)
 
-    def _place(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
-        """(slot, prompt tokens whose KV is already there), copying a cached prefix between rows."""
-        target, source, m = self._prefix.place(prompt, free, self.max_running)
-        if source is not None:
-            for t in self._cache:  # [L, rows, Hk, S, hd]: copy positions [0, m) of the source row
-                t[:, target, :, :m].copy_(t[:, source, :, :m])
-        return target, m
+    def _match(self, prompt: list[int]) -> list[int]:
+        """Cached blocks holding the prompt's first whole prefill chunks (references taken). Never the
+        chunk of the last prompt token (its logits are needed), and whole chunks only: the rest of the
+        prompt is then prefilled in the same chunks as a cold prefill, so every bit is the same."""
+        if not self.prefix_cache:
+            return []
+        bs, per_chunk = self.block_size, self.prefill_chunk // self.block_size
+        limit = (len(prompt) - 1) // self.prefill_chunk * per_chunk  # blocks in the reusable chunks
+        blocks: list[int] = []
+        while len(blocks) < limit:
+            i = len(blocks)
+            block = self._pool.match(blocks[-1] if blocks else 0, tuple(prompt[i * bs : (i + 1) * bs]))
+            if block is None:
+                break
+            blocks.append(block)
+        keep = len(blocks) // per_chunk * per_chunk
+        self._pool.release(blocks[keep:])
+        return blocks[:keep]
 
-    def _window(self) -> int:
-        """Decode attends over the first W slots of every row: W covers every active position and the
-        prefilled part of every prefilling row, rounded up to a multiple of WINDOW (or slot_len)."""
-        need = max(len(s.prompt) + len(s.tokens) if s.decoding else s.prefilled + 1
-                   for s in self._slots if s is not None)  # fmt: skip
-        return min(self.slot_len, -(-need // WINDOW) * WINDOW)
+    def _grow(self, active: list[Sequence]) -> list[Sequence]:
+        """A block for every decoding sequence whose next position starts one, oldest first; when the
+        pool is out, the youngest running sequence is preempted (and may be the one that asked).
+        Returns the sequences still decoding."""
+        for s in sorted(active, key=lambda s: s.arrival):
+            while s.slot is not None and len(s.blocks) * self.block_size <= s.computed:
+                if self._pool.available():
+                    s.blocks.append(self._pool.allocate())
+                else:
+                    self._preempt(max((r for r in self._slots if r is not None), key=lambda r: r.arrival))
+        return [s for s in active if s.slot is not None]
+
+    def _preempt(self, s: Sequence) -> None:
+        """Free a running sequence's place and blocks and queue it first again. Its tokens stay: when it
+        is admitted again its prompt is prefilled in the same chunks and its generated tokens are fed
+        back through decode steps (not sampled again), so its KV, and its output, are bitwise what they
+        would have been (a decode row's KV does not depend on the batch)."""
+        log.info("preempting a sequence of %d tokens: the KV pool is full", len(s.prompt) + len(s.tokens))
+        self._n["preemptions"] += 1
+        s.preemptions += 1
+        self._vacate(s)
+        with self._cv:
+            self._waiting.appendleft(s)
+
+    def _table(self, seqs: list[Sequence], rows: int, width: int) -> torch.Tensor:
+        """The block table [rows, width] (int32): each sequence's blocks on its row, scratch elsewhere."""
+        table = torch.full((rows, width), SCRATCH, dtype=torch.int32)
+        for s in seqs:
+            table[s.slot, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
+        return table.to(self._device)
 
     def _decode(self) -> None:
-        """One token for every decoding sequence, in one forward over all rows."""
-        active = [s for s in self._slots if s is not None and s.decoding]
+        """One position for every decoding sequence, in one forward: the next token of those caught
+        up, a generated token fed back for those replaying after a preemption."""
+        active = self._grow([s for s in self._slots if s is not None and s.decoding])
         if not active:
             return
-        w = self._window()
-        # Idle rows (free, prefilling, scratch) write a junk key at w - 1: beyond what a prefilling row
-        # holds (its own prefill or decode rewrites it before any read); a freed row's cached prefix
-        # loses the chunks from there on.
-        tokens, positions = [0] * self.rows, [w - 1] * self.rows
+        rows = max(s.slot for s in active) + 1 if self.compact else self.rows
+        width = max(len(s.blocks) for s in active)
+        if not self.compact:  # a fixed shape: the width depends on the longest row only in WINDOW steps
+            per_window = max(1, WINDOW // self.block_size)
+            width = -(-width // per_window) * per_window
+        tokens, positions = [0] * rows, [0] * rows  # idle rows write position 0 of the scratch block
         for s in active:
-            tokens[s.slot] = s.tokens[-1]
-            positions[s.slot] = len(s.prompt) + len(s.tokens) - 1
-        for j in range(self.rows):
-            if self._slots[j] is None:
-                self._prefix.overwritten_from(j, w - 1)
+            tokens[s.slot] = s.token_at(s.computed)
+            positions[s.slot] = s.computed
+        sampling = [s for s in active if s.computed == len(s.prompt) + len(s.tokens) - 1]
         try:
-            tok = torch.tensor(tokens, device=self._device)[:, None]  # [R, 1]
-            pos = torch.tensor(positions, device=self._device)[:, None]  # [R, 1]
-            view = self._cache.view(slots=w)  # [L, R, Hk, w, hd]
+            tok = torch.tensor(tokens, device=self._device)[:, None]  # [rows, 1]
+            pos = torch.tensor(positions, device=self._device)[:, None]  # [rows, 1]
+            cache = self._kv._replace(blocks=self._table(active, rows, width))
             logits, _ = self._forward(
-                self.model.params, self.model.cfg, tok, pos, view, attention=batch_invariant_attention
-            )  # [R, 1, V]
-            picked = self._sampler.pick(logits[:, 0], slice(None), pos[:, 0] + 1, active)
+                self.model.params, self.model.cfg, tok, pos, cache, attention=batch_invariant_attention
+            )  # [rows, 1, V]
+            picked = self._sampler.pick(logits[:, 0], slice(0, rows), pos[:, 0] + 1, sampling) if sampling else []
         except Exception as exc:
             log.exception("decode step failed")
             for s in active:
                 self._finish(s, "error", _describe(exc))
             return
         for s in active:
+            s.computed += 1
+        for s in sampling:
             self._accept(s, *picked[s.slot])
 
     def _prefill(self) -> None:
@@ -392,21 +468,24 @@ class Engine:
                 self._prefilling.popleft()
 
     def _prefill_chunk(self, s: Sequence, start: int, end: int) -> bool:
-        j, n = s.slot, len(s.prompt)
-        w = min(self.slot_len, -(-end // WINDOW) * WINDOW)  # depends on this prompt only
-        view = self._cache.view(slice(j, j + 1), w)  # [L, 1, Hk, w, hd], shares memory
+        j, n, bs = s.slot, len(s.prompt), self.block_size
         try:
             tok = torch.tensor([s.prompt[start:end]], device=self._device)  # [1, T]
             pos = torch.arange(start, end, device=self._device)[None]  # [1, T]
             last = torch.tensor([end - start - 1], device=self._device)
-            logits, _ = self._forward(self.model.params, self.model.cfg, tok, pos, view, logit_index=last)
-            picked = self._sampler.pick(logits[:, 0], slice(j, j + 1), pos[:, -1] + 1, [s]) if end == n else None
+            cache = self._kv._replace(blocks=torch.tensor([s.blocks[: -(-end // bs)]], dtype=torch.int32,
+                                                          device=self._device))  # fmt: skip
+            logits, _ = self._forward(self.model.params, self.model.cfg, tok, pos, cache, logit_index=last)
+            first = end == n and not s.tokens  # not when coming back from a preemption: that token is known
+            picked = self._sampler.pick(logits[:, 0], slice(j, j + 1), pos[:, -1] + 1, [s]) if first else None
         except Exception as exc:
             log.exception("prefill failed")
             self._finish(s, "error", _describe(exc))
             return False
-        s.prefilled = end
-        self._prefix.prefilled(j, s.prompt, end)
+        s.prefilled = s.computed = end
+        if self.prefix_cache and end % self.prefill_chunk == 0:  # a whole chunk: its blocks may be shared
+            for i in range(start // bs, end // bs):
+                self._pool.register(s.blocks[i], s.blocks[i - 1] if i else 0, tuple(s.prompt[i * bs : (i + 1) * bs]))
         if picked is not None:
             self._accept(s, *picked[0])
         return True
@@ -442,23 +521,31 @@ class Engine:
         if logprob is not None and req.logprobs is not None:
             logprob = TokenLogprob(logprob.token_id, logprob.logprob, logprob.top[: req.logprobs])
         lps = [logprob] if logprob is not None and req.logprobs is not None else None
-        self._send(s, GenerationEvent(text, [token], reason, len(s.prompt), len(s.tokens), s.seed, None, lps))
+        self._send(s, GenerationEvent(text, [token], reason, len(s.prompt), len(s.tokens), s.seed, None, lps,
+                                      s.cached_tokens or 0))  # fmt: skip
 
     def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
         """End a sequence early ("cancelled" / "error"): free its slot, send the final event."""
         if s.done:
             return
-        if s.slot is not None and error is not None:
-            self._prefix.forget(s.slot)  # a failed forward may have left partial writes
+        if error is not None:  # a failed forward may have left partial writes in its own blocks
+            self._pool.forget(s.blocks[(s.cached_tokens or 0) // self.block_size :])
         self._release(s)
         self._n["errors" if reason == "error" else "cancelled"] += 1
-        self._send(s, GenerationEvent("", [], reason, len(s.prompt), len(s.tokens), s.seed, error))
+        self._send(s, GenerationEvent("", [], reason, len(s.prompt), len(s.tokens), s.seed, error, None,
+                                      s.cached_tokens or 0))  # fmt: skip
 
     def _release(self, s: Sequence) -> None:
         s.done = True
+        self._vacate(s)
+
+    def _vacate(self, s: Sequence) -> None:
+        """Give back a sequence's place and blocks (it may come back: preemption)."""
+        self._pool.release(s.blocks)
+        s.blocks = []
+        s.prefilled = s.computed = 0
         if s.slot is not None:
             self._slots[s.slot] = None
-            self._prefix.freed_at[s.slot] = self._n["steps"]
             s.slot = None
         if s in self._prefilling:
             self._prefilling.remove(s)

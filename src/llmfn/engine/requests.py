@@ -66,6 +66,7 @@ class GenerationEvent:  # one per engine step for a request, streamed in order
     seed: int
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when requested
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -80,7 +81,7 @@ class GenerationResult:
     seed: int
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
-
+    cached_tokens: int = 0
 
 
 class Sequence:
@@ -96,9 +97,14 @@ class Sequence:
         self.detok = detok
         self.stop_strings = StopStrings(request.stop)
         self.sink: Callable[[GenerationEvent], None] = lambda event: None
-        self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens whose KV is in the slot
+        self.slot: int | None = None  # its place (row) in the decode batch while running
+        self.blocks: list[int] = []  # its KV blocks, in position order
+        self.prefilled = 0  # prompt tokens whose KV is in its blocks
+        self.computed = 0  # positions whose KV is in its blocks (prompt and generated)
         self.tokens: list[int] = []  # generated so far
+        self.cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (first admission)
+        self.arrival = 0  # queue order: the youngest running sequence is preempted first
+        self.preemptions = 0
         self.cancelled = False
         self.done = False
 
@@ -106,11 +112,15 @@ class Sequence:
     def decoding(self) -> bool:
         return self.prefilled == len(self.prompt)
 
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[position] if position < n else self.tokens[position - n]
 
 
-def check_request(request: GenerationRequest, vocab: int, context: int, slot_len: int) -> None:
+
+def check_request(request: GenerationRequest, vocab: int, context: int, max_model_len: int) -> None:
     """RequestError (with .param) unless the request fits a model of `vocab` tokens and `context`
-    positions and an engine slot of `slot_len` positions."""
+    positions and an engine serving at most `max_model_len` positions a sequence."""
     if not isinstance(request, GenerationRequest):
         raise RequestError(f"expected a GenerationRequest, got {type(request).__name__}", param="prompt")
     n = len(request.prompt_ids)
@@ -119,10 +129,10 @@ def check_request(request: GenerationRequest, vocab: int, context: int, slot_len
     check_prompt(n, request.max_tokens, context)
     if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.prompt_ids):
         raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-    if n + request.max_tokens > slot_len:
+    if n + request.max_tokens > max_model_len:
         raise RequestError(
             f"the prompt has {n} tokens and max_tokens asks for {request.max_tokens} more "
-            f"({n + request.max_tokens} in all), over this engine's {slot_len}-token sequence slot",
+            f"({n + request.max_tokens} in all), over this engine's max_model_len of {max_model_len} tokens",
             param="max_tokens",
         )
     check_sampling(request.sampling)

@@ -28,7 +28,8 @@ class RowSampler:
         self.bitmask = torch.full((rows, bitmask_words(vocab)), -1, dtype=torch.int32)
 
     def assign(self, j: int, s: Sequence) -> None:
-        """Row j now samples for sequence s (its settings, its prompt seen, nothing generated yet)."""
+        """Row j now samples for sequence s (its settings, its prompt seen, its generated tokens counted:
+        none, or those it had when it was preempted)."""
         sp = s.request.sampling
         temperature = 0.0 if sp.greedy else sp.temperature  # top_k=1 too: argmax, as generate does
         for name, value in (("temperature", temperature), ("top_k", sp.top_k), ("top_p", sp.top_p),
@@ -40,6 +41,10 @@ class RowSampler:
         self.seen[j] = False
         self.bitmask[j] = -1  # a constrained sequence rewrites it before every pick
         self.seen[j, torch.tensor(s.prompt, device=self.device)] = True
+        if s.tokens:
+            out = torch.tensor(s.tokens, device=self.device)
+            self.counts[j].index_put_((out,), torch.ones_like(out), accumulate=True)
+            self.seen[j, out] = True
 
     def pick(self, logits: torch.Tensor, rows: slice, step: torch.Tensor, seqs: list[Sequence]) -> list:
         """Sample the next token of `rows` (logits [r, V] fp32; step [r]: the sampled token's position).

@@ -39,11 +39,12 @@ _SIGNATURES = {
     "llmfn_int8_linear": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
     "llmfn_int4_dequant": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_int8_dequant": [_p, _p, _p, _i64, _i64, _i64, _i32],
-    "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _p, *[_i64] * 8, _f32, _f32, _i64, _i32],
+    "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, *[_i64] * 7, _f32, _f32,
+                             _i64, _i32],
     "llmfn_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_rms_norm": [_p, _p, _p, _i64, _i64, _f32],
     "llmfn_silu_mul": [_p, _p, _i64, _i64],
-    "llmfn_qkv_attention": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _i64, _i32],
+    "llmfn_qkv_attention": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, _p, *[_i64] * 5, _f32, _i64, _i32],
 }
 
 
@@ -157,24 +158,40 @@ def _step_args(op: str, cos, sin, q_scale, positions, alibi_slopes, b: int, t: i
     return tuple(None if a is None else a.contiguous() for a in (cos, sin, q_scale, positions, alibi_slopes))
 
 
+def _block_args(op: str, k_cache: torch.Tensor, blocks: torch.Tensor | None, b: int):
+    """(table, blocks per row, block length) for C: a cache of blocks [N, hk, S, hd] read through
+    blocks [b, nb] (int32 block ids < N), or without a table one block of S slots per row (N == b)."""
+    n, s = k_cache.shape[-4], k_cache.shape[-2]
+    if blocks is None:
+        check_shapes(n == b, op, k_cache, detail=f"{b} rows and no block table")
+        return None, 1, s
+    ok = blocks.dtype == torch.int32 and blocks.dim() == 2 and blocks.shape[0] == b and blocks.is_contiguous()
+    check_shapes(ok and blocks.device.type == "cpu", op, k_cache, blocks, detail="blocks: int32 [rows, nb]")
+    if blocks.numel() and not 0 <= int(blocks.min()) <= int(blocks.max()) < n:
+        raise IndexError(f"{op}: block ids must lie in [0, {n}) (the cache's blocks)")
+    return blocks, blocks.shape[1], s
+
+
 def _position_error(status: int, slots: int) -> None:
     if status:
         raise IndexError(f"positions must lie in [0, {slots}) (the KV cache length)")
 
 
 def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads, scale,
-                  alibi_slopes=None, window=None) -> torch.Tensor:
-    """See kernels.qkv_attention. The caches are donated (written in place); they may be views
-    (the engine passes the first slots of each row) with the same strides and contiguous rows."""
+                  alibi_slopes=None, window=None, blocks=None) -> torch.Tensor:
+    """See kernels.qkv_attention. The caches [N, hk, S, hd] are donated (written in place); they may
+    be views with the same strides and contiguous rows; blocks [b, nb] int32 or None as there."""
     b, t, _ = qkv.shape
     hd = k_cache.shape[-1]
     check_shapes(
         qkv.shape[2] == (num_heads + 2 * num_kv_heads) * hd
         and num_heads % num_kv_heads == 0
         and cache_layout_ok(k_cache, v_cache)
-        and k_cache.shape[:2] == (b, num_kv_heads),
+        and k_cache.dim() == 4
+        and k_cache.shape[1] == num_kv_heads,
         "qkv_attention", qkv, k_cache,
     )
+    table, nb, bs = _block_args("qkv_attention", k_cache, blocks, b)
     cos, sin, q_scale, positions, alibi_slopes = _step_args(
         "qkv_attention", cos, sin, q_scale, positions, alibi_slopes, b, t, hd, num_heads
     )
@@ -183,10 +200,10 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
     status = library().llmfn_qkv_attention(
         qkv.data_ptr(), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), strides, ptr(alibi_slopes), out.data_ptr(), b, t, num_heads, num_kv_heads, hd,
-        k_cache.shape[2], scale, window or 0, torch.get_num_threads(),
+        v_cache.data_ptr(), strides, ptr(table), nb, bs, ptr(alibi_slopes), out.data_ptr(), b, t, num_heads,
+        num_kv_heads, hd, scale, window or 0, torch.get_num_threads(),
     )
-    _position_error(status, k_cache.shape[2])
+    _position_error(status, nb * bs)
     return out
 
 
@@ -259,19 +276,21 @@ def _layer_fields(layer: dict, d: int, f: int, hq: int, hk: int, hd: int) -> cty
 
 
 def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positions, k_cache, v_cache,
-                   alibi_slopes=None) -> torch.Tensor:
+                   alibi_slopes=None, blocks=None) -> torch.Tensor:
     """Pre-norm Llama decoder layers (fields: their `layer_fields`) applied to x [b, t, D] in one C call.
 
-    x is donated: the residual stream is updated in place and returned. The caches [L, b, hk, s, hd]
-    are written in place as in qkv_attention. Bitwise what the separate kernels (linear, rms_norm,
-    qkv_attention, silu_mul) give, with one OpenMP region per step instead of eight per layer."""
+    x is donated: the residual stream is updated in place and returned. The caches [L, N, hk, S, hd]
+    (read through blocks [b, nb] int32, or one block per row when None) are written in place as in
+    qkv_attention. Bitwise what the separate kernels (linear, rms_norm, qkv_attention, silu_mul) give,
+    with one OpenMP region per step instead of eight per layer."""
     b, t, d = x.shape
     hd = k_cache.shape[-1]
-    if (d, hd) != (cfg.hidden_size, cfg.head_dim) or k_cache.shape[:3] != (len(fields), b, cfg.num_kv_heads):
+    if (d, hd) != (cfg.hidden_size, cfg.head_dim) or (k_cache.shape[0], k_cache.shape[2]) != (len(fields), cfg.num_kv_heads):
         raise ValueError(f"decoder_layers: x {list(x.shape)} / cache {list(k_cache.shape)} do not fit the config")
     if not x.is_contiguous():
         raise ValueError("decoder_layers: x must be contiguous (it is updated in place)")
     check_shapes(cache_layout_ok(k_cache, v_cache), "decoder_layers", k_cache, v_cache)
+    table, nb, bs = _block_args("decoder_layers", k_cache, blocks, b)
     cos, sin, q_scale, positions, alibi_slopes = _step_args(
         "decoder_layers", cos, sin, q_scale, positions, alibi_slopes, b, t, hd, cfg.num_heads
     )
@@ -279,11 +298,11 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
     layers = (ctypes.c_void_p * len(fields))(*(ctypes.addressof(f) for f in fields))
     status = library().llmfn_decoder_layers(
         x.data_ptr(), layers, len(fields), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), strides, ptr(alibi_slopes), b * t, t, d, cfg.num_heads,
-        cfg.num_kv_heads, hd, cfg.intermediate_size, k_cache.shape[3], cfg.rms_norm_eps, 1.0 / math.sqrt(hd),
+        k_cache.data_ptr(), v_cache.data_ptr(), strides, ptr(table), nb, bs, ptr(alibi_slopes), b * t, t, d,
+        cfg.num_heads, cfg.num_kv_heads, hd, cfg.intermediate_size, cfg.rms_norm_eps, 1.0 / math.sqrt(hd),
         cfg.sliding_window or 0, torch.get_num_threads(),
     )
     if status == -2:
         raise ValueError(f"decoder_layers takes at most 16 rows, got {b * t}")
-    _position_error(status, k_cache.shape[3])
+    _position_error(status, nb * bs)
     return x

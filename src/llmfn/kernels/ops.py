@@ -152,12 +152,15 @@ def qkv_attention(
     alibi_slopes: torch.Tensor | None = None,
     window: int | None = None,
     attention_op=None,
+    blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A layer's attention from its fused projection qkv [b, t, (hq + 2hk) * hd] -> [b, t, hq * hd].
 
     Rotates q and k by cos/sin [b, t, hd/2] (None: no rope), scales q by q_scale [b, t, 1, 1]
-    (None: none), writes k and v into the caches [b, hk, s, hd] at positions [b, t] (the caches are
-    donated: written in place), then attends causally (`attention_op`, default `attention` above).
+    (None: none), writes k and v into the caches at positions [b, t] (the caches are donated: written
+    in place), then attends causally (`attention_op`, default `attention` above). The caches are
+    blocks [N, hk, S, hd] read through `blocks` [b, nb] (int32; None: one block per row, N == b), as
+    reference.qkv_attention describes.
     fp32 CPU decode steps take one C kernel for all of it. It is batch-invariant, so it also stands in
     for an `attention_op` that only asks for that (`batch_invariant = True` on the op, as the engine's
     has); any other op given is called as is."""
@@ -168,6 +171,6 @@ def qkv_attention(
         and cpu.takes(qkv, k_cache, v_cache, *(x for x in (cos, sin) if x is not None))
     ):
         return cpu.qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads,
-                                 scale, alibi_slopes, window)
+                                 scale, alibi_slopes, window, blocks)
     return ref.qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads, scale,
-                             alibi_slopes, window, rope=apply_rope, attend=attention_op or attention)
+                             alibi_slopes, window, rope=apply_rope, attend=attention_op or attention, blocks=blocks)

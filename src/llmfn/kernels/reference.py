@@ -77,10 +77,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
 
 
 def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads, scale,
-                  alibi_slopes=None, window=None, rope=apply_rope, attend=attention) -> torch.Tensor:
+                  alibi_slopes=None, window=None, rope=apply_rope, attend=attention, blocks=None) -> torch.Tensor:
     """Split the fused projection qkv [b, t, (hq + 2hk) * hd], rotate q and k (cos/sin None: no rope),
-    scale q by q_scale [b, t, 1, 1] (None: none), write k and v into the caches [b, hk, s, hd] at
-    positions [b, t] in place, and attend -> [b, t, hq * hd]. rope / attend: the ops to use."""
+    scale q by q_scale [b, t, 1, 1] (None: none), write k and v into the caches in place at positions
+    [b, t], and attend -> [b, t, hq * hd]. rope / attend: the ops to use. The caches are blocks
+    [N, hk, S, hd]: without a table block b is row b's cache (N == b); with blocks [b, nb] row b's
+    position p is in block blocks[b, p // S], slot p % S, and attention reads the row's blocks in order."""
     b, t, _ = qkv.shape
     hd = k_cache.shape[-1]
     q, k, v = qkv.split((num_heads * hd, num_kv_heads * hd, num_kv_heads * hd), dim=-1)
@@ -91,11 +93,23 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
         q, k = rope(q, k, cos, sin)
     if q_scale is not None:
         q = q * q_scale.to(q.dtype)
-    rows = torch.arange(b, device=qkv.device)[:, None]  # [b, 1]
-    k_cache[rows, :, positions] = k  # writes [b, t, hk, hd] into slots `positions`
-    v_cache[rows, :, positions] = v
-    out = attend(q.transpose(1, 2), k_cache, v_cache, positions, scale, alibi_slopes, window)  # [b, hq, t, hd]
+    if blocks is None:
+        where = (torch.arange(b, device=qkv.device)[:, None], positions)  # [b, 1], [b, t]
+    else:
+        s = k_cache.shape[2]
+        where = (blocks.long().gather(1, positions // s), positions % s)  # block, slot: [b, t] each
+    k_cache[where[0], :, where[1]] = k  # writes [b, t, hk, hd]
+    v_cache[where[0], :, where[1]] = v
+    keys, values = (k_cache, v_cache) if blocks is None else (gather_blocks(k_cache, blocks), gather_blocks(v_cache, blocks))
+    out = attend(q.transpose(1, 2), keys, values, positions, scale, alibi_slopes, window)  # [b, hq, t, hd]
     return out.transpose(1, 2).reshape(b, t, num_heads * hd)
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """A block cache [N, hk, S, hd] read through blocks [b, nb] -> each row's cache [b, hk, nb * S, hd]."""
+    b, nb = blocks.shape
+    _, hk, s, hd = cache.shape
+    return cache[blocks.long()].transpose(1, 2).reshape(b, hk, nb * s, hd)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

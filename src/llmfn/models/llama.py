@@ -7,7 +7,10 @@ Params layout (every Llama-family checkpoint is mapped onto it at load):
     rope_inv_freq [hd/2] (fp32, derived from cfg); alibi_slopes [Hq] instead for ALiBi models;
     layers: list of {attn_norm [D], wqkv [(Hq+2Hk)*hd, D], bqkv? [(Hq+2Hk)*hd], wo [D, Hq*hd], bo? [D],
                      mlp_norm [D], w_gate_up [2F, D], b_gate_up? [2F], w_down [D, F], b_down? [D]}
-KV cache: `KVCache(k, v)`, each [L, B, Hk, S, hd]; slot j of row b holds position j.
+KV cache: `KVCache(k, v, blocks)`: k, v each [L, N, Hk, S, hd], N blocks of S slots. Without a block
+table (blocks None, what `init_cache` makes) block b is row b's cache: slot j holds position j. With
+blocks [B, nb] (int32), row b's position p is in block blocks[b, p // S], slot p % S: a paged cache,
+whose rows hold only the blocks their tokens fill (the engine's pool, llmfn/engine/blocks.py).
 The cache is donated: forward writes the new keys and values into it in place and returns it.
 Qwen-1 and Baichuan checkpoints map onto the same layout (loading/qwen.py, loading/baichuan.py);
 Qwen-1's dynamic-NTK rope and logn query scaling are cfg flags that are off for every other family.
@@ -33,15 +36,18 @@ Params = dict
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, k and v each [L, B, Hk, S, hd]: slot j of row b holds the
-    key / value at position j. A view of the first slots or of some rows is a KVCache too."""
+    """Keys and values of every layer, k and v each [L, N, Hk, S, hd]: N blocks of S slots. blocks
+    [B, nb] int32 maps row b's position p to block blocks[b, p // S], slot p % S; None: block b is row
+    b's whole cache (N == B, slot j holds position j)."""
 
     k: torch.Tensor
     v: torch.Tensor
+    blocks: torch.Tensor | None = None
 
     def view(self, rows: slice = slice(None), slots: int | None = None) -> KVCache:
-        """The given rows and first `slots` slots, sharing memory (writes land in self)."""
-        return KVCache(*(t[:, rows, :, :slots] for t in self))
+        """The given rows and first `slots` slots of a cache without a block table, sharing memory."""
+        assert self.blocks is None, "a paged cache is viewed through its block table"
+        return KVCache(*(t[:, rows, :, :slots] for t in (self.k, self.v)))
 
 
 class RopeTables(NamedTuple):
@@ -148,7 +154,8 @@ def logn_scale(cfg: LlamaConfig, positions: torch.Tensor) -> torch.Tensor:
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=torch.float32, device="cpu") -> KVCache:
-    """A zeroed KV cache for `batch` rows of `length` positions each."""
+    """A zeroed KV cache for `batch` rows of `length` positions each (or a pool of `batch` blocks of
+    `length` slots, to read through a block table)."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
@@ -170,11 +177,12 @@ def rope_tables(params: Params, cfg: LlamaConfig, positions: torch.Tensor) -> Ro
     return RopeTables(cos, sin, logn_scale(cfg, positions) if cfg.logn_length else None)
 
 
-def _attention(x, layer, params, cfg: LlamaConfig, rope: RopeTables, positions, k_cache, v_cache, attention):
+def _attention(x, layer, params, cfg: LlamaConfig, rope: RopeTables, positions, k_cache, v_cache, blocks,
+               attention):
     qkv = linear(x, layer["wqkv"], layer.get("bqkv"))  # [b, t, (Hq+2Hk)*hd]
     out = kernels.qkv_attention(
         qkv, rope.cos, rope.sin, rope.q_scale, positions, k_cache, v_cache, cfg.num_heads, cfg.num_kv_heads,
-        1.0 / math.sqrt(cfg.head_dim), params.get("alibi_slopes"), cfg.sliding_window, attention,
+        1.0 / math.sqrt(cfg.head_dim), params.get("alibi_slopes"), cfg.sliding_window, attention, blocks,
     )  # [b, t, Hq*hd]; the caches are written in place
     return linear(out, layer["wo"], layer.get("bo"))
 
@@ -189,7 +197,7 @@ def decoder_layers(params: Params, cfg: LlamaConfig, x: torch.Tensor, rope: Rope
     """The pre-norm layer stack over the residual stream x [B, T, D] -> [B, T, D]; writes the cache."""
     for i, layer in enumerate(params["layers"]):
         h = kernels.rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        x = x + _attention(h, layer, params, cfg, rope, positions, cache.k[i], cache.v[i], attention)
+        x = x + _attention(h, layer, params, cfg, rope, positions, cache.k[i], cache.v[i], cache.blocks, attention)
         h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
         x = x + _mlp(h, layer)
     return x

@@ -104,21 +104,30 @@ static inline void rotate(const float* x, const float* cs, const float* sn, floa
 }
 
 /* The cache arguments: qkv [b, t, (hq + 2 hk) * hd]; cos, sin [b, t, hd/2] (NULL: no rope);
-   qscale [b, t] (NULL: none); pos [b, t]; caches [b, hk, s, hd] with element strides cst[0..2] for
-   b, hk, s and contiguous rows (slot j holds position j); slopes [hq] (NULL: no ALiBi); window 0
-   for none. */
+   qscale [b, t] (NULL: none); pos [b, t]; caches of blocks [N, hk, bs, hd] with element strides
+   cst[0..2] for block, head and slot, and contiguous rows; kv->table [b, nb] (int32) maps row bi's
+   position p to block table[bi * nb + p / bs], slot p % bs (table NULL: block bi is row bi's whole
+   cache, bs = its length); slopes [hq] (NULL: no ALiBi); window 0 for none. */
+typedef struct { const int32_t* table; int64_t nb, bs; } Blocks;
+
+/* Offset of row bi's position p (block and slot) in a cache. */
+static inline int64_t kv_offset(const Blocks* kv, const int64_t* cst, int64_t bi, int64_t p) {
+    int64_t block = kv->table ? kv->table[bi * kv->nb + p / kv->bs] : bi;
+    return block * cst[0] + (p % kv->bs) * cst[2];
+}
 
 /* Rotated keys and the values of every row into the caches at pos. */
 static void write_kv(const float* qkv, const float* cs, const float* sn, const int64_t* pos, float* kc,
-                     float* vc, const int64_t* cst, int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t hd) {
+                     float* vc, const int64_t* cst, const Blocks* kv, int64_t b, int64_t t, int64_t hq,
+                     int64_t hk, int64_t hd) {
     int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
     for (int64_t i = 0; i < b * t; i++) {
-        int64_t bi = i / t, p = pos[i];
+        int64_t at = kv_offset(kv, cst, i / t, pos[i]);
         for (int64_t h = 0; h < hk; h++) {
             const float* k = qkv + i * row + (hq + h) * hd;
             const float* v = k + hk * hd;
-            float* kd = kc + bi * cst[0] + h * cst[1] + p * cst[2];
-            float* vd = vc + bi * cst[0] + h * cst[1] + p * cst[2];
+            float* kd = kc + at + h * cst[1];
+            float* vd = vc + at + h * cst[1];
             if (cs) rotate(k, cs + i * half, sn + i * half, kd, hd);
             else for (int64_t d = 0; d < hd; d++) kd[d] = k[d];
             for (int64_t d = 0; d < hd; d++) vd[d] = v[d];
@@ -126,43 +135,46 @@ static void write_kv(const float* qkv, const float* cs, const float* sn, const i
     }
 }
 
-/* Attention of one (row, query head) task over its visible cached keys:
-   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [s]. */
+/* Attention of one (row, query head) task over its visible cached keys, read block by block in
+   position order (so a row's result does not depend on where its blocks lie):
+   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions]. */
 static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
-                   const float* kc, const float* vc, const int64_t* cst, const float* slopes, float* out,
-                   int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale, int64_t window,
-                   float* q, float* sc) {
+                   const float* kc, const float* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
+                   float* out, int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
+                   int64_t window, float* q, float* sc) {
     int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
     int64_t i = task / hq, h = task % hq, bi = i / t, p = pos[i], kh = h / (hq / hk);
     const float* qs = qkv + i * row + h * hd;
     if (cs) rotate(qs, cs + i * half, sn + i * half, q, hd);
     else for (int64_t d = 0; d < hd; d++) q[d] = qs[d];
     if (qscale) for (int64_t d = 0; d < hd; d++) q[d] *= qscale[i];
-    const float* keys = kc + bi * cst[0] + kh * cst[1];
-    const float* vals = vc + bi * cst[0] + kh * cst[1];
     int64_t lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
     float mx = -INFINITY;
-    int64_t j = lo;
-    /* Keys four at a time when slots are adjacent: dot4's rows are dot1's arithmetic, in four
-       independent chains instead of one (the dot products were latency-bound). */
-    for (; cst[2] == hd && j + 4 <= p + 1; j += 4) {
-        float d4[4];
-        dot4(q, keys + j * hd, hd, d4);
-        for (int i = 0; i < 4; i++) {
-            float a = d4[i] * scale;
-            if (slopes) a += slopes[h] * (float)(j + i - p);
-            sc[j + i] = a;
+    for (int64_t j = lo; j <= p;) {  /* one run of adjacent slots (a block's part in [lo, p]) per pass */
+        int64_t end = (j / kv->bs + 1) * kv->bs;
+        if (end > p + 1) end = p + 1;
+        const float* keys = kc + kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: key j */
+        /* Keys four at a time when slots are adjacent: dot4's rows are dot1's arithmetic, in four
+           independent chains instead of one (the dot products were latency-bound). */
+        for (; cst[2] == hd && j + 4 <= end; j += 4) {
+            float d4[4];
+            dot4(q, keys + j * hd, hd, d4);
+            for (int r = 0; r < 4; r++) {
+                float a = d4[r] * scale;
+                if (slopes) a += slopes[h] * (float)(j + r - p);
+                sc[j + r] = a;
+                if (a > mx) mx = a;
+            }
+        }
+        for (; j < end; j++) {
+            float a = dot1(q, keys + j * cst[2], hd) * scale;
+            if (slopes) a += slopes[h] * (float)(j - p);
+            sc[j] = a;
             if (a > mx) mx = a;
         }
     }
-    for (; j <= p; j++) {
-        float a = dot1(q, keys + j * cst[2], hd) * scale;
-        if (slopes) a += slopes[h] * (float)(j - p);
-        sc[j] = a;
-        if (a > mx) mx = a;
-    }
     float total = 0.0f;
-    j = lo;
+    int64_t j = lo;
 #ifdef __AVX2__
     __m256 tv = _mm256_setzero_ps(), mv = _mm256_set1_ps(mx);
     for (; j + 8 <= p + 1; j += 8) {
@@ -176,7 +188,7 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     float* o = out + i * hq * hd + h * hd;
     for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
     for (int64_t j = lo; j <= p; j++) {
-        const float* vj = vals + j * cst[2];
+        const float* vj = vc + kv_offset(kv, cst, bi, j) + kh * cst[1];
         float wgt = sc[j] / total;
         int64_t d = 0;
 #ifdef __AVX2__
@@ -189,20 +201,24 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
 }
 
 /* One step's attention for a layer from its fused qkv projection: writes the keys and values,
-   then out [b, t, hq * hd]. Returns -1, writing nothing, when a position is outside [0, s). */
+   then out [b, t, hq * hd]. Returns -1, writing nothing, when a position is outside [0, s), s the
+   positions a row's table covers (nb * bs). */
 int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, const float* qscale,
-                        const int64_t* pos, float* kc, float* vc, const int64_t* cst, const float* slopes,
-                        float* out, int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t hd, int64_t s,
-                        float scale, int64_t window, int nthreads) {
+                        const int64_t* pos, float* kc, float* vc, const int64_t* cst, const int32_t* table,
+                        int64_t nb, int64_t bs, const float* slopes, float* out, int64_t b, int64_t t, int64_t hq,
+                        int64_t hk, int64_t hd, float scale, int64_t window, int nthreads) {
+    Blocks kv = {table, nb, bs};
+    int64_t s = nb * bs;
     for (int64_t i = 0; i < b * t; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
-    write_kv(qkv, cs, sn, pos, kc, vc, cst, b, t, hq, hk, hd);
+    write_kv(qkv, cs, sn, pos, kc, vc, cst, &kv, b, t, hq, hk, hd);
     #pragma omp parallel num_threads(nthreads)
     {
         float* q = (float*)malloc(sizeof(float) * (hd + s));
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < b * t * hq; task++)
-            attend(qkv, cs, sn, qscale, pos, kc, vc, cst, slopes, out, task, t, hq, hk, hd, scale, window, q, q + hd);
+            attend(qkv, cs, sn, qscale, pos, kc, vc, cst, &kv, slopes, out, task, t, hq, hk, hd, scale, window, q,
+                   q + hd);
         free(q);
     }
     return 0;
@@ -303,9 +319,12 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
    for all of them, its phases separated by spin barriers. Bitwise what the separate kernels give. */
 int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const float* cs, const float* sn,
                          const float* qscale, const int64_t* pos, float* kc, float* vc, const int64_t* cst,
-                         const float* slopes, int64_t m, int64_t t, int64_t D, int64_t hq, int64_t hk, int64_t hd,
-                         int64_t F, int64_t s, float eps, float scale, int64_t window, int nthreads) {
+                         const int32_t* table, int64_t nb, int64_t bs, const float* slopes, int64_t m, int64_t t,
+                         int64_t D, int64_t hq, int64_t hk, int64_t hd, int64_t F, float eps, float scale,
+                         int64_t window, int nthreads) {
     if (m > 16) return -2;  /* lin_part keeps a row's outputs in float[16] */
+    Blocks kv = {table, nb, bs};
+    int64_t s = nb * bs;
     for (int64_t i = 0; i < m; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
     int64_t nqkv = (hq + 2 * hk) * hd, nq = hq * hd, kmax = D > F ? D : F;
@@ -327,11 +346,12 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             barrier_wait(&bar, nth, &local);
             lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp);
             barrier_wait(&bar, nth, &local);
-            if (tid == 0) write_kv(qkv, cs, sn, pos, kl, vl, cst, b, t, hq, hk, hd);
+            if (tid == 0) write_kv(qkv, cs, sn, pos, kl, vl, cst, &kv, b, t, hq, hk, hd);
             barrier_wait(&bar, nth, &local);
             share(m * hq, tid, nth, &lo, &hi);
             for (int64_t task = lo; task < hi; task++)
-                attend(qkv, cs, sn, qscale, pos, kl, vl, cst, slopes, att, task, t, hq, hk, hd, scale, window, q, q + hd);
+                attend(qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, task, t, hq, hk, hd, scale, window, q,
+                       q + hd);
             barrier_wait(&bar, nth, &local);
             lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp);
             barrier_wait(&bar, nth, &local);
