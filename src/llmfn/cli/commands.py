@@ -35,18 +35,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmfn import serve
     from llmfn.serve.config import load_config
 
-    config = serve_overrides(load_config(args.config), args.model, args.api_key)
+    config = serve_overrides(load_config(args.config), args.model, args.api_key, args.kv_cache_memory)
     serve.run(config, args.host, args.port, args.workers)
     return 0
 
 
-def serve_overrides(config, models: list[str] | None, api_key: str | None):
-    """The server config with `--model` replacing its models and `--api-key` added to its keys."""
+def serve_overrides(config, models: list[str] | None, api_key: str | None, kv_cache_memory: str | None = None):
+    """The server config with `--model` replacing its models, `--api-key` added to its keys and
+    `--kv-cache-memory` replacing its limit."""
     import msgspec
 
     from llmfn.serve.config import check_config, models_from_paths
 
     changes = {}
+    if kv_cache_memory is not None:
+        changes["limits"] = msgspec.structs.replace(config.limits, kv_cache_memory=kv_cache_memory)
     if models:
         changes["models"] = models_from_paths(models)
     if api_key:
@@ -182,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="PATH_OR_ALIAS",
                    help="serve this model instead of the configured ones (repeatable)")
     p.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on the API")
+    p.add_argument("--kv-cache-memory", metavar="SIZE",
+                   help="KV cache per model, e.g. 512MiB or 2GiB (default: a tenth of the machine's memory, "
+                        "at most 1 GiB)")
 
     p = command("chat", "interactive chat in the terminal (type /help inside)", cmd_chat,
                 "Interactive chat with streamed answers and history. Reads lines from stdin when it is "

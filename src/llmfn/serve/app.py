@@ -63,6 +63,16 @@ def _setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+KV_GAUGES = (
+    ("blocks_total", "KV cache blocks in the pool, by model."),
+    ("blocks_used", "KV cache blocks held by running sequences, by model."),
+    ("blocks_cached", "KV cache blocks kept for prefix reuse, by model."),
+    ("prefix_hit_rate", "Share of prompt tokens whose KV came from the prefix cache, by model."),
+    ("prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache (total), by model."),
+    ("preemptions", "Sequences preempted for KV memory and recomputed (total), by model."),
+)
+
+
 class App:
     def __init__(self, config: ServerConfig, *, auth: bool = False):
         self.config = config
@@ -73,6 +83,7 @@ class App:
             Gauge("llmfn_requests_running", "Generations decoding now, by model.", lambda: self._engine_stat("running")),
             Gauge("llmfn_requests_queued", "Generations waiting for a slot (queue depth), by model.", lambda: self._engine_stat("queued")),
             Gauge("llmfn_models_loaded", "1 once every model is loaded.", lambda: {(): float(self.pool.status == "ok")}),
+            *(Gauge(f"llmfn_kv_{key}", text, partial(self._engine_stat, key)) for key, text in KV_GAUGES),
         ]  # fmt: skip
         self.openapi = encoder.encode(openapi())
         # Each handler is bound to what it reads: the model pool, the metrics, the limits.

@@ -4,8 +4,10 @@
     cors_origins = ["http://localhost:3000"]   # or ["*"]; empty: no CORS headers
 
     [limits]
-    max_running = 8          # requests decoded together per model
-    max_queued = 64          # waiting beyond that; more gets 503
+    max_running = 16         # requests decoded together per model
+    max_queued = 64          # waiting beyond that; more gets 429
+    kv_cache_memory = "512MiB"   # KV cache per model: bytes, or KiB / MiB / GiB (default: a tenth of
+                                 # the machine's memory, at most 1 GiB; pages in no use stay untouched)
     max_tokens = 4096        # cap on max_tokens (and the default when a request gives none)
     max_body_bytes = 4194304 # larger request bodies get 413
 
@@ -17,8 +19,9 @@
     device = "cpu"                    # optional
     type = "causal-lm"                # optional: "causal-lm" or "embedding" (else from config.json)
     compile = true                    # optional: torch.compile the decode step (default: llmfn decides by size)
-    context_length = 2048             # optional: tokens per request (prompt + completion), below the model's
-                                      # context; each of max_running KV slots holds this many (default: all)
+    max_model_len = 2048              # optional: tokens per request (prompt + completion), below the model's
+                                      # context (default: the context, capped by what the KV cache holds);
+                                      # context_length is the older name of the same setting
 
 Every mistake is a `LlmfnError` with one line naming the file and the field at fault.
 """
@@ -51,12 +54,14 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     device: str = "cpu"
     type: ModelType | None = None
     compile: bool | None = None
-    context_length: Annotated[int, msgspec.Meta(ge=2)] | None = None
+    max_model_len: Annotated[int, msgspec.Meta(ge=2)] | None = None
+    context_length: Annotated[int, msgspec.Meta(ge=2)] | None = None  # the older name of max_model_len
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    max_running: Annotated[int, msgspec.Meta(ge=1)] = 8
+    max_running: Annotated[int, msgspec.Meta(ge=1)] = 16
     max_queued: Annotated[int, msgspec.Meta(ge=0)] = 64
+    kv_cache_memory: int | str | None = None  # per model; see llmfn.engine.blocks.parse_bytes
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 4096
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
 
@@ -122,6 +127,13 @@ def check_config(config: ServerConfig, file: Path | str = "config") -> ServerCon
             seen[name] = m.name
     if any(not k.strip() for k in config.api_keys):
         raise LlmfnError(f"{file}: api_keys contains an empty key")
+    if config.limits.kv_cache_memory is not None:
+        from llmfn.engine.blocks import parse_bytes
+
+        try:
+            parse_bytes(config.limits.kv_cache_memory)
+        except LlmfnError as e:
+            raise LlmfnError(f"{file}: limits.{e}") from None
     return config
 
 

@@ -159,14 +159,15 @@ def finish(ev) -> str | None:
 
 
 def usage(ev) -> s.Usage:
-    p, c = (ev.prompt_tokens, ev.completion_tokens) if ev is not None else (0, 0)
-    return s.Usage(p, c, p + c)
+    p, c, cached = (ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens) if ev is not None else (0, 0, 0)
+    return s.Usage(p, c, p + c, s.PromptTokensDetails(cached))
 
 
 def sum_usage(events) -> s.Usage:
     p = sum(ev.prompt_tokens for ev in events if ev is not None)
     c = sum(ev.completion_tokens for ev in events if ev is not None)
-    return s.Usage(p, c, p + c)
+    cached = sum(ev.cached_tokens for ev in events if ev is not None)
+    return s.Usage(p, c, p + c, s.PromptTokensDetails(cached))
 
 
 async def aclose(it) -> None:

@@ -36,11 +36,11 @@ class Served:
 
     @property
     def context_length(self) -> int:
-        """Tokens a request may use in all: the model's context, or the engine's shorter slot."""
+        """Tokens a request may use in all: the model's context, or the engine's shorter max_model_len."""
         cfg = self.model.cfg
         if self.kind == "embedding":
             return int(self.model.extra.get("max_seq_length") or getattr(cfg, "max_positions", 512))
-        return min(int(cfg.max_position_embeddings), int(getattr(self.engine, "slot_len", 1 << 62)))
+        return min(int(cfg.max_position_embeddings), int(getattr(self.engine, "max_model_len", 1 << 62)))
 
 
 def load_model(spec: ModelConfig) -> Model:
@@ -61,16 +61,6 @@ def load_model(spec: ModelConfig) -> Model:
     if spec.type is not None and model.kind != spec.type:
         raise LlmfnError(f"{spec.path} is a {model.kind} model, but the config says type = {spec.type!r}")
     return model
-
-
-def cache_tokens(spec: ModelConfig, max_running: int) -> int | None:
-    """The engine's KV budget for a context_length cap: every slot (max_running rounded up to the
-    engine's row alignment) gets context_length positions."""
-    if spec.context_length is None:
-        return None
-    from llmfn.engine import ROW_ALIGN
-
-    return spec.context_length * (-(-max_running // ROW_ALIGN) * ROW_ALIGN)
 
 
 def warm_up(engine, model: Model) -> None:
@@ -147,8 +137,10 @@ class ModelPool:
                 model = load_model(spec)
                 served = Served(spec.name, spec, model)
                 if model.kind == "causal-lm":
+                    context = min(spec.max_model_len or spec.context_length or 1 << 62,
+                                  model.cfg.max_position_embeddings)  # fmt: skip
                     served.engine = Engine(model, max_running=limits.max_running, max_queued=limits.max_queued,
-                                           max_cache_tokens=cache_tokens(spec, limits.max_running))  # fmt: skip
+                                           kv_cache_memory=limits.kv_cache_memory, max_model_len=context)  # fmt: skip
                     served.engine.start()
                     warm_up(served.engine, model)
                 if self._stopped:

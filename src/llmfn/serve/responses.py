@@ -156,7 +156,7 @@ def _response(rid, created, body, model, status, output, usage) -> dict:
 def _finished(head: dict, output: list[dict], last) -> dict:
     p, c = last.prompt_tokens, last.completion_tokens
     usage = {"input_tokens": p, "output_tokens": c, "total_tokens": p + c,
-             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+             "input_tokens_details": {"cached_tokens": last.cached_tokens}, "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
     length = last.finish_reason == "length"
     return {**head, "output": output, "usage": usage, "status": "incomplete" if length else "completed",
             "incomplete_details": {"reason": "max_output_tokens"} if length else None}  # fmt: skip

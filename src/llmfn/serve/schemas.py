@@ -26,10 +26,15 @@ class StreamOptions(Struct, frozen=True):
     include_usage: bool = False
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ErrorDetail(Struct):
