@@ -1,14 +1,14 @@
-"""Offline batch throughput: N prompts through `Engine.generate_many` (continuous batching) beside the
-same prompts one at a time through `llmfn.generate`, and beside Hugging Face transformers' batched
-`generate` (left-padded, static batches) on the same weights, all in one process. Greedy, every
-request generates exactly --gen-tokens tokens (no EOS stop), eager (uncompiled) llmfn decode.
+"""Batch throughput by concurrency: for N in --concurrency (1 8 16 32), N prompts submitted together
+to `Engine.generate_many` (continuous batching over the paged KV cache), beside Hugging Face
+transformers' batched `generate` (one left-padded batch of N) and llama.cpp (llama-cpp-python, the
+same weights as a GGUF, one request at a time: its server has no parallel slots), all in one process
+on the same weights. Greedy, every request generates exactly --gen-tokens tokens (no EOS stop).
 
-    python benchmarks/engine.py [--model smollm2-135m-instruct] [--prompts 16] [--gen-tokens 64]
-                                [--max-running 8] [--slot-len 256] [--skip-peer] [--threads N]
+    python benchmarks/engine.py [--model smollm2-135m-instruct] [--concurrency 1 8 16 32] [--gen-tokens 64]
+                                [--max-running 16] [--skip-peer] [--threads N]
 
-Prints generated tokens/s per runtime, the speed-up over one at a time, and how many engine outputs
-equal the one-at-a-time tokens (the engine's fixed shapes differ from generate's, so only last-bit
-near-ties could flip an argmax). Each figure is one timed pass after a warm-up pass.
+Prints aggregate generated tokens/s per runtime and N, and the speed-up over N = 1. Each figure is
+one timed pass after a warm-up pass.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import datetime
 import os
 import platform
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmfn  # noqa: E402
 from llmfn.engine import Engine, GenerationRequest  # noqa: E402
@@ -39,12 +42,8 @@ TEXT = (
 
 def prompts(model, n: int) -> list[list[int]]:
     """n different prompts of 16 .. 112 tokens (cut from a text at different offsets)."""
-    ids = model.tokenizer.encode(TEXT * 4)
+    ids = model.tokenizer.encode(TEXT * 8)
     return [ids[3 * i : 3 * i + 16 + (i * 37) % 97] for i in range(n)]
-
-
-def one_at_a_time(model, batch: list[list[int]], gen: int) -> list[list[int]]:
-    return [list(llmfn.generate(model, p, max_tokens=gen, temperature=0.0, stop_token_ids=[])) for p in batch]
 
 
 def engine_run(engine: Engine, batch: list[list[int]], gen: int) -> list[list[int]]:
@@ -62,7 +61,7 @@ def transformers_peer(folder: Path, max_batch: int):
     @torch.inference_mode()
     def run(batch, gen):
         out = []
-        for i in range(0, len(batch), max_batch):
+        for i in range(0, len(batch), max_batch):  # one left-padded batch per max_batch prompts
             group = batch[i : i + max_batch]
             width = max(len(p) for p in group)
             ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
@@ -75,6 +74,39 @@ def transformers_peer(folder: Path, max_batch: int):
     return f"transformers {transformers.__version__} generate, batches of {max_batch}", run
 
 
+def llama_cpp_peer(model_name: str):
+    """(name, fn(batch, gen) -> tokens) through llama-cpp-python on an f32 GGUF of the same weights
+    (SmolLM2 only), one request at a time, or None when llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    from decode import write_f32_gguf
+
+    from llmfn.loading.registry import ALIASES, package_path
+
+    if model_name not in ALIASES:
+        return None
+    gguf = Path(tempfile.gettempdir()) / f"{model_name}-f32.gguf"
+    if not gguf.exists():
+        write_f32_gguf(package_path(ALIASES[model_name]), gguf)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run(batch, gen):
+        out = []
+        for p in batch:
+            llm.reset()
+            tokens = []
+            for t in llm.generate(p, temp=0.0, top_k=1):
+                tokens.append(t)
+                if len(tokens) == gen:
+                    break
+            out.append(tokens)
+        return out
+
+    return f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, {gguf.name}), sequential", run
+
+
 def timed(fn, *args) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
     out = fn(*args)
@@ -84,12 +116,11 @@ def timed(fn, *args) -> tuple[float, list[list[int]]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="alias or checkpoint folder")
-    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--gen-tokens", type=int, default=64)
-    ap.add_argument("--max-running", type=int, default=8)
-    ap.add_argument("--slot-len", type=int, default=256, help="KV positions per sequence slot")
+    ap.add_argument("--max-running", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=256)
-    ap.add_argument("--skip-peer", action="store_true", help="no transformers row")
+    ap.add_argument("--skip-peer", action="store_true", help="no transformers / llama.cpp rows")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
     if args.threads:
@@ -97,43 +128,38 @@ def main() -> None:
 
     folder = resolve(args.model)
     model = llmfn.load(folder, compile=False)
-    batch = prompts(model, args.prompts)
     gen = args.gen_tokens
-    engine = Engine(model, max_running=args.max_running, max_cache_tokens=args.slot_len * args.max_running,
-                    prefill_chunk=args.prefill_chunk)  # fmt: skip
+    engine = Engine(model, max_running=args.max_running, prefill_chunk=args.prefill_chunk)
     engine.start()
-    rows = []
-    warm = batch[:2]
-    one_at_a_time(model, warm, 4)
-    rows.append(("llmfn.generate, one at a time", *timed(one_at_a_time, model, batch, gen)))
-    engine_run(engine, warm, 4)
-    rows.append((f"llmfn Engine.generate_many, max_running {args.max_running}",
-                 *timed(engine_run, engine, batch, gen)))  # fmt: skip
+    runtimes = [(f"llmfn Engine (max_running {args.max_running}, paged KV)", partial(engine_run, engine))]
+    if not args.skip_peer:
+        runtimes.append(transformers_peer(folder, max(args.concurrency)))
+        peer = llama_cpp_peer(args.model)
+        if peer is not None:
+            runtimes.append(peer)
+    table = {}
+    for name, fn in runtimes:
+        fn(prompts(model, 2), 4)  # warm-up
+        for n in args.concurrency:
+            batch = prompts(model, n)
+            seconds, tokens = timed(fn, batch, gen)
+            table[name, n] = sum(len(t) for t in tokens) / seconds
     stats = engine.stats()
     engine.shutdown()
-    if not args.skip_peer:
-        name, peer = transformers_peer(folder, args.max_running)
-        peer(warm, 4)
-        rows.append((name, *timed(peer, batch, gen)))
-
-    base_s, base_tokens = rows[0][1], rows[0][2]
-    same = sum(a == b for a, b in zip(rows[1][2], base_tokens, strict=True))
-    total = sum(len(t) for t in base_tokens)
     print(
-        f"# engine throughput: {folder.name}, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"# engine throughput by concurrency: {folder.name}, {datetime.date.today()}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
     )
-    print(
-        f"# {len(batch)} prompts of {min(map(len, batch))}-{max(map(len, batch))} tokens, {gen} generated each "
-        f"(greedy, no EOS), fp32 eager; engine slot {stats['slot_len']} positions, "
-        f"KV cache {stats['cache_bytes'] / 2**20:.0f} MiB, {stats['steps']} steps\n"
-    )
-    print("| runtime | generated tok/s | wall s | vs one at a time |")
-    print("|---|---:|---:|---:|")
-    for name, seconds, tokens in rows:
-        n = sum(len(t) for t in tokens)
-        print(f"| {name} | {n / seconds:.1f} | {seconds:.2f} | {base_s / seconds * n / total:.2f}x |")
-    print(f"\nengine greedy outputs equal to llmfn.generate's: {same}/{len(batch)}")
+    print(f"# prompts of 16-112 tokens, {gen} generated each (greedy, no EOS), fp32 weights; engine KV pool "
+          f"{stats['kv_cache_bytes'] / 2**20:.0f} MiB in {stats['blocks_total']} blocks, {stats['preemptions']} "
+          f"preemptions\n")  # fmt: skip
+    ns = args.concurrency
+    print("| runtime | " + " | ".join(f"N={n} tok/s" for n in ns) + f" | N={ns[-1]} vs N={ns[0]} |")
+    print("|---|" + "---:|" * (len(ns) + 1))
+    for name, _ in runtimes:
+        cells = " | ".join(f"{table[name, n]:.1f}" for n in ns)
+        print(f"| {name} | {cells} | {table[name, ns[-1]] / table[name, ns[0]]:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -138,10 +138,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_llmfn(model: str, config: str | None, log: Path) -> tuple[subprocess.Popen, str]:
+def start_llmfn(model: str | None, config: str | None, log: Path) -> tuple[subprocess.Popen, str]:
+    """A server on a free port: with this config file, else this model, else the default models."""
     port = free_port()
     cmd = [sys.executable, "-m", "llmfn.serve", "--port", str(port)]
-    cmd += ["--config", config] if config else ["--model", model]
+    cmd += ["--config", config] if config else ["--model", model] if model else []
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

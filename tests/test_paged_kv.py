@@ -192,3 +192,21 @@ def test_streams_report_cached_prompt_tokens(model):
     assert {e.cached_tokens for e in first} == {0}
     assert {e.cached_tokens for e in second} == {32}  # two whole chunks of 16
     assert [t for e in first for t in e.token_ids] != [] and second[-1].completion_tokens == 3
+
+
+def test_thirty_two_concurrent_streams_are_all_served_by_default(model):
+    """The default limits (16 decoding, 64 queued) take 32 concurrent streams without refusing one."""
+
+    async def main():
+        with Engine(model, prefill_chunk=16) as engine:
+            streams = [engine.submit(GenerationRequest(list(range(3, 13 + i)), 16, stop_token_ids=()))
+                       for i in range(32)]  # fmt: skip
+            assert engine.stats()["running"] <= 16
+
+            async def collect(stream):
+                return [e async for e in stream]
+
+            return await asyncio.gather(*(collect(s) for s in streams))
+
+    results = asyncio.run(main())
+    assert all(r[-1].finish_reason == "length" and r[-1].completion_tokens == 16 for r in results)

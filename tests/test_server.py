@@ -767,3 +767,23 @@ def test_default_server_embeddings(default_server):
     r = httpx.post(default_server.url("/v1/chat/completions"), timeout=60,
                    json={"model": "all-minilm-l6-v2", "messages": HI})  # fmt: skip
     assert_error(r, 400, "model")
+
+
+def test_default_server_reuses_a_shared_prefix(default_server):
+    """A long shared system prompt: the second request takes its whole prefill chunks from the prefix
+    cache (reported as cached_tokens) and answers exactly as the first request's cold prefill would."""
+    client = openai.OpenAI(base_url=default_server.url("/v1"), api_key="unused", max_retries=0, timeout=120)
+    system = " ".join(f"Rule {i}: answer questions about topic {i} in a single short sentence." for i in range(40))
+
+    def ask(question: str):
+        return client.chat.completions.create(
+            model="smollm2-135m-instruct", max_tokens=6, temperature=0,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        )  # fmt: skip
+
+    first, second, again = ask("What is rule 3?"), ask("What is rule 9?"), ask("What is rule 3?")
+    assert first.usage.prompt_tokens > 512 and first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 256 == 0 and cached <= second.usage.prompt_tokens - 1
+    assert again.usage.prompt_tokens_details.cached_tokens >= cached
+    assert again.choices[0].message.content == first.choices[0].message.content
