@@ -356,3 +356,35 @@ def test_triton_ops_compile_on_cuda_without_graph_breaks(dtype):
     compiled = torch.compile(model_step, fullgraph=True)(*(a.clone() for a in args))
     for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, e, atol=2e-2, rtol=2e-2)
+
+
+@examples(12)
+@given(
+    b=st.integers(1, 3),
+    hk=st.integers(1, 2),
+    group=st.sampled_from([1, 3]),
+    block_len=st.sampled_from([4, 16]),
+    nb=st.integers(1, 4),
+    s=st.integers(1, 9),
+    window=st.one_of(st.none(), st.integers(1, 12)),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_through_a_block_table_equals_the_gathered_cache(b, hk, group, block_len, nb, s, window, seed):
+    """Paged KV: prefill and decode read a pool of blocks [N, hk, S, d] through a block table in place
+    and give exactly what they give on the same keys gathered into one cache per row."""
+    gen = torch.Generator().manual_seed(seed)
+    t, dim = block_len * nb, 16
+    n_blocks = b * nb + 2
+    pool_k, pool_v = randn(gen, n_blocks, hk, block_len, dim), randn(gen, n_blocks, hk, block_len, dim)
+    table = torch.randperm(n_blocks, generator=gen)[: b * nb].view(b, nb).to(torch.int32).to(DEVICE)
+    k, v = ref.gather_blocks(pool_k, table), ref.gather_blocks(pool_v, table)  # [b, hk, t, d]
+    s = min(s, t)
+    pos = (t - s + torch.arange(s))[None].expand(b, -1).contiguous().to(DEVICE)  # the last s positions
+    q = randn(gen, b, hk * group, s, dim)
+    for run in (triton_attention.prefill, triton_attention.decode):
+        qq, pp = (q, pos) if run is triton_attention.prefill else (q[:, :, -1:], pos[:, -1:])
+        flat = run(qq, k, v, pp, dim**-0.5, None, window)
+        paged = run(qq, pool_k, pool_v, pp, dim**-0.5, None, window, blocks=table)
+        assert torch.equal(flat, paged)
+    torch.testing.assert_close(flat, ref.attention(q[:, :, -1:], k, v, pos[:, -1:], dim**-0.5, None, window),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip

@@ -66,11 +66,14 @@ def apply_rope(
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
-              alibi_slopes: Tensor | None = None, window: int | None = None) -> Tensor:
-    """Causal GQA attention over a position-indexed KV cache (see reference.attention).
-    On CUDA: flash-attention prefill, or split-KV decode when s == 1."""
+              alibi_slopes: Tensor | None = None, window: int | None = None, blocks: Tensor | None = None) -> Tensor:
+    """Causal GQA attention over a position-indexed KV cache (see reference.attention), or over pools of
+    blocks read through `blocks` (see reference.qkv_attention). On CUDA: flash-attention prefill, or
+    split-KV decode when s == 1, both reading the blocks in place; elsewhere the blocks are gathered."""
     if _triton(q):
-        return triton_attention.attention(q, k, v, q_pos, scale, alibi_slopes, window)
+        return triton_attention.attention(q, k, v, q_pos, scale, alibi_slopes, window, blocks)
+    if blocks is not None:
+        k, v = ref.gather_blocks(k, blocks), ref.gather_blocks(v, blocks)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         return _cpu_attention(q, k, v, q_pos, scale, alibi_slopes, window)
     return ref.attention(q, k, v, q_pos, scale, alibi_slopes, window)
@@ -90,7 +93,8 @@ def _cpu_attention(q, k, v, q_pos, scale, alibi_slopes, window):
 
 
 def batch_invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
-                              alibi_slopes: Tensor | None = None, window: int | None = None) -> Tensor:
+                              alibi_slopes: Tensor | None = None, window: int | None = None,
+                              blocks: Tensor | None = None) -> Tensor:
     """kernels.attention (same arguments and result) computed so that a row's result does not depend
     on its place in the batch. q: [b, hq, t, d] at q_pos [b, t]; k, v: [b, hk, s, d].
 
@@ -98,7 +102,9 @@ def batch_invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, sc
     the rows of one product, so GQA needs no repeated keys) around an fp32 softmax. On CUDA: the
     Triton kernels, whose split of the keys depends only on s."""
     if q.is_cuda:
-        return attention(q, k, v, q_pos, scale, alibi_slopes, window)
+        return attention(q, k, v, q_pos, scale, alibi_slopes, window, blocks)
+    if blocks is not None:
+        k, v = ref.gather_blocks(k, blocks), ref.gather_blocks(v, blocks)
     b, hq, t, d = q.shape
     hk, s = k.shape[1], k.shape[2]
     g = hq // hk
@@ -114,6 +120,7 @@ def batch_invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, sc
 
 
 batch_invariant_attention.batch_invariant = True  # llmfn's CPU C kernels, batch-invariant too, may stand in
+attention.paged = batch_invariant_attention.paged = True  # take `blocks` (reference.qkv_attention passes it)
 
 
 def encoder_attention(qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:

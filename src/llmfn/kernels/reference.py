@@ -100,8 +100,14 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
         where = (blocks.long().gather(1, positions // s), positions % s)  # block, slot: [b, t] each
     k_cache[where[0], :, where[1]] = k  # writes [b, t, hk, hd]
     v_cache[where[0], :, where[1]] = v
-    keys, values = (k_cache, v_cache) if blocks is None else (gather_blocks(k_cache, blocks), gather_blocks(v_cache, blocks))
-    out = attend(q.transpose(1, 2), keys, values, positions, scale, alibi_slopes, window)  # [b, hq, t, hd]
+    q = q.transpose(1, 2)  # [b, hq, t, hd]
+    if blocks is None:
+        out = attend(q, k_cache, v_cache, positions, scale, alibi_slopes, window)
+    elif getattr(attend, "paged", False):  # it reads the blocks in place
+        out = attend(q, k_cache, v_cache, positions, scale, alibi_slopes, window, blocks)
+    else:
+        out = attend(q, gather_blocks(k_cache, blocks), gather_blocks(v_cache, blocks), positions, scale,
+                     alibi_slopes, window)  # fmt: skip
     return out.transpose(1, 2).reshape(b, t, num_heads * hd)
 
 

@@ -1,7 +1,8 @@
 """Triton attention over a position-indexed KV cache: causal, GQA, optional ALiBi and sliding window.
 
 Semantics are reference.attention's: q [b, hq, s, d] at positions q_pos [b, s]; k, v [b, hk, t, d]
-hold position j in slot j; key j is visible to a query at position p iff j <= p (and p - j < window).
+hold position j in slot j (or, paged, k, v are pools of blocks [N, hk, S, d] and row b's position j
+is in block blocks[b, j // S], slot j % S); key j is visible to a query at position p iff j <= p (and p - j < window).
 ALiBi adds slope[h] * (j - p) to the scaled score. A query that sees no key returns zeros.
 
 - prefill (any s): flash-attention style, one program per (block of queries, batch, q head),
@@ -32,18 +33,28 @@ def _attend_block(
     acc, m_i, l_i, q, qp, slope, k_base, v_base, start, t,
     stride_kt, stride_kd, stride_vt, stride_vd, window,
     offs_n, offs_d, d_mask, qk_scale,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    table_row, kv_block, stride_kblk, stride_vblk,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
 ):  # fmt: skip
-    """One key block of the online softmax. q [M, D]; qp [M] query positions; slope [M] or unused."""
+    """One key block of the online softmax. q [M, D]; qp [M] query positions; slope [M] or unused.
+    PAGED: position n is in block table_row[n // kv_block], slot n % kv_block (blocks strided by
+    stride_kblk / stride_vblk); else in slot n."""
     n = start + offs_n  # [N]
     n_mask = n < t
+    if PAGED:
+        blk = tl.load(table_row + n // kv_block, mask=n_mask, other=0).to(tl.int64)
+        k_off = blk * stride_kblk + (n % kv_block) * stride_kt
+        v_off = blk * stride_vblk + (n % kv_block) * stride_vt
+    else:
+        k_off = n * stride_kt
+        v_off = n * stride_vt
     kt = tl.load(
-        k_base + n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+        k_base + k_off[None, :] + offs_d[:, None] * stride_kd,
         mask=n_mask[None, :] & d_mask[:, None],
         other=0.0,
     )  # [D, N]
     v = tl.load(
-        v_base + n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+        v_base + v_off[:, None] + offs_d[None, :] * stride_vd,
         mask=n_mask[:, None] & d_mask[None, :],
         other=0.0,
     )  # [N, D]
@@ -79,7 +90,8 @@ def _prefill_kernel(
     so_b, so_h, so_s, so_d,
     sp_b, sp_s,
     seq, t, hq, group, head_dim, window, qk_scale,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    table_ptr, st_b, kv_block,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
@@ -116,13 +128,17 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = k_ptr + b * sk_b + kv_h * sk_h
-    v_base = v_ptr + b * sv_b + kv_h * sv_h
+    k_base = k_ptr + kv_h * sk_h
+    v_base = v_ptr + kv_h * sv_h
+    if not PAGED:  # paged: sk_b / sv_b stride blocks, not rows
+        k_base += b * sk_b
+        v_base += b * sv_b
     for start in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, qp, slope, k_base, v_base, start, t,
             sk_t, sk_d, sv_t, sv_d, window, offs_n, offs_d, d_mask, qk_scale,
-            HAS_ALIBI, HAS_WINDOW, DOT_FP32,
+            table_ptr + b * st_b, kv_block, sk_b, sv_b,
+            HAS_ALIBI, HAS_WINDOW, DOT_FP32, PAGED,
         )  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -140,7 +156,8 @@ def _decode_split_kernel(
     sv_b, sv_h, sv_t, sv_d,
     sp_b,
     t, hq, hk, group, head_dim, window, qk_scale, keys_per_split, splits,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    table_ptr, st_b, kv_block,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
@@ -176,13 +193,17 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    k_base = k_ptr + b * sk_b + kv_h * sk_h
-    v_base = v_ptr + b * sv_b + kv_h * sv_h
+    k_base = k_ptr + kv_h * sk_h
+    v_base = v_ptr + kv_h * sv_h
+    if not PAGED:  # paged: sk_b / sv_b stride blocks, not rows
+        k_base += b * sk_b
+        v_base += b * sv_b
     for start in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, qp, slope, k_base, v_base, start, t,
             sk_t, sk_d, sv_t, sv_d, window, offs_n, offs_d, d_mask, qk_scale,
-            HAS_ALIBI, HAS_WINDOW, DOT_FP32,
+            table_ptr + b * st_b, kv_block, sk_b, sv_b,
+            HAS_ALIBI, HAS_WINDOW, DOT_FP32, PAGED,
         )  # fmt: skip
     # partials are [b * hq, splits] (+ [BLOCK_D]) contiguous, fp32
     row = (b * hq + heads) * splits + split  # [G]
@@ -233,12 +254,20 @@ def decode_splits(batch: int, kv_heads: int, t: int, device: torch.device, block
     return max(1, min(blocks, want, 64))
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+           blocks: torch.Tensor | None) -> tuple[int, torch.Tensor, int]:
+    """Shape checks; returns (keys per row, the block table to pass (q_pos when none), block length)."""
     b, hq, s, d = q.shape
-    if not (k.shape == v.shape and k.shape[0] == b and k.shape[3] == d and hq % k.shape[1] == 0):
+    rows_ok = blocks is None and k.shape[0] == b or blocks is not None and list(blocks.shape[:1]) == [b]
+    if not (k.shape == v.shape and rows_ok and k.shape[3] == d and hq % k.shape[1] == 0):
         raise KernelError(f"attention: q {list(q.shape)} vs k {list(k.shape)} / v {list(v.shape)}")
     if list(q_pos.shape) != [b, s]:
         raise KernelError(f"attention: q_pos {list(q_pos.shape)} should be [{b}, {s}]")
+    if blocks is None:
+        return k.shape[2], q_pos, 1
+    if blocks.dim() != 2 or blocks.dtype != torch.int32 or blocks.stride(1) != 1:
+        raise KernelError(f"attention: blocks must be int32 [b, nb], got {blocks.dtype} {list(blocks.shape)}")
+    return blocks.shape[1] * k.shape[2], blocks, k.shape[2]
 
 
 def prefill(
@@ -253,12 +282,14 @@ def prefill(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launches the flash-attention kernel (any number of queries). Returns [b, hq, s, d].
-    Block sizes, warps and stages default to the choice measured in benchmarks/tune_attention.py."""
-    _check(q, k, v, q_pos)
+    Block sizes, warps and stages default to the choice measured in benchmarks/tune_attention.py.
+    blocks [b, nb] int32: k, v are pools of blocks [N, hk, S, d] read through it (see reference)."""
+    t, table, kv_block = _check(q, k, v, q_pos, blocks)
     bsz, hq, seq, dim = q.shape
-    hk, t = k.shape[1], k.shape[2]
+    hk = k.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     bd = block(dim)
     if interpreting():  # small blocks: tests with small shapes still cross block edges
@@ -273,9 +304,9 @@ def prefill(
     wrap_triton(_prefill_kernel)[grid](
         q, k, v, out, q_pos, slopes,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *q_pos.stride(),
-        seq, t, hq, hq // hk, dim, window or 0, scale * LOG2E,
+        seq, t, hq, hq // hk, dim, window or 0, scale * LOG2E, table, table.stride(0), kv_block,
         HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None, DOT_FP32=dot_in_fp32(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd,
+        PAGED=blocks is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd,
         num_warps=num_warps or (4 if bd <= 128 else 8), num_stages=num_stages or (3 if bd == 128 else 2),
     )  # fmt: skip
     return out
@@ -293,14 +324,15 @@ def decode(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launches split-KV decode for one query per row (q [b, hq, 1, d]). Returns [b, hq, 1, d].
-    num_splits = 0 picks enough splits to fill the GPU (decode_splits)."""
-    _check(q, k, v, q_pos)
+    num_splits = 0 picks enough splits to fill the GPU (decode_splits). blocks: as in prefill."""
+    t, table, kv_block = _check(q, k, v, q_pos, blocks)
     bsz, hq, seq, dim = q.shape
     if seq != 1:
         raise KernelError(f"attention decode takes one query per row, got {seq}")
-    hk, t = k.shape[1], k.shape[2]
+    hk = k.shape[1]
     group = hq // hk
     bd = block(dim)
     block_n = block_n or (16 if interpreting() else 64)
@@ -317,8 +349,9 @@ def decode(
         q.stride(0), q.stride(1), q.stride(3),
         *k.stride(), *v.stride(), q_pos.stride(0),
         t, hq, hk, group, dim, window or 0, scale * LOG2E, keys_per_split, splits,
+        table, table.stride(0), kv_block,
         HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None, DOT_FP32=dot_in_fp32(q.dtype),
-        BLOCK_G=block(group), BLOCK_N=block_n, BLOCK_D=bd,
+        PAGED=blocks is not None, BLOCK_G=block(group), BLOCK_N=block_n, BLOCK_D=bd,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     wrap_triton(_decode_merge_kernel)[(bsz * hq,)](
@@ -333,8 +366,9 @@ def decode(
 
 @triton_op("llmfn::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
-              alibi_slopes: Tensor | None = None, window: int | None = None) -> Tensor:
-    """Triton attention with reference.attention's contract: split-KV decode when s == 1, else prefill."""
+              alibi_slopes: Tensor | None = None, window: int | None = None, blocks: Tensor | None = None) -> Tensor:
+    """Triton attention with reference.attention's contract (k, v read through `blocks` when given):
+    split-KV decode when s == 1, else prefill."""
     if q.shape[2] == 1:
-        return decode(q, k, v, q_pos, scale, alibi_slopes, window)
-    return prefill(q, k, v, q_pos, scale, alibi_slopes, window)
+        return decode(q, k, v, q_pos, scale, alibi_slopes, window, blocks=blocks)
+    return prefill(q, k, v, q_pos, scale, alibi_slopes, window, blocks=blocks)
