@@ -11,6 +11,7 @@ install it (set LLMFN_SKIP_BROWSER_TESTS=1 to skip them on purpose)."""
 from __future__ import annotations
 
 import json
+import mimetypes
 import os
 import re
 import sys
@@ -95,6 +96,10 @@ def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "o
     def index(route):
         route.fulfill(status=200, content_type="text/html; charset=utf-8", body=PAGE.read_text())
 
+    def static(route):  # the vendored highlight.js, from the package folder
+        file = PAGE.parent / route.request.url.removeprefix(f"{MOCK}/static/")
+        route.fulfill(status=200, body=file.read_bytes(), content_type=mimetypes.guess_type(file.name)[0])
+
     def list_models(route):
         if authorized(route):
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "llmfn", "type": "causal-lm"} for m in models]
@@ -110,6 +115,7 @@ def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "o
             route.fulfill(status=200, content_type="text/event-stream", body=body)
 
     page.route(f"{MOCK}/", index)
+    page.route(f"{MOCK}/static/**", static)
     page.route(f"{MOCK}/v1/models", list_models)
     page.route(f"{MOCK}/v1/chat/completions", chat)
     return requests
@@ -259,7 +265,8 @@ def test_live_chat_streams_an_answer(page, live_server):
     answer = last_answer(page)
     answer.and_(page.locator("[data-state=done]")).wait_for(timeout=60_000)
     assert answer.locator(".content").inner_text().strip()
-    assert re.fullmatch(r"40 tokens, [\d.]+ tok/s · cut at max tokens", answer.locator(".meta").inner_text())
+    assert re.fullmatch(r"40 tokens, [\d.]+ tok/s · first token [\d.]+ m?s · cut at max tokens",
+                        answer.locator(".meta").inner_text())  # fmt: skip
     assert page.errors == []
 
 
