@@ -82,8 +82,8 @@ def delta(text: str | None = None, finish: str | None = None, usage: dict | None
     return chunk
 
 
-def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "other")) -> list:
-    """Serve the page at MOCK/ and answer /v1/models and /v1/chat/completions; returns the chat requests."""
+def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "other"), origin: str = MOCK) -> list:
+    """Serve the page at origin/ and answer /v1/models and /v1/chat/completions; returns the chat requests."""
     requests = []
 
     def authorized(route) -> bool:
@@ -97,7 +97,7 @@ def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "o
         route.fulfill(status=200, content_type="text/html; charset=utf-8", body=PAGE.read_text())
 
     def static(route):  # the vendored highlight.js, from the package folder
-        file = PAGE.parent / route.request.url.removeprefix(f"{MOCK}/static/")
+        file = PAGE.parent / route.request.url.removeprefix(f"{origin}/static/")
         route.fulfill(status=200, body=file.read_bytes(), content_type=mimetypes.guess_type(file.name)[0])
 
     def list_models(route):
@@ -114,10 +114,10 @@ def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "o
                        delta(usage={"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}))  # fmt: skip
             route.fulfill(status=200, content_type="text/event-stream", body=body)
 
-    page.route(f"{MOCK}/", index)
-    page.route(f"{MOCK}/static/**", static)
-    page.route(f"{MOCK}/v1/models", list_models)
-    page.route(f"{MOCK}/v1/chat/completions", chat)
+    page.route(f"{origin}/", index)
+    page.route(f"{origin}/static/**", static)
+    page.route(f"{origin}/v1/models", list_models)
+    page.route(f"{origin}/v1/chat/completions", chat)
     return requests
 
 
@@ -224,6 +224,37 @@ def test_api_key_field_appears_and_is_sent(page):
     assert last_answer(page).locator(".content").inner_text() == "Welcome."
 
 
+SECURE_MOCK = "http://llmfn.localhost"  # *.localhost is a secure context: the Clipboard API is there
+
+
+def copied(page, button) -> str:
+    """Click a Copy button, wait for it to say so, and return what the clipboard then holds."""
+    button.click()
+    page.wait_for_function("(b) => b.textContent === 'Copied'", arg=button.element_handle())
+    return page.evaluate("navigator.clipboard.readText()")
+
+
+def test_code_blocks_are_highlighted_and_copied(page):
+    code = 'def greet(name):\n    return f"<b>{name}</b>"  # not markup'
+    mock_server(page, f"Here:\n\n```python\n{code}\n```\n\nand plain:\n\n```\nls -la /tmp\n```\n", origin=SECURE_MOCK)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=SECURE_MOCK)
+    page.goto(f"{SECURE_MOCK}/")
+    send(page, "Show me code")
+    answer = last_answer(page)
+    answer.and_(page.locator("[data-state=done]")).wait_for()
+    python = answer.locator("pre code").first
+    assert python.get_attribute("class").split() == ["language-python", "hljs"]  # highlight.js ran
+    assert python.locator("span.hljs-keyword").first.inner_text() == "def"
+    assert python.locator("span.hljs-string").count() >= 1 and python.locator("b").count() == 0
+    assert python.inner_text() == code  # the colours change nothing in the text
+    assert answer.locator("pre .lang").first.inner_text() == "python"
+    assert copied(page, answer.locator("pre [data-action=copy-code]").first) == code
+    assert copied(page, answer.locator("pre [data-action=copy-code]").nth(1)) == "ls -la /tmp"  # no language named
+    whole = copied(page, page.locator(".turn.assistant [data-action=copy]"))  # a whole answer, as markdown
+    assert whole.startswith("Here:\n\n```python\n") and whole.endswith("```\n")
+    assert page.errors == []
+
+
 # -------------------------------------------------------------------------------------------- live
 
 
@@ -297,3 +328,159 @@ def test_live_stop_aborts_and_the_server_cancels(page, live_server):
     page.fill("#max-tokens", "5")
     send(page, "Short one?")  # the page and the server take the next question
     page.locator(".msg.assistant").nth(1).and_(page.locator("[data-state=done]")).wait_for(timeout=60_000)
+
+
+# ------------------------------------------------------------ live: conversations, actions, settings
+
+
+def chat_bodies(page) -> list:
+    """The JSON bodies of the page's chat requests, as they leave the browser."""
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    return bodies
+
+
+def answered(page, index: int = -1):
+    """The answer at `index` once it is complete."""
+    answer = page.locator(".msg.assistant").nth(index)
+    answer.and_(page.locator("[data-state=done]")).wait_for(timeout=60_000)
+    return answer
+
+
+def answer_text(page, index: int = -1) -> str:
+    return answered(page, index).locator(".content").inner_text()
+
+
+def sidebar_titles(page) -> list[str]:
+    return page.locator("#conversations .conv .open").all_inner_texts()
+
+
+def test_live_conversations_survive_a_reload_and_switch_rename_delete(page, live_server):
+    open_live(page, live_server)
+    bodies = chat_bodies(page)
+    page.fill("#max-tokens", "6")
+    send(page, "First question")
+    first_answer = answer_text(page)
+    page.click("#reset")
+    send(page, "Second question")
+    answered(page)
+    assert sidebar_titles(page) == ["Second question", "First question"]  # newest first
+
+    page.reload()
+    page.locator(".msg.assistant").first.wait_for()
+    assert sidebar_titles(page) == ["Second question", "First question"]
+    assert page.locator(".msg.user").all_inner_texts() == ["Second question"]  # the conversation on screen before
+    page.locator(".conv", has_text="First question").locator("[data-action=open]").click()
+    assert page.locator(".msg.user").all_inner_texts() == ["First question"]
+    assert page.locator(".msg.assistant .content").inner_text() == first_answer
+    assert re.match(r"6 tokens, [\d.]+ tok/s · first token", page.locator(".msg.assistant .meta").inner_text())
+    send(page, "Follow-up")  # continues the conversation it switched to, with its history
+    answered(page, 1)
+    assert [m["content"] for m in bodies[-1]["messages"]] == ["First question", first_answer, "Follow-up"]
+    assert sidebar_titles(page)[0] == "First question"  # the one just used moves up
+
+    row = page.locator(".conv", has_text="First question")
+    row.locator("[data-action=rename]").click()
+    page.fill(".conv .title-input", "Renamed chat")
+    page.press(".conv .title-input", "Enter")
+    assert sidebar_titles(page) == ["Renamed chat", "Second question"]
+    delete = page.locator(".conv", has_text="Second question").locator("[data-action=delete]")
+    delete.click()  # the first click asks, the second deletes
+    assert sidebar_titles(page) == ["Renamed chat", "Second question"] and delete.inner_text() == "Delete?"
+    delete.click()
+    assert sidebar_titles(page) == ["Renamed chat"]
+
+    page.reload()
+    page.locator(".msg.assistant").nth(1).wait_for()
+    assert sidebar_titles(page) == ["Renamed chat"]
+    assert page.locator(".msg.user").all_inner_texts() == ["First question", "Follow-up"]
+    page.locator(".conv [data-action=delete]").click()
+    page.locator(".conv [data-action=delete]").click()  # the last one gone: an empty new chat
+    assert sidebar_titles(page) == [] and page.locator(".msg").count() == 0
+    page.reload()
+    page.locator("#model option").first.wait_for(state="attached")
+    assert sidebar_titles(page) == [] and page.locator(".msg").count() == 0
+    assert page.errors == []
+
+
+def test_live_regenerate_and_edit_and_resend(page, live_server):
+    open_live(page, live_server)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_server.url("/").rstrip("/"))
+    bodies = chat_bodies(page)
+    page.fill("#temperature", "1")  # sampled, no seed: every answer is a fresh draw
+    page.fill("#max-tokens", "12")
+    send(page, "Pick a word")
+    first = answer_text(page)
+    assert copied(page, page.locator(".turn.assistant [data-action=copy]")) == first
+    page.locator(".turn.assistant [data-action=regenerate]").click()
+    second = answer_text(page)
+    assert second != first and page.locator(".msg.assistant").count() == 1  # replaced, not added
+    assert [m["content"] for m in bodies[-1]["messages"]] == ["Pick a word"]  # the old answer is not sent
+    send(page, "Another")
+    answered(page, 1)
+
+    page.locator(".turn.user").first.locator("[data-action=edit]").click()  # edit the first question
+    page.fill(".msg.editing textarea", "Pick a number")
+    page.press(".msg.editing textarea", "Enter")
+    answered(page)
+    assert page.locator(".msg.user").all_inner_texts() == ["Pick a number"]  # later turns are cut
+    assert page.locator(".msg.assistant").count() == 1
+    assert [m["content"] for m in bodies[-1]["messages"]] == ["Pick a number"]
+    page.reload()  # what is kept is the edited conversation
+    answered(page)
+    assert page.locator(".msg.user").all_inner_texts() == ["Pick a number"]
+    assert page.errors == []
+
+
+SAMPLING = {"temperature": ("1.0", 1.0), "top-p": ("0.95", 0.95), "top-k": ("100", 100), "min-p": ("0.01", 0.01),
+            "repetition-penalty": ("1.1", 1.1), "presence-penalty": ("0.5", 0.5), "frequency-penalty": ("0.25", 0.25),
+            "seed": ("1234", 1234)}  # fmt: skip
+
+
+def test_live_sampling_settings_reach_the_server(page, live_server):
+    open_live(page, live_server)
+    bodies = chat_bodies(page)
+    assert page.locator("#settings").get_attribute("open") is not None  # opened when it asked for the key
+    for field, (text, _) in SAMPLING.items():
+        page.fill(f"#{field}", text)
+    page.fill("#max-tokens", "16")
+    send(page, "Tell me something")
+    seeded = answer_text(page)
+    assert {k: bodies[-1].get(k.replace("-", "_")) for k in SAMPLING} == {k: v for k, (_, v) in SAMPLING.items()}
+    assert bodies[-1]["max_tokens"] == 16 and "response_format" not in bodies[-1]
+    meta = answered(page).locator(".meta").inner_text()
+    assert re.fullmatch(r"16 tokens, [\d.]+ tok/s · first token [\d.]+ m?s · cut at max tokens", meta)
+    assert float(re.search(r"([\d.]+) tok/s", meta).group(1)) > 0
+    page.locator(".turn.assistant [data-action=regenerate]").click()
+    assert answer_text(page) == seeded  # the same seed and settings: the same answer
+    page.fill("#seed", "99")
+    page.locator(".turn.assistant [data-action=regenerate]").click()
+    assert answer_text(page) != seeded and bodies[-1]["seed"] == 99  # the server used the seed
+    page.click("#reset-settings")  # back to the model's defaults: no knob is sent
+    page.click("#reset")
+    send(page, "Again")
+    answered(page)
+    assert not {k.replace("-", "_") for k in SAMPLING} & set(bodies[-1])
+    assert page.errors == []
+
+
+def test_live_json_schema_constrains_the_answer(page, live_server):
+    schema = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}, "sure": {"type": "boolean"}},
+              "required": ["mood", "sure"], "additionalProperties": False}  # fmt: skip
+    open_live(page, live_server)
+    bodies = chat_bodies(page)
+    assert page.locator("#settings").get_attribute("open") is not None  # opened when it asked for the key
+    page.fill("#json-schema", "{not json")
+    send(page, "How are you?")
+    assert "JSON schema" in page.locator("#status").inner_text() and page.locator(".msg").count() == 0  # not sent
+    assert page.locator("#input").input_value() == "How are you?"  # the question waits for a fix
+    page.fill("#json-schema", json.dumps(schema))
+    page.fill("#temperature", "1")
+    page.fill("#max-tokens", "60")
+    send(page, "How are you?")
+    answer = answered(page)
+    assert bodies[-1]["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    value = json.loads(answer.locator(".content pre code").inner_text())
+    assert set(value) == {"mood", "sure"} and value["mood"] in ("happy", "sad") and isinstance(value["sure"], bool)
+    assert answer.locator("pre code.language-json.hljs").count() == 1  # shown as highlighted JSON
+    assert page.errors == []
