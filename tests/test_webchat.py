@@ -10,6 +10,7 @@ install it (set LLMFN_SKIP_BROWSER_TESTS=1 to skip them on purpose)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import mimetypes
 import os
@@ -400,6 +401,19 @@ def test_live_conversations_survive_a_reload_and_switch_rename_delete(page, live
     page.reload()
     page.locator("#model option").first.wait_for(state="attached")
     assert sidebar_titles(page) == [] and page.locator(".msg").count() == 0
+
+    page.click("#settings summary")
+    page.fill("#max-tokens", "4000")  # deleted while it streams: the answer stops and nothing comes back
+    send(page, "A long one")
+    page.wait_for_function("() => document.querySelector('.msg.assistant .content').textContent.length > 0")
+    page.locator(".conv [data-action=delete]").click()
+    page.locator(".conv [data-action=delete]").click()
+    page.locator("#send").wait_for(state="visible")
+    page.wait_for_timeout(300)
+    assert sidebar_titles(page) == [] and page.locator(".msg").count() == 0
+    page.reload()
+    page.locator("#model option").first.wait_for(state="attached")
+    assert sidebar_titles(page) == []
     assert page.errors == []
 
 
@@ -411,7 +425,9 @@ def test_live_regenerate_and_edit_and_resend(page, live_server):
     page.fill("#max-tokens", "12")
     send(page, "Pick a word")
     first = answer_text(page)
-    assert copied(page, page.locator(".turn.assistant [data-action=copy]")) == first
+    raw = page.evaluate("JSON.parse(localStorage.getItem('llmfn.conversations'))[0].messages[1].content")
+    assert raw.strip() and first.strip()
+    assert copied(page, page.locator(".turn.assistant [data-action=copy]")) == raw  # the answer as it came
     page.locator(".turn.assistant [data-action=regenerate]").click()
     second = answer_text(page)
     assert second != first and page.locator(".msg.assistant").count() == 1  # replaced, not added
@@ -484,3 +500,19 @@ def test_live_json_schema_constrains_the_answer(page, live_server):
     assert set(value) == {"mood", "sure"} and value["mood"] in ("happy", "sad") and isinstance(value["sure"], bool)
     assert answer.locator("pre code.language-json.hljs").count() == 1  # shown as highlighted JSON
     assert page.errors == []
+
+
+def test_vendored_highlighter_ships_and_is_served(live_server):
+    """highlight.js is in the wheel (pyproject's package-data covers every static file) and served at /static/."""
+    package_data = re.search(r"^\[tool\.setuptools\.package-data\]\nllmfn = (\[.*\])$", (ROOT / "pyproject.toml").read_text(), re.M)
+    patterns = json.loads(package_data.group(1))
+    package = ROOT / "src" / "llmfn"
+    static = [f.relative_to(package).as_posix() for f in (package / "serve" / "static").rglob("*") if f.is_file()]
+    assert "serve/static/vendor/highlight.min.js" in static
+    assert [f for f in static if not any(fnmatch.fnmatchcase(f, p) for p in patterns)] == []
+    page = httpx.get(live_server.url("/"), timeout=10).text
+    for name, kind in [("highlight.min.js", "javascript"), ("github.min.css", "text/css"), ("github-dark.min.css", "text/css")]:
+        assert f'"/static/vendor/{name}"' in page
+        resp = httpx.get(live_server.url(f"/static/vendor/{name}"), timeout=10)
+        assert resp.status_code == 200 and kind in resp.headers["content-type"]
+        assert resp.content == (PAGE.parent / "vendor" / name).read_bytes()
