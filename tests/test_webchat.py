@@ -477,6 +477,15 @@ def test_live_sampling_settings_reach_the_server(page, live_server):
     send(page, "Again")
     answered(page)
     assert not {k.replace("-", "_") for k in SAMPLING} & set(bodies[-1])
+
+    page.fill("#top-p", "5")  # out of range: the server's 400 names the field, under the answer
+    send(page, "Out of range")
+    failed = page.locator(".msg.assistant").last.and_(page.locator("[data-state=error]"))
+    assert "top_p" in failed.locator(".error").inner_text()
+    page.fill("#top-p", "0.9")
+    send(page, "In range")  # the failed turn is not sent again
+    answered(page)
+    assert [m["content"] for m in bodies[-1]["messages"]][-1:] == ["In range"] and len(bodies[-1]["messages"]) == 3
     assert page.errors == []
 
 
