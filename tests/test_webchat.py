@@ -10,7 +10,9 @@ install it (set LLMFN_SKIP_BROWSER_TESTS=1 to skip them on purpose)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import mimetypes
 import os
 import re
 import sys
@@ -81,8 +83,8 @@ def delta(text: str | None = None, finish: str | None = None, usage: dict | None
     return chunk
 
 
-def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "other")) -> list:
-    """Serve the page at MOCK/ and answer /v1/models and /v1/chat/completions; returns the chat requests."""
+def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "other"), origin: str = MOCK) -> list:
+    """Serve the page at origin/ and answer /v1/models and /v1/chat/completions; returns the chat requests."""
     requests = []
 
     def authorized(route) -> bool:
@@ -94,6 +96,10 @@ def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "o
 
     def index(route):
         route.fulfill(status=200, content_type="text/html; charset=utf-8", body=PAGE.read_text())
+
+    def static(route):  # the vendored highlight.js, from the package folder
+        file = PAGE.parent / route.request.url.removeprefix(f"{origin}/static/")
+        route.fulfill(status=200, body=file.read_bytes(), content_type=mimetypes.guess_type(file.name)[0])
 
     def list_models(route):
         if authorized(route):
@@ -109,9 +115,10 @@ def mock_server(page, answer: str, *, key: str | None = None, models=("tiny", "o
                        delta(usage={"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}))  # fmt: skip
             route.fulfill(status=200, content_type="text/event-stream", body=body)
 
-    page.route(f"{MOCK}/", index)
-    page.route(f"{MOCK}/v1/models", list_models)
-    page.route(f"{MOCK}/v1/chat/completions", chat)
+    page.route(f"{origin}/", index)
+    page.route(f"{origin}/static/**", static)
+    page.route(f"{origin}/v1/models", list_models)
+    page.route(f"{origin}/v1/chat/completions", chat)
     return requests
 
 
@@ -218,6 +225,37 @@ def test_api_key_field_appears_and_is_sent(page):
     assert last_answer(page).locator(".content").inner_text() == "Welcome."
 
 
+SECURE_MOCK = "http://llmfn.localhost"  # *.localhost is a secure context: the Clipboard API is there
+
+
+def copied(page, button) -> str:
+    """Click a Copy button, wait for it to say so, and return what the clipboard then holds."""
+    button.click()
+    page.wait_for_function("(b) => b.textContent === 'Copied'", arg=button.element_handle())
+    return page.evaluate("navigator.clipboard.readText()")
+
+
+def test_code_blocks_are_highlighted_and_copied(page):
+    code = 'def greet(name):\n    return f"<b>{name}</b>"  # not markup'
+    mock_server(page, f"Here:\n\n```python\n{code}\n```\n\nand plain:\n\n```\nls -la /tmp\n```\n", origin=SECURE_MOCK)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=SECURE_MOCK)
+    page.goto(f"{SECURE_MOCK}/")
+    send(page, "Show me code")
+    answer = last_answer(page)
+    answer.and_(page.locator("[data-state=done]")).wait_for()
+    python = answer.locator("pre code").first
+    assert python.get_attribute("class").split() == ["language-python", "hljs"]  # highlight.js ran
+    assert python.locator("span.hljs-keyword").first.inner_text() == "def"
+    assert python.locator("span.hljs-string").count() >= 1 and python.locator("b").count() == 0
+    assert python.inner_text() == code  # the colours change nothing in the text
+    assert answer.locator("pre .lang").first.inner_text() == "python"
+    assert copied(page, answer.locator("pre [data-action=copy-code]").first) == code
+    assert copied(page, answer.locator("pre [data-action=copy-code]").nth(1)) == "ls -la /tmp"  # no language named
+    whole = copied(page, page.locator(".turn.assistant [data-action=copy]"))  # a whole answer, as markdown
+    assert whole.startswith("Here:\n\n```python\n") and whole.endswith("```\n")
+    assert page.errors == []
+
+
 # -------------------------------------------------------------------------------------------- live
 
 
@@ -259,7 +297,8 @@ def test_live_chat_streams_an_answer(page, live_server):
     answer = last_answer(page)
     answer.and_(page.locator("[data-state=done]")).wait_for(timeout=60_000)
     assert answer.locator(".content").inner_text().strip()
-    assert re.fullmatch(r"40 tokens, [\d.]+ tok/s · cut at max tokens", answer.locator(".meta").inner_text())
+    assert re.fullmatch(r"40 tokens, [\d.]+ tok/s · first token [\d.]+ m?s · cut at max tokens",
+                        answer.locator(".meta").inner_text())  # fmt: skip
     assert page.errors == []
 
 
@@ -290,3 +329,199 @@ def test_live_stop_aborts_and_the_server_cancels(page, live_server):
     page.fill("#max-tokens", "5")
     send(page, "Short one?")  # the page and the server take the next question
     page.locator(".msg.assistant").nth(1).and_(page.locator("[data-state=done]")).wait_for(timeout=60_000)
+
+
+# ------------------------------------------------------------ live: conversations, actions, settings
+
+
+def chat_bodies(page) -> list:
+    """The JSON bodies of the page's chat requests, as they leave the browser."""
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    return bodies
+
+
+def answered(page, index: int = -1):
+    """The answer at `index` once it is complete."""
+    answer = page.locator(".msg.assistant").nth(index)
+    answer.and_(page.locator("[data-state=done]")).wait_for(timeout=60_000)
+    return answer
+
+
+def answer_text(page, index: int = -1) -> str:
+    return answered(page, index).locator(".content").inner_text()
+
+
+def sidebar_titles(page) -> list[str]:
+    return page.locator("#conversations .conv .open").all_inner_texts()
+
+
+def test_live_conversations_survive_a_reload_and_switch_rename_delete(page, live_server):
+    open_live(page, live_server)
+    bodies = chat_bodies(page)
+    page.fill("#max-tokens", "6")
+    send(page, "First question")
+    first_answer = answer_text(page)
+    page.click("#reset")
+    send(page, "Second question")
+    answered(page)
+    assert sidebar_titles(page) == ["Second question", "First question"]  # newest first
+
+    page.reload()
+    page.locator(".msg.assistant").first.wait_for()
+    assert sidebar_titles(page) == ["Second question", "First question"]
+    assert page.locator(".msg.user").all_inner_texts() == ["Second question"]  # the conversation on screen before
+    page.locator(".conv", has_text="First question").locator("[data-action=open]").click()
+    assert page.locator(".msg.user").all_inner_texts() == ["First question"]
+    assert page.locator(".msg.assistant .content").inner_text() == first_answer
+    assert re.match(r"6 tokens, [\d.]+ tok/s · first token", page.locator(".msg.assistant .meta").inner_text())
+    send(page, "Follow-up")  # continues the conversation it switched to, with its history
+    answered(page, 1)
+    assert [m["content"] for m in bodies[-1]["messages"]] == ["First question", first_answer, "Follow-up"]
+    assert sidebar_titles(page)[0] == "First question"  # the one just used moves up
+
+    row = page.locator(".conv", has_text="First question")
+    row.locator("[data-action=rename]").click()
+    page.fill(".conv .title-input", "Renamed chat")
+    page.press(".conv .title-input", "Enter")
+    assert sidebar_titles(page) == ["Renamed chat", "Second question"]
+    delete = page.locator(".conv", has_text="Second question").locator("[data-action=delete]")
+    delete.click()  # the first click asks, the second deletes
+    assert sidebar_titles(page) == ["Renamed chat", "Second question"] and delete.inner_text() == "Delete?"
+    delete.click()
+    assert sidebar_titles(page) == ["Renamed chat"]
+
+    page.reload()
+    page.locator(".msg.assistant").nth(1).wait_for()
+    assert sidebar_titles(page) == ["Renamed chat"]
+    assert page.locator(".msg.user").all_inner_texts() == ["First question", "Follow-up"]
+    page.locator(".conv [data-action=delete]").click()
+    page.locator(".conv [data-action=delete]").click()  # the last one gone: an empty new chat
+    assert sidebar_titles(page) == [] and page.locator(".msg").count() == 0
+    page.reload()
+    page.locator("#model option").first.wait_for(state="attached")
+    assert sidebar_titles(page) == [] and page.locator(".msg").count() == 0
+
+    page.click("#settings summary")
+    page.fill("#max-tokens", "4000")  # deleted while it streams: the answer stops and nothing comes back
+    send(page, "A long one")
+    page.wait_for_function("() => document.querySelector('.msg.assistant .content').textContent.length > 0")
+    page.locator(".conv [data-action=delete]").click()
+    page.locator(".conv [data-action=delete]").click()
+    page.locator("#send").wait_for(state="visible")
+    page.wait_for_timeout(300)
+    assert sidebar_titles(page) == [] and page.locator(".msg").count() == 0
+    page.reload()
+    page.locator("#model option").first.wait_for(state="attached")
+    assert sidebar_titles(page) == []
+    assert page.errors == []
+
+
+def test_live_regenerate_and_edit_and_resend(page, live_server):
+    open_live(page, live_server)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_server.url("/").rstrip("/"))
+    bodies = chat_bodies(page)
+    page.fill("#temperature", "1")  # sampled, no seed: every answer is a fresh draw
+    page.fill("#max-tokens", "12")
+    send(page, "Pick a word")
+    first = answer_text(page)
+    raw = page.evaluate("JSON.parse(localStorage.getItem('llmfn.conversations'))[0].messages[1].content")
+    assert raw.strip() and first.strip()
+    assert copied(page, page.locator(".turn.assistant [data-action=copy]")) == raw  # the answer as it came
+    page.locator(".turn.assistant [data-action=regenerate]").click()
+    second = answer_text(page)
+    assert second != first and page.locator(".msg.assistant").count() == 1  # replaced, not added
+    assert [m["content"] for m in bodies[-1]["messages"]] == ["Pick a word"]  # the old answer is not sent
+    send(page, "Another")
+    answered(page, 1)
+
+    page.locator(".turn.user").first.locator("[data-action=edit]").click()  # edit the first question
+    page.fill(".msg.editing textarea", "Pick a number")
+    page.press(".msg.editing textarea", "Enter")
+    answered(page)
+    assert page.locator(".msg.user").all_inner_texts() == ["Pick a number"]  # later turns are cut
+    assert page.locator(".msg.assistant").count() == 1
+    assert [m["content"] for m in bodies[-1]["messages"]] == ["Pick a number"]
+    page.reload()  # what is kept is the edited conversation
+    answered(page)
+    assert page.locator(".msg.user").all_inner_texts() == ["Pick a number"]
+    assert page.errors == []
+
+
+SAMPLING = {"temperature": ("1.0", 1.0), "top-p": ("0.95", 0.95), "top-k": ("100", 100), "min-p": ("0.01", 0.01),
+            "repetition-penalty": ("1.1", 1.1), "presence-penalty": ("0.5", 0.5), "frequency-penalty": ("0.25", 0.25),
+            "seed": ("1234", 1234)}  # fmt: skip
+
+
+def test_live_sampling_settings_reach_the_server(page, live_server):
+    open_live(page, live_server)
+    bodies = chat_bodies(page)
+    assert page.locator("#settings").get_attribute("open") is not None  # opened when it asked for the key
+    for field, (text, _) in SAMPLING.items():
+        page.fill(f"#{field}", text)
+    page.fill("#max-tokens", "16")
+    send(page, "Tell me something")
+    seeded = answer_text(page)
+    assert {k: bodies[-1].get(k.replace("-", "_")) for k in SAMPLING} == {k: v for k, (_, v) in SAMPLING.items()}
+    assert bodies[-1]["max_tokens"] == 16 and "response_format" not in bodies[-1]
+    meta = answered(page).locator(".meta").inner_text()
+    assert re.fullmatch(r"16 tokens, [\d.]+ tok/s · first token [\d.]+ m?s · cut at max tokens", meta)
+    assert float(re.search(r"([\d.]+) tok/s", meta).group(1)) > 0
+    page.locator(".turn.assistant [data-action=regenerate]").click()
+    assert answer_text(page) == seeded  # the same seed and settings: the same answer
+    page.fill("#seed", "99")
+    page.locator(".turn.assistant [data-action=regenerate]").click()
+    assert answer_text(page) != seeded and bodies[-1]["seed"] == 99  # the server used the seed
+    page.click("#reset-settings")  # back to the model's defaults: no knob is sent
+    page.click("#reset")
+    send(page, "Again")
+    answered(page)
+    assert not {k.replace("-", "_") for k in SAMPLING} & set(bodies[-1])
+
+    page.fill("#top-p", "5")  # out of range: the server's 400 names the field, under the answer
+    send(page, "Out of range")
+    failed = page.locator(".msg.assistant").last.and_(page.locator("[data-state=error]"))
+    assert "top_p" in failed.locator(".error").inner_text()
+    page.fill("#top-p", "0.9")
+    send(page, "In range")  # the failed turn is not sent again
+    answered(page)
+    assert [m["content"] for m in bodies[-1]["messages"]][-1:] == ["In range"] and len(bodies[-1]["messages"]) == 3
+    assert page.errors == []
+
+
+def test_live_json_schema_constrains_the_answer(page, live_server):
+    schema = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}, "sure": {"type": "boolean"}},
+              "required": ["mood", "sure"], "additionalProperties": False}  # fmt: skip
+    open_live(page, live_server)
+    bodies = chat_bodies(page)
+    assert page.locator("#settings").get_attribute("open") is not None  # opened when it asked for the key
+    page.fill("#json-schema", "{not json")
+    send(page, "How are you?")
+    assert "JSON schema" in page.locator("#status").inner_text() and page.locator(".msg").count() == 0  # not sent
+    assert page.locator("#input").input_value() == "How are you?"  # the question waits for a fix
+    page.fill("#json-schema", json.dumps(schema))
+    page.fill("#temperature", "1")
+    page.fill("#max-tokens", "60")
+    send(page, "How are you?")
+    answer = answered(page)
+    assert bodies[-1]["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    value = json.loads(answer.locator(".content pre code").inner_text())
+    assert set(value) == {"mood", "sure"} and value["mood"] in ("happy", "sad") and isinstance(value["sure"], bool)
+    assert answer.locator("pre code.language-json.hljs").count() == 1  # shown as highlighted JSON
+    assert page.errors == []
+
+
+def test_vendored_highlighter_ships_and_is_served(live_server):
+    """highlight.js is in the wheel (pyproject's package-data covers every static file) and served at /static/."""
+    package_data = re.search(r"^\[tool\.setuptools\.package-data\]\nllmfn = (\[.*\])$", (ROOT / "pyproject.toml").read_text(), re.M)
+    patterns = json.loads(package_data.group(1))
+    package = ROOT / "src" / "llmfn"
+    static = [f.relative_to(package).as_posix() for f in (package / "serve" / "static").rglob("*") if f.is_file()]
+    assert "serve/static/vendor/highlight.min.js" in static
+    assert [f for f in static if not any(fnmatch.fnmatchcase(f, p) for p in patterns)] == []
+    page = httpx.get(live_server.url("/"), timeout=10).text
+    for name, kind in [("highlight.min.js", "javascript"), ("github.min.css", "text/css"), ("github-dark.min.css", "text/css")]:
+        assert f'"/static/vendor/{name}"' in page
+        resp = httpx.get(live_server.url(f"/static/vendor/{name}"), timeout=10)
+        assert resp.status_code == 200 and kind in resp.headers["content-type"]
+        assert resp.content == (PAGE.parent / "vendor" / name).read_bytes()
