@@ -210,3 +210,18 @@ def test_thirty_two_concurrent_streams_are_all_served_by_default(model):
 
     results = asyncio.run(main())
     assert all(r[-1].finish_reason == "length" and r[-1].completion_tokens == 16 for r in results)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_quantized_models_are_batch_invariant_in_the_engine(tmp_path, method):
+    """Compact decode steps (only the busy rows) on the quantized C kernels: together == alone."""
+    make_checkpoint(tmp_path, "llama", max_position_embeddings=256)
+    model = llmfn.load(tmp_path, quantize=method)
+    reqs = long_requests()[:8]
+    reqs = [GenerationRequest(r.prompt_ids, 24, r.sampling, stop_token_ids=()) for r in reqs]
+    with Engine(model, max_running=8, prefill_chunk=16) as engine:
+        assert engine.compact
+        together = engine.generate_many(reqs)
+    with Engine(model, max_running=1, prefill_chunk=16) as engine:
+        alone = engine.generate_many(reqs)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
