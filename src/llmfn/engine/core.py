@@ -233,7 +233,7 @@ class Engine:
             free = self.max_running - sum(s is not None for s in self._slots[: self.max_running])
             if len(self._waiting) - free >= self.max_queued:  # it would wait behind max_queued others
                 raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting (max_queued={self.max_queued})",
+                    f"{len(self._waiting) - free} requests already wait for a slot (max_queued={self.max_queued})",
                     retry_after=self._retry_after(),
                 )
             self._waiting.append(seq)
