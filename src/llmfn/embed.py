@@ -48,12 +48,14 @@ def _as_inputs(inputs: Input) -> list:
     return items
 
 
-def tokenize(model: Model, inputs: Input) -> list[list[int]]:
-    """Encoder ids per input: [CLS] + text tokens truncated to max_seq_length + [SEP]."""
+def tokenize(model: Model, inputs: Input, max_length: int | None = -1) -> list[list[int]]:
+    """Encoder ids per input: [CLS] + text tokens + [SEP], cut to max_length ids in all by dropping
+    text tokens from the end (-1: the model's max_seq_length, as sentence-transformers; None: uncut)."""
     ex = model.extra
     items = _as_inputs(inputs)
     prefix, suffix = list(ex["prefix_ids"]), list(ex["suffix_ids"])
-    budget = ex["max_seq_length"] - len(prefix) - len(suffix)
+    max_length = ex["max_seq_length"] if max_length == -1 else max_length
+    budget = None if max_length is None else max(max_length - len(prefix) - len(suffix), 0)
     texts = {}
     for i, item in enumerate(items):
         if isinstance(item, str):

@@ -252,7 +252,7 @@ class Engine:
             behind = max(0, len(self._waiting) - free)  # requests that would wait ahead of this one
             if behind >= self.max_queued:
                 raise QueueFullError(
-                    f"{behind} requests are already waiting for a place (max_queued={self.max_queued})",
+                    f"{behind} requests already wait for a place (max_queued={self.max_queued})",
                     retry_after=self._retry_after(),
                 )
             seq.arrival = next(self._arrivals)

@@ -23,8 +23,27 @@ def config_fields(source: Path | str):
         yield
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{source}: bad value ({e})") from None
+
+
+# Above every released model's context (the longest, 10M tokens): a larger one is a broken config
+# that would load and then fail allocating its cache.
+MAX_POSITIONS = 1 << 24
+
+
+def check_sizes(source: Path | str, cfg: LlamaConfig) -> LlamaConfig:
+    """A CheckpointError naming the field for a size no model can have: not positive, or (for the
+    context) over MAX_POSITIONS."""
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_position_embeddings"):  # fmt: skip
+        value = getattr(cfg, name)
+        if value < 1 or (name == "max_position_embeddings" and value > MAX_POSITIONS):
+            field = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                     "num_kv_heads": "num_key_value_heads"}.get(name, name)  # fmt: skip
+            bound = f"in [1, {MAX_POSITIONS}]" if name == "max_position_embeddings" else "at least 1"
+            raise CheckpointError(f"{source}: {field} is {value}; it must be {bound}")
+    return cfg
 
 
 def read_json(path: Path) -> dict:
@@ -65,7 +84,7 @@ def llama_config_from_hf(raw: dict, source: Path | str = "config.json") -> Llama
         if raw.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported")
         attention_bias = bool(raw.get("attention_bias", False))
-        return LlamaConfig(
+        return check_sizes(source, LlamaConfig(
             model_type=model_type,
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
@@ -83,4 +102,4 @@ def llama_config_from_hf(raw: dict, source: Path | str = "config.json") -> Llama
             o_bias=model_type == "llama" and attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
             sliding_window=int(window) if window else None,
-        )
+        ))

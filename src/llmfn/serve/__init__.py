@@ -11,6 +11,7 @@ its engine already batches concurrent requests.
 
 from __future__ import annotations
 
+import math
 import os
 
 from llmfn.serve.config import (
@@ -30,7 +31,8 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers
     """Serve until interrupted. Raises LlmfnError (one line) for a model path that does not exist;
     a model that exists but fails to load stops the server with the error in the log."""
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
 
     from llmfn.errors import LlmfnError
     from llmfn.serve.models import EXIT_ON_LOAD_ERROR_ENV
@@ -43,6 +45,7 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers
     check_port(host, port)
     os.environ[CONFIG_ENV] = encode_env(config)  # read by create_app() in each worker process
     os.environ[EXIT_ON_LOAD_ERROR_ENV] = "1"
+    limits = config.limits
     server = Granian(
         "llmfn.serve.app:create_app",
         address=host,
@@ -52,6 +55,10 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers
         factory=True,
         log_access=log_access,
         backlog=1024,
+        loop=Loops.asyncio,  # the shutdown drain (llmfn.serve.shutdown) hooks the asyncio loop's signals
+        http1_settings=HTTP1Settings(header_read_timeout=math.ceil(limits.request_timeout * 1000)),
+        # a worker that has not drained its requests by shutdown_timeout (+ time to stop the engine) is killed
+        workers_kill_timeout=math.ceil(limits.shutdown_timeout) + 4,
     )
     server.serve()
 

@@ -31,12 +31,15 @@ from llmfn.serve.http import (
     Router,
     StreamingResponse,
     read_body,
+    shutting_down,
+    too_deep,
     until_disconnect,
 )
 from llmfn.serve.metrics import Gauge, Metrics
 from llmfn.serve.models import ModelPool
 from llmfn.serve.openapi import openapi
 from llmfn.serve.schemas import encoder
+from llmfn.serve.shutdown import Drain
 
 log = logging.getLogger("llmfn.serve")
 
@@ -79,6 +82,7 @@ class App:
         self.auth = auth
         self.pool = ModelPool(config)
         self.metrics = Metrics()
+        self.drain = Drain(config.limits.shutdown_timeout)
         self.metrics.gauges += [
             Gauge("llmfn_requests_running", "Generations decoding now, by model.", lambda: self._engine_stat("running")),
             Gauge("llmfn_requests_queued", "Generations waiting for a slot (queue depth), by model.", lambda: self._engine_stat("queued")),
@@ -123,6 +127,7 @@ class App:
                 if not self.auth:
                     log.warning("no API keys configured: the API is open to anyone who can reach it")
                 self.pool.start()
+                self.drain.install()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await asyncio.to_thread(self.pool.shutdown)
@@ -141,18 +146,22 @@ class App:
                 status, response_started = message["status"], True
             await send(message)
 
+        limits, drain = self.config.limits, self.drain
         try:
+            if drain.draining:
+                raise shutting_down()
             handler, params, route = self.router.match(scope["method"], scope["path"])
             body = b""
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 declared = next(
                     (v for k, v in scope.get("headers", ()) if k.lower() == b"content-length"), None
                 )
-                body = await read_body(receive, self.config.limits.max_body_bytes, declared)
+                body = await drain.bounded(read_body(receive, limits.max_body_bytes, declared, limits.request_timeout))
             request = Request(scope, body, params)
-            response = await until_disconnect(receive, handler(request))
+            response = await until_disconnect(receive, drain.bounded(handler(request)))
             if isinstance(response, StreamingResponse):
-                await until_disconnect(receive, response.send(tracked_send))
+                sending = response.send(tracked_send, keepalive=limits.sse_keepalive, stop=drain.deadline())
+                await until_disconnect(receive, sending)
             else:
                 await response.send(tracked_send, head=scope["method"] == "HEAD")
         except ApiError as e:
@@ -160,6 +169,9 @@ class App:
                 await e.response().send(tracked_send)
         except ClientGone:
             status = 499  # nginx's "client closed request", for the metrics only
+        except RecursionError:  # a request nested deeper than a handler's recursion (schemas, tools)
+            if not response_started:
+                await too_deep().response().send(tracked_send)
         except Exception:
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not response_started:

@@ -102,9 +102,8 @@ async def chat_completions(pool: ModelPool, metrics: Metrics, limits: Limits, re
     prep = await prepare(pool, limits, body)
     served, use, requests = prep.served, prep.use, prep.requests
     t0 = time.perf_counter()
-    opened = [await gen.open_generation(req, served, r) for r in requests]  # req.cleanup closes each
-    tracks = [Tracking(metrics, served.name, t0) for _ in opened]
-    streams = [gen.chain(first, events) for first, events in opened]
+    streams = await gen.open_all(req, served, requests, body.stream)
+    tracks = [Tracking(metrics, served.name, t0) for _ in streams]
     name = body.model or served.name
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     if body.stream:

@@ -41,13 +41,11 @@ async def completions(pool: ModelPool, metrics: Metrics, limits: Limits, req: Re
         requests += gen.generation_requests(served, ids, n_new, body, body.logprobs, constraint)
     prompts = [ids for ids in prompts for _ in range(body.n or 1)]  # one per choice
     t0 = time.perf_counter()
-    # req.cleanup closes every opened generation, however the request ends
-    opened = [await gen.open_generation(req, served, r) for r in requests]
-    tracks = [Tracking(metrics, served.name, t0) for _ in opened]
+    streams = await gen.open_all(req, served, requests, body.stream)
+    tracks = [Tracking(metrics, served.name, t0) for _ in streams]
     name = body.model or served.name
     cid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
     echoes = [served.model.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
-    streams = [gen.chain(first, events) for first, events in opened]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         frames = _chunks(served, streams, tracks, echoes, cid, created, name, include_usage, body.logprobs)

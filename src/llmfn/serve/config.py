@@ -10,6 +10,9 @@
                                  # the machine's memory, at most 1 GiB; pages in no use stay untouched)
     max_tokens = 4096        # cap on max_tokens (and the default when a request gives none)
     max_body_bytes = 4194304 # larger request bodies get 413
+    request_timeout = 30.0   # seconds to read a request's headers and its body; then 408 and closed
+    shutdown_timeout = 10.0  # on SIGTERM, seconds requests under way may run on; then they are ended
+    sse_keepalive = 15.0     # seconds of silence in a stream (e.g. queued for a slot) before a comment
 
     [[models]]
     name = "smollm2"                  # the `model` clients send
@@ -64,6 +67,9 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     kv_cache_memory: int | str | None = None  # per model; see llmfn.engine.blocks.parse_bytes
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 4096
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
+    request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    shutdown_timeout: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    sse_keepalive: Annotated[float, msgspec.Meta(gt=0)] = 15.0
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -28,10 +28,15 @@ async def embeddings(pool: ModelPool, metrics: Metrics, req: Request):
             param="dimensions",
         )
 
-    def run():
-        from llmfn.embed import embed_with_usage
+    max_length = _max_length(served, body.truncate_prompt_tokens)
 
-        return embed_with_usage(served.model, inputs)
+    def run():
+        from llmfn.embed import embed_ids, tokenize
+
+        seqs = tokenize(served.model, inputs, max_length)
+        if body.truncate_prompt_tokens is None:
+            _check_lengths(seqs, served.context_length)
+        return embed_ids(served.model, seqs), sum(map(len, seqs))
 
     try:
         vectors, n_tokens = await asyncio.wrap_future(pool.run(run))
@@ -56,6 +61,28 @@ def _inputs(value, vocab: int):
         if not isinstance(item, str) and any(not 0 <= t < vocab for t in item):
             raise ApiError(400, f"input[{i}]: token ids must be in [0, {vocab})", param="input")
     return value if isinstance(value, str) else items
+
+
+def _max_length(served: Served, truncate: int | None) -> int | None:
+    """The ids kept per input, [CLS]/[SEP] included: all (checked against the model's limit) unless
+    the request asks for truncation with vLLM's truncate_prompt_tokens (-1: the model's limit)."""
+    if truncate is None:
+        return None
+    limit, specials = served.context_length, len(served.model.extra["prefix_ids"]) + len(served.model.extra["suffix_ids"])
+    if truncate == -1:
+        return limit
+    if not specials < truncate <= limit:
+        raise ApiError(400, f"truncate_prompt_tokens must be -1 or in [{specials + 1}, {limit}] for {served.name!r}",
+                       param="truncate_prompt_tokens")  # fmt: skip
+    return truncate
+
+
+def _check_lengths(seqs: list[list[int]], limit: int) -> None:
+    for i, seq in enumerate(seqs):
+        if len(seq) > limit:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; input[{i}] has {len(seq)} "
+                                "tokens (set truncate_prompt_tokens to cut inputs to the limit)",
+                           param="input", code="context_length_exceeded")  # fmt: skip
 
 
 def _dim(served: Served) -> int:

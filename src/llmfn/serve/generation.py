@@ -128,22 +128,39 @@ def max_tokens(
     return requested
 
 
-async def open_generation(req: Request, served: Served, request):
-    """Submit to the engine and wait for its first event, so that a rejected request (bad
-    parameter, full queue) is still an HTTP error rather than a broken stream. The iterator is
-    registered on req.cleanup: however the request ends, the server closes it (cancelling the
-    generation if it still runs). Returns (first event, the rest until a finish_reason)."""
+async def submit(req: Request, served: Served, request):
+    """Submit to the engine; a rejected request (bad parameter, full queue) is an HTTP error. The
+    iterator is registered on req.cleanup: however the request ends, the server closes it (cancelling
+    the generation if it still runs). A stream starts on this (its first event may wait in the queue)."""
     try:
         events = served.engine.submit(request)
         if inspect.isawaitable(events):
             events = await events
-        req.cleanup.append(events)
+    except LlmfnError as e:
+        raise engine_error(e) from None
+    req.cleanup.append(events)
+    return events
+
+
+async def open_generation(req: Request, served: Served, request):
+    """Submit and wait for the first event, so that a request that fails at once is still an HTTP
+    error (for answers that are not streamed). Returns (first event, the rest until a finish_reason)."""
+    events = await submit(req, served, request)
+    try:
         first = await anext(events)
     except LlmfnError as e:
         raise engine_error(e) from None
     if event_error(first) is not None:
         raise event_error(first)
     return first, events
+
+
+async def open_all(req: Request, served: Served, requests: list, stream: bool | None) -> list[AsyncIterator]:
+    """Each request's events (req.cleanup closes them all, however the request ends). A stream's
+    response starts once they are queued; an answer that is not streamed waits for the first events."""
+    if stream:
+        return [chain(None, await submit(req, served, r)) for r in requests]
+    return [chain(*await open_generation(req, served, r)) for r in requests]
 
 
 def event_error(ev) -> ApiError | None:
@@ -178,10 +195,12 @@ async def aclose(it) -> None:
 
 
 async def chain(first, rest) -> AsyncIterator:
-    """The first event, then the rest until a finish_reason; always closes the engine iterator."""
+    """The first event (when already read), then the rest until a finish_reason; always closes the
+    engine iterator."""
     try:
-        yield first
-        if first.finish_reason is None:
+        if first is not None:
+            yield first
+        if first is None or first.finish_reason is None:
             async for ev in rest:
                 yield ev
                 if ev.finish_reason is not None:

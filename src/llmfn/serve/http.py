@@ -19,8 +19,9 @@ log = logging.getLogger("llmfn.serve")
 
 JSON = b"application/json"
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_error"}  # fmt: skip
+               405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # fmt: skip
+CLOSE = [(b"connection", b"close")]
 
 
 class ApiError(Exception):
@@ -68,6 +69,12 @@ class Request:
             raise validation_error(str(e)) from None
         except msgspec.DecodeError as e:
             raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise too_deep() from None
+
+
+def too_deep() -> ApiError:
+    return ApiError(400, "the request body nests too deeply", code="invalid_json")
 
 
 def validation_error(message: str) -> ApiError:
@@ -121,12 +128,50 @@ class StreamingResponse:
         default_factory=lambda: [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                                  (b"x-accel-buffering", b"no")])  # fmt: skip
 
-    async def send(self, send) -> None:
+    async def send(self, send, *, keepalive: float | None = None, stop: asyncio.Future | None = None) -> None:
+        """Send the events as they come, with a keep-alive comment after each `keepalive` seconds of
+        silence; once `stop` completes (the server shuts down), end with an error event and [DONE]."""
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         async with contextlib.aclosing(self.chunks) as chunks:
-            async for chunk in chunks:
+            async for chunk in paced(chunks, keepalive, stop):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+
+SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see a live connection
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", code="server_shutting_down", headers=CLOSE)
+
+
+async def paced(chunks: AsyncIterator[bytes], keepalive: float | None, stop: asyncio.Future | None) -> AsyncIterator[bytes]:
+    """`chunks`, with SSE_KEEPALIVE after every `keepalive` seconds without one (a request waiting for
+    an engine slot, a slow step), cut short by an error event and [DONE] when `stop` completes."""
+    stopped, pending = stop, None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait({pending, stopped} - {None}, timeout=keepalive,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if pending in done:
+                task, pending = pending, None
+                try:
+                    yield task.result()
+                except StopAsyncIteration:
+                    return
+            elif done:  # stop: the server shuts down
+                yield sse(shutting_down().body())
+                yield SSE_DONE
+                return
+            else:
+                yield SSE_KEEPALIVE
+    finally:
+        for task in (pending, stopped):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait({task})  # the generation closes what it holds
 
 
 def sse(obj, event: str | None = None) -> bytes:
@@ -177,14 +222,25 @@ class Router:
         return methods[method], params, pattern
 
 
-async def read_body(receive, limit: int, declared: bytes | None) -> bytes:
-    """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
+async def read_body(receive, limit: int, declared: bytes | None, timeout: float) -> bytes:
+    """The whole request body, refusing (413) as soon as it passes `limit` bytes, and (408, closing
+    the connection) when it has not all come within `timeout` seconds: a client that stalls mid-body
+    holds no connection for longer."""
     if declared is not None:
         try:
             if int(declared) > limit:
                 raise _too_large(limit)
         except ValueError:
             raise ApiError(400, "invalid Content-Length header") from None
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read(receive, limit)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g}s", code="request_timeout",
+                       headers=CLOSE) from None  # fmt: skip
+
+
+async def _read(receive, limit: int) -> bytes:
     parts, size = [], 0
     while True:
         message = await receive()

@@ -34,13 +34,12 @@ async def responses(pool: ModelPool, metrics: Metrics, limits: Limits, req: Requ
     prep = await prepare(pool, limits, chat_request(body))
     rid, created = "resp_" + secrets.token_hex(12), time.time()
     t0 = time.perf_counter()
-    first, events = await gen.open_generation(req, prep.served, prep.requests[0])
+    [events] = await gen.open_all(req, prep.served, prep.requests[:1], body.stream)
     track = Tracking(metrics, prep.served.name, t0)
     head = _response(rid, created, body, prep.served.name, "in_progress", [], None)
     if body.stream:
-        frames = _events(gen.chain(first, events), track, head, prep.use)
-        return StreamingResponse(gen.sse_stream(frames, [track]))
-    evs = await gen.run_to_end(gen.chain(first, events), track)
+        return StreamingResponse(gen.sse_stream(_events(events, track, head, prep.use), [track]))
+    evs = await gen.run_to_end(events, track)
     said, calls = _split("".join(ev.text for ev in evs), prep.use, 0)
     return Response.json(_finished(head, _items(said, calls), evs[-1]))
 

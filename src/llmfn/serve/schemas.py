@@ -332,6 +332,8 @@ class EmbeddingRequest(Struct, frozen=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(ge=1)] | None = None
     user: str | None = None
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1, description="vLLM's: cut each input to this many "
+        "tokens, special ones included (-1: the model's limit); unset, a longer input is a 400")] | None = None  # fmt: skip
 
 
 class Embedding(Struct):
