@@ -94,8 +94,8 @@ def generate(
     speculative: None, "ngram" (prompt lookup), or a dict / llmfn.speculative.SpeculativeConfig
     (method "ngram" or "draft" with a draft model, k, ...): drafted tokens are checked in one forward
     and kept only where they are the tokens drawn anyway, so the output is exactly that without it.
-    stats: a dict that generation keeps up to date with "forwards" (decode forwards run), "drafted" and
-    "accepted" (drafted tokens verified and kept)."""
+    stats: a dict that generation keeps up to date with "forwards" (decode forwards run), "drafted"
+    (tokens drafted and verified) and "accepted" (drafted tokens kept)."""
     return _generate(*_prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response_format, speculative,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -203,7 +203,6 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
                 kept += 1
             if drafter is not None:
                 draft_length.observe(len(drafts), kept)
-                stats["drafted"] += len(drafts)
                 stats["accepted"] += kept
             drafts = []
             feed = [history[-1]]
@@ -214,6 +213,7 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
                 while drafts and not speculative.same_rope(cfg, start, start + len(drafts)):
                     drafts.pop()
                 feed += drafts
+                stats["drafted"] += len(drafts)
             positions = torch.arange(start, start + len(feed), device=device)[None]
             out, cache = step_forward(params, cfg, torch.tensor([feed], device=device), positions, cache)
             stats["forwards"] += 1
