@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.llmfn-installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup browser serve test sanitize lint bench bench-kernels bench-setup clean
+.PHONY: help setup browser serve test sanitize lint bench bench-report bench-kernels bench-setup clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,11 @@ bench-setup: setup  ## install the benchmark peers (llama-cpp-python compiles fo
 
 bench: bench-setup  ## run the benchmarks and print llmfn beside its peers
 	$(PY) benchmarks/decode.py
+
+# Every CPU benchmark with its peers, one after another, into benchmarks/report/REPORT.md with plots
+# (QUICK=1: short runs, a few minutes).
+bench-report: bench-setup  ## run every CPU benchmark and write benchmarks/report/REPORT.md (QUICK=1: short)
+	$(PY) benchmarks/report.py $(if $(QUICK),--quick,)
 
 bench-kernels: setup  ## pytest-benchmark micro-suite: llmfn's CPU kernels beside the torch ops
 	$(PY) -m pytest benchmarks/test_bench_cpu.py --benchmark-only --benchmark-group-by=group

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from llmfn import constraints
+from llmfn import constraints, speculative
 from llmfn.backend import forward_for
 from llmfn.chat_template import apply_chat_template
 from llmfn.errors import RequestError
@@ -78,6 +78,8 @@ def generate(
     frequency_penalty: float | None = None,
     logit_bias: dict[int, float] | None = None,
     response_format=None,
+    speculative=None,
+    stats: dict | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids; stops after an EOS id (yielded) or max_tokens.
 
@@ -88,14 +90,20 @@ def generate(
     response_format: the output's constraint (see llmfn.constraints.as_constraint: a JSON schema dict,
     a pydantic model class, {"type": "json_object"}, OpenAI's {"type": "json_schema", ...}, or a
     Constraint); EOS is then allowed only where the grammar accepts, and generation also ends when the
-    grammar is complete. The constraint compiles here, so an invalid one raises RequestError at once."""
-    return _generate(*_prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response_format,
+    grammar is complete. The constraint compiles here, so an invalid one raises RequestError at once.
+    speculative: None, "ngram" (prompt lookup), or a dict / llmfn.speculative.SpeculativeConfig
+    (method "ngram" or "draft" with a draft model, k, ...): drafted tokens are checked in one forward
+    and kept only where they are the tokens drawn anyway, so the output is exactly that without it.
+    stats: a dict that generation keeps up to date with "forwards" (decode forwards run), "drafted"
+    (tokens drafted and verified) and "accepted" (drafted tokens kept)."""
+    return _generate(*_prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response_format, speculative,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                               frequency_penalty=frequency_penalty))  # fmt: skip
+                               frequency_penalty=frequency_penalty), stats=stats)  # fmt: skip
 
 
-def _prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response_format, **sampling) -> tuple:
+def _prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response_format, spec=None,
+             **sampling) -> tuple:
     """Check a generate() call; returns _generate's arguments."""
     _require_causal(model)
     params = model.generation.sampling(**sampling)
@@ -107,7 +115,7 @@ def _prepare(model, prompt_ids, max_tokens, stop_token_ids, logit_bias, response
     bias = check_logit_bias(logit_bias, model.cfg.vocab_size)
     constraint = constraints.as_constraint(response_format)
     guide = None if constraint is None else constraints.compile(constraint, model.tokenizer).matcher(stops)
-    return model, prompt, max_tokens, params, stops, bias, guide
+    return model, prompt, max_tokens, params, stops, bias, guide, speculative.as_config(spec, model)
 
 
 def cache_length(needed: int, context: int) -> int:
@@ -121,7 +129,12 @@ def eos_ids(model: Model) -> tuple[int, ...]:
 
 
 def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingParams, stops: set[int],
-              bias: dict[int, float] | None = None, guide: constraints.Matcher | None = None) -> Iterator[int]:
+              bias: dict[int, float] | None = None, guide: constraints.Matcher | None = None,
+              spec: speculative.SpeculativeConfig | None = None, stats: dict | None = None) -> Iterator[int]:
+    """The decode loop. Each forward yields one row of logits per token fed: the last token, then
+    the drafted ones (none without speculation). Tokens are drawn from the rows in turn, each with the
+    penalties, bias and grammar state of the tokens before it, and a row is used only while the token
+    fed after the previous row is the one drawn there: the output is that of plain decode steps."""
     cfg, params, device = model.cfg, model.params, _device(model)
     n = len(prompt)
     row = lambda v, dt: torch.tensor([v], dtype=dt, device=device)
@@ -138,37 +151,72 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
         bias_at = (torch.zeros(len(bias), dtype=torch.int64, device=device), torch.tensor(list(bias), device=device),
                    torch.tensor(list(bias.values()), dtype=torch.float32, device=device))  # fmt: skip
     bitmask = torch.zeros(1, constraints.bitmask_words(cfg.vocab_size), dtype=torch.int32)
-    prefill_forward, step_forward = forward_for(model), forward_for(model, decode=True)
+
+    def pick(logits_row: torch.Tensor, position: int, grammar: bool = True) -> int:
+        """The token the sampler draws at `position` (key (seed, position)) from fp32 logits [V]."""
+        next_logits = logits_row[None]
+        if sp.penalized:
+            next_logits = apply_penalties(next_logits, counts, seen, *penalties)
+        if bias is not None:
+            next_logits = apply_logit_bias(next_logits, *bias_at)
+        if grammar and guide is not None:
+            next_logits = apply_token_bitmask(next_logits, guide.allowed(bitmask[0])[None])
+        if sp.greedy:
+            return int(next_logits.argmax(-1))
+        return int(sample(next_logits, step=row(position, torch.int64), **knobs))
+
+    length = cache_length(n + max_tokens, cfg.max_position_embeddings)
+    rows_cap = speculative.verify_rows(model) if spec is not None else 0
+    drafter, draft_length = (None, None) if rows_cap == 0 else speculative.drafter_for(
+        spec, model, length, lambda logits_row, position: pick(logits_row, position, grammar=False))
+    prefill_forward = forward_for(model)
+    step_forward = forward_for(model, decode=True)  # the fused forward whenever rows_cap > 0
+    history = list(prompt)  # the prompt and the tokens yielded so far
+    stats = {} if stats is None else stats
+    stats.update(forwards=0, drafted=0, accepted=0)
     with torch.inference_mode():
-        cache = family(cfg).init_cache(cfg, 1, cache_length(n + max_tokens, cfg.max_position_embeddings), _dtype(model), device)
+        cache = family(cfg).init_cache(cfg, 1, length, _dtype(model), device)
         tokens = torch.tensor([prompt], device=device)
         positions = torch.arange(n, device=device)[None]
         out, cache = prefill_forward(params, cfg, tokens, positions, cache, logit_index=row(n - 1, torch.int64))
-        for step in range(max_tokens):
-            next_logits = out[:, -1]
-            if sp.penalized:
-                next_logits = apply_penalties(next_logits, counts, seen, *penalties)
-            if bias is not None:
-                next_logits = apply_logit_bias(next_logits, *bias_at)
-            if guide is not None:
-                next_logits = apply_token_bitmask(next_logits, guide.allowed(bitmask[0])[None])
-            if sp.greedy:
-                token = next_logits.argmax(-1)
-            else:
-                token = sample(next_logits, step=row(n + step, torch.int64), **knobs)
-            token_id = int(token)
-            yield token_id
-            if token_id in stops:
-                return
-            if guide is not None:
-                guide.advance(token_id)
-                if guide.finished:
+        drafts: list[int] = []  # out[0, i + 1] holds the logits after drafts[i]
+        step = 0
+        while True:
+            kept = 0
+            for i in range(len(drafts) + 1):
+                token_id = pick(out[0, i], n + step)
+                yield token_id
+                if token_id in stops:
                     return
-            if step == max_tokens - 1:
-                return
-            counts[0, token_id] += 1
-            seen[0, token_id] = True
-            out, cache = step_forward(params, cfg, token[:, None], row(n + step, torch.int64)[:, None], cache)
+                if guide is not None:
+                    guide.advance(token_id)
+                    if guide.finished:
+                        return
+                if step == max_tokens - 1:
+                    return
+                counts[0, token_id] += 1
+                seen[0, token_id] = True
+                history.append(token_id)
+                step += 1
+                if i == len(drafts) or drafts[i] != token_id:
+                    break
+                kept += 1
+            if drafter is not None:
+                draft_length.observe(len(drafts), kept)
+                stats["accepted"] += kept
+            drafts = []
+            feed = [history[-1]]
+            start = n + step - 1  # the last token's position
+            if drafter is not None:
+                k = draft_length.next(min(max_tokens - 1 - step, rows_cap - 1))
+                drafts = drafter.propose(history, k) if k else []
+                while drafts and not speculative.same_rope(cfg, start, start + len(drafts)):
+                    drafts.pop()
+                feed += drafts
+                stats["drafted"] += len(drafts)
+            positions = torch.arange(start, start + len(feed), device=device)[None]
+            out, cache = step_forward(params, cfg, torch.tensor([feed], device=device), positions, cache)
+            stats["forwards"] += 1
 
 
 class ChatStream:
@@ -182,10 +230,11 @@ class ChatStream:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         sampling = dict(sampling)
-        extra = {k: sampling.pop(k, None) for k in ("stop_token_ids", "logit_bias", "response_format")}
+        extra = {k: sampling.pop(k, None) for k in ("stop_token_ids", "logit_bias", "response_format", "speculative")}
         args = _prepare(model, prompt_ids, max_tokens, *extra.values(), **sampling)
-        self._guide = args[-1]  # a finished grammar ends the reply with "stop"
-        self._tokens = _generate(*args)
+        self._guide = args[-2]  # a finished grammar ends the reply with "stop"
+        self.stats: dict = {}  # decode forwards, drafted and accepted tokens (see generate)
+        self._tokens = _generate(*args, stats=self.stats)
         self._max_tokens = max_tokens
         self._stop = stop
 
@@ -217,7 +266,7 @@ class ChatStream:
 
 def chat(model: Model, messages: list[dict], *, max_tokens: int, stop: list[str] | str | None = None, **sampling) -> ChatStream:
     """Stream the assistant's reply to messages, rendered with the model's own chat template. `sampling`
-    takes generate()'s keywords, response_format and logit_bias included."""
+    takes generate()'s keywords, response_format, logit_bias and speculative included."""
     _require_causal(model)
     if not model.chat_template:
         raise RequestError("this model has no chat template; use generate() with a prompt", param="messages")
