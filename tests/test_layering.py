@@ -20,7 +20,7 @@ LAYERS = (
     ("llmfn.cli",),
     ("llmfn.serve",),
     ("llmfn.engine",),
-    ("llmfn.generate", "llmfn.backend", "llmfn.embed", "llmfn.perf", "llmfn.loading"),
+    ("llmfn.generate", "llmfn.backend", "llmfn.embed", "llmfn.perf", "llmfn.loading", "llmfn.parallel"),
     ("llmfn.models",),
     ("llmfn.kernels",),
     ("llmfn.model", "llmfn.sampling", "llmfn.constraints", "llmfn.tools", "llmfn.stopping", "llmfn.chat_template", "llmfn.tokenizer",
