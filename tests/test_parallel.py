@@ -4,11 +4,16 @@ of the single-process forward; pipeline parallel runs the same arithmetic, so it
 equal; every rank ends with the same logits, bit for bit. Each rank computes the single-process
 reference itself (rank 0, one thread, as the shards run), before sharding.
 
-The 2-rank run (every family and leaf kind, one spawn) takes ~20 s; the 4-rank run (GQA with fewer kv
-heads than ranks, tensor x pipeline) and SmolLM2's 64 greedy tokens are marked slow (they run in
-`make test`, not in the quick tier)."""
+The 2-rank run (every family and leaf kind, one spawn) takes ~20 s and `llmfn run --tensor-parallel 2`
+against one process ~25 s; marked slow (they run in `make test`, not in the quick tier): the 4-rank
+run (GQA with fewer kv heads than ranks, tensor x pipeline), SmolLM2's 64 greedy tokens, the CLI's
+pipeline and error runs and two torchrun "nodes" meeting through a c10d rendezvous on 127.0.0.1."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +23,7 @@ from llmfn import parallel
 from llmfn.chat_template import apply_chat_template
 from llmfn.errors import LlmfnError
 from llmfn.parallel.tensor import head_split
-from parallel_ranks import run_ranks
+from parallel_ranks import free_port, run_ranks
 from tiny import make_checkpoint
 
 TP_CASES = {  # name: (family, checkpoint overrides, case keywords)
@@ -137,3 +142,58 @@ def test_smollm2_greedy_tokens_are_one_process_tokens(tmp_path):
         assert ranks[0][name]["sharded"] == ranks[0][name]["reference"]
         assert ranks[1][name]["sharded"] == ranks[0][name]["reference"]
     assert [len(t) for t in ranks[0]["smollm2-tp2"]["reference"]] == [64, 64]  # no early EOS hides a difference
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _cli(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llmfn.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parallel_cli") / "tiny"
+    make_checkpoint(folder)
+    args = ["run", str(folder), "Hello world, what is", "--raw", "--max-tokens", "12", "--temperature", "0"]
+    single = _cli(args)
+    assert single.returncode == 0, single.stderr
+    assert single.stdout.strip()
+    return folder, args, single.stdout
+
+
+def test_cli_run_tensor_parallel_prints_the_one_process_answer(cli_model):
+    _, args, expected = cli_model
+    tp = _cli([*args, "--tensor-parallel", "2"])
+    assert tp.returncode == 0, tp.stderr
+    assert tp.stdout == expected  # rank 0 alone prints, the same greedy tokens
+
+
+@pytest.mark.slow
+def test_cli_run_pipeline_parallel_and_a_bad_layout(cli_model):
+    _, args, expected = cli_model
+    pp = _cli([*args, "--pipeline-parallel", "2"])
+    assert pp.returncode == 0, pp.stderr
+    assert pp.stdout == expected
+    bad = _cli([*args, "--tensor-parallel", "3"])  # 2 kv heads over 3 ranks
+    assert bad.returncode == 1
+    assert bad.stderr.count("llmfn: error: tensor parallel 3") == 1, bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_cli_run_under_two_torchrun_nodes(cli_model):
+    """Multi-node through torchrun's c10d rendezvous: two invocations of one rank each, on loopback."""
+    _, args, expected = cli_model
+    port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llmfn-test",
+                "--local-addr", "127.0.0.1", "-m", "llmfn.cli", *args, "--tensor-parallel", "2"]  # fmt: skip
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(torchrun, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]  # fmt: skip
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    assert sorted(out for out, _ in outs) == ["", expected]  # the node that drew rank 0 prints it, once

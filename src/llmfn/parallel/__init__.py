@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from llmfn.generate import generate as generate_tokens
 from llmfn.errors import LlmfnError
+from llmfn.generate import generate as generate_tokens
 from llmfn.model import Model
 from llmfn.parallel.pipeline import Stage, shard_pipeline
 from llmfn.parallel.tensor import shard_tensor

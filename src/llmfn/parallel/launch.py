@@ -7,7 +7,7 @@ MASTER_PORT, which torchrun sets and `spawn_ranks` sets for the copies of the co
 
 Multi-node (two hosts, or two invocations on one host for a test):
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d \\
-        --rdzv-endpoint HOST:29400 -m llmfn run MODEL "prompt" --tensor-parallel 2
+        --rdzv-endpoint HOST:29400 -m llmfn.cli run MODEL "prompt" --tensor-parallel 2
     (the same with --node-rank 1 on the other host)"""
 
 from __future__ import annotations
@@ -55,11 +55,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(world: int, argv: list[str] | None = None) -> int:
-    """Run this command line (`python -m llmfn ARGS`) as `world` ranks on this host, loopback only,
+def should_spawn(tensor: int | None, pipeline: int) -> bool:
+    """Whether the CLI, asked for tensor x pipeline ranks, must start them (it is not one already)."""
+    if (tensor is not None and tensor < 1) or pipeline < 1:
+        raise LlmfnError(f"--tensor-parallel and --pipeline-parallel take at least 1 (got {tensor}, {pipeline})")
+    return (tensor or 1) * pipeline > 1 and not in_rank()
+
+
+def spawn_ranks(world: int, argv: list[str] | None = None, stdin: str | None = None) -> int:
+    """Run this command line (`python -m llmfn.cli ARGS`) as `world` ranks on this host, loopback only,
     and wait for them. Rank 0 writes to this process's stdout and stderr; the other ranks' output is
     dropped, except a failing rank's stderr, printed here. The first failure stops the others.
-    Returns the exit status (the first non-zero one)."""
+    stdin: text every rank reads as its standard input (a prompt given as '-'). Returns the exit
+    status (the first non-zero one)."""
     argv = sys.argv[1:] if argv is None else argv
     threads = max(1, (os.cpu_count() or 1) // world)  # the ranks share the host's cores
     base = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -71,8 +79,12 @@ def spawn_ranks(world: int, argv: list[str] | None = None) -> int:
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
             log = None if rank == 0 else tempfile.TemporaryFile()
             out = None if rank == 0 else subprocess.DEVNULL
-            procs.append(subprocess.Popen([sys.executable, "-m", "llmfn", *argv], env=env, stdout=out, stderr=log))
+            procs.append(subprocess.Popen([sys.executable, "-m", "llmfn.cli", *argv], env=env, stdout=out, stderr=log,
+                                          stdin=None if stdin is None else subprocess.PIPE))  # fmt: skip
             logs.append(log)
+            if stdin is not None:
+                procs[-1].stdin.write(stdin.encode())
+                procs[-1].stdin.close()
         return _wait(procs, logs)
     finally:
         for p in procs:
@@ -96,11 +108,20 @@ def _wait(procs: list[subprocess.Popen], logs: list) -> int:
                 continue
             pending.discard(rank)
             if code != 0:
+                if rank != 0 and _exit_code(procs[0], timeout=5.0) not in (None, 0):
+                    return code  # rank 0 failed too and said why on this terminal: one message, not two
                 if logs[rank] is not None:
                     logs[rank].seek(0)
                     sys.stderr.write(logs[rank].read().decode(errors="replace"))
                 return code
     return 0
+
+
+def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def quiet_unless_rank0() -> None:
@@ -128,6 +149,20 @@ def load_sharded(load, *, tensor: int, pipeline: int, device: str = "cpu"):
     if dist.get_rank() == 0:
         dist.barrier()
     return shard(model, pipeline=pipeline)
+
+
+def parallel_model(load, sampling: dict, *, tensor: int | None, pipeline: int, device: str = "cpu"):
+    """The CLI's model and sampling settings: in a rank, this rank's shard and the settings with a seed
+    every rank shares (so sampled tokens agree); elsewhere load() and the settings as they are."""
+    if not in_rank():
+        return load(), sampling
+    import atexit
+
+    from llmfn.parallel import agreed_seed
+
+    model = load_sharded(load, tensor=tensor or 0, pipeline=pipeline, device=device)
+    atexit.register(finish)
+    return model, {**sampling, "seed": agreed_seed(sampling.get("seed"))}
 
 
 def finish() -> None:
