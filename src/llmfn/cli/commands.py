@@ -36,6 +36,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmfn.serve.config import load_config
 
     config = serve_overrides(load_config(args.config), args.model, args.api_key)
+    if args.replicas > 1 or args.ray_address:  # replicas on Ray Serve (llmfn.serve.replicas)
+        from llmfn.serve import replicas
+
+        replicas.run(config, args.host, args.port, args.replicas, args.ray_address)
+        return 0
     serve.run(config, args.host, args.port, args.workers)
     return 0
 
@@ -189,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="PATH_OR_ALIAS",
                    help="serve this model instead of the configured ones (repeatable)")
     p.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on the API")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="N engine replicas on Ray Serve behind "
+                   "one endpoint (needs llmfn[ray]; default 1: this process)")  # fmt: skip
+    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster for --replicas (default: a local Ray)")
 
     p = command("chat", "interactive chat in the terminal (type /help inside)", cmd_chat,
                 "Interactive chat with streamed answers and history. Reads lines from stdin when it is "
