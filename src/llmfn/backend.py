@@ -102,7 +102,10 @@ def fused_forward(params, cfg: llama.LlamaConfig, tokens, positions, cache: llam
 
 def forward_for(model: Model, *, decode: bool = False):
     """The forward to run `model` with: compiled for decode steps when should_compile says so, else
-    the fused forward for Llama-layout models, else the family's own."""
+    the fused forward for Llama-layout models, else the family's own. A model that carries its own
+    forward runs it (llmfn.parallel's pipeline stages: the same math, with sends between layers)."""
+    if "forward" in model.extra:
+        return model.extra["forward"]
     if decode and should_compile(model):
         return compiled_forward()
     arch = models.family(model.cfg)

@@ -36,6 +36,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmfn.serve.config import load_config
 
     config = serve_overrides(load_config(args.config), args.model, args.api_key, args.kv_cache_memory)
+    if args.replicas > 1 or args.ray_address:  # replicas on Ray Serve (llmfn.serve.replicas)
+        from llmfn.serve import replicas
+
+        replicas.run(config, args.host, args.port, args.replicas, args.ray_address)
+        return 0
     serve.run(config, args.host, args.port, args.workers)
     return 0
 
@@ -72,8 +77,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     name, prompt = (args.words if len(args.words) == 2 else (DEFAULT_CHAT_MODEL, args.words[0]))
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = load_model(name, args.dtype, args.device, bool(args.compile), args.quantize)
-    return answer_once(model, prompt, sampling_settings(args), args.max_tokens, args.system, args.raw, args.perf)
+    from llmfn.parallel import launch
+
+    if launch.should_spawn(args.tensor_parallel, args.pipeline_parallel):
+        stdin = prompt if args.words[-1] == "-" else None  # the ranks read the prompt this process read
+        return launch.spawn_ranks((args.tensor_parallel or 1) * args.pipeline_parallel, stdin=stdin)
+    load = lambda: load_model(name, args.dtype, launch.rank_device(args.device), bool(args.compile), args.quantize)
+    model, sampling = launch.parallel_model(load, sampling_settings(args), tensor=args.tensor_parallel,
+                                            pipeline=args.pipeline_parallel, device=args.device)  # fmt: skip
+    return answer_once(model, prompt, sampling, args.max_tokens, args.system, args.raw, args.perf)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -188,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", metavar="SIZE",
                    help="KV cache per model, e.g. 512MiB or 2GiB (default: a tenth of the machine's memory, "
                         "at most 1 GiB)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="N engine replicas on Ray Serve behind "
+                   "one endpoint (needs llmfn[ray]; default 1: this process)")  # fmt: skip
+    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster for --replicas (default: a local Ray)")
 
     p = command("chat", "interactive chat in the terminal (type /help inside)", cmd_chat,
                 "Interactive chat with streamed answers and history. Reads lines from stdin when it is "
@@ -208,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text (no chat template)")
     p.add_argument("--perf", action="store_true", help="print the decoder perf report to stderr")
+    p.add_argument("--tensor-parallel", type=int, metavar="N", help="split each layer over N ranks, started here "
+                   "on this host (or torchrun's ranks: llmfn.parallel.launch)")  # fmt: skip
+    p.add_argument("--pipeline-parallel", type=int, default=1, metavar="N", help="split the layers into N stages")
     _add_model_flags(p, "off: one answer rarely repays the compile time")
     add_sampling_flags(p, "most tokens to generate (default 256, capped by the context)")
 
