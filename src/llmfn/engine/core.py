@@ -12,13 +12,15 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
 from llmfn.backend import forward_for, row_invariant_rows
-from llmfn.engine.blocks import SCRATCH, BlockPool, default_kv_cache_memory, parse_bytes, zeros_untouched
+from llmfn.engine.blocks import default_kv_cache_memory, parse_bytes
+from llmfn.engine.paged import PagedKV
 from llmfn.engine.requests import (
+    Collector,
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
@@ -35,7 +37,6 @@ from llmfn.generate import eos_ids
 from llmfn.kernels import batch_invariant_attention
 from llmfn.model import Model
 from llmfn.models import family
-from llmfn.models.llama import KVCache
 from llmfn.sampling import SamplingParams, fresh_seed
 
 log = logging.getLogger("llmfn.engine")
@@ -79,7 +80,6 @@ class Engine:
         self.max_running = max_running
         self.max_queued = max_queued
         self.prefill_chunk = prefill_chunk
-        self.prefix_cache = prefix_cache
         self.block_size = block_size
         self._device = model.params["norm"].device
         dtype = model.params["norm"].dtype
@@ -103,11 +103,9 @@ class Engine:
         self.rows = max_running if self.compact else -(-max_running // ROW_ALIGN) * ROW_ALIGN
         self._forward = forward_for(model)  # eager: generate's torch.compile'd step is not used here yet
         self._eos = frozenset(eos_ids(model))
-        shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         with torch.inference_mode():
-            self._kv = KVCache(zeros_untouched(shape, dtype, self._device), zeros_untouched(shape, dtype, self._device))
+            self._kv = PagedKV(cfg, num_blocks, block_size, prefill_chunk, prefix_cache, dtype, self._device)
             self._sampler = RowSampler(self.rows, cfg.vocab_size, self._device)
-        self._pool = BlockPool(num_blocks)
         self._slots: list[Sequence | None] = [None] * self.rows  # places >= max_running stay None: scratch
         self._prefilling: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()  # guarded by _cv
@@ -190,42 +188,16 @@ class Engine:
         the queue is full the rest wait for room instead of failing."""
         reqs = [self._as_request(r, max_tokens, sampling, stop) for r in requests]
         seqs = [self._prepare(r) for r in reqs]
-        results = [GenerationResult("", [], "", len(s.prompt), 0, s.seed) for s in seqs]
-        texts: list[list[str]] = [[] for _ in seqs]
-        done = threading.Condition()
-        pending = [len(seqs)]
-
-        def sink_for(i: int) -> Callable[[GenerationEvent], None]:
-            def sink(event: GenerationEvent) -> None:
-                r = results[i]
-                texts[i].append(event.text)
-                r.token_ids += event.token_ids
-                r.completion_tokens = event.completion_tokens
-                r.cached_tokens = event.cached_tokens
-                if event.logprobs is not None:
-                    r.logprobs = (r.logprobs or []) + event.logprobs
-                if event.finish_reason is not None:
-                    r.finish_reason, r.error = event.finish_reason, event.error
-                    r.text = "".join(texts[i])
-                    with done:
-                        pending[0] -= 1
-                        done.notify_all()
-
-            return sink
-
+        collected = Collector(seqs)
         for i, seq in enumerate(seqs):
-            seq.sink = sink_for(i)
+            seq.sink = collected.sink(i)
             while True:
                 try:
                     self._enqueue(seq)
                     break
                 except QueueFullError:
-                    with done:
-                        done.wait(0.05)
-        with done:
-            while pending[0]:
-                done.wait()
-        return results
+                    collected.wait(0.05)
+        return collected.results()
 
     def _as_request(self, item, max_tokens, sampling, stop) -> GenerationRequest:
         if isinstance(item, GenerationRequest):
@@ -272,7 +244,7 @@ class Engine:
         with self._cv:
             queued = len(self._waiting)
         used = sum(s is not None for s in list(self._slots))
-        pool = self._pool
+        pool = self._kv.pool
         prompt = self._n["prompt_tokens"]
         return {
             "running": used,
@@ -288,7 +260,7 @@ class Engine:
             "blocks_cached": pool.cached(),
             "blocks_free": pool.available(),
             "kv_bytes_per_token": self.kv_bytes_per_token,
-            "kv_cache_bytes": sum(t.numel() * t.element_size() for t in (self._kv.k, self._kv.v)),
+            "kv_cache_bytes": self._kv.nbytes(),
             "prefix_hit_rate": self._n["prefix_cache_hit_tokens"] / prompt if prompt else 0.0,
             **self._n,
         }
@@ -348,16 +320,17 @@ class Engine:
                 if not free or not self._waiting:
                     return
                 s = self._waiting[0]
-            matched = self._match(s.prompt)
-            need = -(-len(s.prompt) // self.block_size) - len(matched)
+            matched = self._kv.match(s.prompt)
+            need = self._kv.blocks_for(len(s.prompt)) - len(matched)
             growing = sum(1 for r in self._slots if r is not None and r.decoding)
-            if self._pool.available() < need + growing:
-                self._pool.release(matched)
+            if self._kv.pool.available() < need + growing:
+                self._kv.pool.release(matched)
                 return  # wait for blocks to free (finishing sequences, or preemption of younger ones)
             with self._cv:
                 self._waiting.popleft()
-            s.blocks = matched + [self._pool.allocate() for _ in range(need)]
             s.prefilled = s.computed = len(matched) * self.block_size
+            s.blocks = matched
+            self._kv.grow(s.blocks, len(s.prompt))
             s.slot = free[0]
             self._slots[s.slot] = s
             self._prefilling.append(s)
@@ -367,35 +340,13 @@ class Engine:
                 self._n["prompt_tokens"] += len(s.prompt)
             self._sampler.assign(s.slot, s)
 
-    def _match(self, prompt: list[int]) -> list[int]:
-        """Cached blocks holding the prompt's first whole prefill chunks (references taken). Never the
-        chunk of the last prompt token (its logits are needed), and whole chunks only: the rest of the
-        prompt is then prefilled in the same chunks as a cold prefill, so every bit is the same."""
-        if not self.prefix_cache:
-            return []
-        bs, per_chunk = self.block_size, self.prefill_chunk // self.block_size
-        limit = (len(prompt) - 1) // self.prefill_chunk * per_chunk  # blocks in the reusable chunks
-        blocks: list[int] = []
-        while len(blocks) < limit:
-            i = len(blocks)
-            block = self._pool.match(blocks[-1] if blocks else 0, tuple(prompt[i * bs : (i + 1) * bs]))
-            if block is None:
-                break
-            blocks.append(block)
-        keep = len(blocks) // per_chunk * per_chunk
-        self._pool.release(blocks[keep:])
-        return blocks[:keep]
-
     def _grow(self, active: list[Sequence]) -> list[Sequence]:
         """A block for every decoding sequence whose next position starts one, oldest first; when the
         pool is out, the youngest running sequence is preempted (and may be the one that asked).
         Returns the sequences still decoding."""
         for s in sorted(active, key=lambda s: s.arrival):
-            while s.slot is not None and len(s.blocks) * self.block_size <= s.computed:
-                if self._pool.available():
-                    s.blocks.append(self._pool.allocate())
-                else:
-                    self._preempt(max((r for r in self._slots if r is not None), key=lambda r: r.arrival))
+            while s.slot is not None and not self._kv.grow(s.blocks, s.computed + 1):
+                self._preempt(max((r for r in self._slots if r is not None), key=lambda r: r.arrival))
         return [s for s in active if s.slot is not None]
 
     def _preempt(self, s: Sequence) -> None:
@@ -410,13 +361,6 @@ class Engine:
         with self._cv:
             self._waiting.appendleft(s)
 
-    def _table(self, seqs: list[Sequence], rows: int, width: int) -> torch.Tensor:
-        """The block table [rows, width] (int32): each sequence's blocks on its row, scratch elsewhere."""
-        table = torch.full((rows, width), SCRATCH, dtype=torch.int32)
-        for s in seqs:
-            table[s.slot, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
-        return table.to(self._device)
-
     def _decode(self) -> None:
         """One position for every decoding sequence, in one forward: the next token of those caught
         up, a generated token fed back for those replaying after a preemption."""
@@ -426,8 +370,7 @@ class Engine:
         rows = max(s.slot for s in active) + 1 if self.compact else self.rows
         width = max(len(s.blocks) for s in active)
         if not self.compact:  # a fixed shape: the width depends on the longest row only in WINDOW steps
-            per_window = max(1, WINDOW // self.block_size)
-            width = -(-width // per_window) * per_window
+            width = self._kv.blocks_for(-(-width * self.block_size // WINDOW) * WINDOW)
         tokens, positions = [0] * rows, [0] * rows  # idle rows write position 0 of the scratch block
         for s in active:
             tokens[s.slot] = s.token_at(s.computed)
@@ -436,7 +379,8 @@ class Engine:
         try:
             tok = torch.tensor(tokens, device=self._device)[:, None]  # [rows, 1]
             pos = torch.tensor(positions, device=self._device)[:, None]  # [rows, 1]
-            cache = self._kv._replace(blocks=self._table(active, rows, width))
+            held = [s.blocks if s is not None and s.decoding else None for s in self._slots[:rows]]
+            cache = self._kv.view(held, width)
             logits, _ = self._forward(
                 self.model.params, self.model.cfg, tok, pos, cache, attention=batch_invariant_attention
             )  # [rows, 1, V]
@@ -468,13 +412,12 @@ class Engine:
                 self._prefilling.popleft()
 
     def _prefill_chunk(self, s: Sequence, start: int, end: int) -> bool:
-        j, n, bs = s.slot, len(s.prompt), self.block_size
+        j, n = s.slot, len(s.prompt)
         try:
             tok = torch.tensor([s.prompt[start:end]], device=self._device)  # [1, T]
             pos = torch.arange(start, end, device=self._device)[None]  # [1, T]
             last = torch.tensor([end - start - 1], device=self._device)
-            cache = self._kv._replace(blocks=torch.tensor([s.blocks[: -(-end // bs)]], dtype=torch.int32,
-                                                          device=self._device))  # fmt: skip
+            cache = self._kv.view([s.blocks[: self._kv.blocks_for(end)]])
             logits, _ = self._forward(self.model.params, self.model.cfg, tok, pos, cache, logit_index=last)
             first = end == n and not s.tokens  # not when coming back from a preemption: that token is known
             picked = self._sampler.pick(logits[:, 0], slice(j, j + 1), pos[:, -1] + 1, [s]) if first else None
@@ -483,9 +426,7 @@ class Engine:
             self._finish(s, "error", _describe(exc))
             return False
         s.prefilled = s.computed = end
-        if self.prefix_cache and end % self.prefill_chunk == 0:  # a whole chunk: its blocks may be shared
-            for i in range(start // bs, end // bs):
-                self._pool.register(s.blocks[i], s.blocks[i - 1] if i else 0, tuple(s.prompt[i * bs : (i + 1) * bs]))
+        self._kv.register(s.prompt, s.blocks, start, end)
         if picked is not None:
             self._accept(s, *picked[0])
         return True
@@ -493,43 +434,26 @@ class Engine:
     # ----------------------------------------------------------------------------------- retiring
 
     def _accept(self, s: Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        """Record a sampled token, detokenize, check the stop conditions, emit the event."""
+        """Record a sampled token (Sequence.take), free the sequence when it finished, emit the event."""
         if s.done:
             return
-        if s.guide is not None and token not in s.stops:
-            try:
-                s.guide.advance(token)
-            except LlmfnError as exc:  # the mask allowed only grammar tokens: a bug if it happens
-                self._finish(s, "error", str(exc))
-                return
-        s.tokens.append(token)
+        try:
+            event = s.take(token, logprob)
+        except LlmfnError as exc:  # the constraint's mask allowed only grammar tokens: a bug if it happens
+            self._finish(s, "error", str(exc))
+            return
         self._n["tokens_generated"] += 1
-        req = s.request
-        reason = None
-        if token in s.stops:
-            text, reason = "", "stop"
-        else:
-            text = s.stop_strings.push(s.detok.add(token))
-            if s.stop_strings.stopped or s.guide is not None and s.guide.finished:
-                reason = "stop"
-        if reason is None and len(s.tokens) >= req.max_tokens:
-            reason = "length"
-        if reason is not None:
-            text += s.stop_strings.push(s.detok.flush()) + s.stop_strings.flush()
+        if event.finish_reason is not None:
             self._release(s)
             self._n["finished"] += 1
-        if logprob is not None and req.logprobs is not None:
-            logprob = TokenLogprob(logprob.token_id, logprob.logprob, logprob.top[: req.logprobs])
-        lps = [logprob] if logprob is not None and req.logprobs is not None else None
-        self._send(s, GenerationEvent(text, [token], reason, len(s.prompt), len(s.tokens), s.seed, None, lps,
-                                      s.cached_tokens or 0))  # fmt: skip
+        self._send(s, event)
 
     def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
         """End a sequence early ("cancelled" / "error"): free its slot, send the final event."""
         if s.done:
             return
         if error is not None:  # a failed forward may have left partial writes in its own blocks
-            self._pool.forget(s.blocks[(s.cached_tokens or 0) // self.block_size :])
+            self._kv.pool.forget(s.blocks[(s.cached_tokens or 0) // self.block_size :])
         self._release(s)
         self._n["errors" if reason == "error" else "cancelled"] += 1
         self._send(s, GenerationEvent("", [], reason, len(s.prompt), len(s.tokens), s.seed, error, None,
@@ -541,7 +465,7 @@ class Engine:
 
     def _vacate(self, s: Sequence) -> None:
         """Give back a sequence's place and blocks (it may come back: preemption)."""
-        self._pool.release(s.blocks)
+        self._kv.pool.release(s.blocks)
         s.blocks = []
         s.prefilled = s.computed = 0
         if s.slot is not None:

@@ -4,6 +4,7 @@ engine's record of a request in flight (`Sequence`). Requests are checked once, 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -84,6 +85,48 @@ class GenerationResult:
     cached_tokens: int = 0
 
 
+class Collector:
+    """Gathers the events of sequences into GenerationResults, for the blocking `generate_many`."""
+
+    def __init__(self, seqs: list[Sequence]):
+        self._results = [GenerationResult("", [], "", len(s.prompt), 0, s.seed) for s in seqs]
+        self._texts: list[list[str]] = [[] for _ in seqs]
+        self._pending = len(seqs)
+        self._done = threading.Condition()
+
+    def sink(self, i: int) -> Callable[[GenerationEvent], None]:
+        """The sink of sequence i (called on the engine's thread)."""
+
+        def sink(event: GenerationEvent) -> None:
+            r = self._results[i]
+            self._texts[i].append(event.text)
+            r.token_ids += event.token_ids
+            r.completion_tokens = event.completion_tokens
+            r.cached_tokens = event.cached_tokens
+            if event.logprobs is not None:
+                r.logprobs = (r.logprobs or []) + event.logprobs
+            if event.finish_reason is not None:
+                r.finish_reason, r.error = event.finish_reason, event.error
+                r.text = "".join(self._texts[i])
+                with self._done:
+                    self._pending -= 1
+                    self._done.notify_all()
+
+        return sink
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until a sequence finishes (or the timeout passes)."""
+        with self._done:
+            self._done.wait(timeout)
+
+    def results(self) -> list[GenerationResult]:
+        """Every result, once all have finished."""
+        with self._done:
+            while self._pending:
+                self._done.wait()
+        return self._results
+
+
 class Sequence:
     """A request inside the engine. The loop thread owns every field except `cancelled`."""
     def __init__(self, request: GenerationRequest, seed: int, stops: frozenset[int], detok,
@@ -111,6 +154,30 @@ class Sequence:
     @property
     def decoding(self) -> bool:
         return self.prefilled == len(self.prompt)
+
+    def take(self, token: int, logprob: TokenLogprob | None) -> GenerationEvent:
+        """Record a sampled token: advance the constraint, detokenize, check the stop conditions (EOS,
+        stop strings, a complete constraint, max_tokens). Returns the event to send; its finish_reason
+        is set when the sequence is done. LlmfnError when the constraint rejects the token."""
+        if self.guide is not None and token not in self.stops:
+            self.guide.advance(token)
+        self.tokens.append(token)
+        req, reason = self.request, None
+        if token in self.stops:
+            text, reason = "", "stop"
+        else:
+            text = self.stop_strings.push(self.detok.add(token))
+            if self.stop_strings.stopped or self.guide is not None and self.guide.finished:
+                reason = "stop"
+        if reason is None and len(self.tokens) >= req.max_tokens:
+            reason = "length"
+        if reason is not None:
+            text += self.stop_strings.push(self.detok.flush()) + self.stop_strings.flush()
+        lps = None
+        if logprob is not None and req.logprobs is not None:
+            lps = [TokenLogprob(logprob.token_id, logprob.logprob, logprob.top[: req.logprobs])]
+        return GenerationEvent(text, [token], reason, len(self.prompt), len(self.tokens), self.seed, None, lps,
+                               self.cached_tokens or 0)  # fmt: skip
 
     def token_at(self, position: int) -> int:
         n = len(self.prompt)

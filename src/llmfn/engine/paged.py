@@ -1,0 +1,81 @@
+"""The engine's KV memory: one pool of blocks (the tensors, in the layout models/llama.py's KVCache
+takes), the BlockPool bookkeeping (blocks.py), and the block tables a step reads through. A sequence
+holds a list of block ids in position order; this module hands them out, shares cached prompt
+blocks and builds the tables. Why only whole prefill chunks are shared: core.py and the engine's
+module docstring."""
+
+from __future__ import annotations
+
+import torch
+
+from llmfn.engine.blocks import SCRATCH, BlockPool, zeros_untouched
+from llmfn.models.llama import KVCache
+
+
+class PagedKV:
+    def __init__(self, cfg, num_blocks: int, block_size: int, chunk: int, prefix_cache: bool,
+                 dtype: torch.dtype, device: torch.device):
+        self.block_size = block_size
+        self.chunk = chunk  # the prefill chunk: prefixes are shared in whole chunks
+        self.prefix_cache = prefix_cache
+        self.device = device
+        self.pool = BlockPool(num_blocks)
+        shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+        self.cache = KVCache(zeros_untouched(shape, dtype, device), zeros_untouched(shape, dtype, device))
+
+    @property
+    def capacity(self) -> int:
+        """Positions one sequence may hold: every block but the scratch one."""
+        return (self.pool.num_blocks - 1) * self.block_size
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.cache.k, self.cache.v))
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
+
+    def match(self, prompt: list[int]) -> list[int]:
+        """Cached blocks holding the prompt's first whole prefill chunks (references taken). Never the
+        chunk of the last prompt token (its logits are needed), and whole chunks only: the rest of the
+        prompt is then prefilled in the same chunks as a cold prefill, so every bit is the same."""
+        if not self.prefix_cache:
+            return []
+        bs, per_chunk = self.block_size, self.chunk // self.block_size
+        limit = (len(prompt) - 1) // self.chunk * per_chunk  # blocks in the reusable chunks
+        blocks: list[int] = []
+        while len(blocks) < limit:
+            i = len(blocks)
+            block = self.pool.match(blocks[-1] if blocks else 0, tuple(prompt[i * bs : (i + 1) * bs]))
+            if block is None:
+                break
+            blocks.append(block)
+        keep = len(blocks) // per_chunk * per_chunk
+        self.pool.release(blocks[keep:])
+        return blocks[:keep]
+
+    def grow(self, blocks: list[int], positions: int) -> bool:
+        """Append blocks until `blocks` holds `positions` positions; False (and as many as there were)
+        when the pool runs out."""
+        while len(blocks) * self.block_size < positions:
+            if not self.pool.available():
+                return False
+            blocks.append(self.pool.allocate())
+        return True
+
+    def register(self, prompt: list[int], blocks: list[int], start: int, end: int) -> None:
+        """Prefill wrote prompt positions [start, end): a whole chunk's blocks may be shared."""
+        if not self.prefix_cache or end % self.chunk:
+            return
+        bs = self.block_size
+        for i in range(start // bs, end // bs):
+            self.pool.register(blocks[i], blocks[i - 1] if i else 0, tuple(prompt[i * bs : (i + 1) * bs]))
+
+    def view(self, rows: list[list[int] | None], width: int | None = None) -> KVCache:
+        """The pool read through a block table [len(rows), width] (int32): each row's blocks, the
+        scratch block for rows that are None and past each row's last block."""
+        width = width or max(len(b) for b in rows if b)
+        table = torch.full((len(rows), width), SCRATCH, dtype=torch.int32)
+        for r, blocks in enumerate(rows):
+            if blocks:
+                table[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return self.cache._replace(blocks=table.to(self.device))
