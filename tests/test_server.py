@@ -787,3 +787,18 @@ def test_default_server_reuses_a_shared_prefix(default_server):
     assert cached > 0 and cached % 256 == 0 and cached <= second.usage.prompt_tokens - 1
     assert again.usage.prompt_tokens_details.cached_tokens >= cached
     assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_speculative_server_answers_exactly_as_the_plain_one(tiny, tiny_dir, tmp_path):
+    """speculative = "ngram" on a model: the same completions, token for token, and drafts counted."""
+    config = write_config(tmp_path, [{"name": "tiny", "path": str(tiny_dir), "speculative": "ngram"}])
+    text = "one two three four five " * 6
+    body = {"model": "tiny", "prompt": text, "max_tokens": 40, "temperature": 0.8, "seed": 3, "logprobs": 1}
+    with start_server(config, ready_timeout=120, log_dir=tmp_path) as spec:
+        got = httpx.post(spec.url("/v1/completions"), json=body, timeout=60).json()
+        metrics = httpx.get(spec.url("/metrics")).text
+    want = post(tiny, "/v1/completions", body).json()
+    assert got["choices"][0]["text"] == want["choices"][0]["text"] and got["usage"] == want["usage"]
+    assert got["choices"][0]["logprobs"] == want["choices"][0]["logprobs"]
+    drafted = [line for line in metrics.splitlines() if line.startswith("llmfn_speculative_drafted_tokens{")]
+    assert drafted and float(drafted[0].split()[-1]) > 0

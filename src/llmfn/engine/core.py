@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import torch
 
 from llmfn.backend import forward_for, row_invariant_rows
-from llmfn.engine.blocks import default_kv_cache_memory, parse_bytes
-from llmfn.engine.paged import PagedKV
+from llmfn.engine.drafts import Speculator
+from llmfn.engine.paged import PagedKV, size_pool
 from llmfn.engine.requests import (
     Collector,
     GenerationEvent,
@@ -38,6 +38,7 @@ from llmfn.kernels import batch_invariant_attention
 from llmfn.model import Model
 from llmfn.models import family
 from llmfn.sampling import SamplingParams, fresh_seed
+from llmfn.speculative import as_config
 
 log = logging.getLogger("llmfn.engine")
 
@@ -54,7 +55,8 @@ class Engine:
     blocks.default_kv_cache_memory); max_model_len: the longest prompt + max_tokens a request may ask
     for (default: the model's context, capped by what the pool holds); block_size: positions per KV
     block; prefill_chunk: prompt tokens prefilled per step (a multiple of block_size); prefix_cache:
-    reuse the KV of shared prompt prefixes."""
+    reuse the KV of shared prompt prefixes; speculative: "ngram" (or llmfn.speculative's config) to
+    verify prompt-lookup drafts in the decode steps (engine/drafts.py), where it is exact."""
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class Engine:
         block_size: int = 16,
         prefill_chunk: int = 256,
         prefix_cache: bool = True,
+        speculative=None,
     ):
         if model.kind != "causal-lm":
             raise LlmfnError(f"the engine needs a causal language model, got a {model.kind} model")
@@ -85,18 +88,8 @@ class Engine:
         dtype = model.params["norm"].dtype
         arch = family(cfg)  # the model's math: forward (run through backend.forward_for)
         self.kv_bytes_per_token = arch.kv_bytes_per_token(cfg, dtype)
-        budget = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else default_kv_cache_memory(self._device)
-        num_blocks = budget // (self.kv_bytes_per_token * block_size)
-        context = cfg.max_position_embeddings
-        fits = (num_blocks - 1) * block_size  # one block is scratch
-        if max_model_len is not None and not 1 < max_model_len <= context:
-            raise LlmfnError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
-        self.max_model_len = min(max_model_len or context, fits)
-        if self.max_model_len < 2:
-            raise LlmfnError(
-                f"kv_cache_memory={budget} bytes holds {max(num_blocks, 0)} blocks of {block_size} positions at "
-                f"{self.kv_bytes_per_token} bytes a position: too few for a sequence; give it more memory"
-            )
+        num_blocks, self.max_model_len = size_pool(kv_cache_memory, self.kv_bytes_per_token, block_size,
+                                                   cfg.max_position_embeddings, max_model_len, self._device)  # fmt: skip
         # Decode steps: where the backend's kernels are row-invariant, only the rows up to the last busy
         # place run; elsewhere every step runs the same `rows` rows (see the module docstring).
         self.compact = max_running <= row_invariant_rows(model)
@@ -106,6 +99,9 @@ class Engine:
         with torch.inference_mode():
             self._kv = PagedKV(cfg, num_blocks, block_size, prefill_chunk, prefix_cache, dtype, self._device)
             self._sampler = RowSampler(self.rows, cfg.vocab_size, self._device)
+        spec = as_config(speculative, model)  # prompt lookup where the kernels make it exact (drafts.py)
+        exact = self.compact and not getattr(cfg, "dynamic_ntk_length", None)  # drafts use the free rows
+        self._speculator = Speculator(spec, self._kv, self._sampler, row_invariant_rows(model)) if spec and exact else None
         self._slots: list[Sequence | None] = [None] * self.rows  # places >= max_running stay None: scratch
         self._prefilling: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()  # guarded by _cv
@@ -262,6 +258,8 @@ class Engine:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_cache_bytes": self._kv.nbytes(),
             "prefix_hit_rate": self._n["prefix_cache_hit_tokens"] / prompt if prompt else 0.0,
+            "drafted_tokens": self._speculator.drafted if self._speculator else 0,
+            "accepted_tokens": self._speculator.accepted if self._speculator else 0,
             **self._n,
         }
 
@@ -368,23 +366,27 @@ class Engine:
         if not active:
             return
         rows = max(s.slot for s in active) + 1 if self.compact else self.rows
-        width = max(len(s.blocks) for s in active)
-        if not self.compact:  # a fixed shape: the width depends on the longest row only in WINDOW steps
-            width = self._kv.blocks_for(-(-width * self.block_size // WINDOW) * WINDOW)
         tokens, positions = [0] * rows, [0] * rows  # idle rows write position 0 of the scratch block
         for s in active:
             tokens[s.slot] = s.token_at(s.computed)
             positions[s.slot] = s.computed
         sampling = [s for s in active if s.computed == len(s.prompt) + len(s.tokens) - 1]
+        drafts = self._speculator.plan(sampling, rows) if self._speculator else {}
+        held = [s.blocks if s is not None and s.decoding else None for s in self._slots[:rows]]
+        for s, ds in drafts.items():  # a row per drafted token, after the places' rows
+            tokens += ds
+            positions += range(s.computed + 1, s.computed + 1 + len(ds))
+            held += [s.blocks] * len(ds)
+        width = max(len(s.blocks) for s in active)
+        if not self.compact:  # a fixed shape: the width depends on the longest row only in WINDOW steps
+            width = self._kv.blocks_for(-(-width * self.block_size // WINDOW) * WINDOW)
+        plain = [s for s in sampling if s not in drafts]
         try:
-            tok = torch.tensor(tokens, device=self._device)[:, None]  # [rows, 1]
-            pos = torch.tensor(positions, device=self._device)[:, None]  # [rows, 1]
-            held = [s.blocks if s is not None and s.decoding else None for s in self._slots[:rows]]
-            cache = self._kv.view(held, width)
-            logits, _ = self._forward(
-                self.model.params, self.model.cfg, tok, pos, cache, attention=batch_invariant_attention
-            )  # [rows, 1, V]
-            picked = self._sampler.pick(logits[:, 0], slice(0, rows), pos[:, 0] + 1, sampling) if sampling else []
+            tok = torch.tensor(tokens, device=self._device)[:, None]  # [rows + drafted, 1]
+            pos = torch.tensor(positions, device=self._device)[:, None]
+            logits, _ = self._forward(self.model.params, self.model.cfg, tok, pos, self._kv.view(held, width),
+                                      attention=batch_invariant_attention)  # [rows + drafted, 1, V]
+            picked = self._sampler.pick(logits[:rows, 0], slice(0, rows), pos[:rows, 0] + 1, plain) if plain else []
         except Exception as exc:
             log.exception("decode step failed")
             for s in active:
@@ -392,8 +394,12 @@ class Engine:
             return
         for s in active:
             s.computed += 1
-        for s in sampling:
+        for s in plain:
             self._accept(s, *picked[s.slot])
+        row = rows
+        for s, ds in drafts.items():
+            self._speculator.verify(s, ds, logits[[s.slot, *range(row, row + len(ds))], 0], self._accept)
+            row += len(ds)
 
     def _prefill(self) -> None:
         """Prefill prompt chunks, oldest admission first, up to prefill_chunk tokens in all (at least one
@@ -462,6 +468,8 @@ class Engine:
     def _release(self, s: Sequence) -> None:
         s.done = True
         self._vacate(s)
+        if self._speculator:
+            self._speculator.forget(s)
 
     def _vacate(self, s: Sequence) -> None:
         """Give back a sequence's place and blocks (it may come back: preemption)."""

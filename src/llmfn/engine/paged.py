@@ -8,8 +8,26 @@ from __future__ import annotations
 
 import torch
 
-from llmfn.engine.blocks import SCRATCH, BlockPool, zeros_untouched
+from llmfn.engine.blocks import SCRATCH, BlockPool, default_kv_cache_memory, parse_bytes, zeros_untouched
+from llmfn.errors import LlmfnError
 from llmfn.models.llama import KVCache
+
+
+def size_pool(kv_cache_memory: int | str | None, bytes_per_token: int, block_size: int, context: int,
+              max_model_len: int | None, device: torch.device) -> tuple[int, int]:
+    """(blocks in the pool, max_model_len) for a budget (default: blocks.default_kv_cache_memory): the
+    longest sequence is the model's context or the given max_model_len, capped by what the pool holds."""
+    budget = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else default_kv_cache_memory(device)
+    num_blocks = budget // (bytes_per_token * block_size)
+    if max_model_len is not None and not 1 < max_model_len <= context:
+        raise LlmfnError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
+    longest = min(max_model_len or context, (num_blocks - 1) * block_size)  # one block is scratch
+    if longest < 2:
+        raise LlmfnError(
+            f"kv_cache_memory={budget} bytes holds {max(num_blocks, 0)} blocks of {block_size} positions at "
+            f"{bytes_per_token} bytes a position: too few for a sequence; give it more memory"
+        )
+    return num_blocks, longest
 
 
 class PagedKV:

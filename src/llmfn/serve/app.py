@@ -74,6 +74,10 @@ KV_GAUGES = (
     ("prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache (total), by model."),
     ("preemptions", "Sequences preempted for KV memory and recomputed (total), by model."),
 )
+SPEC_GAUGES = (
+    ("drafted_tokens", "Tokens drafted by speculative decoding (total), by model."),
+    ("accepted_tokens", "Drafted tokens the model confirmed (total), by model."),
+)
 
 
 class App:
@@ -88,6 +92,7 @@ class App:
             Gauge("llmfn_requests_queued", "Generations waiting for a slot (queue depth), by model.", lambda: self._engine_stat("queued")),
             Gauge("llmfn_models_loaded", "1 once every model is loaded.", lambda: {(): float(self.pool.status == "ok")}),
             *(Gauge(f"llmfn_kv_{key}", text, partial(self._engine_stat, key)) for key, text in KV_GAUGES),
+            *(Gauge(f"llmfn_speculative_{key}", text, partial(self._engine_stat, key)) for key, text in SPEC_GAUGES),
         ]  # fmt: skip
         self.openapi = encoder.encode(openapi())
         # Each handler is bound to what it reads: the model pool, the metrics, the limits.

@@ -25,6 +25,8 @@
     max_model_len = 2048              # optional: tokens per request (prompt + completion), below the model's
                                       # context (default: the context, capped by what the KV cache holds);
                                       # context_length is the older name of the same setting
+    speculative = "ngram"             # optional: prompt-lookup speculative decoding; the output is the
+                                      # same token for token, faster on text that copies its input
 
 Every mistake is a `LlmfnError` with one line naming the file and the field at fault.
 """
@@ -58,6 +60,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     type: ModelType | None = None
     compile: bool | None = None
     max_model_len: Annotated[int, msgspec.Meta(ge=2)] | None = None
+    speculative: Literal["ngram"] | None = None  # prompt-lookup speculative decoding (same output, faster)
     context_length: Annotated[int, msgspec.Meta(ge=2)] | None = None  # the older name of max_model_len
 
 

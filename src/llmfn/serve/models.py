@@ -140,7 +140,8 @@ class ModelPool:
                     context = min(spec.max_model_len or spec.context_length or 1 << 62,
                                   model.cfg.max_position_embeddings)  # fmt: skip
                     served.engine = Engine(model, max_running=limits.max_running, max_queued=limits.max_queued,
-                                           kv_cache_memory=limits.kv_cache_memory, max_model_len=context)  # fmt: skip
+                                           kv_cache_memory=limits.kv_cache_memory, max_model_len=context,
+                                           speculative=spec.speculative)  # fmt: skip
                     served.engine.start()
                     warm_up(served.engine, model)
                 if self._stopped:
