@@ -3,6 +3,7 @@
 transformers' own prompt lookup (`generate(prompt_lookup_num_tokens=...)`, fp32) with and without.
 
     python benchmarks/speculative.py [--gen-tokens 192] [--rounds 2] [--quick] [--json out.json]
+                                     [--threads 1 --clock cpu]
 
 Prompts: input-grounded ones, whose answer copies spans of the prompt (rename a variable in a
 ~300-token code snippet; quote the sentences of a paragraph that answer a question; continue a list
@@ -10,7 +11,8 @@ that repeats its pattern), and open-ended chat, where drafts mostly fail and spe
 slow decoding down. Greedy; each reply ends at EOS or --gen-tokens. Decode tok/s counts tokens 2..n
 over the time from the first token to the last (prefill apart). Each figure is the best of --rounds,
 the runs with and without speculation alternating. llmfn's output with speculation is checked to be
-token for token the output without it (the "same" column).
+token for token the output without it (the "same" column). `--threads 1 --clock cpu` times the
+process's CPU seconds on one thread: the speed on an idle core, whatever else shares the machine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -112,14 +115,17 @@ def prompt_ids(model, message) -> list[int]:
     return apply_chat_template(model.tokenizer, model.chat_template, [{"role": "user", "content": message}])
 
 
+CLOCK = time.perf_counter  # or time.process_time (--clock cpu)
+
+
 def timed(tokens) -> tuple[list[int], float]:
     """(token ids, decode seconds: the first token to the last)."""
     out, first = [], None
     for t in tokens:
         if first is None:
-            first = time.perf_counter()
+            first = CLOCK()
         out.append(t)
-    return out, time.perf_counter() - first
+    return out, CLOCK() - first
 
 
 def tok_s(n: int, seconds: float) -> float:
@@ -169,11 +175,11 @@ def transformers_rows(prompts: dict, gen: int, rounds: int) -> list[dict]:
             x = torch.tensor([ids])
             mask = torch.ones_like(x)
             kw = {"prompt_lookup_num_tokens": lookup} if lookup else {}
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             with torch.inference_mode():
                 out = model.generate(x, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                                      eos_token_id=eos, pad_token_id=eos[0], **kw)  # fmt: skip
-            return out[0, len(ids) :].tolist(), time.perf_counter() - t0
+            return out[0, len(ids) :].tolist(), CLOCK() - t0
 
         prefill = min(run(1, None)[1] for _ in range(2))  # the first token's share, taken off each total
         best = {"plain": 0.0, "lookup": 0.0}
@@ -217,6 +223,8 @@ def summary(rows: list[dict]) -> list[str]:
 def run(gen: int = 192, rounds: int = 2, quick: bool = False, peers: bool = True) -> dict:
     """Measure everything; returns {"rows": [...], "summary": [...], "meta": {...}}."""
     prompts = {k: v for k, v in PROMPTS.items() if not quick or k in QUICK}
+    print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, "
+          f"clock {CLOCK.__name__}, {gen} tokens at most, greedy, best of {rounds}, load average {os.getloadavg()[0]:.1f}")
     print(HEADER, flush=True)
     rows = llmfn_rows(None, prompts, gen, rounds) + llmfn_rows("int4", prompts, gen, rounds)
     if peers:
@@ -225,7 +233,8 @@ def run(gen: int = 192, rounds: int = 2, quick: bool = False, peers: bool = True
         except ImportError as e:
             print(f"transformers is not installed ({e}): make bench-setup", file=sys.stderr)
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "gen_tokens": gen, "rounds": rounds, "quick": quick}  # fmt: skip
+            "threads": torch.get_num_threads(), "clock": CLOCK.__name__, "gen_tokens": gen, "rounds": rounds,
+            "quick": quick}  # fmt: skip
     return {"rows": rows, "summary": summary(rows), "meta": meta}
 
 
@@ -236,7 +245,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="three prompts, one round, 96 tokens")
     ap.add_argument("--no-peers", action="store_true", help="skip transformers")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: the process's CPU seconds")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gen, rounds = (96, 1) if args.quick else (args.gen_tokens, args.rounds)
     result = run(gen, rounds, args.quick, not args.no_peers)
     print()
