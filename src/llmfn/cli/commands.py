@@ -41,7 +41,7 @@ def _add_quantize_flag(p: argparse.ArgumentParser, what: str = "") -> None:
 
 def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = COMPILE_DEFAULT) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES,
-                   help="dense weights in this dtype (default float32); given without --quantize, a GGUF is dequantized")
+                   help="dense weights in this dtype (default float32); a GGUF is then dequantized unless --quantize int4/int8")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     _add_quantize_flag(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,

@@ -231,8 +231,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
 def converted_folder(gguf_file: Path, name: str, *, weights: bool = True) -> Path:
     """The one cache folder of a GGUF (registry.converted_path(name)): its config, tokenizer and
     generation files, plus model.safetensors dequantized to fp32 once a dense load asks for weights
-    (quantize= reads the GGUF's blocks instead, so it writes none; a later dense load rebuilds the
-    folder with them). Built once per source file (size and mtime); see registry.publish_folder."""
+    (a quantized load, the default, reads the GGUF's blocks instead, so it writes none; a later
+    dense load rebuilds the folder with them). Built once per source file (size and mtime); see registry.publish_folder."""
     if not gguf_file.is_file():
         raise CheckpointError(f"{gguf_file}: file not found")
     out = converted_path(name)
