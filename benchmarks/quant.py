@@ -3,10 +3,12 @@ llama.cpp on the original Q4_1 GGUF (when llama-cpp-python is installed), with r
 
     python benchmarks/quant.py [--prompt-tokens 64] [--gen-tokens 128] [--threads N] [--compile]
     python benchmarks/quant.py --kernels      # per-linear timings of the CPU kernel candidates
+    python benchmarks/quant.py --accuracy     # the default (GGUF blocks) against the dequantized model
 
-Rows: fp32 is the GGUF dequantized (llmfn.load's default); int8 is quantize="int8" (per-channel
-RTN of every linear, embedding included); int4 is quantize="int4" (the GGUF's own Q4_1 layers and
-Q8_0 embedding kept quantized: the same bits llama.cpp runs). Each row runs in its own process, so
+Rows: fp32 is the GGUF dequantized (quantize=None); int8 is quantize="int8" (per-channel RTN of
+every linear, embedding included); int4 is quantize="int4", which is llmfn.load's default for a GGUF
+(quantize="auto": the GGUF's own Q4_1 layers and Q8_0 embedding kept quantized, the same bits
+llama.cpp runs). Each row runs in its own process, so
 RSS (after loading and generating; peak from getrusage) is that row's alone; warm-up (incl.
 torch.compile with --compile; llmfn's CPU default is eager) is not counted in the tok/s. On a
 shared machine wall-clock tok/s depends on the load: "tok per CPU s" (one thread) is the figure
@@ -191,20 +193,67 @@ def kernel_row(n, k, bench, quant, cpu_quant, F) -> list[float]:
     ]
 
 
+ACCURACY_PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain how a CPU cache works, step by step.",
+    "List five fruits and the colour of each.",
+    "Tell me a story about a robot who learns to paint.",
+)
+
+
+def accuracy(gen: int) -> None:
+    """The default load (the GGUF's own blocks, quantize="auto") against the same bits dequantized to
+    fp32 (quantize=None), per chat prompt: each greedy for `gen` tokens (EOS ignored), where the two
+    first differ, then both read the dequantized model's text (teacher-forced) for the largest logit
+    difference and how often their argmax agrees. The blocks are the same numbers in both: what
+    differs is the arithmetic (int4 / int8 kernels against fp32 matmuls)."""
+    from llmfn.chat_template import apply_chat_template
+
+    quantized, dense = llmfn.load(ALIAS), llmfn.load(ALIAS, quantize=None)
+    print(f"# {ALIAS}: default (GGUF Q4_1 / Q8_0 blocks) vs dequantized fp32, {gen} greedy tokens per prompt, "
+          f"{datetime.date.today()}, {platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}\n")
+    print("| prompt | identical greedy tokens | argmax agreement (teacher-forced) | max abs logit diff | "
+          "logit range |")
+    print("|---|---:|---:|---:|---:|")
+    agree_all, diff_all, same_all = [], 0.0, []
+    for prompt in ACCURACY_PROMPTS:
+        ids = apply_chat_template(dense.tokenizer, dense.chat_template, [{"role": "user", "content": prompt}])
+        ours, reference = (list(llmfn.generate(m, ids, max_tokens=gen, temperature=0.0, stop_token_ids=[]))
+                           for m in (quantized, dense))  # fmt: skip
+        same = next((i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b), gen)
+        tokens = torch.tensor([ids + reference])
+        lq, ld = llmfn.logits(quantized, tokens)[0, len(ids) - 1 : -1], llmfn.logits(dense, tokens)[0, len(ids) - 1 : -1]
+        agree = (lq.argmax(-1) == ld.argmax(-1)).float().mean().item()
+        diff = (lq - ld).abs().max().item()
+        agree_all.append(agree)
+        same_all.append(same)
+        diff_all = max(diff_all, diff)
+        print(f"| {prompt} | {same} / {gen} | {agree:.1%} | {diff:.4f} | {ld.min().item():.1f} .. {ld.max().item():.1f} |")
+    print(f"| all {len(ACCURACY_PROMPTS)} | {sum(same_all)} / {gen * len(same_all)} | "
+          f"{sum(agree_all) / len(agree_all):.1%} | {diff_all:.4f} | |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, help="tokens generated (default 128; 200 with --accuracy)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--compile", action="store_true", help="torch.compile the llmfn rows (default: llmfn's choice)")
     parser.add_argument("--variants", default="fp32,int8,int4,llama.cpp")
     parser.add_argument("--kernels", action="store_true", help="time the CPU kernel candidates per linear")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="the default load (GGUF blocks) against the dequantized model: logits and greedy tokens")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.gen_tokens = args.gen_tokens or (200 if args.accuracy else 128)
     if args.one:
         return child(args)
     if args.kernels:
         return kernels(args.threads)
+    if args.accuracy:
+        torch.set_num_threads(args.threads)
+        return accuracy(args.gen_tokens)
 
     rows = []
     for variant in args.variants.split(","):

@@ -79,7 +79,7 @@ def test_decode_int4_matmul(benchmark, gate_up, impl):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return llmfn.load("smollm2-135m-instruct")
+    return llmfn.load("smollm2-135m-instruct", quantize=None)  # the dense fp32 model these benchmarks time
 
 
 @pytest.mark.benchmark(group="SmolLM2-135M fp32 decode step (position 100, batch 1)")

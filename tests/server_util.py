@@ -40,12 +40,15 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table: access_log={"format": "json"}
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def write_config(folder: Path, models: list[dict], *, limits: dict | None = None, name: str = "server.toml",
                  **top) -> Path:  # fmt: skip
-    """A TOML config: top-level keys (api_keys, cors_origins), [limits], then [[models]] tables."""
+    """A TOML config: top-level keys (api_keys, cors_origins, access_log as a dict), [limits], then
+    [[models]] tables."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     if limits:
         lines += ["", "[limits]"] + [f"{k} = {_toml_value(v)}" for k, v in limits.items()]

@@ -1,5 +1,6 @@
-"""The real default model: SmolLM2-135M-Instruct converted from its GGUF, against transformers
-loading the same GGUF file."""
+"""The real default model: SmolLM2-135M-Instruct converted from its GGUF (dequantized, quantize=None,
+as transformers reads it), against transformers loading the same GGUF file. The default load, which
+runs on the GGUF's own Q4_1 / Q8_0 blocks, is checked in test_feedback.py."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ GGUF = package_path(ALIASES["smollm2-135m-instruct"])
 
 @pytest.fixture(scope="module")
 def model():
-    return llmfn.load("smollm2-135m-instruct", compile=False)
+    return llmfn.load("smollm2-135m-instruct", compile=False, quantize=None)
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from llmfn._env import home
@@ -29,6 +31,7 @@ CSRC = Path(__file__).parent / "kernels" / "csrc"
 FLAGS = ["-O3", f"-march={os.environ.get('LLMFN_CPU_MARCH', 'native')}", "-ffp-contract=off", "-fopenmp", "-shared",
          "-fPIC"]  # fmt: skip
 
+log = logging.getLogger("llmfn.cbuild")
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -102,12 +105,16 @@ def load(name: str, main: str, signatures: dict[str, list], defines: dict[str, o
             try:
                 path = library_path(name, main, defines, generated)
                 if not path.exists():
+                    log.info("building the C kernels %s (first use on this machine) into %s", name, path.parent)
+                    t0 = time.perf_counter()
                     _compile(main, defines or {}, generated or {}, path)
+                    log.info("built %s in %.1fs", name, time.perf_counter() - t0)
                 lib = ctypes.CDLL(str(path))
                 for fn, argtypes in signatures.items():
                     getattr(lib, fn).argtypes = argtypes
                     getattr(lib, fn).restype = ctypes.c_int
-            except (OSError, subprocess.CalledProcessError, AttributeError):
+            except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+                log.info("the C kernels %s are unavailable (%s): the torch path runs instead", name, e)
                 lib = None
         _loaded[name] = lib
         return lib

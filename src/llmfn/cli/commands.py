@@ -15,15 +15,35 @@ from llmfn.errors import LlmfnError
 from llmfn.loading.registry import DEFAULT_CHAT_MODEL
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+QUANTIZE_CHOICES = ("auto", "none", "int4", "int8")  # llmfn.loading.QUANTIZE_CHOICES, without importing torch
+COMPILE_DEFAULT = "off on CPU, where it does not pay; on on CUDA for models of 50M+ parameters"
 
 
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = "on for models of 50M+ parameters") -> None:
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default float32)")
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("llmfn")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _add_quantize_flag(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None if what else "auto",
+                   help=f"auto: a quantized GGUF runs on its own Q4_0 / Q4_1 / Q8_0 blocks, as llama.cpp does, "
+                        f"anything else as stored; none: dequantize to --dtype; int4 / int8: weight-only "
+                        f"linears rounded at load{what or ' (default auto)'}")  # fmt: skip
+
+
+def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = COMPILE_DEFAULT) -> None:
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,
+                   help="dense weights in this dtype (default float32); a GGUF is then dequantized unless --quantize int4/int8")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--quantize", choices=("int4", "int8"), help="weight-only quantized linears (a GGUF keeps its blocks)")
+    _add_quantize_flag(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help=f"torch.compile the decode step: slow the first time, then faster (default: {compile_default})")
 
@@ -35,7 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmfn import serve
     from llmfn.serve.config import load_config
 
-    config = serve_overrides(load_config(args.config), args.model, args.api_key, args.kv_cache_memory)
+    config = serve_overrides(load_config(args.config), args.model, args.api_key, quantize=args.quantize,
+                             access_log=args.access_log, access_log_format=args.access_log_format,
+                             kv_cache_memory=args.kv_cache_memory)  # fmt: skip
     if args.replicas > 1 or args.ray_address:  # replicas on Ray Serve (llmfn.serve.replicas)
         from llmfn.serve import replicas
 
@@ -45,21 +67,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_overrides(config, models: list[str] | None, api_key: str | None, kv_cache_memory: str | None = None):
-    """The server config with `--model` replacing its models, `--api-key` added to its keys and
+def serve_overrides(config, models: list[str] | None, api_key: str | None, *, quantize: str | None = None,
+                    access_log: bool | None = None, access_log_format: str | None = None,
+                    kv_cache_memory: str | None = None):  # fmt: skip
+    """The server config with `--model` replacing its models, `--api-key` added to its keys,
+    `--quantize` set on every model not configured as an embedding model, the access log's flags and
     `--kv-cache-memory` replacing its limit."""
     import msgspec
 
     from llmfn.serve.config import check_config, models_from_paths
 
+    replace = msgspec.structs.replace
     changes = {}
     if kv_cache_memory is not None:
         changes["limits"] = msgspec.structs.replace(config.limits, kv_cache_memory=kv_cache_memory)
     if models:
         changes["models"] = models_from_paths(models)
+    if quantize:
+        changes["models"] = [m if m.type == "embedding" else replace(m, quantize=quantize)
+                             for m in changes.get("models", config.models)]  # fmt: skip
     if api_key:
         changes["api_keys"] = [*config.api_keys, api_key]
-    return check_config(msgspec.structs.replace(config, **changes)) if changes else config
+    if access_log is not None or access_log_format:
+        log = config.access_log
+        changes["access_log"] = replace(log, enabled=log.enabled if access_log is None else access_log,
+                                        format=access_log_format or log.format)  # fmt: skip
+    return check_config(replace(config, **changes)) if changes else config
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -182,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `llmfn COMMAND --help` for a command's options.",
     )
     parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"llmfn {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, func, description: str | None = None) -> argparse.ArgumentParser:
@@ -203,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="N engine replicas on Ray Serve behind "
                    "one endpoint (needs llmfn[ray]; default 1: this process)")  # fmt: skip
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster for --replicas (default: a local Ray)")
+    _add_quantize_flag(p, " (default: each model's quantize in the config, else auto; embedding models keep theirs)")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction,
+                   help="log one line per request on stderr: method, path, status, model, tokens, duration "
+                        "(default: on, or the config's [access_log] enabled)")  # fmt: skip
+    p.add_argument("--access-log-format", choices=("text", "json"),
+                   help="text lines or one JSON object per line (default: text, or the config's [access_log] format)")
 
     p = command("chat", "interactive chat in the terminal (type /help inside)", cmd_chat,
                 "Interactive chat with streamed answers and history. Reads lines from stdin when it is "
@@ -280,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # never die on a character the terminal can't show
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    from llmfn.cli.progress import show_first_use_notes
+
+    show_first_use_notes()
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -23,21 +23,22 @@ def one_line(error: BaseException) -> str:
 
 
 def load_model(name: str, dtype: str | None = None, device: str = "cpu", compile: bool | None = None,
-               quantize: str | None = None):
+               quantize: str | None = "auto"):
     """llmfn.load with progress: GGUF first-use preparation and loading each get a spinner on a TTY."""
     import llmfn
     from llmfn.cli.progress import spinner
-    from llmfn.loading import resolve
+    from llmfn.loading import effective_quantize, gguf_source, resolve
     from llmfn.loading.registry import ALIASES, converted_path
 
-    if quantize is None:  # (with quantize, load keeps a GGUF's blocks quantized: no conversion)
+    method = effective_quantize(name, dtype, quantize)
+    if method is None:  # dense: a GGUF is converted once into the cache (quantized, its blocks are read)
         stem = name if name in ALIASES else Path(name).stem.lower()
-        gguf = str(name).endswith(".gguf") or (name in ALIASES and ALIASES[name].relative.endswith(".gguf"))
-        first_use = gguf and not (converted_path(stem) / "config.json").exists()
+        first_use = gguf_source(name) is not None and not (converted_path(stem) / "model.safetensors").exists()
         with spinner(f"preparing {name} (first use: converting the GGUF into the cache)" if first_use
                      else f"resolving {name}"):  # fmt: skip
             resolve(name)  # converts a GGUF once; load finds it done (and keeps an alias's defaults)
-    with spinner(f"loading {name}" + (f" with {quantize} weights" if quantize else "")):
+    how = "" if method is None else " on its GGUF blocks" if gguf_source(name) else f" with {method} weights"
+    with spinner(f"loading {name}{how}"):
         return llmfn.load(name, dtype=dtype, device=device, compile=compile, quantize=quantize)
 
 

@@ -184,18 +184,18 @@ def forward_self_test(device: str) -> tuple[bool, str]:
 
 
 def configured_models(config_path: str | None, models: list[str] | None):
-    """(name, path, dtype, device) of each model to check: --model ones, else the server config's."""
+    """(name, path, dtype, device, quantize) of each model to check: --model ones, else the server config's."""
     if models:
-        return [(m, m, None, "cpu") for m in models]
+        return [(m, m, None, "cpu", "auto") for m in models]
     from llmfn.serve.config import load_config
 
-    return [(m.name, m.path, m.dtype, m.device) for m in load_config(config_path).models]
+    return [(m.name, m.path, m.dtype, m.device, m.quantize) for m in load_config(config_path).models]
 
 
-def model_check(path: str, dtype: str | None, device: str) -> tuple[bool, str]:
+def model_check(path: str, dtype: str | None, device: str, quantize: str = "auto") -> tuple[bool, str]:
     start = time.perf_counter()
     try:
-        model = load_model(path, dtype, device)
+        model = load_model(path, dtype, device, quantize=quantize)
     except Exception as e:  # noqa: BLE001 - report and go on to the next model
         return False, one_line(e)
     return True, f"{model.kind}, loaded in {time.perf_counter() - start:.1f} s from {model.path}"
@@ -239,8 +239,8 @@ def doctor(config_path: str | None = None, models: list[str] | None = None, chec
         except Exception as e:  # noqa: BLE001 - a bad config is one of the findings
             line(False, f"config: {one_line(e)}")
             targets = []
-        for name, path, dtype, device in targets:
-            ok, why = model_check(path, dtype, device)
+        for name, path, dtype, device, quantize in targets:
+            ok, why = model_check(path, dtype, device, quantize)
             line(ok, f"{name}{'' if path == name else f' ({path})'}: {why}")
     print("all checks passed" if not failed else "some checks FAILED")
     return 1 if failed else 0

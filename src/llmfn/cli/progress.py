@@ -3,10 +3,12 @@
     with spinner("loading model"): ...          # elapsed time for a call with no steps to count
     with Progress("quantizing") as progress:     # a bar driven by a library progress callback
         quantize_checkpoint(..., progress=progress)
+    show_first_use_notes()                       # the library's notes on GGUF conversions, C builds
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -80,3 +82,26 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines written above any bar or spinner on screen instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def show_first_use_notes() -> None:
+    """On a terminal, print the library's first-use notes as `llmfn: ...` lines: a GGUF converted
+    into the cache, C kernels compiled (what the server logs). Piped output stays clean."""
+    if not enabled():
+        return
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("llmfn: %(message)s"))
+    for name in ("llmfn.loading", "llmfn.cbuild"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)

@@ -40,33 +40,48 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def load(
     path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu", compile: bool | None = None,
-    quantize: str | None = None,
+    quantize: str | None = "auto",
 ) -> Model:
     """Load a model: a Hugging Face folder, a .gguf file, or an alias such as "smollm2-135m-instruct".
 
     dtype defaults to float32 (the fast CPU type here); weights are mmap'd, never unpickled.
-    compile: torch.compile the decode step (None: on for models large enough to gain, see backend.py).
-    quantize: "int4" | "int8" weight-only linears (llmfn.kernels.quant leaves): a float checkpoint is
-    rounded as it is read, an AWQ / int8 checkpoint loads as stored, and a GGUF keeps its Q4_0 / Q4_1 /
-    Q8_0 blocks quantized instead of dequantizing them ("int8": Q8_0 only, the rest rounded)."""
+    compile: torch.compile the decode step (None: off on CPU, where it does not pay; on on CUDA for
+    models of 50M+ parameters, see backend.py).
+    quantize: "auto" (the default) runs a GGUF on its own Q4_0 / Q4_1 / Q8_0 blocks, as llama.cpp
+    does, unless a dtype is given (a dtype asks for dense weights in it), and loads anything else as
+    stored (an AWQ / int8 checkpoint stays quantized, a float one stays float); None or "none"
+    dequantizes a GGUF to dense weights; "int4" | "int8" weight-only linears (llmfn.kernels.quant
+    leaves): a float checkpoint is rounded as it is read, an AWQ / int8 checkpoint loads as stored,
+    and a GGUF keeps its Q4_0 / Q4_1 / Q8_0 blocks ("int8": Q8_0 only, the rest rounded)."""
     torch_dtype = parse_dtype(dtype)
-    if quantize is None:
-        model = read_folder(resolve(path), torch_dtype, device)
-    else:
-        method = normalize_method(quantize)
-        gguf = gguf_source(path)
-        if gguf is not None:
-            from llmfn.loading.gguf import load_gguf
+    method = effective_quantize(path, dtype, quantize)
+    gguf = gguf_source(path) if method is not None else None
+    if gguf is not None:
+        from llmfn.loading.gguf import load_gguf
 
-            model = load_gguf(*gguf, torch_dtype or torch.float32, device, method)
-        else:
-            model = read_folder(resolve(path), torch_dtype, device, method)
+        model = load_gguf(*gguf, torch_dtype or torch.float32, device, method)
+    else:
+        model = read_folder(resolve(path), torch_dtype, device, method)
     if compile is not None:
         model.extra["compile"] = compile
     alias = ALIASES.get(str(path))
     if alias is not None and alias.sampling:
         model.generation = dataclasses.replace(model.generation, **dict(alias.sampling))
     return model
+
+
+QUANTIZE_CHOICES = ("auto", "none", "int4", "int8")
+
+
+def effective_quantize(path: str | Path, dtype: str | torch.dtype | None, quantize: str | None) -> str | None:
+    """What load(path, dtype=, quantize=) does to the weights: "int4" | "int8" quantized linears
+    (for a GGUF, "int4" keeps every Q4_0 / Q4_1 / Q8_0 block as it is), or None for the weights
+    as stored, GGUF blocks dequantized. "auto" is "int4" for a GGUF loaded without a dtype."""
+    if quantize is None or quantize == "none":
+        return None
+    if quantize == "auto":
+        return "int4" if dtype is None and gguf_source(path) is not None else None
+    return normalize_method(quantize)
 
 
 def gguf_source(path: str | Path) -> tuple[Path, str] | None:
@@ -97,5 +112,5 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
-__all__ = ["DTYPES", "FAMILIES", "decode_layout", "finish_params", "gguf_source", "load", "load_embedding_model",
-           "parse_dtype", "resolve"]
+__all__ = ["DTYPES", "FAMILIES", "QUANTIZE_CHOICES", "decode_layout", "effective_quantize", "finish_params",
+           "gguf_source", "load", "load_embedding_model", "parse_dtype", "resolve"]

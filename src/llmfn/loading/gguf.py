@@ -2,16 +2,19 @@
 names (`gguf_tensors`: Q4_0 / Q4_1 / Q8_0 blocks kept as quantized leaves or dequantized, as the
 caller asks) and one cache folder per converted model (`converted_folder`).
 
-    load("model.gguf")                      converted_folder: config, tokenizer and fp32 weights
+    load("model.gguf")                      load_gguf: the Q4_0 / Q4_1 / Q8_0 blocks straight into
+                                            Int4Weight / Int8Weight leaves (quantize="auto" = "int4"),
+                                            config and tokenizer from converted_folder
+    load("model.gguf", quantize=None)       converted_folder: config, tokenizer and fp32 weights
                                             written once, then read like any Hugging Face folder
-    load("model.gguf", quantize="int4")     load_gguf: the blocks straight into Int4Weight /
-                                            Int8Weight leaves, config and tokenizer from the same folder
     llmfn convert gguf IN OUT               convert_gguf: the same folder written where asked
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +50,7 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 SUPPORTED_ARCHS = ("llama", "qwen2")
+log = logging.getLogger("llmfn.loading")
 
 
 def open_gguf(path: str | Path):
@@ -227,8 +231,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
 def converted_folder(gguf_file: Path, name: str, *, weights: bool = True) -> Path:
     """The one cache folder of a GGUF (registry.converted_path(name)): its config, tokenizer and
     generation files, plus model.safetensors dequantized to fp32 once a dense load asks for weights
-    (quantize= reads the GGUF's blocks instead, so it writes none; a later dense load rebuilds the
-    folder with them). Built once per source file (size and mtime); see registry.publish_folder."""
+    (a quantized load, the default, reads the GGUF's blocks instead, so it writes none; a later
+    dense load rebuilds the folder with them). Built once per source file (size and mtime); see registry.publish_folder."""
     if not gguf_file.is_file():
         raise CheckpointError(f"{gguf_file}: file not found")
     out = converted_path(name)
@@ -237,7 +241,34 @@ def converted_folder(gguf_file: Path, name: str, *, weights: bool = True) -> Pat
         return out
     if not weights:
         stamp += " (config and tokenizer only)"
-    return publish_folder(out, stamp, lambda tmp: write_folder(gguf_file, tmp, weights=weights))
+    if published_stamp(out) == stamp:
+        return out
+    return publish_folder(out, stamp, lambda tmp: _write_logged(gguf_file, tmp, out, weights))
+
+
+def _write_logged(gguf_file: Path, tmp: Path, out: Path, weights: bool) -> None:
+    """write_folder with its first use in the log: what is converted where, progress, duration."""
+    what = "dequantizing every tensor to float32" if weights else "its config and tokenizer"
+    log.info("first use of %s: converting %s into %s", gguf_file.name, what, out)
+    t0 = time.perf_counter()
+    write_folder(gguf_file, tmp, weights=weights, progress=LogProgress(f"converting {gguf_file.name}") if weights else None)
+    log.info("converted %s in %.1fs", gguf_file.name, time.perf_counter() - t0)
+
+
+class LogProgress:
+    """A progress(done, total, item) callback that logs each quarter of the way, for the server log
+    (the CLI draws bars instead)."""
+
+    def __init__(self, desc: str, steps: int = 4):
+        self.desc, self.steps, self.logged = desc, steps, 0
+
+    def __call__(self, done: int, total: int | None = None, item: str | None = None, **_) -> None:
+        if not total:
+            return
+        reached = done * self.steps // total
+        if reached > self.logged and done < total:
+            self.logged = reached
+            log.info("%s: %d%% (%d/%d tensors)", self.desc, 100 * done // total, done, total)
 
 
 def load_gguf(gguf_file: Path, name: str, dtype: torch.dtype, device: str, quantize: str) -> Model:

@@ -35,6 +35,7 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers
     from granian.http import HTTP1Settings
 
     from llmfn.errors import LlmfnError
+    from llmfn.serve.banner import URL_ENV, base_url
     from llmfn.serve.models import EXIT_ON_LOAD_ERROR_ENV
 
     if workers < 1:
@@ -46,6 +47,7 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers
     os.environ[CONFIG_ENV] = encode_env(config)  # read by create_app() in each worker process
     os.environ[EXIT_ON_LOAD_ERROR_ENV] = "1"
     limits = config.limits
+    os.environ[URL_ENV] = base_url(host, port)  # for the ready banner each worker logs
     server = Granian(
         "llmfn.serve.app:create_app",
         address=host,

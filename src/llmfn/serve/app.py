@@ -19,7 +19,7 @@ import sys
 import time
 from functools import partial
 
-from llmfn.serve import admin, chat, completions, embeddings, responses, tokens
+from llmfn.serve import access_log, admin, chat, completions, embeddings, responses, tokens
 from llmfn.serve.config import ServerConfig, api_keys, config_from_env
 from llmfn.serve.generation import aclose
 from llmfn.serve.http import (
@@ -46,7 +46,7 @@ log = logging.getLogger("llmfn.serve")
 
 def create_app(config: ServerConfig | None = None):
     """The ASGI app for `config` (None: from the environment `run` sets, else the defaults), wrapped
-    in bearer auth when API keys are configured and in CORS when origins are."""
+    in bearer auth when API keys are configured, in CORS when origins are, and in the access log."""
     _setup_logging()
     config = config_from_env() if config is None else config
     keys = api_keys(config)
@@ -54,6 +54,8 @@ def create_app(config: ServerConfig | None = None):
     wrapped = BearerAuth(app, keys) if keys else app
     if config.cors_origins:
         wrapped = Cors(wrapped, config.cors_origins)
+    if config.access_log.enabled:  # outermost: refused and preflight requests get their line too
+        wrapped = access_log.AccessLog(wrapped, config.access_log.format)
     return wrapped
 
 

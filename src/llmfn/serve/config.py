@@ -14,14 +14,21 @@
     shutdown_timeout = 10.0  # on SIGTERM, seconds requests under way may run on; then they are ended
     sse_keepalive = 15.0     # seconds of silence in a stream (e.g. queued for a slot) before a comment
 
+    [access_log]             # one line per request on stderr (`llmfn serve --no-access-log` turns it off)
+    enabled = true
+    format = "text"          # or "json": one JSON object per line
+
     [[models]]
     name = "smollm2"                  # the `model` clients send
     path = "smollm2-135m-instruct"    # a folder, a .gguf file or a known alias
     aliases = ["gpt-4o-mini"]         # more names for the same model
-    dtype = "float32"                 # optional
+    dtype = "float32"                 # optional: weights in this dtype (a GGUF is then dequantized)
+    quantize = "auto"                 # optional: "auto" (a GGUF runs on its Q4_0 / Q4_1 / Q8_0 blocks),
+                                      # "none" (dequantize), "int4" or "int8" (weight-only, rounded at load)
     device = "cpu"                    # optional
     type = "causal-lm"                # optional: "causal-lm" or "embedding" (else from config.json)
-    compile = true                    # optional: torch.compile the decode step (default: llmfn decides by size)
+    compile = true                    # optional: torch.compile the decode step (default: off on CPU,
+                                      # where it does not pay; on on CUDA for models of 50M+ parameters)
     max_model_len = 2048              # optional: tokens per request (prompt + completion), below the model's
                                       # context (default: the context, capped by what the KV cache holds);
                                       # context_length is the older name of the same setting
@@ -58,6 +65,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     dtype: Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] | None = None
     device: str = "cpu"
     type: ModelType | None = None
+    quantize: Literal["auto", "none", "int4", "int8"] = "auto"
     compile: bool | None = None
     max_model_len: Annotated[int, msgspec.Meta(ge=2)] | None = None
     speculative: Literal["ngram"] | None = None  # prompt-lookup speculative decoding (same output, faster)
@@ -75,11 +83,17 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sse_keepalive: Annotated[float, msgspec.Meta(gt=0)] = 15.0
 
 
+class AccessLogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: bool = True
+    format: Literal["text", "json"] = "text"
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     models: list[ModelConfig] = []
     api_keys: list[str] = []
     cors_origins: list[str] = []
     limits: Limits = Limits()
+    access_log: AccessLogConfig = AccessLogConfig()
 
 
 def default_models() -> list[ModelConfig]:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 
 from llmfn.errors import LlmfnError
+from llmfn.serve import access_log
 from llmfn.serve import schemas as s
 from llmfn.serve.http import ApiError, Request, Response
 from llmfn.serve.metrics import Metrics
@@ -43,6 +44,7 @@ async def embeddings(pool: ModelPool, metrics: Metrics, req: Request):
     except LlmfnError as e:
         raise engine_error(e) from None
     metrics.prompt_tokens.inc(n_tokens, model=served.name)
+    access_log.note(served.name, prompt_tokens=n_tokens)
     if body.encoding_format == "base64":
         rows = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") for v in vectors]
     else:

@@ -9,6 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from llmfn.serve import access_log
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 Labels = tuple[tuple[str, str], ...]
 
@@ -120,6 +122,7 @@ class Tracking:
         self.first: float | None = None
         self.last = None
         self.closed = False
+        access_log.track(self)  # the request's access line reads the token counts at its end
 
     def event(self, ev) -> None:
         self.last = ev

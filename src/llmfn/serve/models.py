@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from llmfn.errors import LlmfnError
 from llmfn.model import Model
+from llmfn.serve.banner import ready_banner
 from llmfn.serve.config import ModelConfig, ServerConfig
 from llmfn.serve.http import ApiError
 
@@ -50,7 +51,7 @@ def load_model(spec: ModelConfig) -> Model:
     from llmfn.loading import load, parse_dtype, resolve
 
     try:
-        model = load(spec.path, dtype=spec.dtype, device=spec.device, compile=spec.compile)
+        model = load(spec.path, dtype=spec.dtype, device=spec.device, compile=spec.compile, quantize=spec.quantize)
     except UnsupportedModelError:
         folder = resolve(spec.path)
         if spec.type != "embedding" and not (folder / "modules.json").exists():
@@ -152,7 +153,7 @@ class ModelPool:
                 self.order.append(served)
                 log.info("loaded %s (%s, %s) in %.1fs", spec.name, model.kind, spec.path, time.perf_counter() - t0)
             self.status = "ok"
-            log.info("ready: %s", ", ".join(s.name for s in self.order))
+            log.info("%s", ready_banner([(s.name, s.kind) for s in self.order]))
         except Exception as e:  # a model that cannot load: report it on /health and in the log
             self.error = f"model {spec.name!r} failed to load: {e}" if spec else str(e)
             self.status = "error"
