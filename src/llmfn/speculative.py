@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmfn.backend import forward_for, should_compile
+from llmfn.backend import forward_for, row_invariant_rows
 from llmfn.errors import RequestError
 from llmfn.kernels import cpu
 from llmfn.model import Model
@@ -98,17 +98,8 @@ def _check(spec: SpeculativeConfig, model: Model) -> None:
 
 def verify_rows(model: Model) -> int:
     """Most rows a verify pass may take with logits bitwise those of single decode steps: the C decode
-    kernels' row limit where every op of a step runs on them (see the module docstring), else 0."""
-    norm = model.params["norm"]
-    exact = (
-        model.kind == "causal-lm"
-        and family(model.cfg) is llama
-        and norm.dtype == torch.float32
-        and norm.device.type == "cpu"
-        and not should_compile(model)
-        and cpu.available()
-    )
-    return cpu.MAX_ROWS if exact else 0
+    kernels' row limit where every op of a step runs on them (backend.row_invariant_rows), else 0."""
+    return row_invariant_rows(model) if model.kind == "causal-lm" else 0
 
 
 def same_rope(cfg: llama.LlamaConfig, first: int, last: int) -> bool:
