@@ -569,9 +569,10 @@ def test_invalid_config_exits_with_one_line(tmp_path):
 def test_health_is_503_while_loading(tiny_dir):
     """In-process: before the loader finishes, /health and the API answer 503; after, 200."""
     from llmfn.serve.app import create_app
-    from llmfn.serve.config import ModelConfig, ServerConfig
+    from llmfn.serve.config import AccessLogConfig, ModelConfig, ServerConfig
 
-    app = create_app(ServerConfig(models=[ModelConfig(name="tiny", path=str(tiny_dir))]))
+    config = ServerConfig(models=[ModelConfig(name="tiny", path=str(tiny_dir))], access_log=AccessLogConfig(False))
+    app = create_app(config)  # no access log: the App itself, whose pool the test drives
 
     async def get(path: str) -> tuple[int, dict]:
         sent = []
@@ -668,9 +669,10 @@ def test_engine_error_mid_stream(tiny_dir, monkeypatch):
     shape; the engine keeps serving afterwards."""
     from llmfn.models import llama
     from llmfn.serve.app import create_app
-    from llmfn.serve.config import ModelConfig, ServerConfig
+    from llmfn.serve.config import AccessLogConfig, ModelConfig, ServerConfig
 
-    app = create_app(ServerConfig(models=[ModelConfig(name="tiny", path=str(tiny_dir))]))
+    config = ServerConfig(models=[ModelConfig(name="tiny", path=str(tiny_dir))], access_log=AccessLogConfig(False))
+    app = create_app(config)  # no access log: the App itself, whose pool the test drives
     app.pool.start()
     assert app.pool.wait(120), app.pool.error
     forward, decodes = llama.forward, [0]
