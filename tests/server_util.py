@@ -135,3 +135,10 @@ def start_server(config: Path | None = None, *, args: list[str] = (), env: dict 
             server.stop()
             raise
     return server
+
+
+def app_of(asgi):
+    """The llmfn App inside create_app's middleware (access log, CORS, auth), to drive its model pool."""
+    while not hasattr(asgi, "pool"):
+        asgi = asgi.app
+    return asgi

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from server_util import start_server, write_config
+from server_util import app_of, start_server, write_config
 from tiny import make_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -659,7 +659,7 @@ def test_api_keys_from_the_environment(tiny_dir, monkeypatch):
     try:
         asyncio.run(scenario())
     finally:
-        app.app.pool.wait(60)
+        app_of(app).pool.wait(60)
         app.app.pool.shutdown()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_util import start_server, write_config
+from server_util import app_of, start_server, write_config
 from tiny import make_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -243,10 +243,11 @@ def minilm_app():
     from llmfn.serve.config import ModelConfig, ServerConfig
 
     app = create_app(ServerConfig(models=[ModelConfig(name="minilm", path="all-minilm-l6-v2", type="embedding")]))
-    app.pool.start()
-    assert app.pool.wait(300), app.pool.error
+    pool = app_of(app).pool
+    pool.start()
+    assert pool.wait(300), pool.error
     yield app
-    app.pool.shutdown()
+    pool.shutdown()
 
 
 def call(app, path: str, body: dict) -> tuple[int, dict]:
