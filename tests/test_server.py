@@ -660,7 +660,7 @@ def test_api_keys_from_the_environment(tiny_dir, monkeypatch):
         asyncio.run(scenario())
     finally:
         app_of(app).pool.wait(60)
-        app.app.pool.shutdown()
+        app_of(app).pool.shutdown()
 
 
 def test_engine_error_mid_stream(tiny_dir, monkeypatch):
