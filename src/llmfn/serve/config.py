@@ -5,7 +5,7 @@
 
     [limits]
     max_running = 8          # requests decoded together per model
-    max_queued = 64          # waiting beyond that; more gets 503
+    max_queued = 64          # waiting beyond that; more gets 429
     max_tokens = 4096        # cap on max_tokens (and the default when a request gives none)
     max_body_bytes = 4194304 # larger request bodies get 413
     request_timeout = 30.0   # seconds to read a request's headers and its body; then 408 and closed
