@@ -281,7 +281,7 @@ def test_embedding_over_the_limit_is_400_unless_truncation_is_asked(minilm_app):
     assert status == 200 and cut10["usage"]["prompt_tokens"] == 10
     status, same = call(minilm_app, "/v1/embeddings", {"input": "word " * 8})  # the same 10 ids, uncut
     assert same["data"][0]["embedding"] == pytest.approx(cut10["data"][0]["embedding"], abs=1e-5)
-    for bad in (0, 2, 257, -2):
+    for bad in (0, 257, -2):
         status, body = call(minilm_app, "/v1/embeddings", {"input": "hi", "truncate_prompt_tokens": bad})
         assert status == 400 and body["error"]["param"] == "truncate_prompt_tokens", (bad, body)
 

@@ -60,7 +60,7 @@ def _num(x: float) -> str:
 KNOBS: dict[str, Knob] = {
     "temperature": Knob(float, 0.0, "0 is greedy", ge=0.0, le=2.0),
     "top_p": Knob(float, 1.0, "nucleus sampling: keep the most likely tokens up to this mass", gt=0.0, le=1.0),
-    "top_k": Knob(int, 0, "keep the k most likely tokens (0 or -1: no limit)", ge=-1),
+    "top_k": Knob(int, 0, "keep the k most likely tokens (0 or -1: no limit)", ge=-1, le=INT64_MAX),
     "min_p": Knob(float, 0.0, "drop tokens below min_p times the top probability", ge=0.0, le=1.0),
     "repetition_penalty": Knob(float, 1.0, "divide the logits of seen tokens (HF / vLLM meaning; 1 is off)", gt=0.0, le=10.0),
     "presence_penalty": Knob(float, 0.0, "OpenAI: subtracted once from every generated token's logit", ge=-2.0, le=2.0),

@@ -4,6 +4,7 @@ its page, and the static web chat."""
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Callable
 from pathlib import Path
 
 from llmfn.serve import schemas as s
@@ -43,8 +44,8 @@ async def prometheus(metrics: Metrics, req: Request):
     return Response.text(metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
 
 
-async def openapi_json(document: bytes, req: Request):
-    return Response(200, document, [(b"content-type", b"application/json")])
+async def openapi_json(document: Callable[[], bytes], req: Request):
+    return Response(200, document(), [(b"content-type", b"application/json")])
 
 
 async def docs(req: Request):

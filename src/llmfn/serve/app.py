@@ -37,7 +37,7 @@ from llmfn.serve.http import (
 )
 from llmfn.serve.metrics import Gauge, Metrics
 from llmfn.serve.models import ModelPool
-from llmfn.serve.openapi import openapi
+from llmfn.serve.openapi import ModelFacts, openapi
 from llmfn.serve.schemas import encoder
 from llmfn.serve.shutdown import Drain
 
@@ -96,7 +96,7 @@ class App:
             *(Gauge(f"llmfn_kv_{key}", text, partial(self._engine_stat, key)) for key, text in KV_GAUGES),
             *(Gauge(f"llmfn_speculative_{key}", text, partial(self._engine_stat, key)) for key, text in SPEC_GAUGES),
         ]  # fmt: skip
-        self.openapi = encoder.encode(openapi())
+        self._openapi: bytes | None = None  # the document, once the models it describes are loaded
         # Each handler is bound to what it reads: the model pool, the metrics, the limits.
         pool, metrics, limits = self.pool, self.metrics, config.limits
         self.router = Router()
@@ -111,7 +111,7 @@ class App:
             ("POST", "/detokenize", partial(tokens.detokenize, pool)),
             ("GET", "/health", partial(admin.health, pool)),
             ("GET", "/metrics", partial(admin.prometheus, metrics)),
-            ("GET", "/openapi.json", partial(admin.openapi_json, self.openapi)),
+            ("GET", "/openapi.json", partial(admin.openapi_json, self.openapi_document)),
             ("GET", "/docs", admin.docs),
             ("GET", "/", admin.index),
             ("GET", "/static/{file}", admin.static),
@@ -192,6 +192,34 @@ class App:
                 await aclose(events)
             self.metrics.requests.inc(route=route, status=str(status))
             self.metrics.latency.observe(time.perf_counter() - started, route=route)
+
+    def openapi_document(self) -> bytes:
+        """This server's OpenAPI document: with its auth and limits, and once its models are loaded,
+        what they take (token id ranges, the embedding size and limit)."""
+        if self._openapi is not None:
+            return self._openapi
+        loaded = self.pool.status == "ok"
+        document = encoder.encode(openapi(auth=self.auth, max_tokens=self.config.limits.max_tokens,
+                                          served=self._served_facts() if loaded else None))  # fmt: skip
+        if loaded:
+            self._openapi = document
+        return document
+
+    def _served_facts(self) -> ModelFacts:
+        names: dict[str, list[str]] = {}
+        for name, served in self.pool.served.items():
+            kinds = [served.kind, "any"] + (["chat"] if served.model.chat_template and served.kind == "causal-lm" else [])
+            for kind in kinds:
+                names.setdefault(kind, []).append(name)
+        vocab: dict[str, int] = {}
+        for served in self.pool.order:
+            size = min(int(served.model.cfg.vocab_size), len(served.model.tokenizer))
+            vocab[served.kind] = min(vocab.get(served.kind, size), size)
+        embedders = [m for m in self.pool.order if m.kind == "embedding"]
+        dims = {embeddings.dim(m) for m in embedders}
+        by_name = {name: len(m.model.tokenizer) for name, m in self.pool.served.items()}
+        return ModelFacts(names, vocab, by_name, min((m.context_length for m in embedders), default=None),
+                          dims.pop() if len(dims) == 1 else None)  # fmt: skip
 
     def _engine_stat(self, key: str) -> dict:
         out = {}

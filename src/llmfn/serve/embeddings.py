@@ -21,11 +21,11 @@ async def embeddings(pool: ModelPool, metrics: Metrics, req: Request):
     body = req.decode(s.EmbeddingRequest)
     served = pool.get(body.model, "embedding")
     inputs = _inputs(body.input, served.model.cfg.vocab_size)
-    dim = _dim(served)
-    if body.dimensions is not None and body.dimensions != dim:
+    size = dim(served)
+    if body.dimensions is not None and body.dimensions != size:
         raise ApiError(
             400,
-            f"dimensions must be {dim} for {served.name!r} (it cannot be changed)",
+            f"dimensions must be {size} for {served.name!r} (it cannot be changed)",
             param="dimensions",
         )
 
@@ -67,14 +67,15 @@ def _inputs(value, vocab: int):
 
 def _max_length(served: Served, truncate: int | None) -> int | None:
     """The ids kept per input, [CLS]/[SEP] included: all (checked against the model's limit) unless
-    the request asks for truncation with vLLM's truncate_prompt_tokens (-1: the model's limit)."""
+    the request asks for truncation with vLLM's truncate_prompt_tokens (-1: the model's limit; the
+    special ids stay however small it is)."""
     if truncate is None:
         return None
-    limit, specials = served.context_length, len(served.model.extra["prefix_ids"]) + len(served.model.extra["suffix_ids"])
+    limit = served.context_length
     if truncate == -1:
         return limit
-    if not specials < truncate <= limit:
-        raise ApiError(400, f"truncate_prompt_tokens must be -1 or in [{specials + 1}, {limit}] for {served.name!r}",
+    if not 1 <= truncate <= limit:
+        raise ApiError(400, f"truncate_prompt_tokens must be -1 or in [1, {limit}] for {served.name!r}",
                        param="truncate_prompt_tokens")  # fmt: skip
     return truncate
 
@@ -87,7 +88,7 @@ def _check_lengths(seqs: list[list[int]], limit: int) -> None:
                            param="input", code="context_length_exceeded")  # fmt: skip
 
 
-def _dim(served: Served) -> int:
+def dim(served: Served) -> int:
     """The length of the model's vectors: its hidden size times the number of poolings concatenated."""
     cfg = served.model.cfg
     return int(getattr(cfg, "dim", getattr(cfg, "hidden_size", 0))) * len(

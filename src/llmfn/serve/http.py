@@ -64,13 +64,30 @@ class Request:
         if not self.body.strip():
             raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
         try:
-            return msgspec.json.decode(self.body, type=type_)
+            try:
+                return msgspec.json.decode(self.body, type=type_)
+            except msgspec.ValidationError as e:
+                if "got `float`" not in str(e):
+                    raise
+            # JSON (and JSON Schema) has no int/float distinction: 3.0 is an integer
+            return msgspec.convert(_integral(msgspec.json.decode(self.body)), type_)
         except msgspec.ValidationError as e:
             raise validation_error(str(e)) from None
         except msgspec.DecodeError as e:
             raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
         except RecursionError:
             raise too_deep() from None
+
+
+def _integral(value):
+    """`value` with every float that holds an integer (3.0, 1e3) made an int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
 
 
 def too_deep() -> ApiError:

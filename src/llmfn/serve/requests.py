@@ -44,11 +44,11 @@ def message_dict(m: s.ChatMessage, i: int) -> dict:
             texts.append(part.text)
         content = "\n".join(texts)
     out = {"role": "system" if m.role == "developer" else m.role, "content": content}
-    if m.tool_calls:
+    if isinstance(m, s.AssistantTurn) and m.tool_calls:
         out["tool_calls"] = [{"id": c.id or f"call_{i}_{j}", "type": "function",
                               "function": {"name": c.function.name, "arguments": c.function.arguments}}
                              for j, c in enumerate(m.tool_calls)]  # fmt: skip
-    if m.role == "tool":
+    if isinstance(m, s.ToolMessage):
         out["tool_call_id"] = m.tool_call_id
     if m.name is not None:
         out["name"] = m.name

@@ -107,7 +107,10 @@ def _text(content, i: int):
             if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
                 raise ApiError(400, f"input[{i}].content[{j}]: only text parts are supported",
                                param=f"input[{i}].content[{j}]")  # fmt: skip
-            parts.append(part.get("text") or "")
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise ApiError(400, f"input[{i}].content[{j}].text must be a string", param=f"input[{i}].content[{j}].text")
+            parts.append(text)
         return "\n".join(parts)
     raise ApiError(400, f"input[{i}].content must be a string or a list of parts", param=f"input[{i}].content")
 

@@ -20,6 +20,10 @@ from llmfn.sampling import KNOBS, Knob
 MaxTokens = Annotated[int, Meta(ge=1)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 TokenIds = list[Annotated[int, Meta(ge=0)]]
+# What a handler checks itself, with a message of its own (an empty prompt is "the prompt is empty"),
+# shown in the OpenAPI document only: extra_json_schema is not enforced when decoding.
+NonEmptyText = Annotated[str, Meta(extra_json_schema={"minLength": 1})]
+NonEmptyIds = Annotated[list[Annotated[int, Meta(ge=0)]], Meta(extra_json_schema={"minItems": 1})]
 
 
 class StreamOptions(Struct, frozen=True):
@@ -97,7 +101,7 @@ class GenerationFields(SamplingFields, kw_only=True, frozen=True):
     response_format: ResponseFormat | None = None
     guided_json: dict | str | None = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: Annotated[list[str], Meta(extra_json_schema={"minItems": 1})] | None = None
     guided_grammar: str | None = None
 
 
@@ -105,9 +109,10 @@ class GenerationFields(SamplingFields, kw_only=True, frozen=True):
 
 
 class ContentPart(Struct, frozen=True):
-    """A text part ({"type": "text", "text": ...}); other part types are rejected."""
+    """A text part ({"type": "text", "text": ...}); other part types are rejected (by message_dict,
+    which names the part; the OpenAPI document says so)."""
 
-    type: str
+    type: Annotated[str, Meta(extra_json_schema={"enum": ["text"]})]
     text: str | None = None
 
 
@@ -124,12 +129,43 @@ class ToolCall(Struct, frozen=True):
     type: Literal["function"] = "function"
 
 
-class ChatMessage(Struct, frozen=True):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+Content = str | list[ContentPart]
+
+
+class _Message(Struct, frozen=True, kw_only=True, tag_field="role"):
+    """A chat message: one struct per role (the "role" field is its tag), as only an assistant's
+    content may be missing (when it makes tool calls)."""
+
     name: str | None = None
+
+    @property
+    def role(self) -> str:
+        return self.__struct_config__.tag
+
+
+class SystemMessage(_Message, frozen=True, kw_only=True, tag="system"):
+    content: Content
+
+
+class DeveloperMessage(_Message, frozen=True, kw_only=True, tag="developer"):
+    content: Content
+
+
+class UserMessage(_Message, frozen=True, kw_only=True, tag="user"):
+    content: Content
+
+
+class AssistantTurn(_Message, frozen=True, kw_only=True, tag="assistant"):
+    content: Content | None = None
     tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(_Message, frozen=True, kw_only=True, tag="tool"):
+    content: Content
     tool_call_id: str | None = None
+
+
+ChatMessage = SystemMessage | DeveloperMessage | UserMessage | AssistantTurn | ToolMessage
 
 
 class FunctionDef(Struct, frozen=True):
@@ -253,8 +289,9 @@ class ChatCompletionChunk(Struct):
 
 # ---------------------------------------------------------------------------------------------- completions
 
-# a string, a list of strings, a token id list, or a list of token id lists (checked by the app)
-Prompt = str | list[str | int | list[int]]
+# a string, a list of strings, a token id list, or a list of token id lists (checked by the app: not a
+# mix of these; the OpenAPI document lists the four)
+Prompt = NonEmptyText | list[str | int | list[int]]
 
 
 class CompletionRequest(GenerationFields, frozen=True):
@@ -323,17 +360,26 @@ class ResponseObject(Struct):
     object: str = "response"
 
 
+class ResponseEvent(Struct):
+    """One event of a streamed /v1/responses turn: response.created, response.output_text.delta, ...,
+    response.completed (documentation: the route writes them as dicts, with the fields of each type)."""
+
+    type: str
+    sequence_number: int
+
+
 # ---------------------------------------------------------------------------------------------- embeddings
 
 
 class EmbeddingRequest(Struct, frozen=True):
-    input: str | list[str | int | list[int]]
+    input: Prompt
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(ge=1)] | None = None
     user: str | None = None
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1, description="vLLM's: cut each input to this many "
-        "tokens, special ones included (-1: the model's limit); unset, a longer input is a 400")] | None = None  # fmt: skip
+        "tokens, the special ones included and always kept (-1: the model's limit); unset, a longer input is a "
+        "400")] | None = None  # fmt: skip
 
 
 class Embedding(Struct):
@@ -417,8 +463,11 @@ REQUESTS = {
     "DetokenizeRequest": DetokenizeRequest,
 }
 RESPONSES = (
-    ChatCompletion, ChatCompletionChunk, Completion, ResponseObject, EmbeddingList, ModelList, ModelCard, TokenizeResponse,
+    ChatCompletion, ChatCompletionChunk, Completion, ResponseObject, ResponseEvent, EmbeddingList, ModelList, ModelCard, TokenizeResponse,
     DetokenizeResponse, Health, ErrorResponse,
 )  # fmt: skip
+
+# What each streamed route's events carry (documentation: /v1/responses writes its events as dicts).
+STREAMED = {"/v1/chat/completions": ChatCompletionChunk, "/v1/completions": Completion, "/v1/responses": ResponseEvent}
 
 encoder = msgspec.json.Encoder()
