@@ -202,36 +202,61 @@ ACCURACY_PROMPTS = (
 )
 
 
+def decode_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """The logits [len(continuation), V] that predict each continuation token, as generate computes
+    them: the prompt through the prefill forward, then one token a step through the decode forward
+    (the int4 / int8 decode kernels; a prefill may take another path)."""
+    from llmfn.backend import forward_for
+    from llmfn.generate import cache_length
+    from llmfn.models import family
+
+    cfg, n = model.cfg, len(prompt)
+    prefill, step = forward_for(model), forward_for(model, decode=True)
+    rows = []
+    with torch.inference_mode():
+        cache = family(cfg).init_cache(cfg, 1, cache_length(n + len(continuation), cfg.max_position_embeddings),
+                                       torch.float32, "cpu")  # fmt: skip
+        out, cache = prefill(model.params, cfg, torch.tensor([prompt]), torch.arange(n)[None], cache,
+                             logit_index=torch.tensor([n - 1]))  # fmt: skip
+        for i, token in enumerate(continuation):
+            rows.append(out[0, -1].clone())
+            if i + 1 < len(continuation):
+                out, cache = step(model.params, cfg, torch.tensor([[token]]), torch.tensor([[n + i]]), cache)
+    return torch.stack(rows)
+
+
 def accuracy(gen: int) -> None:
     """The default load (the GGUF's own blocks, quantize="auto") against the same bits dequantized to
-    fp32 (quantize=None), per chat prompt: each greedy for `gen` tokens (EOS ignored), where the two
-    first differ, then both read the dequantized model's text (teacher-forced) for the largest logit
-    difference and how often their argmax agrees. The blocks are the same numbers in both: what
-    differs is the arithmetic (int4 / int8 kernels against fp32 matmuls)."""
+    fp32 (quantize=None), per chat prompt: each greedy for `gen` tokens (EOS ignored) and where the
+    two first differ; then both read the dequantized model's tokens (teacher-forced, step by step as
+    generate decodes) for the largest logit difference and how often their argmax agrees. The blocks
+    are the same numbers in both: what differs is the arithmetic (int4 / int8 kernels, fp32 matmuls)."""
     from llmfn.chat_template import apply_chat_template
 
     quantized, dense = llmfn.load(ALIAS), llmfn.load(ALIAS, quantize=None)
     print(f"# {ALIAS}: default (GGUF Q4_1 / Q8_0 blocks) vs dequantized fp32, {gen} greedy tokens per prompt, "
           f"{datetime.date.today()}, {platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}\n")
     print("| prompt | identical greedy tokens | argmax agreement (teacher-forced) | max abs logit diff | "
-          "logit range |")
-    print("|---|---:|---:|---:|---:|")
-    agree_all, diff_all, same_all = [], 0.0, []
+          "mean abs logit diff | logit range |")
+    print("|---|---:|---:|---:|---:|---:|")
+    agree_all, diff_all, mean_all, same_all = [], 0.0, [], []
     for prompt in ACCURACY_PROMPTS:
         ids = apply_chat_template(dense.tokenizer, dense.chat_template, [{"role": "user", "content": prompt}])
         ours, reference = (list(llmfn.generate(m, ids, max_tokens=gen, temperature=0.0, stop_token_ids=[]))
                            for m in (quantized, dense))  # fmt: skip
         same = next((i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b), gen)
-        tokens = torch.tensor([ids + reference])
-        lq, ld = llmfn.logits(quantized, tokens)[0, len(ids) - 1 : -1], llmfn.logits(dense, tokens)[0, len(ids) - 1 : -1]
+        lq, ld = decode_logits(quantized, ids, reference), decode_logits(dense, ids, reference)
+        assert torch.equal(ld.argmax(-1), torch.tensor(reference)), "the step loop must reproduce generate"
         agree = (lq.argmax(-1) == ld.argmax(-1)).float().mean().item()
-        diff = (lq - ld).abs().max().item()
+        diff, mean = (lq - ld).abs().max().item(), (lq - ld).abs().mean().item()
         agree_all.append(agree)
         same_all.append(same)
+        mean_all.append(mean)
         diff_all = max(diff_all, diff)
-        print(f"| {prompt} | {same} / {gen} | {agree:.1%} | {diff:.4f} | {ld.min().item():.1f} .. {ld.max().item():.1f} |")
+        print(f"| {prompt} | {same} / {gen} | {agree:.1%} | {diff:.2e} | {mean:.2e} | "
+              f"{ld.min().item():.1f} .. {ld.max().item():.1f} |")
     print(f"| all {len(ACCURACY_PROMPTS)} | {sum(same_all)} / {gen * len(same_all)} | "
-          f"{sum(agree_all) / len(agree_all):.1%} | {diff_all:.4f} | |")
+          f"{sum(agree_all) / len(agree_all):.1%} | {diff_all:.2e} | {sum(mean_all) / len(mean_all):.2e} | |")
 
 
 def main() -> None:

@@ -104,6 +104,13 @@ def test_access_line_without_tokens_and_without_a_response(access_lines):
     assert access_lines[1].startswith('10.0.0.7 "POST /v1/embeddings" 499 model=minilm prompt_tokens=9 completion_tokens=0 ')
     access_log.note("outside a request", prompt_tokens=1)  # no record: nothing to count, no error
 
+    async def broken(scope, receive, send):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        serve_once(access_log.AccessLog(broken), "/v1/completions")
+    assert access_lines[2].startswith('10.0.0.7 "POST /v1/completions" 500 ')
+
 
 def test_access_log_on_by_default_and_switched_by_flags_and_config(tmp_path):
     from llmfn.serve.app import create_app

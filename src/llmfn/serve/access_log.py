@@ -114,7 +114,7 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, logged_send)
-        except BaseException:
+        except Exception:  # (a cancellation, the client or the server going away, stays 499)
             status = 500 if status == GONE else status
             raise
         finally:

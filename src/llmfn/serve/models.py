@@ -135,6 +135,7 @@ class ModelPool:
         try:
             for spec in self.config.models:
                 t0 = time.perf_counter()
+                log.info("loading %s from %s", spec.name, spec.path)
                 model = load_model(spec)
                 served = Served(spec.name, spec, model)
                 if model.kind == "causal-lm":
