@@ -132,11 +132,39 @@ def tok_s(n: int, seconds: float) -> float:
     return (n - 1) / seconds if n > 1 and seconds > 0 else 0.0
 
 
-def llmfn_rows(quantize: str | None, prompts: dict, gen: int, rounds: int) -> list[dict]:
+def verify_costs(model, label: str, context: int = 300, rows=(1, 2, 4, 8, 16)) -> dict[int, float]:
+    """What a forward over t positions costs relative to one (the decode step), after `context`
+    cached positions: the price of verifying t - 1 drafted tokens."""
+    from llmfn.backend import forward_for
+    from llmfn.models import family
+
+    cfg, forward = model.cfg, forward_for(model, decode=True)
+    with torch.inference_mode():
+        cache = family(cfg).init_cache(cfg, 1, context + 32)
+        _, cache = forward(model.params, cfg, torch.randint(0, cfg.vocab_size, (1, context)), torch.arange(context)[None], cache)
+        seconds = {}
+        for t in rows:
+            tokens, positions = torch.randint(0, cfg.vocab_size, (1, t)), torch.arange(context, context + t)[None]
+            forward(model.params, cfg, tokens, positions, cache)
+            best = float("inf")
+            for _ in range(3):
+                t0 = CLOCK()
+                for _ in range(5):
+                    forward(model.params, cfg, tokens, positions, cache)
+                best = min(best, (CLOCK() - t0) / 5)
+            seconds[t] = best
+    costs = {t: s / seconds[1] for t, s in seconds.items()}
+    print(f"# {label}: a forward over t positions costs, in decode steps ({seconds[1] * 1e3:.1f} ms): "
+          + ", ".join(f"t={t} {c:.2f}" for t, c in costs.items()), flush=True)
+    return costs
+
+
+def llmfn_rows(quantize: str | None, prompts: dict, gen: int, rounds: int, costs: dict) -> list[dict]:
     model = llmfn.load(MODEL, compile=False, quantize=quantize)
     label = "llmfn " + (quantize or "fp32")
     rows = []
     list(llmfn.generate(model, [1, 2, 3], max_tokens=8, speculative="ngram"))  # warm-up: kernels built
+    costs[label] = verify_costs(model, label)
     for name, (kind, text) in prompts.items():
         ids = prompt_ids(model, text)
         best = {"plain": 0.0, "ngram": 0.0}
@@ -226,7 +254,8 @@ def run(gen: int = 192, rounds: int = 2, quick: bool = False, peers: bool = True
     print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, "
           f"clock {CLOCK.__name__}, {gen} tokens at most, greedy, best of {rounds}, load average {os.getloadavg()[0]:.1f}")
     print(HEADER, flush=True)
-    rows = llmfn_rows(None, prompts, gen, rounds) + llmfn_rows("int4", prompts, gen, rounds)
+    costs: dict = {}
+    rows = llmfn_rows(None, prompts, gen, rounds, costs) + llmfn_rows("int4", prompts, gen, rounds, costs)
     if peers:
         try:
             rows += transformers_rows(prompts, gen, rounds)
@@ -235,7 +264,7 @@ def run(gen: int = 192, rounds: int = 2, quick: bool = False, peers: bool = True
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "clock": CLOCK.__name__, "gen_tokens": gen, "rounds": rounds,
             "quick": quick}  # fmt: skip
-    return {"rows": rows, "summary": summary(rows), "meta": meta}
+    return {"rows": rows, "summary": summary(rows), "meta": meta, "verify_costs": costs}
 
 
 def main() -> None:

@@ -64,7 +64,8 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen1", "baichuan13b"]
 def test_ngram_output_equals_plain_decoding(tiny, name, sampling):
     model = tiny[name]
     stats = {}
-    assert _run(model, PROMPT, "ngram", max_tokens=60, stats=stats, **sampling) == _plain(model, sampling, 60)
+    spec = {"method": "ngram", "min_ngram": 1}  # random models' text repeats single tokens more than pairs
+    assert _run(model, PROMPT, spec, max_tokens=60, stats=stats, **sampling) == _plain(model, sampling, 60)
     assert stats["drafted"] > 0  # speculation ran, not a fallback to plain steps
 
 

@@ -41,7 +41,9 @@ METHODS = ("ngram", "draft")
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """How to draft. method: "ngram" (prompt lookup) or "draft" (the `draft` model proposes).
-    k: most tokens drafted per step. min_ngram / max_ngram: the n-gram sizes matched, longest first.
+    k: most tokens drafted per step. min_ngram / max_ngram: the n-gram sizes matched, longest first
+    (2..5 drafted the most kept tokens per forward over benchmarks/speculative.py's replies; a 1-gram
+    match is mostly wrong in free text).
     row_cost: what one more verified row costs, in decode steps (the forward over 1 + k rows costs
     about 1 + row_cost * k steps: measured 0.15-0.25 for SmolLM2-135M on 2 cores).
     draft_cost: what one drafted token costs, in target decode steps (None: the draft's share of the
@@ -49,8 +51,8 @@ class SpeculativeConfig:
 
     method: str = "ngram"
     k: int = 10
-    min_ngram: int = 1
-    max_ngram: int = 3
+    min_ngram: int = 2
+    max_ngram: int = 5
     row_cost: float = 0.2
     draft: Model | None = field(default=None, compare=False)
     draft_cost: float | None = None
