@@ -8,7 +8,9 @@ cores, so at 2 ranks each rank gets cores / 2 threads, and TP 1 is shown at all 
 cores / 2 (one rank's share: how much of a 2-rank speed-up is the split itself). Decode tok/s is
 tokens 2..n of a greedy generation after a 128-token prompt, best of --repeat; "collective ms/token"
 is the time rank 0 spent in llmfn.parallel's all-reduce / all-gather (tensor parallel) during the
-timed decode, divided by its tokens; pipeline send / recv / broadcast time is in its tok/s only."""
+timed decode, divided by its tokens (waits for the slower rank included); "one all-reduce alone" is a
+hidden-size all-reduce timed in a loop of its own after the decode: the latency floor of gloo here.
+Pipeline send / recv / broadcast time is in its tok/s only."""
 
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def rank_main(rank: int, world: int, port: int, layout: dict, out: str) -> None:
     torch.set_num_threads(layout["threads"])
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = llmfn.load(MODEL, quantize=layout.get("quantize"))
+    model = llmfn.load(layout["model"], quantize=layout.get("quantize"))
     full_bytes = weight_bytes(model.params)
     if world > 1:
         model = parallel.shard(model, pipeline=layout["pipeline"], vocab=layout.get("vocab", "split"))
@@ -72,13 +74,26 @@ def rank_main(rank: int, world: int, port: int, layout: dict, out: str) -> None:
         report = measure(model, prompt, layout["tokens"], temperature=0.0, seed=0)
         runs.append((report.decode_tok_s, report.prefill_s, tp.COMM["seconds"], tp.COMM["calls"]))
     best = max(runs[1:])
+    latency = allreduce_latency(model.cfg.hidden_size) if layout["pipeline"] == 1 and world > 1 else 0.0
     # COMM covers prefill + decode; the prefill's share is 2 collectives a layer + 2, like one step's
     steps = layout["tokens"]
     result = {"rank": rank, "full_bytes": full_bytes, "bytes": weight_bytes(model.params), "decode_tok_s": best[0],
-              "prefill_s": best[1], "comm_ms_per_token": 1000 * best[2] / steps, "comm_calls_per_token": best[3] / steps}  # fmt: skip
+              "prefill_s": best[1], "comm_ms_per_token": 1000 * best[2] / steps, "comm_calls_per_token": best[3] / steps, "allreduce_us": latency}  # fmt: skip
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     if world > 1:
         dist.destroy_process_group()
+
+
+def allreduce_latency(hidden: int, rounds: int = 300) -> float:
+    """Mean microseconds of a decode step's all-reduce (one row of the hidden size) alone, ranks in step."""
+    x = torch.ones(1, 1, hidden)
+    dist.barrier()
+    for _ in range(20):
+        tp.all_reduce(x, dist.group.WORLD)
+    start = tp.COMM["seconds"]
+    for _ in range(rounds):
+        tp.all_reduce(x, dist.group.WORLD)
+    return 1e6 * (tp.COMM["seconds"] - start) / rounds
 
 
 def free_port() -> int:
@@ -98,9 +113,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quantize", choices=("int4", "int8"))
+    ap.add_argument("--model", default=MODEL, help=f"alias or folder (default {MODEL})")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    base = {"tokens": args.tokens, "repeat": args.repeat, "quantize": args.quantize, "pipeline": 1}
+    base = {"model": args.model, "tokens": args.tokens, "repeat": args.repeat, "quantize": args.quantize, "pipeline": 1}
     layouts = [
         ("TP 1 / PP 1", 1, {**base, "threads": cores}),
         (f"TP 1 / PP 1, {max(1, cores // 2)} thread(s)", 1, {**base, "threads": max(1, cores // 2)}),
@@ -109,16 +125,18 @@ def main() -> None:
         ("PP 2", 2, {**base, "threads": max(1, cores // 2), "pipeline": 2}),
     ]
     weights = args.quantize or "fp32"
-    print(f"SmolLM2-135M-Instruct {weights}, prompt 128, {args.tokens} generated, greedy, best of {args.repeat}; "
+    print(f"{args.model} {weights}, prompt 128, {args.tokens} generated, greedy, best of {args.repeat}; "
           f"{cores} cores")  # fmt: skip
-    print("| layout | ranks | weight MB per rank (of full) | decode tok/s | collective ms/token | collectives/token |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| layout | ranks | weight MB per rank (of full) | decode tok/s | collective ms/token | collectives/token "
+          "| one all-reduce alone, us |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, world, layout in layouts:
         ranks = run_layout(world, layout)
         r0 = ranks[0]
         mb = " / ".join(f"{r['bytes'] / 1e6:.0f}" for r in ranks)
         print(f"| {name} | {world} | {mb} (of {r0['full_bytes'] / 1e6:.0f}) | {r0['decode_tok_s']:.1f} | "
-              f"{r0['comm_ms_per_token']:.2f} | {r0['comm_calls_per_token']:.1f} |", flush=True)  # fmt: skip
+              f"{r0['comm_ms_per_token']:.2f} | {r0['comm_calls_per_token']:.1f} | {r0['allreduce_us']:.0f} |",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

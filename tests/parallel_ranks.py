@@ -77,7 +77,8 @@ def run_case(case: dict, model, sharded: bool):
 
 def worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None:
     """cases: name -> dict(path, load (llmfn.load keywords), mutate (a MUTATIONS key), pipeline, vocab,
-    prompts / max_tokens (greedy generation instead of logits))."""
+    prompts / max_tokens (greedy generation instead of logits), reference_of (another case whose
+    reference serves this one: not computed again))."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       GLOO_SOCKET_IFNAME="lo")  # fmt: skip
     torch.set_num_threads(1)
@@ -85,7 +86,8 @@ def worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None:
     results = {}
     for name, case in cases.items():
         full = MUTATIONS[case.get("mutate")](llmfn.load(case["path"], **case.get("load", {})))
-        reference = run_case(case, full, sharded=False) if rank == 0 else None
+        own_reference = rank == 0 and not case.get("reference_of")  # else the test takes that case's
+        reference = run_case(case, full, sharded=False) if own_reference else None
         part = parallel.shard(full, pipeline=case.get("pipeline", 1), vocab=case.get("vocab", "split"))
         results[name] = {"reference": reference, "sharded": run_case(case, part, sharded=True), "cfg": {k: getattr(part.cfg, k) for k in SIZES}}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

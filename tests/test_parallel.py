@@ -135,13 +135,14 @@ def test_smollm2_greedy_tokens_are_one_process_tokens(tmp_path):
     asks = ["Write a long story about a lighthouse keeper.", "Explain in detail how a bicycle works."]
     prompts = [apply_chat_template(model.tokenizer, model.chat_template, [{"role": "user", "content": a}]) for a in asks]
     cases = {"smollm2-tp2": {"path": "smollm2-135m-instruct", "prompts": prompts, "max_tokens": 64},
-             "smollm2-pp2": {"path": "smollm2-135m-instruct", "prompts": prompts[:1], "max_tokens": 64,
-                             "pipeline": 2}}  # fmt: skip
+             "smollm2-pp2": {"path": "smollm2-135m-instruct", "prompts": prompts, "max_tokens": 64,
+                             "pipeline": 2, "reference_of": "smollm2-tp2"}}  # fmt: skip
     ranks = run_ranks(2, cases, tmp_path)
+    reference = ranks[0]["smollm2-tp2"]["reference"]
     for name in cases:
-        assert ranks[0][name]["sharded"] == ranks[0][name]["reference"]
-        assert ranks[1][name]["sharded"] == ranks[0][name]["reference"]
-    assert [len(t) for t in ranks[0]["smollm2-tp2"]["reference"]] == [64, 64]  # no early EOS hides a difference
+        assert ranks[0][name]["sharded"] == reference
+        assert ranks[1][name]["sharded"] == reference
+    assert [len(t) for t in reference] == [64, 64]  # no early EOS hides a difference
 
 
 # ------------------------------------------------------------------------------------------ CLI
