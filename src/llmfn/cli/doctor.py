@@ -127,7 +127,8 @@ def cpu_kernels_check() -> tuple[bool | None, str]:
     if not (cpu.available() and cpu_gemm.available() and cpu_attention.available()):
         return None, ("not available (no C compiler, or LLMFN_CPU_KERNELS=torch): decode and embeddings run the "
                       "slower torch ops")  # fmt: skip
-    return True, f"built in {cbuild.build_dir()} (decode, GEMM, encoder attention)"
+    level, why = cbuild.isa()
+    return True, f"built in {cbuild.build_dir()} (decode, GEMM, encoder attention) for {level} ({why})"
 
 
 def native_tokenizers_check() -> tuple[bool | None, str]:
