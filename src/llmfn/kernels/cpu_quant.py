@@ -47,12 +47,27 @@ def available() -> bool:
     return _load() is not None
 
 
+def int8_activations() -> bool:
+    """Whether int4 / int8 linears quantize their activations to int8 per block of 32 and take integer dot
+    products (LLMFN_QUANT_ACTIVATIONS=int8, the default) or keep them fp32, the exact product with the
+    dequantized weight (=fp32). Read per call: the env var switches a running process too."""
+    mode = os.environ.get("LLMFN_QUANT_ACTIVATIONS", "int8")
+    if mode not in ("int8", "fp32"):
+        raise ValueError(f"LLMFN_QUANT_ACTIVATIONS must be int8 or fp32, not {mode!r}")
+    return mode == "int8"
+
+
 def int4_ok(k: int, group_size: int) -> bool:
     return group_size % 32 == 0 and k % group_size == 0
 
 
 def int8_ok(k: int, group_size: int) -> bool:
     return group_size % 8 == 0 and k % group_size == 0
+
+
+def int8_act8_ok(k: int, group_size: int) -> bool:
+    """Whether an int8 weight takes the int8-activation kernel (blocks of 32 within its groups)."""
+    return group_size % 32 == 0 and k % group_size == 0
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -65,7 +80,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
         return _chunked(x, n, lambda lo, hi: int4_dequantize(qweight[lo:hi], scales[lo:hi], offsets[lo:hi], group_size))
     y = torch.empty(m, n, dtype=torch.float32)
     lib.llmfn_int4_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr(),
-                          m, n, k, group_size, torch.get_num_threads())
+                          m, n, k, group_size, int8_activations(), torch.get_num_threads())
     return y
 
 
@@ -77,8 +92,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     if m > MAX_ROWS:
         return _chunked(x, n, lambda lo, hi: int8_dequantize(qweight[lo:hi], scales[lo:hi], group_size))
     y = torch.empty(m, n, dtype=torch.float32)
+    act8 = int8_activations() and int8_act8_ok(k, group_size)
     lib.llmfn_int8_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                          m, n, k, group_size, torch.get_num_threads())
+                          m, n, k, group_size, act8, torch.get_num_threads())
     return y
 
 
