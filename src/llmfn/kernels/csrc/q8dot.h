@@ -68,34 +68,38 @@ static inline float q8_offsets(const float* orow, const float* xs, int64_t G) {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LLMFN_Q8_PATH "avx512-vnni"
+/* The dot products of a pair of int4 blocks (32 weight bytes) with their 64 activation bytes, as
+   16 floats: lanes 0-3 and 8-11 block A's, 4-7 and 12-15 block B's (the layout above). */
+static inline __m512 int4_pair_dot(const uint8_t* qb, const int8_t* xb) {
+    __m256i raw = _mm256_loadu_si256((const __m256i*)qb);
+    __m512i w = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1),
+                                 _mm512_set1_epi8(0x0F));
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xb)));
+}
+
 /* One int4 weight row (nb blocks of 32, bpg blocks per scale group) against one quantized row. */
 static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t* qr, const float* sr, const float* orow, const int8_t* xq,
                                 const float* dq, const float* xs, int64_t nb, int64_t bpg, int64_t G) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) {  /* two pairs, one running total each */
-        for (int h = 0; h < 2; h++) {
-            int64_t p = b + 2 * h;
-            __m256i raw = _mm256_loadu_si256((const __m256i*)(qr + p * 16));
-            __m512i w = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), m4);
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xq + p * 32));
-            __m128 s2 = _mm_unpacklo_ps(_mm_set_ss(sr[p / bpg]), _mm_set_ss(sr[(p + 1) / bpg]));
-            __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(pair, _mm512_castps128_ps512(s2)),
-                                         _mm512_broadcast_f32x8(_mm256_loadu_ps(dq + p * 4)));
-            if (h) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
-            else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
+    if (bpg == 1)  /* 8 blocks a step: one load of their 8 scales, a lane permute per pair */
+        for (; b + 8 <= nb; b += 8) {
+            __m512 s8 = _mm512_castps256_ps512(_mm256_loadu_ps(sr + b));
+            for (int h = 0; h < 4; h++) {
+                int64_t p = b + 2 * h;
+                __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * h)), s8),
+                                             _mm512_broadcast_f32x8(_mm256_loadu_ps(dq + p * 4)));
+                if (h & 1) acc1 = _mm512_fmadd_ps(int4_pair_dot(qr + p * 16, xq + p * 32), scale, acc1);
+                else acc0 = _mm512_fmadd_ps(int4_pair_dot(qr + p * 16, xq + p * 32), scale, acc0);
+            }
         }
-    }
     for (; b + 2 <= nb; b += 2) {
-        __m256i raw = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
-        __m512i w = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), m4);
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xq + b * 32));
         __m128 s2 = _mm_unpacklo_ps(_mm_set_ss(sr[b / bpg]), _mm_set_ss(sr[(b + 1) / bpg]));
         __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(pair, _mm512_castps128_ps512(s2)),
                                      _mm512_broadcast_f32x8(_mm256_loadu_ps(dq + b * 4)));
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
+        if (b & 2) acc1 = _mm512_fmadd_ps(int4_pair_dot(qr + b * 16, xq + b * 32), scale, acc1);
+        else acc0 = _mm512_fmadd_ps(int4_pair_dot(qr + b * 16, xq + b * 32), scale, acc0);
     }
     if (b < nb) {  /* an odd last block: [lo, hi] */
         __m128i raw = _mm_loadu_si128((const __m128i*)(qr + b * 16));
@@ -105,7 +109,13 @@ static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t
         __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sr[b / bpg] * dq[b * 4]));
         acc1 = _mm512_add_ps(acc1, _mm512_zextps256_ps512(part));
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + q8_offsets(orow, xs, G);
+    int64_t gi = 0;  /* + sum_g o_g * xs_g, 16 groups at a time, into the same total */
+    for (; gi + 16 <= G; gi += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(orow + gi), _mm512_loadu_ps(xs + gi), acc0);
+    if (gi < G) {
+        __mmask16 rest = (__mmask16)((1u << (G - gi)) - 1);
+        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, orow + gi), _mm512_maskz_loadu_ps(rest, xs + gi), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 #elif defined(__AVX2__)
 #define LLMFN_Q8_PATH "avx2"
