@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmfn
-from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
 from llmfn.kernels import cpu_quant, quant
 from llmfn.loading.convert import convert_gptq_to_awq, pack_gptq, quantize_checkpoint
 from llmfn.loading.gguf import GGUF_KEPT, gguf_leaf
@@ -405,7 +405,7 @@ def test_int8_act_blocks_of_zeros_and_extremes():
 
 def test_int8_act_mode_is_checked(monkeypatch):
     monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "int4")
-    with pytest.raises(ValueError, match="LLMFN_QUANT_ACTIVATIONS"):
+    with pytest.raises(LlmfnError, match="LLMFN_QUANT_ACTIVATIONS"):
         cpu_quant.int8_activations()
 
 
