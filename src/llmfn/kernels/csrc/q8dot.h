@@ -162,12 +162,21 @@ static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t
 }
 #endif
 
-/* The dot product for bpg blocks of 32 per scale group: bpg == 1 (GGUF's groups of 32) compiled on
-   its own, so its scale indices are plain loads, not divisions. */
+/* bpg blocks of 32 per scale group: the common ones (1: GGUF; 2, 4: groups of 64, 128; one group a
+   row: per channel) compiled with bpg a constant, so a block's scale index is a shift, not a division. */
+#define Q8_ONE_GROUP ((int64_t)1 << 40)  /* more blocks than a row has: b / Q8_ONE_GROUP == 0 */
+#define Q8_BPG_DISPATCH(CALL)                                         \
+    if (bpg == 1) return CALL(1);                                     \
+    if (bpg == 2) return CALL(2);                                     \
+    if (bpg == 4) return CALL(4);                                     \
+    if (bpg >= nb) return CALL(Q8_ONE_GROUP);                         \
+    return CALL(bpg);
+
 static inline float int4_q8_dot(const uint8_t* qr, const float* sr, const float* orow, const int8_t* xq,
                                 const float* dq, const float* xs, int64_t nb, int64_t bpg, int64_t G) {
-    if (bpg == 1) return int4_q8_dot_bpg(qr, sr, orow, xq, dq, xs, nb, 1, G);
-    return int4_q8_dot_bpg(qr, sr, orow, xq, dq, xs, nb, bpg, G);
+#define INT4_Q8_CALL(B) int4_q8_dot_bpg(qr, sr, orow, xq, dq, xs, nb, B, G)
+    Q8_BPG_DISPATCH(INT4_Q8_CALL)
+#undef INT4_Q8_CALL
 }
 
 /* Rows [0, R) of y (stride n) at one weight row; xq, dq, xs as quantize_q8 wrote them. */
@@ -258,8 +267,9 @@ static inline float int8_q8_dot_bpg(const int8_t* qr, const float* sr, const int
 
 static inline float int8_q8_dot(const int8_t* qr, const float* sr, const int8_t* xq, const float* dq8,
                                 const int32_t* corr, int64_t nb, int64_t bpg) {
-    if (bpg == 1) return int8_q8_dot_bpg(qr, sr, xq, dq8, corr, nb, 1);
-    return int8_q8_dot_bpg(qr, sr, xq, dq8, corr, nb, bpg);
+#define INT8_Q8_CALL(B) int8_q8_dot_bpg(qr, sr, xq, dq8, corr, nb, B)
+    Q8_BPG_DISPATCH(INT8_Q8_CALL)
+#undef INT8_Q8_CALL
 }
 
 /* Rows [0, R) of y (stride n) at one int8 weight row; xq, dq8, corr as quantize_q8_plain wrote them. */
