@@ -66,10 +66,27 @@ def _timed(step_prefill, step_decode, n_prompt: int, gen: int) -> dict:
             "decode_cpu_s": c2 - c1}  # fmt: skip
 
 
+def _quantized_on_avx512(model: str) -> bool:
+    """Whether llama-cpp-python 0.3.36's crash applies: a quantized (not f32 / f16) GGUF on an AVX-512
+    CPU, where its prefill of several tokens in one batch segfaults (seen with SmolLM2's Q4_1 on an
+    AVX-512 Xeon); decode, one token a batch, is fine."""
+    import gguf
+
+    field = gguf.GGUFReader(model).fields.get("general.file_type")
+    float_file = field is not None and field.contents() in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16)
+    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    return not float_file and "avx512f" in flags.split()
+
+
 def _llama_cpp(model: str, ids: list[int], gen: int, threads: int):
     from llama_cpp import Llama
 
-    llm = Llama(model, n_ctx=len(ids) + gen + 16, n_threads=threads, verbose=False)
+    # n_batch=1 where the batched prefill crashes (see above): its prefill then runs token by token,
+    # so its prefill figure is not llama.cpp's best there; decode is unaffected.
+    n_batch = 1 if _quantized_on_avx512(model) else 512
+    if n_batch == 1:
+        print("llama.cpp: n_batch=1 (quantized GGUF on AVX-512: batched prefill segfaults in 0.3.36)", file=sys.stderr)
+    llm = Llama(model, n_ctx=len(ids) + gen + 16, n_threads=threads, n_batch=n_batch, verbose=False)
 
     def prefill(ids=ids):
         llm.reset()

@@ -2,6 +2,7 @@
 llama.cpp on the original Q4_1 GGUF (when llama-cpp-python is installed), with resident memory.
 
     python benchmarks/quant.py [--prompt-tokens 64] [--gen-tokens 128] [--threads N] [--compile]
+                               [--variants fp32,int8,int4,int4/fp32-act,llama.cpp]
     python benchmarks/quant.py --kernels      # per-linear timings of the CPU kernel candidates
     python benchmarks/quant.py --accuracy     # the default (GGUF blocks) against the dequantized model
 
@@ -9,6 +10,11 @@ Rows: fp32 is the GGUF dequantized (quantize=None); int8 is quantize="int8" (per
 every linear, embedding included); int4 is quantize="int4", which is llmfn.load's default for a GGUF
 (quantize="auto": the GGUF's own Q4_1 layers and Q8_0 embedding kept quantized, the same bits
 llama.cpp runs). Each row runs in its own process, so
+
+Rows: fp32 is the GGUF dequantized (llmfn.load's default); int8 is quantize="int8" (per-channel
+RTN of every linear, embedding included); int4 is quantize="int4" (the GGUF's own Q4_1 layers and
+Q8_0 embedding kept quantized: the same bits llama.cpp runs), with llmfn's default activations
+(int8 per block of 32, kernels/cpu_quant.py); int4/fp32-act the same with fp32 activations. Each row runs in its own process, so
 RSS (after loading and generating; peak from getrusage) is that row's alone; warm-up (incl.
 torch.compile with --compile; llmfn's CPU default is eager) is not counted in the tok/s. On a
 shared machine wall-clock tok/s depends on the load: "tok per CPU s" (one thread) is the figure
@@ -94,7 +100,10 @@ def timed(tokens) -> tuple[float, float, float]:
 def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None) -> dict:
 
     t0 = time.perf_counter()
-    quantize = None if variant == "fp32" else variant
+    weights, _, acts = variant.partition("/")  # "int4/fp32-act": int4 weights, fp32 activations
+    if acts:
+        os.environ["LLMFN_QUANT_ACTIVATIONS"] = acts.removesuffix("-act")
+    quantize = None if weights == "fp32" else weights
     model = llmfn.load(ALIAS, quantize=quantize, compile=compile)
     from llmfn.backend import should_compile
 

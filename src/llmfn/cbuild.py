@@ -2,11 +2,13 @@
 
 Used by llmfn's CPU kernels (llmfn.kernels.cpu, cpu_gemm, cpu_attention) and native tokenizers. The
 sources live in llmfn/kernels/csrc/: a library is one .c file there (the translation unit), which
-includes the headers beside it. Built with the system C compiler (-O3 -march=native -fopenmp); the
-library's name hashes the .c file, every header in csrc/, the generated headers, the flags (defines
-included) and the CPU's flags, so an edited header rebuilds and -march=native code never runs on
-another CPU sharing LLMFN_HOME. Without a compiler (or on a non-Linux system) `load` returns None
-and callers take their torch path."""
+includes the headers beside it. Built with the system C compiler (-O3 -fopenmp) for the ISA level
+`isa()` picks from the CPU's features (scalar, AVX2 + FMA, AVX-512 with VNNI); the C code chooses
+its paths by the compiler's macros (__AVX2__, __AVX512VNNI__). The library's name hashes the .c
+file, every header in csrc/, the generated headers and the flags (the ISA level's and the defines),
+so an edited header rebuilds and a cache copied to a CPU of another level is never loaded there.
+Without a compiler (or on a non-Linux system) `load` returns None and callers take their torch path.
+"""
 
 from __future__ import annotations
 
@@ -26,10 +28,17 @@ from llmfn._env import home
 
 CSRC = Path(__file__).parent / "kernels" / "csrc"
 
-# LLMFN_CPU_MARCH picks the target (default: this CPU); e.g. x86-64 builds the portable C paths
-# that a CPU without AVX2 runs, which the tests check too.
-FLAGS = ["-O3", f"-march={os.environ.get('LLMFN_CPU_MARCH', 'native')}", "-ffp-contract=off", "-fopenmp", "-shared",
-         "-fPIC"]  # fmt: skip
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+
+# x86 ISA levels, lowest first: (name, the /proc/cpuinfo flags it needs, its compiler flags). A level
+# is only worth its own build when the C code has a path for it: avx2 the 256-bit FMA kernels,
+# avx512 the 512-bit ones and the int8 dot products of VNNI (vpdpbusd).
+X86_LEVELS = (
+    ("scalar", (), ["-march=x86-64"]),
+    ("avx2", ("avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe"), ["-march=x86-64-v3"]),
+    ("avx512", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"),
+     ["-march=x86-64-v4", "-mavx512vnni"]),
+)  # fmt: skip
 
 log = logging.getLogger("llmfn.cbuild")
 _lock = threading.Lock()
@@ -43,8 +52,41 @@ def _cpu_flags() -> str:
         return ""
 
 
+def supported_levels() -> list[str]:
+    """The ISA levels this CPU runs, lowest first (["native"] off x86: built with -march=native)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["native"]
+    have = set(_cpu_flags().split())
+    levels = []
+    for name, needs, _ in X86_LEVELS:
+        if not set(needs) <= have:
+            break
+        levels.append(name)
+    return levels
+
+
+def isa() -> tuple[str, str]:
+    """(the ISA level the kernels are built for, why): the best this CPU supports, or the lower one
+    LLMFN_CPU_ISA asks for (scalar / avx2 / avx512), e.g. to test or compare the portable paths."""
+    levels = supported_levels()
+    asked = os.environ.get("LLMFN_CPU_ISA", "").strip().lower()
+    if not asked:
+        return levels[-1], "the best level this CPU's features support"
+    if asked in levels:
+        return asked, "LLMFN_CPU_ISA"
+    known = [name for name, _, _ in X86_LEVELS] if levels != ["native"] else levels
+    why = "this CPU lacks its features" if asked in known else f"not a level (one of {', '.join(known)})"
+    return levels[-1], f"LLMFN_CPU_ISA={asked} ignored: {why}"
+
+
+def _isa_flags(level: str) -> list[str]:
+    return next((flags for name, _, flags in X86_LEVELS if name == level), ["-march=native"])
+
+
 def _flags(defines: dict[str, object]) -> list[str]:
-    return [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
+    level = isa()[0]
+    return [*FLAGS, *_isa_flags(level), f"-DLLMFN_ISA_{level.upper()}=1",
+            *(f"-D{k}={v}" for k, v in sorted(defines.items()))]  # fmt: skip
 
 
 def build_dir() -> Path:
@@ -61,8 +103,11 @@ def library_path(name: str, main: str, defines: dict[str, object] | None = None,
     h = hashlib.sha256()
     for file, data in files:  # each named and sized: no two sets of files hash alike
         h.update(f"{file}\0{len(data)}\0".encode() + data)
-    h.update("\0".join([*_flags(defines or {}), platform.machine(), _cpu_flags()]).encode())
-    return build_dir() / f"{name}_{h.hexdigest()[:16]}.so"
+    level = isa()[0]
+    # -march=native code (off x86) is keyed by the CPU's features too; an x86 level by its flags alone
+    cpu = _cpu_flags() if level == "native" else ""
+    h.update("\0".join([*_flags(defines or {}), platform.machine(), cpu]).encode())
+    return build_dir() / f"{name}_{level}_{h.hexdigest()[:16]}.so"
 
 
 def compiler() -> str | None:

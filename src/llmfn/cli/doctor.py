@@ -122,12 +122,15 @@ def tiny_model(device: str, dtype: torch.dtype) -> tuple[dict, LlamaConfig]:
 def cpu_kernels_check() -> tuple[bool | None, str]:
     """Whether llmfn's C kernels for CPU decode and encoders are built here (None: not, the torch ops run)."""
     from llmfn import cbuild
-    from llmfn.kernels import cpu, cpu_attention, cpu_gemm
+    from llmfn.kernels import cpu, cpu_attention, cpu_gemm, cpu_quant
 
     if not (cpu.available() and cpu_gemm.available() and cpu_attention.available()):
         return None, ("not available (no C compiler, or LLMFN_CPU_KERNELS=torch): decode and embeddings run the "
                       "slower torch ops")  # fmt: skip
-    return True, f"built in {cbuild.build_dir()} (decode, GEMM, encoder attention)"
+    level, why = cbuild.isa()
+    acts = "int8" if cpu_quant.int8_activations() else "fp32"
+    return True, (f"built in {cbuild.build_dir()} (decode, GEMM, encoder attention) for {level} ({why}); "
+                  f"int4 / int8 weights take {acts} activations (LLMFN_QUANT_ACTIVATIONS)")
 
 
 def native_tokenizers_check() -> tuple[bool | None, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import weakref
 
 import torch
@@ -35,8 +36,8 @@ MAX_ROWS = 16  # at most 16: the fused layers keep a row's outputs in float[16]
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The whole library's functions, csrc/quant.h's int4 / int8 ones (kernels/cpu_quant.py) included.
 _SIGNATURES = {
-    "llmfn_int4_linear": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
-    "llmfn_int8_linear": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
+    "llmfn_int4_linear": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
+    "llmfn_int8_linear": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
     "llmfn_int4_dequant": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_int8_dequant": [_p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, *[_i64] * 7, _f32, _f32,
@@ -236,10 +237,11 @@ def layer_fields(layer: dict, cfg) -> ctypes.Array | None:
     """The C Layer struct of a Llama-layout layer (models/llama.py), or None when a weight is of a
     kind or shape the fused layer does not take (the C code trusts the shapes: checked here)."""
     dims = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    mode = os.environ.get("LLMFN_QUANT_ACTIVATIONS")  # picks the int4 kind (cpu_quant.int8_activations)
     hit = _LAYER_CACHE.get(id(layer))
     if (
         hit is not None
-        and hit[1] == dims
+        and hit[1] == (dims, mode)
         and len(hit[0]) == len(layer)
         and all(r() is v for r, v in zip(hit[0], layer.values(), strict=True))
     ):
@@ -251,7 +253,7 @@ def layer_fields(layer: dict, cfg) -> ctypes.Array | None:
         return fields
     if len(_LAYER_CACHE) > 4096:  # entries of dropped models
         _LAYER_CACHE.clear()
-    _LAYER_CACHE[id(layer)] = (refs, dims, fields)
+    _LAYER_CACHE[id(layer)] = (refs, (dims, mode), fields)
     return fields
 
 

@@ -110,12 +110,14 @@ class Int4Weight:
         return self.shape[0] * self.shape[1]
 
     def fused_args(self) -> tuple | None:
-        """(kind 1, qweight, scales, offsets, group) pointers for the fused C decoder layer
-        (kernels/cpu.py), or None when its int4 kernel cannot take this weight."""
+        """(kind, qweight, scales, offsets, group) pointers for the fused C decoder layer
+        (kernels/cpu.py; kind 1: fp32 activations, 3: int8 ones, as cpu_quant.int8_activations says),
+        or None when its int4 kernel cannot take this weight."""
         ok = _fp32_cpu(self.qweight, self.scales, self.offsets) and cpu_quant.int4_ok(self.shape[1], self.group_size)
         if not ok:
             return None
-        return (1, self.qweight.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), self.group_size)
+        kind = 3 if cpu_quant.int8_activations() else 1
+        return (kind, self.qweight.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), self.group_size)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., k] -> x @ w.T [..., n] in x's dtype."""
@@ -212,11 +214,14 @@ class Int8Weight:
         return self.shape[0] * self.shape[1]
 
     def fused_args(self) -> tuple | None:
-        """(kind 2, qweight, scales, 0, group) pointers for the fused C decoder layer (kernels/cpu.py),
-        or None when its int8 kernel cannot take this weight."""
-        if not (_fp32_cpu(self.qweight, self.scales) and cpu_quant.int8_ok(self.shape[1], self.group_size)):
+        """(kind, qweight, scales, 0, group) pointers for the fused C decoder layer (kernels/cpu.py; kind
+        2: fp32 activations, 4: int8 ones, as cpu_quant.int4_linear chooses), or None when its int8
+        kernel cannot take this weight."""
+        k, g = self.shape[1], self.group_size
+        if not (_fp32_cpu(self.qweight, self.scales) and cpu_quant.int8_ok(k, g)):
             return None
-        return (2, self.qweight.data_ptr(), self.scales.data_ptr(), 0, self.group_size)
+        kind = 4 if cpu_quant.int8_activations() and cpu_quant.int8_act8_ok(k, g) else 2
+        return (kind, self.qweight.data_ptr(), self.scales.data_ptr(), 0, g)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape

@@ -227,7 +227,7 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
 /* ---- The fused decoder layer -------------------------------------------------------------- */
 
 /* One linear of a layer: kind 0 fp32 [n, k] row-major; 1 int4 and 2 int8 in llmfn.kernels.quant's layouts
-   (q, scales, offsets, group). bias may be NULL. */
+   (q, scales, offsets, group); 3 int4 and 4 int8 with int8 activations (q8dot.h). bias may be NULL. */
 typedef struct { const void* q; const float* scales; const float* offsets; const float* bias; int64_t kind, group; } Lin;
 typedef struct { const float* attn_norm; Lin qkv, o; const float* mlp_norm; Lin gate_up, down; } Layer;
 
@@ -279,6 +279,39 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
         return;
     }
     int64_t g = L->group, G = k / g;
+    if (L->kind == 3) {  /* llmfn_int4_linear's act8 arithmetic; its scratch fits in xp's */
+        int8_t* xq = (int8_t*)xp;
+        float* dq = (float*)(xq + m * k);
+        float* xs8 = dq + m * (k / 8);
+        quantize_q8(x, xq, dq, xs8, m, k, g);
+        share(n, tid, nth, &lo, &hi);
+        for (int64_t j = lo; j < hi; j++) {
+            float out[16];
+            int4_q8_block(xq, dq, xs8, (const uint8_t*)L->q + j * (k / 2), L->scales + j * G, L->offsets + j * G,
+                          out, 1, k, g, m);
+            for (int64_t r = 0; r < m; r++) {
+                float v = L->bias ? out[r] + L->bias[j] : out[r];
+                y[r * n + j] = add ? y[r * n + j] + v : v;
+            }
+        }
+        return;
+    }
+    if (L->kind == 4) {  /* llmfn_int8_linear's act8 arithmetic */
+        int8_t* xq = (int8_t*)xp;
+        float* dq8 = (float*)(xq + m * k);
+        int32_t* corr = (int32_t*)(dq8 + m * (k / 4));
+        quantize_q8_plain(x, xq, dq8, corr, m, k);
+        share(n, tid, nth, &lo, &hi);
+        for (int64_t j = lo; j < hi; j++) {
+            float out[16];
+            int8_q8_block(xq, dq8, corr, (const int8_t*)L->q + j * k, L->scales + j * G, out, 1, k, g, m);
+            for (int64_t r = 0; r < m; r++) {
+                float v = L->bias ? out[r] + L->bias[j] : out[r];
+                y[r * n + j] = add ? y[r * n + j] + v : v;
+            }
+        }
+        return;
+    }
     float* xs = xp + m * k;
     if (L->kind == 1) prep4(x, xp, xs, m, k, g);
     share(n, tid, nth, &lo, &hi);

@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include "simd.h"
+#include "q8dot.h"
 
 /* x [m, k] -> xp [m, k]: each 32-wide chunk reordered to its 16 even then 16 odd elements
    (the order the low and high nibbles of 16 packed bytes come out in); xs [m, k/g] group sums. */
@@ -291,10 +292,21 @@ static inline void int8_block(const float* xi, const int8_t* qr, const float* sr
 #endif
 }
 
-/* y [m, n] = x [m, k] @ int4 weight [n, k]^T; m <= 16, g % 32 == 0. */
+/* y [m, n] = x [m, k] @ int4 weight [n, k]^T; g % 32 == 0. act8: with int8 activations (q8dot.h). */
 int llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const float* o, float* y,
-                      int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+                      int64_t m, int64_t n, int64_t k, int64_t g, int act8, int nthreads) {
     int64_t G = k / g;
+    if (act8) {
+        int8_t* xq = (int8_t*)malloc(q8_scratch_bytes(m, k));
+        float* dq = (float*)(xq + m * k);
+        float* xs = dq + m * (k / 8);
+        quantize_q8(x, xq, dq, xs, m, k, g);
+        #pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t j = 0; j < n; j++)
+            int4_q8_block(xq, dq, xs, q + j * (k / 2), s + j * G, o + j * G, y + j, n, k, g, m);
+        free(xq);
+        return 0;
+    }
     float* xp = (float*)malloc(sizeof(float) * (m * k + m * G));
     float* xs = xp + m * k;
     prep4(x, xp, xs, m, k, g);
@@ -307,10 +319,22 @@ int llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const fl
     return 0;
 }
 
-/* y [m, n] = x [m, k] @ int8 weight [n, k]^T; m <= 16, g % 8 == 0. */
+/* y [m, n] = x [m, k] @ int8 weight [n, k]^T; g % 8 == 0. act8 (k and g multiples of 32): with
+   int8 activations (q8dot.h). */
 int llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
-                      int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+                      int64_t m, int64_t n, int64_t k, int64_t g, int act8, int nthreads) {
     int64_t G = k / g;
+    if (act8) {
+        int8_t* xq = (int8_t*)malloc(q8_plain_scratch_bytes(m, k));
+        float* dq8 = (float*)(xq + m * k);
+        int32_t* corr = (int32_t*)(dq8 + m * (k / 4));
+        quantize_q8_plain(x, xq, dq8, corr, m, k);
+        #pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t j = 0; j < n; j++)
+            int8_q8_block(xq, dq8, corr, q + j * k, s + j * G, y + j, n, k, g, m);
+        free(xq);
+        return 0;
+    }
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < n; j++)
         for (int64_t i0 = 0; i0 < m; i0 += 4)
