@@ -9,12 +9,8 @@ llama.cpp on the original Q4_1 GGUF (when llama-cpp-python is installed), with r
 Rows: fp32 is the GGUF dequantized (quantize=None); int8 is quantize="int8" (per-channel RTN of
 every linear, embedding included); int4 is quantize="int4", which is llmfn.load's default for a GGUF
 (quantize="auto": the GGUF's own Q4_1 layers and Q8_0 embedding kept quantized, the same bits
-llama.cpp runs). Each row runs in its own process, so
-
-Rows: fp32 is the GGUF dequantized (llmfn.load's default); int8 is quantize="int8" (per-channel
-RTN of every linear, embedding included); int4 is quantize="int4" (the GGUF's own Q4_1 layers and
-Q8_0 embedding kept quantized: the same bits llama.cpp runs), with llmfn's default activations
-(int8 per block of 32, kernels/cpu_quant.py); int4/fp32-act the same with fp32 activations. Each row runs in its own process, so
+llama.cpp runs), with llmfn's default activations (int8 per block of 32, kernels/cpu_quant.py);
+int4/fp32-act the same with fp32 activations. Each row runs in its own process, so
 RSS (after loading and generating; peak from getrusage) is that row's alone; warm-up (incl.
 torch.compile with --compile; llmfn's CPU default is eager) is not counted in the tok/s. On a
 shared machine wall-clock tok/s depends on the load: "tok per CPU s" (one thread) is the figure
