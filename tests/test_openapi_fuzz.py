@@ -44,7 +44,9 @@ def schemathesis(server, *args: str, seconds: int) -> subprocess.CompletedProces
     command = [sys.executable, "-m", "schemathesis.cli", "run", server.url("/openapi.json"),
                "-H", f"Authorization: Bearer {KEY}", "--seed", "21", "-w", "1", "--request-timeout", "60",
                "--max-time", str(seconds), "--no-color", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds + 120)
+    # run in the server's scratch folder: schemathesis leaves a .schemathesis/ cache where it runs
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds + 120,
+                          cwd=server.log_file.parent)  # fmt: skip
 
 
 def test_schemathesis_default_run(server):

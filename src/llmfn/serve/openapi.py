@@ -244,6 +244,7 @@ function type(t) {
   if (t.$ref) return `<a href="#${name(t.$ref)}">${name(t.$ref)}</a>`;
   if (t.anyOf) return t.anyOf.map(type).join(" | ");
   if (t.enum) return t.enum.map(v => esc(JSON.stringify(v))).join(" | ");
+  if ("const" in t) return esc(JSON.stringify(t.const));
   if (t.type === "array") return `array[${type(t.items)}]`;
   let out = esc(t.type || "object");
   const lim = [["minimum", "&ge;"], ["exclusiveMinimum", "&gt;"], ["maximum", "&le;"], ["exclusiveMaximum", "&lt;"],
