@@ -98,6 +98,12 @@ class AccessLog:
         self.app, self.fmt = app, fmt
         setup(fmt)
 
+    def __getattr__(self, name: str):
+        """The wrapped app's attributes read through (`create_app(config).pool`, as before the log)."""
+        if name == "app":
+            raise AttributeError(name)
+        return getattr(self.app, name)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
