@@ -115,7 +115,8 @@ def test_access_line_without_tokens_and_without_a_response(access_lines):
 def test_access_log_on_by_default_and_switched_by_flags_and_config(tmp_path):
     from llmfn.serve.app import create_app
 
-    assert isinstance(create_app(ServerConfig()), access_log.AccessLog)
+    app = create_app(ServerConfig())
+    assert isinstance(app, access_log.AccessLog) and app.pool is app.inner.pool  # the App's attributes read through
     config = cli.serve_overrides(ServerConfig(), None, None, access_log=False)
     assert not isinstance(create_app(config), access_log.AccessLog)
     args = cli.build_parser().parse_args(["serve", "--no-access-log", "--access-log-format", "json"])

@@ -95,12 +95,19 @@ class AccessLog:
     """ASGI middleware: one line per HTTP request once its response has ended."""
 
     def __init__(self, app, fmt: Format = "text"):
-        self.app, self.fmt = app, fmt
+        self.inner, self.fmt = app, fmt
         setup(fmt)
+
+    def __getattr__(self, name: str):
+        """The wrapped app's attributes read through: `create_app(config).pool` (or `.app.pool`
+        behind auth) finds what it found before the access log wrapped the app."""
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await self.inner(scope, receive, send)
         started = time.perf_counter()
         record = AccessRecord()
         token = _current.set(record)  # tasks the app starts copy the context: they see this record
@@ -113,7 +120,7 @@ class AccessLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, logged_send)
+            await self.inner(scope, receive, logged_send)
         except Exception:  # (a cancellation, the client or the server going away, stays 499)
             status = 500 if status == GONE else status
             raise
