@@ -52,9 +52,9 @@ def steps(quick: bool, out: Path) -> dict[str, list[str]]:
             "server-load": ["load.py"],
         }
         sweep, prompts, gen = ENGINE_CONCURRENCY, 16, 64
-    for n in sweep:
-        found[f"engine-{n}"] = ["engine.py", "--max-running", str(n), "--prompts", str(max(prompts, 2 * n)),
-                                "--gen-tokens", str(gen)]  # fmt: skip
+    for n in sweep:  # the same 2048-position KV cache at every concurrency (1 x 256 slots are too short)
+        found[f"engine-{n}"] = ["engine.py", "--max-running", str(n), "--slot-len", str(2048 // n),
+                                "--prompts", str(max(prompts, 2 * n)), "--gen-tokens", str(gen)]  # fmt: skip
     return found
 
 

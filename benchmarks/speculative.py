@@ -159,12 +159,20 @@ def verify_costs(model, label: str, context: int = 300, rows=(1, 2, 4, 8, 16)) -
     return costs
 
 
-def llmfn_rows(quantize: str | None, prompts: dict, gen: int, rounds: int, costs: dict) -> list[dict]:
+def llmfn_rows(quantize: str | None, prompts: dict, gen: int, rounds: int, costs: dict | None,
+               draft: str | None = None) -> list[dict]:
+    """llmfn with and without speculation: prompt lookup, or with `draft` ("int4") a draft model,
+    the same model loaded with that quantization."""
     model = llmfn.load(MODEL, compile=False, quantize=quantize)
     label = "llmfn " + (quantize or "fp32")
+    spec = "ngram"
+    if draft:
+        spec = {"method": "draft", "draft": llmfn.load(MODEL, compile=False, quantize=draft), "k": 4}
+        label += f", {draft} self-draft"
     rows = []
-    list(llmfn.generate(model, [1, 2, 3], max_tokens=8, speculative="ngram"))  # warm-up: kernels built
-    costs[label] = verify_costs(model, label)
+    list(llmfn.generate(model, [1, 2, 3], max_tokens=8, speculative=spec))  # warm-up: kernels built
+    if costs is not None:
+        costs[label] = verify_costs(model, label)
     for name, (kind, text) in prompts.items():
         ids = prompt_ids(model, text)
         best = {"plain": 0.0, "ngram": 0.0}
@@ -173,7 +181,7 @@ def llmfn_rows(quantize: str | None, prompts: dict, gen: int, rounds: int, costs
             for mode in ("plain", "ngram"):
                 stats = {}  # the ngram run's is kept (plain comes first)
                 toks, secs = timed(llmfn.generate(model, ids, max_tokens=gen, temperature=0.0,
-                                                  speculative=None if mode == "plain" else "ngram", stats=stats))
+                                                  speculative=None if mode == "plain" else spec, stats=stats))
                 outputs[mode] = toks
                 best[mode] = max(best[mode], tok_s(len(toks), secs))
         rows.append({
@@ -248,7 +256,7 @@ def summary(rows: list[dict]) -> list[str]:
     return ["| runtime | kind | geomean speedup | min | max |", "|---|---|---|---|---|", *out]
 
 
-def run(gen: int = 192, rounds: int = 2, quick: bool = False, peers: bool = True) -> dict:
+def run(gen: int = 192, rounds: int = 2, quick: bool = False, peers: bool = True, draft: bool = False) -> dict:
     """Measure everything; returns {"rows": [...], "summary": [...], "meta": {...}}."""
     prompts = {k: v for k, v in PROMPTS.items() if not quick or k in QUICK}
     print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, "
@@ -256,6 +264,8 @@ def run(gen: int = 192, rounds: int = 2, quick: bool = False, peers: bool = True
     print(HEADER, flush=True)
     costs: dict = {}
     rows = llmfn_rows(None, prompts, gen, rounds, costs) + llmfn_rows("int4", prompts, gen, rounds, costs)
+    if draft:
+        rows += llmfn_rows(None, prompts, gen, rounds, None, draft="int4")
     if peers:
         try:
             rows += transformers_rows(prompts, gen, rounds)
@@ -273,6 +283,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="three prompts, one round, 96 tokens")
     ap.add_argument("--no-peers", action="store_true", help="skip transformers")
+    ap.add_argument("--draft", action="store_true", help="also fp32 with its int4 copy as the draft model")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: the process's CPU seconds")
@@ -282,7 +293,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     gen, rounds = (96, 1) if args.quick else (args.gen_tokens, args.rounds)
-    result = run(gen, rounds, args.quick, not args.no_peers)
+    result = run(gen, rounds, args.quick, not args.no_peers, args.draft)
     print()
     print("\n".join(result["summary"]))
     if args.json:

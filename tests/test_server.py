@@ -794,8 +794,8 @@ def test_default_server_reuses_a_shared_prefix(default_server):
 def test_speculative_server_answers_exactly_as_the_plain_one(tiny, tiny_dir, tmp_path):
     """speculative = "ngram" on a model: the same completions, token for token, and drafts counted."""
     config = write_config(tmp_path, [{"name": "tiny", "path": str(tiny_dir), "speculative": "ngram"}])
-    text = "one two three four five " * 6
-    body = {"model": "tiny", "prompt": text, "max_tokens": 40, "temperature": 0.8, "seed": 3, "logprobs": 1}
+    ids = list(range(3, 200)) + list(range(3, 10))  # most tokens the model can draw occur in the prompt
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 40, "temperature": 0.8, "seed": 3, "logprobs": 1}
     with start_server(config, ready_timeout=120, log_dir=tmp_path) as spec:
         got = httpx.post(spec.url("/v1/completions"), json=body, timeout=60).json()
         metrics = httpx.get(spec.url("/metrics")).text

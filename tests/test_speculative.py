@@ -210,8 +210,11 @@ def test_draft_length_grows_with_acceptance_and_falls_to_zero():
     assert length.next(2) == 2  # capped by the tokens left
     for _ in range(40):
         length.observe(3, 0)
-    drafts = [length.next(15) for _ in range(16)]
-    assert drafts.count(0) == 14 and drafts.count(1) == 2  # a probe every 8 steps
+    drafts = [length.next(15) for _ in range(64)]
+    assert drafts.count(0) == 63 and drafts[-1] == 1  # failed probes: one probe in 8 * 8 steps
+    length.observe(1, 1)  # a probe was kept: probes come every 8 steps again
+    drafts = [length.next(15) for _ in range(8)]
+    assert drafts.count(0) == 7 and drafts[-1] == 1
 
 
 @pytest.mark.slow

@@ -45,7 +45,8 @@ class SpeculativeConfig:
     (2..5 drafted the most kept tokens per forward over benchmarks/speculative.py's replies; a 1-gram
     match is mostly wrong in free text).
     row_cost: what one more verified row costs, in decode steps (the forward over 1 + k rows costs
-    about 1 + row_cost * k steps: measured 0.15-0.25 for SmolLM2-135M on 2 cores).
+    about 1 + row_cost * k steps). None: 0.15 for fp32 weights, 0.33 for int4 / int8 ones, whose
+    kernels spend more per row (SmolLM2-135M, benchmarks/speculative.py: 0.13-0.21 and 0.27-0.44).
     draft_cost: what one drafted token costs, in target decode steps (None: the draft's share of the
     target's weight bytes, since a decode step streams its weights once)."""
 
@@ -53,7 +54,7 @@ class SpeculativeConfig:
     k: int = 10
     min_ngram: int = 2
     max_ngram: int = 5
-    row_cost: float = 0.2
+    row_cost: float | None = None
     draft: Model | None = field(default=None, compare=False)
     draft_cost: float | None = None
 
@@ -87,7 +88,7 @@ def _check(spec: SpeculativeConfig, model: Model) -> None:
         bad(f"k must be an integer in [1, {cpu.MAX_ROWS - 1}], got {spec.k!r}")
     if not (isinstance(spec.min_ngram, int) and isinstance(spec.max_ngram, int) and 1 <= spec.min_ngram <= spec.max_ngram):
         bad(f"need 1 <= min_ngram <= max_ngram, got {spec.min_ngram!r} and {spec.max_ngram!r}")
-    if not isinstance(spec.row_cost, int | float) or not 0 <= spec.row_cost <= 10:
+    if spec.row_cost is not None and (not isinstance(spec.row_cost, int | float) or not 0 <= spec.row_cost <= 10):
         bad(f"row_cost must be a number in [0, 10], got {spec.row_cost!r}")
     if spec.method == "draft":
         draft = spec.draft
@@ -125,7 +126,8 @@ class DraftLength:
     """Picks the number of tokens to draft from the recent per-token acceptance rate (a moving average,
     `weight` per observation): the k in [0, k_max] that maximises tokens per unit of cost,
     expected_gain(rate, k) / (1 + cost * k). At k = 0 (drafts kept failing) it still drafts one token
-    every `probe_every` steps, so a later stretch of copied text is noticed."""
+    after `probe_every` steps, so a later stretch of copied text is noticed; each failed probe doubles
+    that wait (up to 8x), so text that copies nothing pays almost nothing for the probes."""
 
     k_max: int
     cost: float
@@ -133,6 +135,7 @@ class DraftLength:
     weight: float = 0.15
     probe_every: int = 8
     idle: int = 0
+    backoff: int = 1
 
     def observe(self, drafted: int, accepted: int) -> None:
         """A verify pass kept `accepted` of `drafted` tokens: the first rejection counts as a failure,
@@ -141,6 +144,8 @@ class DraftLength:
             self.rate += self.weight * (1.0 - self.rate)
         if accepted < drafted:
             self.rate -= self.weight * self.rate
+        if drafted:
+            self.backoff = 1 if accepted else min(8, self.backoff * 2)
 
     def next(self, limit: int) -> int:
         """How many tokens to draft now, at most `limit`."""
@@ -151,7 +156,7 @@ class DraftLength:
         k = max(range(limit + 1), key=gains.__getitem__)
         if k == 0:
             self.idle += 1
-            if self.idle >= self.probe_every:
+            if self.idle >= self.probe_every * self.backoff:
                 self.idle = 0
                 return 1
         return k
@@ -238,11 +243,20 @@ def weight_bytes(tree) -> int:
     return 0
 
 
+def row_cost(spec: SpeculativeConfig, model: Model) -> float:
+    """The config's row_cost, or the default for the model's weights (see SpeculativeConfig)."""
+    if spec.row_cost is not None:
+        return spec.row_cost
+    layers = model.params.get("layers") or [{}]
+    return 0.15 if isinstance(layers[0].get("wqkv"), torch.Tensor) else 0.33
+
+
 def drafter_for(spec: SpeculativeConfig, model: Model, length: int, pick: Pick):
     """(drafter, DraftLength) for a config; `length`: the KV cache length a draft model needs."""
+    cost = row_cost(spec, model)
     if spec.method == "ngram":
-        return NgramDrafter(spec.min_ngram, spec.max_ngram), DraftLength(spec.k, spec.row_cost)
+        return NgramDrafter(spec.min_ngram, spec.max_ngram), DraftLength(spec.k, cost)
     draft_cost = spec.draft_cost
     if draft_cost is None:
         draft_cost = weight_bytes(spec.draft.params) / max(1, weight_bytes(model.params))
-    return ModelDrafter(spec.draft, length, pick), DraftLength(spec.k, spec.row_cost + draft_cost)
+    return ModelDrafter(spec.draft, length, pick), DraftLength(spec.k, cost + draft_cost)
