@@ -84,7 +84,7 @@ def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=1
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("weights", ["fp32", "int4", "int8", "int4-fp32-act", "int8-fp32-act"])
 def test_fused_layer_is_bitwise_the_op_by_op_layer(variant, weights, monkeypatch):
-    """Quantized weights with int8 activations (the default) and with fp32 ones (LLMFN_QUANT_ACTIVATIONS)."""
+    """Quantized weights with int8 activations and with fp32 ones (LLMFN_QUANT_ACTIVATIONS)."""
     cfg = config(**VARIANTS[variant])
     params = random_params(cfg, seed=len(variant))
     monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "fp32" if weights.endswith("fp32-act") else "int8")

@@ -101,7 +101,7 @@ class Engine:
             self._sampler = RowSampler(self.rows, cfg.vocab_size, self._device)
         spec = as_config(speculative, model)  # prompt lookup where the kernels make it exact (drafts.py)
         exact = self.compact and not getattr(cfg, "dynamic_ntk_length", None)  # drafts use the free rows
-        self._speculator = Speculator(spec, self._kv, self._sampler, row_invariant_rows(model)) if spec and exact else None
+        self._speculator = Speculator(spec, model, self._kv, self._sampler, row_invariant_rows(model)) if spec and exact else None
         self._slots: list[Sequence | None] = [None] * self.rows  # places >= max_running stay None: scratch
         self._prefilling: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()  # guarded by _cv

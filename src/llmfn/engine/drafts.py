@@ -17,14 +17,16 @@ from llmfn.engine.paged import PagedKV
 from llmfn.engine.requests import Sequence, TokenLogprob
 from llmfn.engine.rows import RowSampler
 from llmfn.errors import LlmfnError
+from llmfn.model import Model
 from llmfn.speculative import SpeculativeConfig, drafter_for
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, kv: PagedKV, sampler: RowSampler, max_rows: int):
+    def __init__(self, config: SpeculativeConfig, model: Model, kv: PagedKV, sampler: RowSampler, max_rows: int):
         if config.method != "ngram":
             raise LlmfnError(f"the engine drafts by prompt lookup (method 'ngram'), not {config.method!r}")
         self.config = config
+        self.model = model
         self.kv = kv
         self.sampler = sampler
         self.max_rows = max_rows  # rows a step may have with row-invariant kernels
@@ -73,5 +75,5 @@ class Speculator:
     def _for(self, s: Sequence) -> tuple:
         state = self._state.get(id(s))
         if state is None:
-            state = self._state[id(s)] = drafter_for(self.config, None, 0, None)
+            state = self._state[id(s)] = drafter_for(self.config, self.model, 0, None)
         return state

@@ -13,7 +13,7 @@ dequantizes in registers, in fp32:
 for up to MAX_ROWS activation rows (decode, small batches, short prompts); bigger inputs dequantize the weight in
 row chunks and call F.linear (the BLAS matmul is faster once the weight is reused enough).
 
-Int8 activations (the default; LLMFN_QUANT_ACTIVATIONS=fp32 keeps the exact product above). The
+Int8 activations (LLMFN_QUANT_ACTIVATIONS=int8; the default, fp32, keeps the exact product above). The
 fp32-activation kernel is instruction-bound (unpacking nibbles to floats, then fp32 FMAs). As
 llama.cpp does, each activation row is instead quantized per block of 32 (d = max|x| / 127) and a
 weight block meets it in integer dot products: AVX-512 VNNI vpdpbusd (64 bytes an instruction),
@@ -23,8 +23,10 @@ Per-call, one thread, AVX-512 Xeon: SmolLM2's gate/up [3072, 576] int4 135 -> 94
 lm_head [49152, 576] 2206 -> 1275 us. What it costs (benchmarks/quant_accuracy.py, SmolLM2 Q4_1
 against its dequantized fp32 model): max |logit diff| 1.19 (mean 0.15) vs 1e-4 with fp32
 activations, greedy choice equal at 99.0% of 300 teacher-forced steps, perplexity 32.85 vs 32.42
-(+1.3%) on a 165-token text: the arithmetic llama.cpp runs for these files, for a faster decode, so
-it is the default; fp32 stays one variable away where exactness matters. Each row is quantized
+(+1.3%) on a 165-token text: the arithmetic llama.cpp runs for these files. Not the default: that
+1% of flipped greedy choices includes the default model's answer to "What is the capital of France?"
+(int8 activations send SmolLM2's Q4_1 off into "L'Étoile, la Marseillaise, ..." at temperature 0),
+and its decode speed-up was not measured on a quiet machine. Each row is quantized
 alone, so results stay batch-invariant, and the fused decoder layer (kinds 3 and 4) runs the same code.
 
 The C code (csrc/quant.h, q8dot.h) is compiled once per machine into kernels/cpu.py's library, in
@@ -64,9 +66,10 @@ def available() -> bool:
 
 def int8_activations() -> bool:
     """Whether int4 / int8 linears quantize their activations to int8 per block of 32 and take integer dot
-    products (LLMFN_QUANT_ACTIVATIONS=int8, the default) or keep them fp32, the exact product with the
-    dequantized weight (=fp32). Read per call: the env var switches a running process too."""
-    mode = os.environ.get("LLMFN_QUANT_ACTIVATIONS", "int8")
+    products (LLMFN_QUANT_ACTIVATIONS=int8) or keep them fp32, the exact product with the dequantized
+    weight (=fp32, the default: see the module docstring). Read per call: the env var switches a
+    running process too."""
+    mode = os.environ.get("LLMFN_QUANT_ACTIVATIONS", "fp32")
     if mode not in ("int8", "fp32"):
         raise LlmfnError(f"LLMFN_QUANT_ACTIVATIONS must be int8 or fp32, not {mode!r}")
     return mode == "int8"
