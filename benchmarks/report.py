@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ENGINE_CONCURRENCY = (1, 2, 4, 8)
+ENGINE_CONCURRENCY = (1, 8, 16, 32)
 QUICK_ENGINE_CONCURRENCY = (1, 4)
 
 
@@ -40,7 +40,7 @@ def steps(quick: bool, out: Path) -> dict[str, list[str]]:
             "embed": ["embed.py", "--repeats", "1"],
             "tokenizers": ["tokenizer_speed.py", "--mb", "0.2", "--repeat", "1"],
         }
-        sweep, prompts, gen = QUICK_ENGINE_CONCURRENCY, 8, 16
+        sweep, gen = QUICK_ENGINE_CONCURRENCY, 16
     else:
         found = {
             "decode": ["decode.py"],
@@ -51,10 +51,8 @@ def steps(quick: bool, out: Path) -> dict[str, list[str]]:
             "tokenizers": ["tokenizer_speed.py"],
             "server-load": ["load.py"],
         }
-        sweep, prompts, gen = ENGINE_CONCURRENCY, 16, 64
-    for n in sweep:  # the same 2048-position KV cache at every concurrency (1 x 256 slots are too short)
-        found[f"engine-{n}"] = ["engine.py", "--max-running", str(n), "--slot-len", str(2048 // n),
-                                "--prompts", str(max(prompts, 2 * n)), "--gen-tokens", str(gen)]  # fmt: skip
+        sweep, gen = ENGINE_CONCURRENCY, 64
+    found["engine"] = ["engine.py", "--concurrency", *map(str, sweep), "--gen-tokens", str(gen)]
     return found
 
 
@@ -126,14 +124,14 @@ def plot_decode(results: dict, path: Path) -> bool:
 
 
 def plot_concurrency(results: dict, path: Path) -> bool:
+    """engine.py's table: a row per runtime, a column "N=n tok/s" per concurrency."""
     lines: dict[str, dict[int, float]] = {}
-    for step in results:
-        if not step.startswith("engine-"):
-            continue
-        n = int(step.split("-")[1])
-        for name, value in column(results, step, "runtime", "generated tok/s").items():
-            label = "llmfn Engine" if "Engine" in name else "llmfn.generate, one at a time" if "one at a time" in name else name
-            lines.setdefault(label, {})[n] = value
+    for table in tables(results.get("engine", {}).get("stdout", "")):
+        for row in table:
+            for key, value in row.items():
+                if key.startswith("N=") and key.endswith(" tok/s") and "runtime" in row:
+                    label = "llmfn Engine" if "Engine" in row["runtime"] else row["runtime"]
+                    lines.setdefault(label, {})[int(key[2:].split()[0])] = number(value)
     if not lines:
         return False
     import matplotlib.pyplot as plt
