@@ -75,18 +75,10 @@ def all_gather_last(y: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
-@dataclass(frozen=True, eq=False)
-class RowParallel:
-    """A row-parallel weight: this rank's input columns [out, in/n] of a [out, in] weight (a tensor or
-    a quantized leaf). `linear(x)` takes this rank's slice of the inputs and returns the full product,
-    summed over the group. No `fused_args`: the fused C layer declines it (see the module doc)."""
+class _Shard:
+    """What a sharded leaf tells about itself from its local part (`local`): device, dtype, numel."""
 
     local: Any
-    group: Any
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.local.shape)
 
     @property
     def device(self) -> torch.device:
@@ -99,12 +91,26 @@ class RowParallel:
     def numel(self) -> int:
         return self.local.numel()
 
+
+@dataclass(frozen=True, eq=False)
+class RowParallel(_Shard):
+    """A row-parallel weight: this rank's input columns [out, in/n] of a [out, in] weight (a tensor or
+    a quantized leaf). `linear(x)` takes this rank's slice of the inputs and returns the full product,
+    summed over the group. No `fused_args`: the fused C layer declines it (see the module doc)."""
+
+    local: Any
+    group: Any
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.local.shape)
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(linear(x, self.local), self.group)
 
 
 @dataclass(frozen=True, eq=False)
-class VocabShard:
+class VocabShard(_Shard):
     """Rows [start, start + rows) of a [V, D] embedding / lm_head, the group together holding all V.
     `embedding(ids)` looks up the ids this rank holds (zeros for the others) and sums over the group
     (exact: one rank contributes each row); `linear(x)` returns the full logits [..., V], gathered."""
@@ -117,17 +123,6 @@ class VocabShard:
     def shape(self) -> tuple[int, int]:
         rows, dim = self.local.shape
         return (rows * dist.get_world_size(self.group), dim)
-
-    @property
-    def device(self) -> torch.device:
-        return self.local.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.local.dtype
-
-    def numel(self) -> int:
-        return self.local.numel()
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.local.shape[0]
