@@ -30,8 +30,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def exact_activations(request, monkeypatch):
     """The tests here check the exact path (fp32 activations against the dequantized weights), unless
     marked int8_act: the int8-activation kernels' own tests (their arithmetic differs by design)."""
-    if "int8_act" not in request.node.name:
-        monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "fp32")
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "int8" if "int8_act" in request.node.name else "fp32")
 
 
 def ints(shape, hi, seed, lo=0):
