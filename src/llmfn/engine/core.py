@@ -92,7 +92,8 @@ class Engine:
                                                    cfg.max_position_embeddings, max_model_len, self._device)  # fmt: skip
         # Decode steps: where the backend's kernels are row-invariant, only the rows up to the last busy
         # place run; elsewhere every step runs the same `rows` rows (see the module docstring).
-        self.compact = max_running <= row_invariant_rows(model)
+        invariant_rows = row_invariant_rows(model)
+        self.compact = max_running <= invariant_rows
         self.rows = max_running if self.compact else -(-max_running // ROW_ALIGN) * ROW_ALIGN
         self._forward = forward_for(model)  # eager: generate's torch.compile'd step is not used here yet
         self._eos = frozenset(eos_ids(model))
@@ -101,7 +102,7 @@ class Engine:
             self._sampler = RowSampler(self.rows, cfg.vocab_size, self._device)
         spec = as_config(speculative, model)  # prompt lookup where the kernels make it exact (drafts.py)
         exact = self.compact and not getattr(cfg, "dynamic_ntk_length", None)  # drafts use the free rows
-        self._speculator = Speculator(spec, model, self._kv, self._sampler, row_invariant_rows(model)) if spec and exact else None
+        self._speculator = Speculator(spec, model, self._kv, self._sampler, invariant_rows) if spec and exact else None
         self._slots: list[Sequence | None] = [None] * self.rows  # places >= max_running stay None: scratch
         self._prefilling: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()  # guarded by _cv
@@ -354,7 +355,6 @@ class Engine:
         would have been (a decode row's KV does not depend on the batch)."""
         log.info("preempting a sequence of %d tokens: the KV pool is full", len(s.prompt) + len(s.tokens))
         self._n["preemptions"] += 1
-        s.preemptions += 1
         self._vacate(s)
         with self._cv:
             self._waiting.appendleft(s)

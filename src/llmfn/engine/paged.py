@@ -41,11 +41,6 @@ class PagedKV:
         shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.cache = KVCache(zeros_untouched(shape, dtype, device), zeros_untouched(shape, dtype, device))
 
-    @property
-    def capacity(self) -> int:
-        """Positions one sequence may hold: every block but the scratch one."""
-        return (self.pool.num_blocks - 1) * self.block_size
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.cache.k, self.cache.v))
 

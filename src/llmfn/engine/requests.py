@@ -147,7 +147,6 @@ class Sequence:
         self.tokens: list[int] = []  # generated so far
         self.cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (first admission)
         self.arrival = 0  # queue order: the youngest running sequence is preempted first
-        self.preemptions = 0
         self.cancelled = False
         self.done = False
 
