@@ -94,3 +94,20 @@ def test_penalties():
     seen = torch.tensor([[True, True, True, False]])
     out = apply_penalties(logits, counts, seen, _row(2.0, torch.float32), _row(0.5, torch.float32), _row(0.25, torch.float32))
     assert torch.allclose(out, torch.tensor([[1.0 - 0.5 - 0.5, -4.0, 0.5 - 0.5 - 0.25, 0.5]]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(100, 5000), st.floats(0.5, 8.0), st.floats(0.05, 0.999), st.integers(0, 2**31))
+def test_nucleus_of_wide_distributions_equals_a_full_sort(vocab, spread, top_p, seed):
+    # Flat rows put thousands of tokens in the nucleus: the head-only sort must widen until it ends.
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(seed)) * spread
+    ones = torch.ones(3)
+    got = allowed_tokens(logits, ones, torch.zeros(3, dtype=torch.int64), ones * top_p, torch.zeros(3))
+    probs = torch.softmax(logits, -1)
+    for row in range(3):
+        ranked, order = probs[row].sort(descending=True)
+        inside = (ranked.cumsum(0) - ranked) < top_p
+        inside[0] = True
+        want = torch.zeros(vocab, dtype=torch.bool)
+        want[order[inside]] = True
+        assert torch.equal(got[row], want)

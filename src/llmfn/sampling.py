@@ -126,14 +126,23 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniform (0, 1) noise [B, V], a pure function of seed [B], step [B] and the token id."""
+def _row_keys(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The noise key of each row [B]: a hash of its seed (both 32-bit halves) and step."""
     seed = seed.to(torch.int64)
     key = _mix32(seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32)
-    row = _mix32((key + step.to(torch.int64)) & _MASK32)  # [B]
-    ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
-    h = _mix32((row[:, None] + _mix32(ids)[None, :] * 0x9E3779B1) & _MASK32)  # [B, V]
+    return _mix32((key + step.to(torch.int64)) & _MASK32)
+
+
+def _noise(row_key: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) noise for token ids under row keys (broadcast together), as float64."""
+    h = _mix32((row_key + _mix32(ids.to(torch.int64)) * 0x9E3779B1) & _MASK32)
     return (h.double() + 0.5) / 4294967296.0
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) noise [B, V], a pure function of seed [B], step [B] and the token id."""
+    ids = torch.arange(vocab, device=seed.device)
+    return _noise(_row_keys(seed, step)[:, None], ids[None, :])
 
 
 def apply_penalties(
@@ -194,22 +203,50 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+def _probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """softmax(logits / temperature) over each row's top_k tokens (all when top_k is 0; tokens tied
+    with the k-th stay), 0 elsewhere: [B, V] fp32."""
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    V = logits.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < V), top_k, 0)
+    if bool((k > 0).any()):
+        top = scaled.topk(int(k.max()), dim=-1).values  # [B, max k], descending
+        kth = top.gather(1, (k - 1).clamp_min(0)[:, None])
+        scaled = torch.where((k[:, None] > 0) & (scaled < kth), float("-inf"), scaled)
+    return torch.softmax(scaled, dim=-1)
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The smallest set of most likely tokens whose mass reaches top_p, per row, as a bool mask
+    [B, V] (every token where top_p >= 1). Only the head of each row is sorted: the k most likely
+    tokens, k doubling until every row's nucleus ends inside them (a few hundred at most for the
+    peaked distributions of language models, instead of a sort of the whole vocabulary)."""
+    B, V = probs.shape
+    keep = (top_p >= 1.0)[:, None].expand(B, V).clone()
+    open_rows = (top_p < 1.0).nonzero()[:, 0]
+    k = min(V, 64)
+    while open_rows.numel():
+        head, order = probs[open_rows].topk(k, dim=-1)  # descending
+        inside = (head.cumsum(-1) - head) < top_p[open_rows, None]  # mass before a token < top_p
+        done = ~inside[:, -1] | (k == V)
+        rows = open_rows[done]
+        keep[rows] = torch.zeros(len(rows), V, dtype=torch.bool, device=probs.device).scatter(1, order[done], inside[done])
+        open_rows, k = open_rows[~done], min(V, 4 * k)
+    return keep
+
+
 def allowed_tokens(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
     """The tokens each row may sample, as a bool mask [B, V]: top_k first, then top_p on the
     renormalised rest, then min_p relative to the most likely token. The top token is always kept."""
-    B, V = logits.shape
-    scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(V, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, V)[:, None]
-    keep = rank < k
-    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    keep &= (probs.cumsum(-1) - probs) < top_p[:, None]
-    keep &= probs >= min_p[:, None] * probs[:, :1]
-    keep[:, 0] = True
-    return torch.zeros_like(keep).scatter(1, order, keep)
+    return _allowed(_probabilities(logits, temperature, top_k), top_p, min_p)
+
+
+def _allowed(probs: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    top = probs.max(dim=-1, keepdim=True)
+    keep = _nucleus(probs, top_p) & (probs >= min_p[:, None] * top.values) & (probs > 0)
+    return keep.scatter(1, top.indices, True)
 
 
 def sample(
@@ -221,13 +258,20 @@ def sample(
     seed: torch.Tensor,
     step: torch.Tensor,
 ) -> torch.Tensor:
-    """Next token per row [B] from fp32 logits [B, V]. Rows with temperature 0 take the argmax."""
-    mask = allowed_tokens(logits, temperature, top_k, top_p, min_p)
-    scaled = (logits / temperature.clamp_min(1e-6)[:, None]).masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1).double()
-    race = probs / -torch.log(uniform_noise(seed, step, logits.shape[-1]))  # Exp(1) noise
-    drawn = race.argmax(dim=-1)
-    return torch.where(temperature <= 0, logits.argmax(dim=-1), drawn)
+    """Next token per row [B] from fp32 logits [B, V]. Rows with temperature 0 take the argmax; the
+    others race the allowed tokens: argmax of probs / Exp(1) noise, the noise drawn only for the
+    allowed tokens (a pure function of (seed, step, token id), so the draw is that of the full row)."""
+    tokens = logits.argmax(dim=-1)
+    hot = (temperature > 0).nonzero()[:, 0]
+    if hot.numel() == 0:
+        return tokens
+    probs = _probabilities(logits[hot], temperature[hot], top_k[hot])
+    rows, ids = _allowed(probs, top_p[hot], min_p[hot]).nonzero(as_tuple=True)
+    race = probs[rows, ids].double() / -torch.log(_noise(_row_keys(seed[hot], step[hot])[rows], ids))
+    best = torch.zeros(len(hot), dtype=torch.float64, device=logits.device).scatter_reduce(0, rows, race, "amax")
+    first = ids.new_full((len(hot),), logits.shape[-1])  # of the tokens that win their row's race, the lowest id
+    winner = race == best[rows]
+    return tokens.index_put((hot,), first.scatter_reduce(0, rows[winner], ids[winner], "amin"))
 
 
 def params_to_tensors(params: list[SamplingParams], seeds: list[int], device="cpu") -> dict[str, torch.Tensor]:
