@@ -220,6 +220,22 @@ def test_cpu_kernels_match_float64_matmul(m, n, k, g):
     assert leaf8.linear(x[None]).shape == (1, m, n)
 
 
+@pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(2, cpu_quant.MAX_ROWS), n=st.integers(1, 24), groups=st.integers(1, 5),
+       g=st.sampled_from([32, 64, 128]), bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_quantized_linear_rows_are_batch_invariant(m, n, groups, g, bits, seed):
+    """Row i of a batch is bitwise row i alone, for every group size and however the kernels split the
+    rows into passes (int4 / int8, fp32 activations)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = groups * g
+    leaf = (quant.Int4Weight if bits == 4 else quant.Int8Weight).quantize(torch.randn(n, k, generator=gen), g)
+    x = torch.randn(m, k, generator=gen)
+    out = leaf.linear(x)
+    for i in range(m):
+        assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
+
+
 def test_embedding_rows_equal_dequantized_rows():
     w = torch.randn(50, 64)
     ids = torch.tensor([[3, 0, 49], [7, 7, 1]])

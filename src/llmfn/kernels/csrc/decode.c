@@ -320,7 +320,7 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
         const uint8_t* q = (const uint8_t*)L->q;
         for (; lo + 2 <= hi; lo += 2) {
             float v[2];
-            int4_g32_r1x2(xp, xs, q + lo * (k / 2), q + (lo + 1) * (k / 2), L->scales + lo * G,
+            int4_g32_decode_pair(xp, xs, q + lo * (k / 2), q + (lo + 1) * (k / 2), L->scales + lo * G,
                           L->scales + (lo + 1) * G, L->offsets + lo * G, L->offsets + (lo + 1) * G, v, v + 1, G);
             for (int i = 0; i < 2; i++) {
                 float b = L->bias ? v[i] + L->bias[lo + i] : v[i];
@@ -331,8 +331,8 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
 #endif
     for (int64_t j = lo; j < hi; j++) {
         float out[16];
-        for (int64_t i0 = 0; i0 < m; i0 += 4) {
-            int64_t R = (m - i0) < 4 ? (m - i0) : 4;
+        for (int64_t i0 = 0; i0 < m; i0 += QUANT_PASS_ROWS) {
+            int64_t R = (m - i0) < QUANT_PASS_ROWS ? (m - i0) : QUANT_PASS_ROWS;
             if (L->kind == 1)
                 int4_block(xp + i0 * k, xs + i0 * G, (const uint8_t*)L->q + j * (k / 2), L->scales + j * G,
                            L->offsets + j * G, out + i0, 1, k, g, G, R);

@@ -185,10 +185,12 @@ static inline void NAME(const float* x, const int8_t* qr, const float* sr, float
     for (int r = 0; r < R; r++) y[r * n] = hsum(_mm256_add_ps(te[r], to[r]));                          \
 }
 
+/* Groups other than 32 take one or two rows a pass, each with the same four accumulators: a row's
+   summation order must not depend on how many rows share its pass (batch invariance). */
 INT8_G32(int8_g32_r1, 1) INT8_G32(int8_g32_r2, 2) INT8_G32(int8_g32_r3, 3) INT8_G32(int8_g32_r4, 4)
-INT4_ROWS(int4_r1, 1, 4) INT4_ROWS(int4_r2, 2, 2) INT4_ROWS(int4_r3, 3, 2) INT4_ROWS(int4_r4, 4, 2)
+INT4_ROWS(int4_r1, 1, 4) INT4_ROWS(int4_r2, 2, 4)
 INT4_G32(int4_g32_r1, 1) INT4_G32(int4_g32_r2, 2) INT4_G32(int4_g32_r3, 3) INT4_G32(int4_g32_r4, 4)
-INT8_ROWS(int8_r1, 1, 4) INT8_ROWS(int8_r2, 2, 2) INT8_ROWS(int8_r3, 3, 2) INT8_ROWS(int8_r4, 4, 2)
+INT8_ROWS(int8_r1, 1, 4) INT8_ROWS(int8_r2, 2, 4)
 
 /* Two weight rows against one activation row (decode): each row's arithmetic is int4_g32_r1's,
    operation for operation, so results are bitwise the same; interleaving the rows shares the
@@ -222,7 +224,87 @@ static inline void int4_g32_r1x2(const float* xp, const float* xs, const uint8_t
     *ya = int4_g32_tail(tea, toa, oa, xs, G);
     *yb = int4_g32_tail(teb, tob, ob, xs, G);
 }
+#ifdef __AVX512F__
+/* AVX-512, groups of 32: a group's 16 bytes widen to 16 int32 lanes in one instruction, whose low
+   nibbles are the group's 16 even weights and high nibbles its 16 odd ones (prep4's order of x).
+   The group is dequantized once, w = q * s + o (one FMA per 16 weights), and shared by up to
+   QUANT_PASS_ROWS activation rows, each of which then costs two FMAs a group (the AVX2 kernel: six
+   operations a row and group, and the unpacking shared by at most 4 rows). Each row keeps two running
+   sums (even / odd lanes) whatever the number of rows in its pass: batch-invariant. */
+#define QUANT_PASS_ROWS 8
+static inline void dequant32_z(const uint8_t* qb, float s, float o, __m512* even, __m512* odd) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qb));
+    const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(o);
+    *even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))), sv, ov);
+    *odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sv, ov);
+}
+#define INT4_Z(NAME, R)                                                                                 \
+static inline void NAME(const float* xp, const uint8_t* qr, const float* sr, const float* orow,         \
+                        float* y, int64_t n, int64_t k, int64_t G) {                                    \
+    __m512 ae[R], ao[R], we, wo;                                                                        \
+    for (int r = 0; r < R; r++) ae[r] = ao[r] = _mm512_setzero_ps();                                   \
+    for (int64_t gi = 0; gi < G; gi++) {                                                               \
+        dequant32_z(qr + gi * 16, sr[gi], orow[gi], &we, &wo);                                          \
+        for (int r = 0; r < R; r++) {                                                                   \
+            const float* p = xp + r * k + gi * 32;                                                      \
+            ae[r] = _mm512_fmadd_ps(we, _mm512_loadu_ps(p), ae[r]);                                    \
+            ao[r] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(p + 16), ao[r]);                               \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++) y[r * n] = _mm512_reduce_add_ps(_mm512_add_ps(ae[r], ao[r]));          \
+}
+INT4_Z(int4_z_r1, 1) INT4_Z(int4_z_r2, 2) INT4_Z(int4_z_r3, 3) INT4_Z(int4_z_r4, 4)
+INT4_Z(int4_z_r5, 5) INT4_Z(int4_z_r6, 6) INT4_Z(int4_z_r7, 7) INT4_Z(int4_z_r8, 8)
+
+/* int8 groups of 32 (GGUF Q8_0) the same way: w = q * s once a group, two FMAs a row. */
+static inline void dequant8x32_z(const int8_t* qb, float s, __m512* lo, __m512* hi) {
+    const __m512 sv = _mm512_set1_ps(s);
+    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qb))), sv);
+    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qb + 16)))), sv);
+}
+#define INT8_Z(NAME, R)                                                                                 \
+static inline void NAME(const float* x, const int8_t* qr, const float* sr, float* y,                   \
+                        int64_t n, int64_t k, int64_t G) {                                              \
+    __m512 al[R], ah[R], wl, wh;                                                                        \
+    for (int r = 0; r < R; r++) al[r] = ah[r] = _mm512_setzero_ps();                                   \
+    for (int64_t gi = 0; gi < G; gi++) {                                                               \
+        dequant8x32_z(qr + gi * 32, sr[gi], &wl, &wh);                                                  \
+        for (int r = 0; r < R; r++) {                                                                   \
+            const float* p = x + r * k + gi * 32;                                                       \
+            al[r] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(p), al[r]);                                    \
+            ah[r] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(p + 16), ah[r]);                               \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++) y[r * n] = _mm512_reduce_add_ps(_mm512_add_ps(al[r], ah[r]));          \
+}
+INT8_Z(int8_z_r1, 1) INT8_Z(int8_z_r2, 2) INT8_Z(int8_z_r3, 3) INT8_Z(int8_z_r4, 4)
+INT8_Z(int8_z_r5, 5) INT8_Z(int8_z_r6, 6) INT8_Z(int8_z_r7, 7) INT8_Z(int8_z_r8, 8)
+
+/* Two weight rows against one activation row (decode), each row int4_z_r1's arithmetic. */
+static inline void int4_z_r1x2(const float* xp, const float* xs, const uint8_t* qa, const uint8_t* qb,
+                               const float* sa, const float* sb, const float* oa, const float* ob,
+                               float* ya, float* yb, int64_t G) {
+    (void)xs;
+    __m512 aae = _mm512_setzero_ps(), aao = aae, abe = aae, abo = aae, wae, wao, wbe, wbo;
+    for (int64_t gi = 0; gi < G; gi++) {
+        dequant32_z(qa + gi * 16, sa[gi], oa[gi], &wae, &wao);
+        dequant32_z(qb + gi * 16, sb[gi], ob[gi], &wbe, &wbo);
+        const __m512 xe = _mm512_loadu_ps(xp + gi * 32), xo = _mm512_loadu_ps(xp + gi * 32 + 16);
+        aae = _mm512_fmadd_ps(wae, xe, aae);
+        aao = _mm512_fmadd_ps(wao, xo, aao);
+        abe = _mm512_fmadd_ps(wbe, xe, abe);
+        abo = _mm512_fmadd_ps(wbo, xo, abo);
+    }
+    *ya = _mm512_reduce_add_ps(_mm512_add_ps(aae, aao));
+    *yb = _mm512_reduce_add_ps(_mm512_add_ps(abe, abo));
+}
+#define int4_g32_decode_pair int4_z_r1x2
 #else
+#define QUANT_PASS_ROWS 4
+#define int4_g32_decode_pair int4_g32_r1x2
+#endif
+#else
+#define QUANT_PASS_ROWS 4
 /* Portable versions (the compiler vectorizes what it can). */
 static void int4_rows(const float* xp, const float* xs, const uint8_t* qr, const float* sr, const float* orow,
                       float* y, int64_t n, int64_t k, int64_t g, int64_t G, int R) {
@@ -254,21 +336,35 @@ static void int8_rows(const float* x, const int8_t* qr, const float* sr, float* 
 }
 #endif
 
-/* Rows i0 .. i0 + R - 1 (R <= 4) of y = x @ w^T at column j, from one weight row: the dispatch on
+/* Rows i0 .. i0 + R - 1 (R <= QUANT_PASS_ROWS) of y = x @ w^T at column j, from one weight row: the dispatch on
    R and the group size shared by the linears below and the fused decoder layer (decode.c). */
 static inline void int4_block(const float* xpi, const float* xsi, const uint8_t* qr, const float* sr,
                               const float* orow, float* yi, int64_t n, int64_t k, int64_t g, int64_t G, int64_t R) {
 #ifdef __AVX2__
     if (g == 32) {
+#ifdef __AVX512F__
+        switch (R) {
+        case 8: int4_z_r8(xpi, qr, sr, orow, yi, n, k, G); break;
+        case 7: int4_z_r7(xpi, qr, sr, orow, yi, n, k, G); break;
+        case 6: int4_z_r6(xpi, qr, sr, orow, yi, n, k, G); break;
+        case 5: int4_z_r5(xpi, qr, sr, orow, yi, n, k, G); break;
+        case 4: int4_z_r4(xpi, qr, sr, orow, yi, n, k, G); break;
+        case 3: int4_z_r3(xpi, qr, sr, orow, yi, n, k, G); break;
+        case 2: int4_z_r2(xpi, qr, sr, orow, yi, n, k, G); break;
+        default: int4_z_r1(xpi, qr, sr, orow, yi, n, k, G);
+        }
+#else
         if (R == 4) int4_g32_r4(xpi, xsi, qr, sr, orow, yi, n, k, G);
         else if (R == 3) int4_g32_r3(xpi, xsi, qr, sr, orow, yi, n, k, G);
         else if (R == 2) int4_g32_r2(xpi, xsi, qr, sr, orow, yi, n, k, G);
         else int4_g32_r1(xpi, xsi, qr, sr, orow, yi, n, k, G);
+#endif
+        return;
     }
-    else if (R == 4) int4_r4(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
-    else if (R == 3) int4_r3(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
-    else if (R == 2) int4_r2(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
-    else int4_r1(xpi, xsi, qr, sr, orow, yi, n, k, g, G);
+    for (int64_t r = 0; r < R; r += 2) {
+        if (R - r >= 2) int4_r2(xpi + r * k, xsi + r * G, qr, sr, orow, yi + r * n, n, k, g, G);
+        else int4_r1(xpi + r * k, xsi + r * G, qr, sr, orow, yi + r * n, n, k, g, G);
+    }
 #else
     int4_rows(xpi, xsi, qr, sr, orow, yi, n, k, g, G, (int)R);
 #endif
@@ -278,15 +374,29 @@ static inline void int8_block(const float* xi, const int8_t* qr, const float* sr
                               int64_t n, int64_t k, int64_t g, int64_t G, int64_t R) {
 #ifdef __AVX2__
     if (g == 32) {
+#ifdef __AVX512F__
+        switch (R) {
+        case 8: int8_z_r8(xi, qr, sr, yi, n, k, G); break;
+        case 7: int8_z_r7(xi, qr, sr, yi, n, k, G); break;
+        case 6: int8_z_r6(xi, qr, sr, yi, n, k, G); break;
+        case 5: int8_z_r5(xi, qr, sr, yi, n, k, G); break;
+        case 4: int8_z_r4(xi, qr, sr, yi, n, k, G); break;
+        case 3: int8_z_r3(xi, qr, sr, yi, n, k, G); break;
+        case 2: int8_z_r2(xi, qr, sr, yi, n, k, G); break;
+        default: int8_z_r1(xi, qr, sr, yi, n, k, G);
+        }
+        return;
+#endif
         if (R == 4) int8_g32_r4(xi, qr, sr, yi, n, k, G);
         else if (R == 3) int8_g32_r3(xi, qr, sr, yi, n, k, G);
         else if (R == 2) int8_g32_r2(xi, qr, sr, yi, n, k, G);
         else int8_g32_r1(xi, qr, sr, yi, n, k, G);
     }
-    else if (R == 4) int8_r4(xi, qr, sr, yi, n, k, g, G);
-    else if (R == 3) int8_r3(xi, qr, sr, yi, n, k, g, G);
-    else if (R == 2) int8_r2(xi, qr, sr, yi, n, k, g, G);
-    else int8_r1(xi, qr, sr, yi, n, k, g, G);
+    else
+        for (int64_t r = 0; r < R; r += 2) {
+            if (R - r >= 2) int8_r2(xi + r * k, qr, sr, yi + r * n, n, k, g, G);
+            else int8_r1(xi + r * k, qr, sr, yi + r * n, n, k, g, G);
+        }
 #else
     int8_rows(xi, qr, sr, yi, n, k, g, G, (int)R);
 #endif
@@ -312,9 +422,9 @@ int llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const fl
     prep4(x, xp, xs, m, k, g);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < n; j++)
-        for (int64_t i0 = 0; i0 < m; i0 += 4)
+        for (int64_t i0 = 0; i0 < m; i0 += QUANT_PASS_ROWS)
             int4_block(xp + i0 * k, xs + i0 * G, q + j * (k / 2), s + j * G, o + j * G, y + i0 * n + j, n, k, g, G,
-                       (m - i0) < 4 ? (m - i0) : 4);
+                       (m - i0) < QUANT_PASS_ROWS ? (m - i0) : QUANT_PASS_ROWS);
     free(xp);
     return 0;
 }
@@ -337,8 +447,9 @@ int llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
     }
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < n; j++)
-        for (int64_t i0 = 0; i0 < m; i0 += 4)
-            int8_block(x + i0 * k, q + j * k, s + j * G, y + i0 * n + j, n, k, g, G, (m - i0) < 4 ? (m - i0) : 4);
+        for (int64_t i0 = 0; i0 < m; i0 += QUANT_PASS_ROWS)
+            int8_block(x + i0 * k, q + j * k, s + j * G, y + i0 * n + j, n, k, g, G,
+                       (m - i0) < QUANT_PASS_ROWS ? (m - i0) : QUANT_PASS_ROWS);
     return 0;
 }
 
