@@ -31,6 +31,7 @@ from llmfn.serve.http import (
     Router,
     StreamingResponse,
     read_body,
+    release_frames,
     shutting_down,
     too_deep,
     until_disconnect,
@@ -174,6 +175,7 @@ class App:
         except ApiError as e:
             if not response_started:
                 await e.response().send(tracked_send)
+            release_frames(e)
         except ClientGone:
             status = 499  # nginx's "client closed request", for the metrics only
         except RecursionError:  # a request nested deeper than a handler's recursion (schemas, tools)

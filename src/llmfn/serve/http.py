@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import logging
 import re
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -275,6 +276,17 @@ async def _read(receive, limit: int) -> bytes:
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than the server's limit of {limit} bytes",
                     code="request_too_large")  # fmt: skip
+
+
+def release_frames(exc: BaseException | None) -> None:
+    """Clear the locals of the finished frames in exc's traceback and its context's. An error raised
+    before the body was read (408, 413) leaves the ASGI `receive` in those frames, in reference cycles
+    (a task holds the error, whose traceback holds the frame that holds the task); until the cyclic GC
+    freed them Granian kept the connection open, so a client stalled mid-body kept its socket after
+    its 408."""
+    while exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__context__
 
 
 class ClientGone(Exception):
