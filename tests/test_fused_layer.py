@@ -181,3 +181,41 @@ def test_a_callers_own_attention_op_is_used_not_replaced_by_the_c_path(monkeypat
             cache = llama.init_cache(cfg, 1, 8)
             fused_forward(params, cfg, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), cache, attention=op)
             assert bool(calls) == expect_calls
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_fused_layer_results_do_not_depend_on_the_thread_count(weights, monkeypatch):
+    """DecodeThreads drops to one thread when the machine is contended: that must not change a bit."""
+    cfg = config()
+    params = random_params(cfg, seed=5)
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "fp32")
+    if weights != "fp32":
+        params = quantize_params(params, weights)
+    outs = []
+    with torch.inference_mode():
+        for threads in (1, 2, 3):
+            monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+            outs.append(run(params, cfg, steps=4, batch=3, fused=True, monkeypatch=monkeypatch))
+    for logits, cache in outs[1:]:
+        assert torch.equal(logits, outs[0][0]) and torch.equal(cache.k, outs[0][1].k)
+    assert 0 < cpu.library().llmfn_decode_occupancy() <= 1100  # thousandths of the threads' time, measured
+
+
+def test_decode_threads_fall_back_to_one_thread_while_the_cores_are_taken(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    policy = cpu.DecodeThreads()
+    assert policy.pick() == 2
+    policy.observe(2, 0.95)  # had its cores: stays on 2
+    assert policy.pick() == 2
+    policy.observe(2, 0.4)  # lost them: 16 steps on one thread, the other kernels too
+    assert policy.threads() == 1
+    assert [policy.pick() for _ in range(17)] == [1] * 16 + [2]
+    policy.observe(2, 0.4)  # again: twice as long
+    assert [policy.pick() for _ in range(33)] == [1] * 32 + [2]
+    for _ in range(6):
+        policy.observe(2, 0.4)
+        while policy.solo_left:
+            policy.pick()
+    assert policy.solo_next == cpu.DecodeThreads.MAX_SOLO
+    policy.observe(2, 0.99)  # a step that had its cores resets the back-off
+    assert policy.solo_next == cpu.DecodeThreads.FIRST_SOLO and policy.pick() == 2

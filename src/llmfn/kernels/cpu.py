@@ -46,6 +46,7 @@ _SIGNATURES = {
     "llmfn_rms_norm": [_p, _p, _p, _i64, _i64, _f32],
     "llmfn_silu_mul": [_p, _p, _i64, _i64],
     "llmfn_qkv_attention": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, _p, *[_i64] * 5, _f32, _i64, _i32],
+    "llmfn_decode_occupancy": [],
 }
 
 
@@ -121,7 +122,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], n)
     b = None if b is None else b.contiguous()
-    library().llmfn_gemv(x.data_ptr(), w.data_ptr(), ptr(b), y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads())
+    library().llmfn_gemv(x.data_ptr(), w.data_ptr(), ptr(b), y.data_ptr(), x.numel() // k, n, k, decode_threads.threads())
     return y
 
 
@@ -202,7 +203,7 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     status = library().llmfn_qkv_attention(
         qkv.data_ptr(), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(), strides, ptr(table), nb, bs, ptr(alibi_slopes), out.data_ptr(), b, t, num_heads,
-        num_kv_heads, hd, scale, window or 0, torch.get_num_threads(),
+        num_kv_heads, hd, scale, window or 0, decode_threads.threads(),
     )
     _position_error(status, nb * bs)
     return out
@@ -277,6 +278,43 @@ def _layer_fields(layer: dict, d: int, f: int, hq: int, hk: int, hd: int) -> cty
     return (ctypes.c_int64 * len(flat))(*flat)
 
 
+class DecodeThreads:
+    """How many threads the fused decode step runs on: torch's count, except after a step in which
+    the threads got less than OCCUPIED of the time they were in it as CPU time (other processes took
+    their cores), when the next steps run on one thread: 16 steps, twice as many each time it happens
+    again (up to 256), before all threads are tried again. The step's phases meet at ~270 barriers,
+    each waiting for the slowest thread: on 2 cores shared with other work, 2 threads decoded SmolLM2
+    int4 at ~5 tok/s where 1 thread made ~18-35. The thread count never changes results (each output
+    has one owner and one summation order)."""
+
+    OCCUPIED, FIRST_SOLO, MAX_SOLO = 0.8, 16, 256
+
+    def __init__(self):
+        self.solo_left, self.solo_next = 0, self.FIRST_SOLO
+
+    def threads(self) -> int:
+        """The count for the decode step's other kernels (the lm_head, a gemv): this step's."""
+        return 1 if self.solo_left > 0 else torch.get_num_threads()
+
+    def pick(self) -> int:
+        """The count for a fused decode step (one step of the solo stretch used up)."""
+        threads = self.threads()
+        self.solo_left = max(0, self.solo_left - 1)
+        return threads
+
+    def observe(self, threads: int, occupancy: float) -> None:
+        """After a step on `threads` threads that had `occupancy` of their time as CPU time."""
+        if threads == 1:
+            return
+        if occupancy < self.OCCUPIED:
+            self.solo_left, self.solo_next = self.solo_next, min(2 * self.solo_next, self.MAX_SOLO)
+        else:
+            self.solo_next = self.FIRST_SOLO
+
+
+decode_threads = DecodeThreads()
+
+
 def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positions, k_cache, v_cache,
                    alibi_slopes=None, blocks=None) -> torch.Tensor:
     """Pre-norm Llama decoder layers (fields: their `layer_fields`) applied to x [b, t, D] in one C call.
@@ -298,12 +336,14 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
     )
     strides = (ctypes.c_int64 * 4)(*k_cache.stride()[1:4], k_cache.stride(0))
     layers = (ctypes.c_void_p * len(fields))(*(ctypes.addressof(f) for f in fields))
+    threads = decode_threads.pick()
     status = library().llmfn_decoder_layers(
         x.data_ptr(), layers, len(fields), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), strides, ptr(table), nb, bs, ptr(alibi_slopes), b * t, t, d,
         cfg.num_heads, cfg.num_kv_heads, hd, cfg.intermediate_size, cfg.rms_norm_eps, 1.0 / math.sqrt(hd),
-        cfg.sliding_window or 0, torch.get_num_threads(),
+        cfg.sliding_window or 0, threads,
     )
+    decode_threads.observe(threads, library().llmfn_decode_occupancy() / 1000)
     if status == -2:
         raise ValueError(f"decoder_layers takes at most 16 rows, got {b * t}")
     _position_error(status, nb * bs)

@@ -4,6 +4,7 @@
 #include "simd.h"
 #include <math.h>
 #include <sched.h>
+#include <time.h>
 #include <omp.h>
 
 /* Dot products of four consecutive weight rows w (stride k) with x: out[0..3]. */
@@ -250,6 +251,18 @@ static void barrier_wait(Barrier* b, int nth, int* local) {
     }
 }
 
+/* The CPU time the threads of the last llmfn_decoder_layers call got, in thousandths of the time
+   they were in it (a thread spinning at a barrier counts as busy): near 1000 when every thread had
+   its core, far lower when other processes took them (the caller, kernels/cpu.py, then runs the next
+   steps on fewer threads). */
+static int decode_occupancy = 1000;
+int llmfn_decode_occupancy(void) { return __atomic_load_n(&decode_occupancy, __ATOMIC_RELAXED); }
+static double seconds(clockid_t clock) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 /* This thread's share [lo, hi) of `count` items. */
 static inline void share(int64_t count, int tid, int nth, int64_t* lo, int64_t* hi) {
     *lo = count * tid / nth; *hi = count * (tid + 1) / nth;
@@ -366,8 +379,10 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     float *h = buf, *qkv = h + m * D, *att = qkv + m * nqkv, *gu = att + m * nq, *act = gu + 2 * m * F;
     Barrier bar = {0, 0};
     int64_t b = m / t;
-    #pragma omp parallel num_threads(nthreads)
+    double busy = 0.0, present = 0.0;
+    #pragma omp parallel num_threads(nthreads) reduction(+ : busy, present)
     {
+        const double wall0 = seconds(CLOCK_MONOTONIC), cpu0 = seconds(CLOCK_THREAD_CPUTIME_ID);
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
         float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s));
         float* q = xp + m * kmax + m * kmax / 32;
@@ -400,7 +415,10 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             barrier_wait(&bar, nth, &local);
         }
         free(xp);
+        busy += seconds(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+        present += seconds(CLOCK_MONOTONIC) - wall0;
     }
     free(buf);
+    __atomic_store_n(&decode_occupancy, present > 0.0 ? (int)(1000.0 * busy / present) : 1000, __ATOMIC_RELAXED);
     return 0;
 }
