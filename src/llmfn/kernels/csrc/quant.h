@@ -232,11 +232,16 @@ static inline void int4_g32_r1x2(const float* xp, const float* xs, const uint8_t
    operations a row and group, and the unpacking shared by at most 4 rows). Each row keeps two running
    sums (even / odd lanes) whatever the number of rows in its pass: batch-invariant. */
 #define QUANT_PASS_ROWS 8
+/* The 16 values a nibble can stand for, q * s + o for q = 0..15 (one FMA), then each weight picked
+   from them by its nibble: vpermps reads only an index's low 4 bits, so the low nibbles index the
+   bytes as they are and the high ones after a shift. The same bits as fma(float(q), s, o) per
+   weight, in 7 instructions a group instead of 9. */
 static inline void dequant32_z(const uint8_t* qb, float s, float o, __m512* even, __m512* odd) {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qb));
-    const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(o);
-    *even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))), sv, ov);
-    *odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sv, ov);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 values = _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(o));
+    *even = _mm512_permutexvar_ps(b, values);
+    *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values);
 }
 #define INT4_Z(NAME, R)                                                                                 \
 static inline void NAME(const float* xp, const uint8_t* qr, const float* sr, const float* orow,         \
