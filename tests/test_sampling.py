@@ -111,3 +111,12 @@ def test_nucleus_of_wide_distributions_equals_a_full_sort(vocab, spread, top_p, 
         want = torch.zeros(vocab, dtype=torch.bool)
         want[order[inside]] = True
         assert torch.equal(got[row], want)
+
+
+def test_rows_of_nan_or_all_banned_logits_still_give_a_valid_token():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    logits[0] = float("nan")
+    logits[1] = float("-inf")
+    knobs = {k: v.repeat(3) for k, v in _knobs(temperature=0.8, top_p=0.9).items()}
+    out = sample(logits, step=torch.tensor([1, 2, 3]), **knobs)
+    assert ((0 <= out) & (out < 40)).all()

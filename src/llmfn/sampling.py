@@ -271,7 +271,9 @@ def sample(
     best = torch.zeros(len(hot), dtype=torch.float64, device=logits.device).scatter_reduce(0, rows, race, "amax")
     first = ids.new_full((len(hot),), logits.shape[-1])  # of the tokens that win their row's race, the lowest id
     winner = race == best[rows]
-    return tokens.index_put((hot,), first.scatter_reduce(0, rows[winner], ids[winner], "amin"))
+    drawn = first.scatter_reduce(0, rows[winner], ids[winner], "amin")
+    # a row without a winner (NaN logits: nothing compares) keeps its argmax, as torch's argmax would
+    return tokens.index_put((hot,), torch.where(drawn < logits.shape[-1], drawn, tokens[hot]))
 
 
 def params_to_tensors(params: list[SamplingParams], seeds: list[int], device="cpu") -> dict[str, torch.Tensor]:
