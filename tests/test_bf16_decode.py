@@ -152,7 +152,7 @@ def test_smollm2_bf16_logits_and_greedy_tokens():
     """SmolLM2-135M with bf16 weights: logits within 0.05 * their spread of fp32's and closer to
     them than torch's bf16 model (which also rounds every activation to bf16), and the same greedy
     tokens as fp32 for a short prompt."""
-    fp32 = llmfn.load("smollm2-135m-instruct")
+    fp32 = llmfn.load("smollm2-135m-instruct", quantize=None)  # the dense fp32 model
     ours = llmfn.load("smollm2-135m-instruct", dtype="bfloat16")
     torch_bf16 = {**map_leaves(fp32.params, lambda w: w.bfloat16()), "rope_inv_freq": fp32.params["rope_inv_freq"]}
     ids = fp32.tokenizer.encode("The capital of France is")

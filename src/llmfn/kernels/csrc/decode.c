@@ -281,9 +281,10 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
         }
         return;
     }
-    if (L->kind == 5) {
+    if (L->kind == 5) {  /* each thread preps its own copy of the activations, as for int4 */
+        bf16_prep(x, xp, m, k);
         share((n + 3) / 4, tid, nth, &lo, &hi);
-        bf16_blocks(x, (const uint16_t*)L->q, L->bias, y, add, m, n, k, lo, hi);
+        bf16_blocks(xp, (const uint16_t*)L->q, L->bias, y, add, m, n, k, lo, hi);
         return;
     }
     int64_t g = L->group, G = k / g;
