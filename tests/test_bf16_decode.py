@@ -82,6 +82,8 @@ def test_bf16_weight_leaf_serves_linear_embedding_and_refuses_bad_shapes():
     assert torch.equal(llmfn.kernels.linear.linear(x, leaf), leaf.linear(x))
     with pytest.raises(ValueError, match="bf16_linear"):
         cpu.bf16_linear(randn(g, 1, 39), w)
+    leaves, spec = torch.utils._pytree.tree_flatten({"w": leaf})  # a pytree node, as the quantized leaves
+    assert len(leaves) == 1 and leaves[0] is w and torch.utils._pytree.tree_unflatten(leaves, spec)["w"].w is w
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

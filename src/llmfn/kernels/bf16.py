@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from llmfn.kernels import cpu
 
@@ -78,3 +79,11 @@ def takes(w) -> bool:
 def wrap(w):
     """w as a Bf16Weight (a contiguous copy where it is not) when `takes(w)`, else w."""
     return Bf16Weight(w.contiguous()) if takes(w) else w
+
+
+pytree.register_pytree_node(  # a leaf of the params tree that torch.compile traces through, as quant.py's
+    Bf16Weight,
+    lambda w: ([w.w], None),
+    lambda children, _: Bf16Weight(children[0]),
+    serialized_type_name="llmfn.kernels.bf16.Bf16Weight",
+)
