@@ -149,6 +149,11 @@ def main() -> None:
         ours = base["llmfn fp32 (default: eager)"]
         print(f"\nllmfn fp32 / transformers fp32: decode {ours.decode_tok_s / hf.decode_tok_s:.2f}x, "
               f"prefill {(ours.prompt_tokens / ours.prefill_s) / (hf.prompt_tokens / hf.prefill_s):.2f}x")
+    fp32, bf16, cpp = (base.get(k) for k in ("llmfn fp32 (default: eager)", "llmfn bf16 (eager)", "llama.cpp f32"))
+    print(f"llmfn bf16 / llmfn fp32: decode {bf16.decode_tok_s / fp32.decode_tok_s:.2f}x (bf16 weights, fp32 "
+          "activations: kernels/bf16.py)")
+    if cpp:
+        print(f"llmfn fp32 / llama.cpp f32: decode {fp32.decode_tok_s / cpp.decode_tok_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -172,9 +172,10 @@ def test_bad_speculative_arguments_are_request_errors(tiny):
 
 
 def test_without_exact_verification_speculation_falls_back_to_plain_steps(tiny, tmp_path):
-    """bf16 steps take torch's kernels, whose results may depend on the rows beside them: no drafts."""
-    make_checkpoint(tmp_path / "bf16", "llama")
-    model = llmfn.load(tmp_path / "bf16", dtype="bfloat16")
+    """fp16 steps take torch's kernels, whose results may depend on the rows beside them: no drafts.
+    (bf16 models now decode on the C kernels: tests/test_bf16_decode.py.)"""
+    make_checkpoint(tmp_path / "fp16", "llama")
+    model = llmfn.load(tmp_path / "fp16", dtype="float16")
     assert speculative.verify_rows(model) == 0
     stats = {}
     assert _run(model, PROMPT, "ngram", max_tokens=12, stats=stats) == _run(model, PROMPT, max_tokens=12)

@@ -1,7 +1,8 @@
 """C kernels for decode on CPU: matrix-vector products, RMSNorm, SiLU-gate, the fused rope +
-KV-cache write + attention of a step, and all decoder layers of a step in one call (fp32, int4 or
-int8 weights; one library from csrc/decode.c, with the int4 / int8 matrix code of csrc/quant.h that
-kernels/cpu_quant.py calls). Each has a torch reference (kernels/reference.py and the model code)
+KV-cache write + attention of a step, and all decoder layers of a step in one call (fp32, int4,
+int8 or bf16 weights; one library from csrc/decode.c, with the int4 / int8 matrix code of
+csrc/quant.h that kernels/cpu_quant.py calls and the bf16 code of csrc/bf16.h that kernels/bf16.py
+calls). Each has a torch reference (kernels/reference.py and the model code)
 that it is tested against; `llmfn.kernels.ops`, `llmfn.linear` and `models/llama.py` pick these for
 fp32 CPU inputs of at most MAX_ROWS rows, the torch path otherwise.
 
@@ -43,6 +44,8 @@ _SIGNATURES = {
     "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, *[_i64] * 7, _f32, _f32,
                              _i64, _i32],
     "llmfn_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
+    "llmfn_bf16_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
+    "llmfn_bf16_lanes": [],
     "llmfn_rms_norm": [_p, _p, _p, _i64, _i64, _f32],
     "llmfn_silu_mul": [_p, _p, _i64, _i64],
     "llmfn_qkv_attention": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, _p, *[_i64] * 5, _f32, _i64, _i32],
@@ -123,6 +126,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     y = x.new_empty(*x.shape[:-1], n)
     b = None if b is None else b.contiguous()
     library().llmfn_gemv(x.data_ptr(), w.data_ptr(), ptr(b), y.data_ptr(), x.numel() // k, n, k, decode_threads.threads())
+    return y
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., k] fp32 @ w [n, k]^T (+ b [n] fp32) for a bf16 w, row-major contiguous: fp32 results,
+    the weights widened exactly (csrc/bf16.h)."""
+    n, k = w.shape
+    ok = w.dtype == torch.bfloat16 and w.is_contiguous() and x.shape[-1] == k
+    check_shapes(ok and (b is None or tuple(b.shape) == (n,)), "bf16_linear", x, w, b)
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], n)
+    b = None if b is None else b.contiguous()
+    library().llmfn_bf16_gemv(x.data_ptr(), w.data_ptr(), ptr(b), y.data_ptr(), x.numel() // k, n, k,
+                              decode_threads.threads())
     return y
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from llmfn.kernels import bf16
 from llmfn.kernels import cpu as cpu_kernels
 from llmfn.kernels.quant import is_quantized
 
@@ -58,19 +59,25 @@ def finish_params(params: dict, dtype: torch.dtype, device: str | torch.device, 
     - layout: 2-D float CPU weights copied into decode_layout's layout (column-major when the C
       kernels are unavailable);
     - tensors shared by reference (a tied embed / lm_head) stay one tensor;
-    - no CPU tensor keeps viewing the checkpoint's file mapping (see `place`)."""
+    - no CPU tensor keeps viewing the checkpoint's file mapping (see `place`).
+    bfloat16 on CPU with the C kernels (and layout) means bf16 weights, fp32 activations: 2-D weights
+    become kernels.bf16.Bf16Weight leaves (half the bytes for decode to stream), every other float
+    tensor fp32 (norms, biases: the residual stream and KV cache follow the norm's dtype) and quantized
+    leaves take fp32 activations."""
     column_major = not cpu_kernels.available() if layout else False
+    bf16_weights = layout and dtype == torch.bfloat16 and torch.device(device).type == "cpu" and cpu_kernels.available()
+    activations = torch.float32 if bf16_weights else dtype
     memo: dict[int, object] = {}
 
     def place(w, keep_fp32: bool):
         if id(w) in memo:
             return memo[id(w)]
         if is_quantized(w):
-            out = w.to(device, dtype)
+            out = w.to(device, activations)
         elif isinstance(w, torch.Tensor) and w.is_floating_point() and not keep_fp32:
-            out = w.to(device=device, dtype=dtype)
+            out = w.to(device=device, dtype=dtype if bf16_weights and w.dim() == 2 else activations)
             if layout and _lays_out(out):
-                out = _decode_copy(out, column_major)
+                out = bf16.wrap(_decode_copy(out, False)) if bf16_weights else _decode_copy(out, column_major)
         elif hasattr(w, "to"):
             out = w.to(device)
         else:

@@ -1,6 +1,7 @@
 /* Decode kernels on CPU (Python side and why: kernels/cpu.py), built as one library with the int4 /
-   int8 code of quant.h. */
+   int8 code of quant.h and the bf16-weight code of bf16.h. */
 #include "quant.h"
+#include "bf16.h"
 #include "simd.h"
 #include <math.h>
 #include <sched.h>
@@ -228,7 +229,8 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
 /* ---- The fused decoder layer -------------------------------------------------------------- */
 
 /* One linear of a layer: kind 0 fp32 [n, k] row-major; 1 int4 and 2 int8 in llmfn.kernels.quant's layouts
-   (q, scales, offsets, group); 3 int4 and 4 int8 with int8 activations (q8dot.h). bias may be NULL. */
+   (q, scales, offsets, group); 3 int4 and 4 int8 with int8 activations (q8dot.h); 5 bf16 [n, k]
+   row-major (bf16.h). bias may be NULL. */
 typedef struct { const void* q; const float* scales; const float* offsets; const float* bias; int64_t kind, group; } Lin;
 typedef struct { const float* attn_norm; Lin qkv, o; const float* mlp_norm; Lin gate_up, down; } Layer;
 
@@ -269,7 +271,8 @@ static inline void share(int64_t count, int tid, int nth, int64_t* lo, int64_t* 
 }
 
 /* y [m, n] (+)= x [m, k] @ L^T + bias for this thread's share of the output columns: exactly the
-   arithmetic of llmfn_gemv / llmfn_int4_linear / llmfn_int8_linear then "+ bias" then "res +".
+   arithmetic of llmfn_gemv / llmfn_int4_linear / llmfn_int8_linear / llmfn_bf16_gemv then "+ bias"
+   then "res +".
    With add, y holds the residual and receives res + (x @ L^T + bias). xp: scratch m * (k + k / 32). */
 static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m, int64_t n, int64_t k,
                      int tid, int nth, float* xp) {
@@ -289,6 +292,12 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
                 }
             }
         }
+        return;
+    }
+    if (L->kind == 5) {  /* each thread preps its own copy of the activations, as for int4 */
+        bf16_prep(x, xp, m, k);
+        share((n + 3) / 4, tid, nth, &lo, &hi);
+        bf16_blocks(xp, (const uint16_t*)L->q, L->bias, y, add, m, n, k, lo, hi);
         return;
     }
     int64_t g = L->group, G = k / g;
