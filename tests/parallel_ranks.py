@@ -75,11 +75,11 @@ def engine_greedy(case: dict) -> list[list[int]] | None:
     others following; the prompts go in as one batch, so the decode steps run several rows. None on the
     followers."""
     load = lambda: llmfn.load(case["path"], **case.get("load", {}))
-    pipeline = case.get("pipeline", 1)
+    layout = {"pipeline": case.get("pipeline", 1), "micro_batches": case.get("micro_batches", 1)}
     if dist.get_rank() != 0:
-        parallel.follow([load], pipeline=pipeline)
+        parallel.follow([load], **layout)
         return None
-    leader = parallel.Leader(pipeline=pipeline)
+    leader = parallel.Leader(**layout)
     model = leader.load(load)
     memory = int(8 * 2**20 * model.extra["kv_share"])  # no rank's pool above 8 MiB
     with Engine(model, max_running=4, kv_cache_memory=memory, block_size=4, prefill_chunk=8) as engine:
@@ -98,7 +98,7 @@ def run_case(case: dict, model, sharded: bool):
 def worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None:
     """cases: name -> dict(path, load (llmfn.load keywords), mutate (a MUTATIONS key), pipeline, vocab,
     prompts / max_tokens (greedy generation instead of logits), engine (that generation by llmfn.Engine
-    with rank 0 leading), reference_of (another case whose reference serves this one: not computed
+    with rank 0 leading; micro_batches for its pipeline), reference_of (another case whose reference serves this one: not computed
     again))."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       GLOO_SOCKET_IFNAME="lo")  # fmt: skip

@@ -63,6 +63,8 @@ ENGINE_PROMPTS = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], [300, 2]]
 ENGINE_CASES = {
     "engine-tp2": ("llama", {}, {"engine": True, "prompts": ENGINE_PROMPTS, "max_tokens": 10}),
     "engine-pp2": ("qwen2", {}, {"engine": True, "prompts": ENGINE_PROMPTS, "max_tokens": 10, "pipeline": 2}),
+    "engine-pp2-micro": ("qwen2", {}, {"engine": True, "prompts": ENGINE_PROMPTS, "max_tokens": 10, "pipeline": 2,
+                                       "micro_batches": 2}),  # decode steps of 3 rows as 2 groups
 }
 
 
@@ -240,18 +242,19 @@ def _completions(base: str, prompts: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_serve_tensor_parallel_answers_as_one_process(cli_model):
-    """`llmfn serve --tensor-parallel 2`: the CLI spawns the ranks, rank 0's server leads, rank 1
-    follows its engine's steps; greedy completions are those of a one-process server, and Ctrl-C
-    (SIGINT to the process group, as a terminal sends it) ends every rank."""
+def test_serve_tensor_and_pipeline_parallel_answer_as_one_process(cli_model):
+    """`llmfn serve --tensor-parallel 2` and `--pipeline-parallel 2`: the CLI spawns the ranks, rank 0's
+    server leads, rank 1 follows its engine's steps; greedy completions are those of a one-process
+    server, and Ctrl-C (SIGINT to the process group, as a terminal sends it) ends every rank."""
     folder, _, _ = cli_model
     prompts = ["Hello world, what is", "The", "Once upon a time there was a tiny model that"]
     command = [sys.executable, "-m", "llmfn.cli", "serve", "--model", str(folder)]
     env = {"GLOO_SOCKET_IFNAME": "lo"}
     with start_server(command=command, env=env) as single:
         expected = _completions(single.base_url, prompts)
-    with start_server(command=command, args=["--tensor-parallel", "2"], env=env) as sharded:
-        assert _completions(sharded.base_url, prompts) == expected
-        assert "llmfn: ready" in sharded.log()
-    with pytest.raises(ProcessLookupError):  # no rank is left running
-        os.killpg(sharded.proc.pid, 0)
+    for layout in (["--tensor-parallel", "2"], ["--pipeline-parallel", "2"]):  # the pipeline: 2 micro-batches
+        with start_server(command=command, args=layout, env=env) as sharded:
+            assert _completions(sharded.base_url, prompts) == expected
+            assert "llmfn: ready" in sharded.log()
+        with pytest.raises(ProcessLookupError):  # no rank is left running
+            os.killpg(sharded.proc.pid, 0)

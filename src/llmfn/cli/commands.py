@@ -90,10 +90,14 @@ def serve_sharded(config, args: argparse.Namespace) -> int:
     from llmfn.serve.config import check_model_paths
     from llmfn.serve.models import load_rank_model
 
+    args.micro_batches = args.micro_batches or args.pipeline_parallel
+    if args.micro_batches < 1:
+        raise LlmfnError(f"--micro-batches must be at least 1, got {args.micro_batches}")
     if args.workers != 1:
         raise LlmfnError("--workers must be 1 with --tensor-parallel / --pipeline-parallel: one server leads the ranks")
     check_model_paths(config)
     os.environ[launch.PIPELINE_ENV] = str(args.pipeline_parallel)  # for rank 0's server worker
+    os.environ[launch.MICRO_BATCHES_ENV] = str(args.micro_batches)
     world = (args.tensor_parallel or 1) * args.pipeline_parallel
     if not launch.in_rank():
         return launch.spawn_ranks(world, grace=config.limits.shutdown_timeout + 10)
@@ -109,7 +113,7 @@ def serve_sharded(config, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a follower ends when rank 0 tells it (or is terminated)
     follow([functools.partial(load_rank_model, spec) for spec in config.models], pipeline=args.pipeline_parallel,
-           device=launch.rank_device(config.models[0].device))  # fmt: skip
+           micro_batches=args.micro_batches, device=launch.rank_device(config.models[0].device))  # fmt: skip
     return 0
 
 
@@ -284,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "one endpoint (needs llmfn[ray]; default 1: this process)")  # fmt: skip
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster for --replicas (default: a local Ray)")
     _add_parallel_flags(p)
+    p.add_argument("--micro-batches", type=int, metavar="N",
+                   help="with --pipeline-parallel: run a decode step's sequences as N groups, so the stages work "
+                        "at once (default: as many as stages; 1 runs the stages one after another)")  # fmt: skip
     _add_quantize_flag(p, " (default: each model's quantize in the config, else auto; embedding models keep theirs)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction,
                    help="log one line per request on stderr: method, path, status, model, tokens, duration "

@@ -30,6 +30,7 @@ from llmfn.sampling import fresh_seed
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PIPELINE_ENV = "LLMFN_PIPELINE_PARALLEL"  # stages, for a server's rank 0 (the ranks' argv stays in the CLI)
+MICRO_BATCHES_ENV = "LLMFN_PIPELINE_MICRO_BATCHES"  # and its pipeline's micro-batches
 
 
 def in_rank() -> bool:

@@ -80,7 +80,7 @@ def _device(model: Model) -> torch.device:
     return model.params["norm"].device
 
 
-def _shard(model: Model, tensor: int, pipeline: int) -> Model:
+def _shard(model: Model, tensor: int, pipeline: int, micro_batches: int) -> Model:
     from llmfn.parallel.sharding import shard
 
     world = dist.get_world_size()
@@ -88,18 +88,20 @@ def _shard(model: Model, tensor: int, pipeline: int) -> Model:
     if tensor * pipeline != world:
         raise LlmfnError(f"--tensor-parallel {tensor} x --pipeline-parallel {pipeline} = {tensor * pipeline} "
                          f"ranks, but {world} were launched")  # fmt: skip
-    return shard(model, pipeline=pipeline)
+    return shard(model, pipeline=pipeline, micro_batches=micro_batches)
 
 
 class Leader:
     """Rank 0's side: loads and shards models in step with the followers, and broadcasts each forward
-    step of the models it returns. tensor 0: whatever pipeline leaves of the world."""
+    step of the models it returns. tensor 0: whatever pipeline leaves of the world; micro_batches:
+    groups of rows a pipelined step runs as (llmfn.parallel.pipeline)."""
 
-    def __init__(self, *, tensor: int = 0, pipeline: int = 1, device: str = "cpu"):
+    def __init__(self, *, tensor: int = 0, pipeline: int = 1, micro_batches: int = 1, device: str = "cpu"):
         launch.init(device)
         if dist.get_rank() != 0:
             raise LlmfnError("the Leader runs on rank 0; the other ranks call llmfn.parallel.follow")
-        self.tensor, self.pipeline, self.device = tensor, pipeline, torch.device(launch.rank_device(device))
+        self.tensor, self.pipeline, self.micro_batches = tensor, pipeline, micro_batches
+        self.device = torch.device(launch.rank_device(device))
         self.loaded = 0
         self._lock = threading.Lock()  # one message (and its step's collectives) at a time
         self._last = time.monotonic()
@@ -119,7 +121,7 @@ class Leader:
             self.loaded += 1
             if not shardable:
                 return model
-            part = _shard(model, self.tensor, self.pipeline)
+            part = _shard(model, self.tensor, self.pipeline, self.micro_batches)
             share = _kv_share(part)
         inner = forward_for(part)
 
@@ -170,7 +172,8 @@ class Leader:
                 self._closed.set()
 
 
-def follow(loads: list[Callable[[], Model]], *, tensor: int = 0, pipeline: int = 1, device: str = "cpu") -> None:
+def follow(loads: list[Callable[[], Model]], *, tensor: int = 0, pipeline: int = 1, micro_batches: int = 1,
+           device: str = "cpu") -> None:  # fmt: skip
     """A rank other than 0: load, shard and run what rank 0's Leader broadcasts, until it closes.
     `loads[i]` must load what rank 0's i-th Leader.load loads."""
     launch.init(device)
@@ -188,7 +191,7 @@ def follow(loads: list[Callable[[], Model]], *, tensor: int = 0, pipeline: int =
                     continue  # rank 0 loaded a model it keeps whole
                 if index >= len(loads):
                     raise LlmfnError(f"rank 0 loads model {index + 1}, this rank was given {len(loads)}")
-                models[index] = _shard(loads[index](), tensor, pipeline)
+                models[index] = _shard(loads[index](), tensor, pipeline, micro_batches)
                 _kv_share(models[index])
             elif op == STEP:
                 model = models[index]

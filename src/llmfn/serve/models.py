@@ -83,7 +83,8 @@ def rank_leader():
         return None
     from llmfn.parallel import Leader
 
-    return Leader(pipeline=int(os.environ.get(launch.PIPELINE_ENV, "1")), device=launch.rank_device("cpu"))
+    return Leader(pipeline=int(os.environ.get(launch.PIPELINE_ENV, "1")),
+                  micro_batches=int(os.environ.get(launch.MICRO_BATCHES_ENV, "1")), device=launch.rank_device("cpu"))
 
 
 def kv_budget(memory: int | str | None, model: Model) -> int | str | None:
