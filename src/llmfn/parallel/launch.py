@@ -1,5 +1,6 @@
 """How ranks start: under torchrun (one host or many, through its rendezvous), or spawned by the CLI
-on one host the way torchrun would (`llmfn run MODEL PROMPT --tensor-parallel 2`).
+on one host the way torchrun would (`llmfn run MODEL PROMPT --tensor-parallel 2`, and `llmfn serve
+--tensor-parallel 2`, whose rank 0 serves and leads while the others follow: llmfn.parallel.steps).
 
 A rank is a process whose environment names it: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT, which torchrun sets and `spawn_ranks` sets for the copies of the command line it starts.

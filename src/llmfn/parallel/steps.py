@@ -31,7 +31,12 @@ Library use, every rank started by torchrun or llmfn.parallel.launch.spawn_ranks
 Messages are int64 tensors broadcast from rank 0: a header (op, model index, then for a step its
 sizes) and, for a step, one payload. Steps from several engines (several models) are serialized by a
 lock, so every rank sees them in one order. An idle leader sends a heartbeat now and then, because a
-collective that waits longer than the process group's timeout (gloo: 30 minutes) fails."""
+collective that waits longer than the process group's timeout (gloo: 30 minutes) fails.
+
+Failure: a rank that dies breaks the group; the next step fails on every rank (the engine ends the
+requests in flight with an error), and `llmfn serve` then stops every rank. A forward that raises on
+rank 0 after its inputs went out (a bug, not bad input: requests are checked before they are queued)
+leaves the followers waiting in a collective until the group's timeout."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Replicas (data parallel) on Ray Serve: `llmfn serve --replicas N [--ray-address ADDR]`.
 
 Each replica is a Ray Serve deployment replica running the same ASGI app as the single-process
-server (create_app: the same routes, auth, errors and engine), behind Ray Serve's one HTTP proxy at
+server (create_app: the same routes, auth, errors and engine; its models loaded before Ray routes to
+it), behind Ray Serve's one HTTP proxy at
 --host:--port. Ray Serve routes each request to the less loaded of two replicas it samples (power of
 two choices on the replicas' queue lengths), restarts a replica that dies, and runs on a Ray cluster
 when --ray-address names one (else a local Ray on this host). Every response carries an
@@ -120,7 +121,19 @@ class Replica:
 
         config = msgspec.json.decode(self.config_json, type=ServerConfig)
         name = serve.get_replica_context().replica_id.unique_id
-        return ReplicaHeader(create_app(config), name)
+        app = create_app(config)
+        pool = _model_pool(app)
+        pool.start()  # loaded before Ray counts the replica ready: no request meets a 503 "loading"
+        if not pool.wait():
+            raise LlmfnError(pool.error or "model loading failed")
+        return ReplicaHeader(app, name)
+
+
+def _model_pool(asgi):
+    """The ModelPool of create_app's App, inside its middleware (access log, CORS, auth)."""
+    while not hasattr(asgi, "pool"):
+        asgi = asgi.app
+    return asgi.pool
 
 
 def application(config: ServerConfig, replicas: int, cpus_per_replica: float):
