@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import llmfn
 from llmfn import parallel
 from llmfn.backend import forward_for
+from llmfn.engine import Engine
 from llmfn.models import family
 
 
@@ -69,6 +70,25 @@ def greedy(model, prompts: list[list[int]], max_tokens: int, sharded: bool) -> l
     return [list(gen(model, p, max_tokens=max_tokens, temperature=0.0)) for p in prompts]
 
 
+def engine_greedy(case: dict) -> list[list[int]] | None:
+    """Greedy tokens of llmfn.Engine on the shards, rank 0 leading (llmfn.parallel.Leader) and the
+    others following; the prompts go in as one batch, so the decode steps run several rows. None on the
+    followers."""
+    load = lambda: llmfn.load(case["path"], **case.get("load", {}))
+    layout = {"pipeline": case.get("pipeline", 1), "micro_batches": case.get("micro_batches", 1)}
+    if dist.get_rank() != 0:
+        parallel.follow([load], **layout)
+        return None
+    leader = parallel.Leader(**layout)
+    model = leader.load(load)
+    memory = int(8 * 2**20 * model.extra["kv_share"])  # no rank's pool above 8 MiB
+    with Engine(model, max_running=4, kv_cache_memory=memory, block_size=4, prefill_chunk=8) as engine:
+        results = engine.generate_many(case["prompts"], max_tokens=case["max_tokens"])
+    leader.close()
+    assert all(r.error is None for r in results), [r.error for r in results]
+    return [r.token_ids for r in results]
+
+
 def run_case(case: dict, model, sharded: bool):
     if "prompts" in case:
         return greedy(model, case["prompts"], case["max_tokens"], sharded)
@@ -77,16 +97,22 @@ def run_case(case: dict, model, sharded: bool):
 
 def worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None:
     """cases: name -> dict(path, load (llmfn.load keywords), mutate (a MUTATIONS key), pipeline, vocab,
-    prompts / max_tokens (greedy generation instead of logits), reference_of (another case whose
-    reference serves this one: not computed again))."""
+    prompts / max_tokens (greedy generation instead of logits), engine (that generation by llmfn.Engine
+    with rank 0 leading; micro_batches for its pipeline), reference_of (another case whose reference serves this one: not computed
+    again))."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       GLOO_SOCKET_IFNAME="lo")  # fmt: skip
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for name, case in cases.items():
-        full = MUTATIONS[case.get("mutate")](llmfn.load(case["path"], **case.get("load", {})))
         own_reference = rank == 0 and not case.get("reference_of")  # else the test takes that case's
+        if case.get("engine"):  # the Leader (and follow) load and shard themselves
+            reference = greedy(llmfn.load(case["path"], **case.get("load", {})), case["prompts"],
+                               case["max_tokens"], sharded=False) if own_reference else None  # fmt: skip
+            results[name] = {"reference": reference, "sharded": engine_greedy(case)}
+            continue
+        full = MUTATIONS[case.get("mutate")](llmfn.load(case["path"], **case.get("load", {})))
         reference = run_case(case, full, sharded=False) if own_reference else None
         part = parallel.shard(full, pipeline=case.get("pipeline", 1), vocab=case.get("vocab", "split"))
         results[name] = {"reference": reference, "sharded": run_case(case, part, sharded=True), "cfg": {k: getattr(part.cfg, k) for k in SIZES}}

@@ -7,14 +7,18 @@ reference itself (rank 0, one thread, as the shards run), before sharding.
 The 2-rank run (every family and leaf kind, one spawn) takes ~20 s and `llmfn run --tensor-parallel 2`
 against one process ~25 s; marked slow (they run in `make test`, not in the quick tier): the 4-rank
 run (GQA with fewer kv heads than ranks, tensor x pipeline), SmolLM2's 64 greedy tokens, the CLI's
-pipeline and error runs and two torchrun "nodes" meeting through a c10d rendezvous on 127.0.0.1."""
+pipeline and error runs and two torchrun "nodes" meeting through a c10d rendezvous on 127.0.0.1.
+llmfn.Engine on the shards (rank 0 leading, llmfn.parallel.steps) runs in the 2-rank spawn against
+llmfn.generate; `llmfn serve --tensor-parallel 2` against a one-process server is slow (~30 s)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 
@@ -24,6 +28,7 @@ from llmfn.chat_template import apply_chat_template
 from llmfn.errors import LlmfnError
 from llmfn.parallel.tensor import head_split
 from parallel_ranks import free_port, run_ranks
+from server_util import start_server
 from tiny import make_checkpoint
 
 TP_CASES = {  # name: (family, checkpoint overrides, case keywords)
@@ -52,10 +57,21 @@ def _cases(tmp_path, table: dict) -> dict:
     return cases
 
 
+# llmfn.Engine on the shards, rank 0 leading (llmfn.parallel.steps): three prompts batched, one longer
+# than the prefill chunk (8) and the block size (4), greedy against llmfn.generate on the whole model
+ENGINE_PROMPTS = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], [300, 2]]
+ENGINE_CASES = {
+    "engine-tp2": ("llama", {}, {"engine": True, "prompts": ENGINE_PROMPTS, "max_tokens": 10}),
+    "engine-pp2": ("qwen2", {}, {"engine": True, "prompts": ENGINE_PROMPTS, "max_tokens": 10, "pipeline": 2}),
+    "engine-pp2-micro": ("qwen2", {}, {"engine": True, "prompts": ENGINE_PROMPTS, "max_tokens": 10, "pipeline": 2,
+                                       "micro_batches": 2}),  # decode steps of 3 rows as 2 groups
+}
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel2")
-    return run_ranks(2, _cases(tmp, {**TP_CASES, **PP_CASES}), tmp)
+    return run_ranks(2, _cases(tmp, {**TP_CASES, **PP_CASES, **ENGINE_CASES}), tmp)
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -88,6 +104,14 @@ def test_pipeline_parallel_is_bitwise_one_process(two_ranks, name):
     for r in two_ranks:
         assert _bitwise(r[name]["sharded"], reference)
     assert [r[name]["cfg"]["num_layers"] for r in two_ranks] == ([1, 2] if name == "pipeline-llama" else [1, 1])
+
+
+@pytest.mark.parametrize("name", ENGINE_CASES)
+def test_engine_on_shards_led_by_rank0_gives_the_one_process_tokens(two_ranks, name):
+    reference = two_ranks[0][name]["reference"]
+    assert [len(t) for t in reference] == [10, 10, 10]  # no early stop hides a difference
+    assert two_ranks[0][name]["sharded"] == reference
+    assert two_ranks[1][name]["sharded"] is None  # the follower only repeated rank 0's steps
 
 
 class _Cfg:
@@ -136,12 +160,14 @@ def test_smollm2_greedy_tokens_are_one_process_tokens(tmp_path):
     prompts = [apply_chat_template(model.tokenizer, model.chat_template, [{"role": "user", "content": a}]) for a in asks]
     cases = {"smollm2-tp2": {"path": "smollm2-135m-instruct", "prompts": prompts, "max_tokens": 64},
              "smollm2-pp2": {"path": "smollm2-135m-instruct", "prompts": prompts, "max_tokens": 64,
-                             "pipeline": 2, "reference_of": "smollm2-tp2"}}  # fmt: skip
+                             "pipeline": 2, "reference_of": "smollm2-tp2"},
+             "smollm2-engine-tp2": {"path": "smollm2-135m-instruct", "prompts": prompts, "max_tokens": 64,
+                                    "engine": True, "reference_of": "smollm2-tp2"}}  # fmt: skip
     ranks = run_ranks(2, cases, tmp_path)
     reference = ranks[0]["smollm2-tp2"]["reference"]
     for name in cases:
         assert ranks[0][name]["sharded"] == reference
-        assert ranks[1][name]["sharded"] == reference
+        assert ranks[1][name]["sharded"] == (None if name == "smollm2-engine-tp2" else reference)
     assert [len(t) for t in reference] == [64, 64]  # no early EOS hides a difference
 
 
@@ -198,3 +224,37 @@ def test_cli_run_under_two_torchrun_nodes(cli_model):
     outs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
     assert sorted(out for out, _ in outs) == ["", expected]  # the node that drew rank 0 prints it, once
+
+
+# ---------------------------------------------------------------------------------------- serve
+
+
+def _completions(base: str, prompts: list[str]) -> list[str]:
+    def one(prompt: str) -> str:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 12
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: the engine batches them
+        return list(pool.map(one, prompts))
+
+
+@pytest.mark.slow
+def test_serve_tensor_and_pipeline_parallel_answer_as_one_process(cli_model):
+    """`llmfn serve --tensor-parallel 2` and `--pipeline-parallel 2`: the CLI spawns the ranks, rank 0's
+    server leads, rank 1 follows its engine's steps; greedy completions are those of a one-process
+    server, and Ctrl-C (SIGINT to the process group, as a terminal sends it) ends every rank."""
+    folder, _, _ = cli_model
+    prompts = ["Hello world, what is", "The", "Once upon a time there was a tiny model that"]
+    command = [sys.executable, "-m", "llmfn.cli", "serve", "--model", str(folder)]
+    env = {"GLOO_SOCKET_IFNAME": "lo"}
+    with start_server(command=command, env=env) as single:
+        expected = _completions(single.base_url, prompts)
+    for layout in (["--tensor-parallel", "2"], ["--pipeline-parallel", "2"]):  # the pipeline: 2 micro-batches
+        with start_server(command=command, args=layout, env=env) as sharded:
+            assert _completions(sharded.base_url, prompts) == expected
+            assert "llmfn: ready" in sharded.log()
+        with pytest.raises(ProcessLookupError):  # no rank is left running
+            os.killpg(sharded.proc.pid, 0)

@@ -1,7 +1,9 @@
 """Replicas on Ray Serve (llmfn.serve.replicas) with a local Ray of 2 CPUs: two replicas of a tiny
-model behind one endpoint both serve (each response names its replica), and with one replica killed
-the endpoint keeps answering and Ray starts a new one. Slow (Ray's start and a restart: ~60 s here);
-skipped when Ray Serve is not installed (the optional `ray` extra)."""
+model behind one endpoint both serve (each response names its replica); one replica is killed while
+it streams one long answer and computes others: those requests end as OpenAI errors (a 503 with an
+error body, a stream's error event and [DONE]), the other replica's finish, the endpoint keeps
+answering and Ray starts a new replica. Slow (Ray's start and a restart: ~60 s here); skipped when
+Ray Serve is not installed (the optional `ray` extra)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
+import httpx
 import pytest
 
 from parallel_ranks import free_port
@@ -27,10 +30,11 @@ def endpoint(tmp_path_factory):
     from llmfn.serve.config import ServerConfig, models_from_paths
 
     folder = tmp_path_factory.mktemp("replicas") / "tiny"
-    make_checkpoint(folder)
+    make_checkpoint(folder, max_position_embeddings=4096)  # room for answers long enough to kill mid-way
     src = os.path.join(os.path.dirname(__file__), "..", "src")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
-             runtime_env={"env_vars": {"PYTHONPATH": os.path.abspath(src)}})  # fmt: skip
+    # a Ray started by hand, set up as the replicas module says a cluster must be
+    env = {"PYTHONPATH": os.path.abspath(src), replicas.PROXY_CALLBACK_ENV: replicas.PROXY_CALLBACK}
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, runtime_env={"env_vars": env})
     port = free_port()
     serve = replicas.start(ServerConfig(models=models_from_paths([str(folder)])), "127.0.0.1", port, 2)
     yield f"http://127.0.0.1:{port}", ray
@@ -53,6 +57,20 @@ def _burst(base: str, n: int = 16) -> list[tuple[int, str | None, dict]]:
         return list(pool.map(lambda _: _complete(base), range(n)))
 
 
+LONG = {"model": "tiny", "prompt": "Hello", "max_tokens": 4000, "temperature": 0,
+        "logit_bias": {"2": -100}}  # no end of text (the tiny model's EOS is 2): 4000 tokens, several seconds
+
+
+def _long(base: str) -> tuple[int, str | None, dict]:
+    r = httpx.post(f"{base}/v1/completions", json=LONG, timeout=120)
+    return r.status_code, r.headers.get("x-llmfn-replica"), r.json()
+
+
+def _kill(ray, replica: str) -> None:
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(replica))
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+
 def test_two_replicas_serve_and_survive_one_killed(endpoint):
     base, ray = endpoint
     answers = _burst(base)
@@ -61,9 +79,26 @@ def test_two_replicas_serve_and_survive_one_killed(endpoint):
     names = {name for _, name, _ in answers}
     assert len(names) == 2, names  # both replicas took requests
 
-    victim = sorted(names)[0]
-    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(victim))
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    # kill the replica that streams a long answer, while both compute long non-streamed ones
+    with httpx.stream("POST", f"{base}/v1/completions", json={**LONG, "stream": True}, timeout=120) as stream, \
+            cf.ThreadPoolExecutor(6) as pool:  # fmt: skip
+        assert stream.status_code == 200
+        victim = stream.headers["x-llmfn-replica"]
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: {")  # the first token: the answer is under way
+        plain = [pool.submit(_long, base) for _ in range(6)]
+        time.sleep(1.0)
+        _kill(ray, victim)
+        events = [line for line in lines if line]  # ends cleanly: no RemoteProtocolError
+        plain = [f.result() for f in plain]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert (error["type"], error["code"]) == ("server_error", "replica_failed"), error
+    assert len(events) < 4000  # cut short, not finished
+    failed = [body for status, _, body in plain if status != 200]
+    assert failed, "no non-streamed request was on the killed replica"
+    assert all(status == 503 and body["error"]["code"] == "replica_failed" for status, _, body in plain if status != 200)
+    assert all(name != victim and len(body["choices"][0]["text"]) > 0 for status, name, body in plain if status == 200)
 
     deadline, after = time.monotonic() + 120, []
     while time.monotonic() < deadline:

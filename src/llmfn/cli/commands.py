@@ -48,6 +48,12 @@ def _add_model_flags(p: argparse.ArgumentParser, compile_default: str = COMPILE_
                    help=f"torch.compile the decode step: slow the first time, then faster (default: {compile_default})")
 
 
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel", type=int, metavar="N", help="split each layer over N ranks, started here "
+                   "on this host (or torchrun's ranks: llmfn.parallel.launch)")  # fmt: skip
+    p.add_argument("--pipeline-parallel", type=int, default=1, metavar="N", help="split the layers into N stages")
+
+
 # --------------------------------------------------------------------------------------- commands
 
 
@@ -58,12 +64,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = serve_overrides(load_config(args.config), args.model, args.api_key, quantize=args.quantize,
                              access_log=args.access_log, access_log_format=args.access_log_format,
                              kv_cache_memory=args.kv_cache_memory)  # fmt: skip
+    from llmfn.parallel import launch
+
+    sharded = launch.should_spawn(args.tensor_parallel, args.pipeline_parallel) or launch.in_rank()
     if args.replicas > 1 or args.ray_address:  # replicas on Ray Serve (llmfn.serve.replicas)
+        if sharded:
+            raise LlmfnError("--replicas does not combine with --tensor-parallel / --pipeline-parallel yet")
         from llmfn.serve import replicas
 
         replicas.run(config, args.host, args.port, args.replicas, args.ray_address)
         return 0
+    if sharded:  # rank 0 serves and leads, the other ranks follow its steps (llmfn.parallel.steps)
+        return serve_sharded(config, args)
     serve.run(config, args.host, args.port, args.workers)
+    return 0
+
+
+def serve_sharded(config, args: argparse.Namespace) -> int:
+    """`llmfn serve --tensor-parallel N [--pipeline-parallel M]`: start the N x M ranks on this host
+    (or be one of torchrun's); rank 0 runs the server, whose engines lead, the others follow."""
+    import os
+
+    from llmfn import serve
+    from llmfn.parallel import follow, launch
+    from llmfn.serve.config import check_model_paths
+    from llmfn.serve.models import load_rank_model
+
+    args.micro_batches = args.micro_batches or args.pipeline_parallel
+    if args.micro_batches < 1:
+        raise LlmfnError(f"--micro-batches must be at least 1, got {args.micro_batches}")
+    if args.workers != 1:
+        raise LlmfnError("--workers must be 1 with --tensor-parallel / --pipeline-parallel: one server leads the ranks")
+    check_model_paths(config)
+    os.environ[launch.PIPELINE_ENV] = str(args.pipeline_parallel)  # for rank 0's server worker
+    os.environ[launch.MICRO_BATCHES_ENV] = str(args.micro_batches)
+    world = (args.tensor_parallel or 1) * args.pipeline_parallel
+    if not launch.in_rank():
+        return launch.spawn_ranks(world, grace=config.limits.shutdown_timeout + 10)
+    launched = int(os.environ["WORLD_SIZE"])
+    if args.tensor_parallel and world != launched:
+        raise LlmfnError(f"--tensor-parallel {args.tensor_parallel} x --pipeline-parallel {args.pipeline_parallel} "
+                         f"= {world} ranks, but {launched} were launched")  # fmt: skip
+    if int(os.environ["RANK"]) == 0:
+        serve.run(config, args.host, args.port, 1)
+        return 0
+    import functools
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a follower ends when rank 0 tells it (or is terminated)
+    follow([functools.partial(load_rank_model, spec) for spec in config.models], pipeline=args.pipeline_parallel,
+           micro_batches=args.micro_batches, device=launch.rank_device(config.models[0].device))  # fmt: skip
     return 0
 
 
@@ -237,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="N engine replicas on Ray Serve behind "
                    "one endpoint (needs llmfn[ray]; default 1: this process)")  # fmt: skip
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster for --replicas (default: a local Ray)")
+    _add_parallel_flags(p)
+    p.add_argument("--micro-batches", type=int, metavar="N",
+                   help="with --pipeline-parallel: run a decode step's sequences as N groups, so the stages work "
+                        "at once (default: as many as stages; 1 runs the stages one after another)")  # fmt: skip
     _add_quantize_flag(p, " (default: each model's quantize in the config, else auto; embedding models keep theirs)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction,
                    help="log one line per request on stderr: method, path, status, model, tokens, duration "
@@ -263,9 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text (no chat template)")
     p.add_argument("--perf", action="store_true", help="print the decoder perf report to stderr")
-    p.add_argument("--tensor-parallel", type=int, metavar="N", help="split each layer over N ranks, started here "
-                   "on this host (or torchrun's ranks: llmfn.parallel.launch)")  # fmt: skip
-    p.add_argument("--pipeline-parallel", type=int, default=1, metavar="N", help="split the layers into N stages")
+    _add_parallel_flags(p)
     _add_model_flags(p, "off: one answer rarely repays the compile time")
     add_sampling_flags(p, "most tokens to generate (default 256, capped by the context)")
 

@@ -1,5 +1,6 @@
 """How ranks start: under torchrun (one host or many, through its rendezvous), or spawned by the CLI
-on one host the way torchrun would (`llmfn run MODEL PROMPT --tensor-parallel 2`).
+on one host the way torchrun would (`llmfn run MODEL PROMPT --tensor-parallel 2`, and `llmfn serve
+--tensor-parallel 2`, whose rank 0 serves and leads while the others follow: llmfn.parallel.steps).
 
 A rank is a process whose environment names it: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT, which torchrun sets and `spawn_ranks` sets for the copies of the command line it starts.
@@ -14,17 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 from llmfn.errors import LlmfnError
+from llmfn.sampling import fresh_seed
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+PIPELINE_ENV = "LLMFN_PIPELINE_PARALLEL"  # stages, for a server's rank 0 (the ranks' argv stays in the CLI)
+MICRO_BATCHES_ENV = "LLMFN_PIPELINE_MICRO_BATCHES"  # and its pipeline's micro-batches
 
 
 def in_rank() -> bool:
@@ -62,12 +69,13 @@ def should_spawn(tensor: int | None, pipeline: int) -> bool:
     return (tensor or 1) * pipeline > 1 and not in_rank()
 
 
-def spawn_ranks(world: int, argv: list[str] | None = None, stdin: str | None = None) -> int:
+def spawn_ranks(world: int, argv: list[str] | None = None, stdin: str | None = None, grace: float = 0.0) -> int:
     """Run this command line (`python -m llmfn.cli ARGS`) as `world` ranks on this host, loopback only,
     and wait for them. Rank 0 writes to this process's stdout and stderr; the other ranks' output is
     dropped, except a failing rank's stderr, printed here. The first failure stops the others.
-    stdin: text every rank reads as its standard input (a prompt given as '-'). Returns the exit
-    status (the first non-zero one)."""
+    stdin: text every rank reads as its standard input (a prompt given as '-'). grace: seconds the
+    ranks get to end after SIGTERM (this process interrupted or terminated, or a rank failed: a server
+    drains its requests) before they are killed. Returns the exit status (the first non-zero one)."""
     argv = sys.argv[1:] if argv is None else argv
     threads = max(1, (os.cpu_count() or 1) // world)  # the ranks share the host's cores
     base = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -85,15 +93,47 @@ def spawn_ranks(world: int, argv: list[str] | None = None, stdin: str | None = N
             if stdin is not None:
                 procs[-1].stdin.write(stdin.encode())
                 procs[-1].stdin.close()
-        return _wait(procs, logs)
+        previous = _forward_sigterm(procs[0])
+        try:
+            code = _wait(procs, logs)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if code and procs[0].poll() is None:
+            procs[0].terminate()  # another rank failed: rank 0 ends (a server drains) and ends the rest
+        return code
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _stop(procs, grace)
         for log in logs:
             if log is not None:
                 log.close()
+
+
+def _forward_sigterm(rank0: subprocess.Popen):
+    """On SIGTERM, terminate rank 0 (which leads the others: a server drains its requests, then stops
+    them) and end this process like Ctrl-C does. Returns the handler it replaces (None off the main
+    thread, where it cannot)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def forward(signum, frame):
+        rank0.terminate()
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, forward)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+    """Give the ranks still running `grace` seconds to end (they were interrupted too, or rank 0 was
+    terminated), then kill the rest."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def _wait(procs: list[subprocess.Popen], logs: list) -> int:
@@ -124,6 +164,15 @@ def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
+def agreed_seed(seed: int | None, src: int = 0) -> int:
+    """`seed`, or when None one drawn on rank `src` and shared with every rank of the world."""
+    if seed is not None:
+        return seed
+    box = [fresh_seed()]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def quiet_unless_rank0() -> None:
     """Under torchrun every rank shares the terminal: only rank 0 prints answers."""
     if int(os.environ.get("RANK", "0")) != 0:
@@ -134,7 +183,7 @@ def load_sharded(load, *, tensor: int, pipeline: int, device: str = "cpu"):
     """In a rank: join the group, load the model (rank 0 first, so a first-use GGUF conversion into
     the shared cache runs once) and return this rank's shard. `load()` returns the full Model; tensor
     and pipeline must multiply to the world size (tensor 0: whatever pipeline leaves)."""
-    from llmfn.parallel import shard
+    from llmfn.parallel.sharding import shard
 
     init(device)
     world = dist.get_world_size()
@@ -157,8 +206,6 @@ def parallel_model(load, sampling: dict, *, tensor: int | None, pipeline: int, d
     if not in_rank():
         return load(), sampling
     import atexit
-
-    from llmfn.parallel import agreed_seed
 
     model = load_sharded(load, tensor=tensor or 0, pipeline=pipeline, device=device)
     atexit.register(finish)

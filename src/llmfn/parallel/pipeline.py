@@ -11,12 +11,20 @@ runs the same arithmetic as in one process, so the logits are bitwise those of o
 
 With tensor parallel as well (llmfn.parallel.shard), stage s is a tensor-parallel group of T ranks:
 global rank s T + t talks to rank (s +- 1) T + t, and the broadcast runs over the T "lines"
-{t, T + t, 2T + t, ...}."""
+{t, T + t, 2T + t, ...}.
+
+Micro-batches (`micro_batches` M > 1): a step of several rows on a paged cache (the engine's decode
+steps) runs as M groups of rows, each sent on (isend) as soon as the stage has computed it, so stage
+s works on group i + 1 while stage s + 1 works on group i: M + P - 1 slots instead of M P. A row's
+result does not depend on the other rows in its step (the engine's batch invariance), so this is
+still bitwise one process. Whether it pays is measured (benchmarks/RESULTS.md): each group streams the
+stage's weights again, which a decode step bound by memory bandwidth feels."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,18 +48,43 @@ class Stage:
     next: int | None
     last: int
     line: Any
+    micro_batches: int = 1
 
 
 def stage_layers(stage: Stage, params, cfg, x: torch.Tensor, rope, positions, cache, attention=None) -> torch.Tensor:
     """llama.decoder_layers over the whole pipeline, seen from one stage: receive, run ours, send on,
     and end with the last stage's result on every stage."""
-    if stage.prev is not None:
-        dist.recv(x, src=stage.prev)  # x had the embedding: the same shape and dtype as the stream
-    x = fused_layers(params, cfg, x, rope, positions, cache, attention).contiguous()
-    if stage.next is not None:
-        dist.send(x, dst=stage.next)
+    groups = min(stage.micro_batches, x.shape[0]) if cache.blocks is not None else 1
+    if groups > 1:
+        x = _micro_batched(stage, groups, params, cfg, x, rope, positions, cache, attention)
+    else:
+        if stage.prev is not None:
+            dist.recv(x, src=stage.prev)  # x had the embedding: the same shape and dtype as the stream
+        x = fused_layers(params, cfg, x, rope, positions, cache, attention).contiguous()
+        if stage.next is not None:
+            dist.send(x, dst=stage.next)
     dist.broadcast(x, src=stage.last, group=stage.line)
     return x
+
+
+def _micro_batched(stage: Stage, groups: int, params, cfg, x, rope, positions, cache, attention) -> torch.Tensor:
+    """stage_layers' receive / compute / send, one group of rows at a time (see the module doc)."""
+    bounds = [g * x.shape[0] // groups for g in range(groups + 1)]
+    outs, sends = [], []
+    for start, stop in itertools.pairwise(bounds):
+        rows = slice(start, stop)
+        part = x[rows].contiguous()
+        if stage.prev is not None:
+            dist.recv(part, src=stage.prev)
+        part_rope = llama.RopeTables(*(None if t is None else t[rows] for t in rope))
+        part = fused_layers(params, cfg, part, part_rope, positions[rows], cache._replace(blocks=cache.blocks[rows]),
+                            attention).contiguous()  # fmt: skip
+        if stage.next is not None:
+            sends.append(dist.isend(part, dst=stage.next))
+        outs.append(part)
+    for send in sends:
+        send.wait()
+    return torch.cat(outs)
 
 
 def stage_forward(stage: Stage, params, cfg, tokens, positions, cache, logit_index=None, attention=None):

@@ -4,6 +4,7 @@ they load), one `llmfn.engine.Engine` per causal LM, looked up by name or alias.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import queue
@@ -64,6 +65,40 @@ def load_model(spec: ModelConfig) -> Model:
     return model
 
 
+def load_rank_model(spec: ModelConfig) -> Model:
+    """load_model in a rank of `llmfn serve --tensor-parallel`: "cuda" is this rank's GPU."""
+    import msgspec
+
+    from llmfn.parallel.launch import rank_device
+
+    return load_model(msgspec.structs.replace(spec, device=rank_device(spec.device)))
+
+
+def rank_leader():
+    """llmfn.parallel's Leader when this server is rank 0 of `llmfn serve --tensor-parallel N` ranks
+    (the others follow its engines' steps: llmfn.parallel.steps), else None."""
+    from llmfn.parallel import launch
+
+    if not launch.in_rank():
+        return None
+    from llmfn.parallel import Leader
+
+    return Leader(pipeline=int(os.environ.get(launch.PIPELINE_ENV, "1")),
+                  micro_batches=int(os.environ.get(launch.MICRO_BATCHES_ENV, "1")), device=launch.rank_device("cpu"))
+
+
+def kv_budget(memory: int | str | None, model: Model) -> int | str | None:
+    """The engine's KV budget: on rank 0 of sharded ranks, its share (extra["kv_share"]), so that the
+    pool of every rank, which mirrors rank 0's block count, stays within `memory`."""
+    share = model.extra.get("kv_share", 1.0)
+    if share == 1.0:
+        return memory
+    from llmfn.engine.blocks import default_kv_cache_memory, parse_bytes
+
+    budget = parse_bytes(memory) if memory is not None else default_kv_cache_memory(model.params["norm"].device)
+    return int(budget * share)
+
+
 def warm_up(engine, model: Model) -> None:
     """One short generation before the server reports ready, so that first-use costs (torch.compile,
     allocator growth) are paid while /health still says 503, not by the first client."""
@@ -95,6 +130,7 @@ class ModelPool:
         self._loaded = threading.Event()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = False
+        self.leader = None  # llmfn.parallel.Leader on rank 0 of tensor / pipeline parallel ranks
 
     def start(self) -> None:
         """Load every model on the pool's thread (idempotent)."""
@@ -133,16 +169,17 @@ class ModelPool:
         limits = self.config.limits
         spec = None
         try:
+            self.leader = rank_leader()
             for spec in self.config.models:
                 t0 = time.perf_counter()
                 log.info("loading %s from %s", spec.name, spec.path)
-                model = load_model(spec)
+                model = load_model(spec) if self.leader is None else self.leader.load(functools.partial(load_rank_model, spec))
                 served = Served(spec.name, spec, model)
                 if model.kind == "causal-lm":
                     context = min(spec.max_model_len or spec.context_length or 1 << 62,
                                   model.cfg.max_position_embeddings)  # fmt: skip
                     served.engine = Engine(model, max_running=limits.max_running, max_queued=limits.max_queued,
-                                           kv_cache_memory=limits.kv_cache_memory, max_model_len=context,
+                                           kv_cache_memory=kv_budget(limits.kv_cache_memory, model), max_model_len=context,
                                            speculative=spec.speculative)  # fmt: skip
                     served.engine.start()
                     warm_up(served.engine, model)
@@ -196,6 +233,11 @@ class ModelPool:
         self._jobs.put(None)
         for served in self.order:
             self._shutdown_one(served)
+        if self.leader is not None:
+            try:
+                self.leader.close()  # the other ranks return
+            except Exception:
+                log.exception("could not stop the other ranks")
 
     @staticmethod
     def _shutdown_one(served: Served) -> None:

@@ -1,18 +1,24 @@
 """Replicas (data parallel) on Ray Serve: `llmfn serve --replicas N [--ray-address ADDR]`.
 
 Each replica is a Ray Serve deployment replica running the same ASGI app as the single-process
-server (create_app: the same routes, auth, errors and engine), behind Ray Serve's one HTTP proxy at
+server (create_app: the same routes, auth, errors and engine; its models loaded before Ray routes to
+it), behind Ray Serve's one HTTP proxy at
 --host:--port. Ray Serve routes each request to the less loaded of two replicas it samples (power of
 two choices on the replicas' queue lengths), restarts a replica that dies, and runs on a Ray cluster
 when --ray-address names one (else a local Ray on this host). Every response carries an
 `x-llmfn-replica` header naming the replica that served it. Ray is an optional extra
 (`pip install llmfn[ray]`); nothing else in llmfn imports it.
 
-Known limits: a request in flight on a replica that dies gets Ray's own 500 (a plain-text body, not
-an OpenAI error body); the other replicas keep serving and the next requests go to them."""
+A request in flight on a replica that dies fails cleanly: Ray's proxy would answer a plain-text 500
+(or, once a stream has begun, cut it off); `ReplicaFailure`, a middleware Ray's proxy runs in front of
+everything (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, which `start` sets for a Ray it starts; a
+cluster joined with --ray-address needs it set where its nodes start, with llmfn importable there),
+answers a 503 with an OpenAI error body and Retry-After instead, or ends the begun stream with an error
+event and [DONE]. The other replicas keep serving and the next requests go to them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -44,6 +50,62 @@ class ReplicaHeader:
         return await self.app(scope, receive, named)
 
 
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "llmfn.serve.replicas:proxy_middlewares"
+
+
+class ReplicaFailure:
+    """ASGI middleware in Ray's proxy: a request whose replica died (the proxy returns without a
+    response, or stops a begun one short) ends as an OpenAI error, not a bare 500 or a cut connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "ended": False, "stream": False}
+
+        async def watched(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["stream"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                      for k, v in message.get("headers", ()))  # fmt: skip
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            log.exception("the proxy failed a request")
+        if state["ended"]:
+            return
+        from llmfn.serve.http import SSE_DONE, ApiError, sse
+        from llmfn.serve.schemas import encoder
+
+        error = ApiError(503, "the replica serving this request stopped; retry it (the other replicas serve)",
+                         code="replica_failed")  # fmt: skip
+        if not state["started"]:
+            headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+            messages = [{"type": "http.response.start", "status": 503, "headers": headers},
+                        {"type": "http.response.body", "body": encoder.encode(error.body())}]  # fmt: skip
+        elif state["stream"]:
+            messages = [{"type": "http.response.body", "body": sse(error.body()) + SSE_DONE}]
+        else:  # a JSON body cut short: nothing sound to add, end it
+            messages = [{"type": "http.response.body", "body": b""}]
+        with contextlib.suppress(Exception):  # the client may be gone (that too ends a request unanswered)
+            for message in messages:
+                await send(message)
+
+
+def proxy_middlewares() -> list:
+    """What Ray's proxy calls (PROXY_CALLBACK_ENV) for the middlewares it runs: ReplicaFailure."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ReplicaFailure)]
+
+
 class Replica:
     """One Ray Serve replica: llmfn's ASGI app for the config it is given (JSON, as `run` passes it
     to Granian's workers), built in the replica's process."""
@@ -59,7 +121,19 @@ class Replica:
 
         config = msgspec.json.decode(self.config_json, type=ServerConfig)
         name = serve.get_replica_context().replica_id.unique_id
-        return ReplicaHeader(create_app(config), name)
+        app = create_app(config)
+        pool = _model_pool(app)
+        pool.start()  # loaded before Ray counts the replica ready: no request meets a 503 "loading"
+        if not pool.wait():
+            raise LlmfnError(pool.error or "model loading failed")
+        return ReplicaHeader(app, name)
+
+
+def _model_pool(asgi):
+    """The ModelPool of create_app's App, inside its middleware (access log, CORS, auth)."""
+    while not hasattr(asgi, "pool"):
+        asgi = asgi.app
+    return asgi.pool
 
 
 def application(config: ServerConfig, replicas: int, cpus_per_replica: float):
@@ -94,7 +168,8 @@ def start(config: ServerConfig, host: str, port: int, replicas: int, ray_address
         # a local Ray's workers import the llmfn this process runs (a source checkout included)
         here = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-        env = None if ray_address else {"env_vars": {"PYTHONPATH": path}}
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # Ray's processes inherit it
+        env = None if ray_address else {"env_vars": {"PYTHONPATH": path, PROXY_CALLBACK_ENV: PROXY_CALLBACK}}
         ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, runtime_env=env)
     cpus = cpus_per_replica or max(1.0, ray.cluster_resources().get("CPU", 1.0) // max(replicas, 1))
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
