@@ -41,6 +41,7 @@ TP_CASES = {  # name: (family, checkpoint overrides, case keywords)
     "qwen2-bias": ("qwen2", {"tie_word_embeddings": True}, {}),
     "llama-int4": ("llama", {"intermediate_size": 128}, {"load": {"quantize": "int4"}}),
     "llama-int8": ("llama", {"intermediate_size": 128, "tie_word_embeddings": True}, {"load": {"quantize": "int8"}}),
+    "llama-bf16": ("llama", {}, {"load": {"dtype": "bfloat16"}}),  # Bf16Weight leaves
 }
 PP_CASES = {
     "pipeline-llama": ("llama", {"num_hidden_layers": 3}, {"pipeline": 2}),

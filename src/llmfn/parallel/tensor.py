@@ -40,6 +40,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.utils._pytree as pytree
 
 from llmfn.errors import LlmfnError
+from llmfn.kernels.bf16 import Bf16Weight
 from llmfn.kernels.linear import embedding, linear
 from llmfn.kernels.quant import Int4Weight, Int8Weight
 from llmfn.model import Model
@@ -160,6 +161,8 @@ def take_rows(w, index: torch.Tensor):
     if isinstance(w, Int8Weight):
         i = index.to(w.device)
         return Int8Weight(w.qweight[i].contiguous(), w.scales[i].contiguous(), w.group_size, w.dtype)
+    if isinstance(w, Bf16Weight):
+        return Bf16Weight(w.w[index.to(w.device)].contiguous())
     raise LlmfnError(f"tensor parallel cannot shard a {type(w).__name__} weight")
 
 
@@ -168,6 +171,8 @@ def take_columns(w, start: int, stop: int):
     must start and stop on its quantization groups."""
     if isinstance(w, torch.Tensor):
         return w[:, start:stop].contiguous()
+    if isinstance(w, Bf16Weight):
+        return Bf16Weight(w.w[:, start:stop].contiguous())
     if isinstance(w, (Int4Weight, Int8Weight)):
         g = w.group_size
         if g == w.shape[1] and isinstance(w, Int8Weight):  # one scale a row (per channel): the slice keeps it
