@@ -1,6 +1,7 @@
 /* Decode kernels on CPU (Python side and why: kernels/cpu.py), built as one library with the int4 /
    int8 code of quant.h. */
 #include "quant.h"
+#include "kv16.h"
 #include "simd.h"
 #include <math.h>
 #include <sched.h>
@@ -104,11 +105,15 @@ static inline void rotate(const float* x, const float* cs, const float* sn, floa
 }
 
 /* The cache arguments: qkv [b, t, (hq + 2 hk) * hd]; cos, sin [b, t, hd/2] (NULL: no rope);
-   qscale [b, t] (NULL: none); pos [b, t]; caches of blocks [N, hk, bs, hd] with element strides
-   cst[0..2] for block, head and slot, and contiguous rows; kv->table [b, nb] (int32) maps row bi's
+   qscale [b, t] (NULL: none); pos [b, t]; caches of blocks [N, hk, bs, hd] of element type dt
+   (kv16.h: fp32, bf16 or fp16) with element strides cst[0..2] for block, head and slot, and
+   contiguous rows; kv->table [b, nb] (int32) maps row bi's
    position p to block table[bi * nb + p / bs], slot p % bs (table NULL: block bi is row bi's whole
    cache, bs = its length); slopes [hq] (NULL: no ALiBi); window 0 for none. */
-typedef struct { const int32_t* table; int64_t nb, bs; } Blocks;
+typedef struct { const int32_t* table; int64_t nb, bs; int dt; } Blocks;
+
+/* Slots of a 16-bit cache widened at a time into attend's scratch (its keys for one run of dot products). */
+#define KV_RUN 16
 
 /* Offset of row bi's position p (block and slot) in a cache. */
 static inline int64_t kv_offset(const Blocks* kv, const int64_t* cst, int64_t bi, int64_t p) {
@@ -117,17 +122,24 @@ static inline int64_t kv_offset(const Blocks* kv, const int64_t* cst, int64_t bi
 }
 
 /* Rotated keys and the values of every row into the caches at pos. */
-static void write_kv(const float* qkv, const float* cs, const float* sn, const int64_t* pos, float* kc,
-                     float* vc, const int64_t* cst, const Blocks* kv, int64_t b, int64_t t, int64_t hq,
+static void write_kv(const float* qkv, const float* cs, const float* sn, const int64_t* pos, void* kc,
+                     void* vc, const int64_t* cst, const Blocks* kv, int64_t b, int64_t t, int64_t hq,
                      int64_t hk, int64_t hd) {
     int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
+    float rotated[hd];
     for (int64_t i = 0; i < b * t; i++) {
         int64_t at = kv_offset(kv, cst, i / t, pos[i]);
         for (int64_t h = 0; h < hk; h++) {
             const float* k = qkv + i * row + (hq + h) * hd;
             const float* v = k + hk * hd;
-            float* kd = kc + at + h * cst[1];
-            float* vd = vc + at + h * cst[1];
+            if (kv->dt != KV_F32) {  /* rounded once, here: what attention reads back */
+                if (cs) rotate(k, cs + i * half, sn + i * half, rotated, hd);
+                kv_round(cs ? rotated : k, kv->dt, (uint16_t*)kc + at + h * cst[1], hd);
+                kv_round(v, kv->dt, (uint16_t*)vc + at + h * cst[1], hd);
+                continue;
+            }
+            float* kd = (float*)kc + at + h * cst[1];
+            float* vd = (float*)vc + at + h * cst[1];
             if (cs) rotate(k, cs + i * half, sn + i * half, kd, hd);
             else for (int64_t d = 0; d < hd; d++) kd[d] = k[d];
             for (int64_t d = 0; d < hd; d++) vd[d] = v[d];
@@ -137,11 +149,13 @@ static void write_kv(const float* qkv, const float* cs, const float* sn, const i
 
 /* Attention of one (row, query head) task over its visible cached keys, read block by block in
    position order (so a row's result does not depend on where its blocks lie):
-   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions]. */
+   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions], kw: scratch
+   [KV_RUN * hd] for the keys or a value of a 16-bit cache widened to fp32 (the same dot products and
+   sums as over an fp32 cache holding those values). */
 static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
-                   const float* kc, const float* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
+                   const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
                    float* out, int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
-                   int64_t window, float* q, float* sc) {
+                   int64_t window, float* q, float* sc, float* kw) {
     int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
     int64_t i = task / hq, h = task % hq, bi = i / t, p = pos[i], kh = h / (hq / hk);
     const float* qs = qkv + i * row + h * hd;
@@ -153,10 +167,17 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     for (int64_t j = lo; j <= p;) {  /* one run of adjacent slots (a block's part in [lo, p]) per pass */
         int64_t end = (j / kv->bs + 1) * kv->bs;
         if (end > p + 1) end = p + 1;
-        const float* keys = kc + kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: key j */
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1], ks = cst[2];
+        const float* keys = (const float*)kc + at - j * ks;  /* + j * ks: key j */
+        if (kv->dt != KV_F32) {  /* at most KV_RUN keys, widened into kw */
+            if (end > j + KV_RUN) end = j + KV_RUN;
+            for (int64_t r = 0; r < end - j; r++) kv_widen((const uint16_t*)kc + at + r * ks, kv->dt, kw + r * hd, hd);
+            keys = kw - j * hd;
+            ks = hd;
+        }
         /* Keys four at a time when slots are adjacent: dot4's rows are dot1's arithmetic, in four
            independent chains instead of one (the dot products were latency-bound). */
-        for (; cst[2] == hd && j + 4 <= end; j += 4) {
+        for (; ks == hd && j + 4 <= end; j += 4) {
             float d4[4];
             dot4(q, keys + j * hd, hd, d4);
             for (int r = 0; r < 4; r++) {
@@ -167,7 +188,7 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
             }
         }
         for (; j < end; j++) {
-            float a = dot1(q, keys + j * cst[2], hd) * scale;
+            float a = dot1(q, keys + j * ks, hd) * scale;
             if (slopes) a += slopes[h] * (float)(j - p);
             sc[j] = a;
             if (a > mx) mx = a;
@@ -188,7 +209,12 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     float* o = out + i * hq * hd + h * hd;
     for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
     for (int64_t j = lo; j <= p; j++) {
-        const float* vj = vc + kv_offset(kv, cst, bi, j) + kh * cst[1];
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1];
+        const float* vj = (const float*)vc + at;
+        if (kv->dt != KV_F32) {
+            kv_widen((const uint16_t*)vc + at, kv->dt, kw, hd);
+            vj = kw;
+        }
         float wgt = sc[j] / total;
         int64_t d = 0;
 #ifdef __AVX2__
@@ -204,21 +230,21 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
    then out [b, t, hq * hd]. Returns -1, writing nothing, when a position is outside [0, s), s the
    positions a row's table covers (nb * bs). */
 int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, const float* qscale,
-                        const int64_t* pos, float* kc, float* vc, const int64_t* cst, const int32_t* table,
+                        const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst, const int32_t* table,
                         int64_t nb, int64_t bs, const float* slopes, float* out, int64_t b, int64_t t, int64_t hq,
                         int64_t hk, int64_t hd, float scale, int64_t window, int nthreads) {
-    Blocks kv = {table, nb, bs};
+    Blocks kv = {table, nb, bs, (int)dt};
     int64_t s = nb * bs;
     for (int64_t i = 0; i < b * t; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
     write_kv(qkv, cs, sn, pos, kc, vc, cst, &kv, b, t, hq, hk, hd);
     #pragma omp parallel num_threads(nthreads)
     {
-        float* q = (float*)malloc(sizeof(float) * (hd + s));
+        float* q = (float*)malloc(sizeof(float) * (hd + s + KV_RUN * hd));
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < b * t * hq; task++)
             attend(qkv, cs, sn, qscale, pos, kc, vc, cst, &kv, slopes, out, task, t, hq, hk, hd, scale, window, q,
-                   q + hd);
+                   q + hd, q + hd + s);
         free(q);
     }
     return 0;
@@ -348,15 +374,15 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
 
 /* x [m, D] <- the pre-norm decoder layers Ls[0 .. nl-1] applied to x (the residual stream, updated
    in place), each  x = x + o(attention(rope(qkv(rms(x))))); x = x + down(silu(gate) * up)(rms(x)),
-   with the cache arguments above; layer l's caches start at kc / vc + l * cst[3]. One OpenMP region
+   with the cache arguments above; layer l's caches start l * cst[3] elements into kc / vc. One OpenMP region
    for all of them, its phases separated by spin barriers. Bitwise what the separate kernels give. */
 int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const float* cs, const float* sn,
-                         const float* qscale, const int64_t* pos, float* kc, float* vc, const int64_t* cst,
+                         const float* qscale, const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst,
                          const int32_t* table, int64_t nb, int64_t bs, const float* slopes, int64_t m, int64_t t,
                          int64_t D, int64_t hq, int64_t hk, int64_t hd, int64_t F, float eps, float scale,
                          int64_t window, int nthreads) {
     if (m > 16) return -2;  /* lin_part keeps a row's outputs in float[16] */
-    Blocks kv = {table, nb, bs};
+    Blocks kv = {table, nb, bs, (int)dt};
     int64_t s = nb * bs;
     for (int64_t i = 0; i < m; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
@@ -369,12 +395,12 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     #pragma omp parallel num_threads(nthreads)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
-        float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s));
+        float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s + KV_RUN * hd));
         float* q = xp + m * kmax + m * kmax / 32;
         int64_t lo, hi;
         for (int64_t l = 0; l < nl; l++) {
             const Layer* L = Ls[l];
-            float *kl = kc + l * cst[3], *vl = vc + l * cst[3];
+            char *kl = (char*)kc + l * cst[3] * kv_size(kv.dt), *vl = (char*)vc + l * cst[3] * kv_size(kv.dt);
             if (tid == 0) llmfn_rms_norm(x, L->attn_norm, h, m, D, eps);
             barrier_wait(&bar, nth, &local);
             lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp);
@@ -384,7 +410,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             share(m * hq, tid, nth, &lo, &hi);
             for (int64_t task = lo; task < hi; task++)
                 attend(qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, task, t, hq, hk, hd, scale, window, q,
-                       q + hd);
+                       q + hd, q + hd + s);
             barrier_wait(&bar, nth, &local);
             lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp);
             barrier_wait(&bar, nth, &local);
