@@ -5,11 +5,13 @@ as the default server loads it (its Q4_1 blocks, fp32 activations).
    largest |logit difference| to the fp32 cache's logits over all positions and the text's
    perplexity; greedy generation of --gen tokens from a few prompts through the Engine: how many
    tokens equal the fp32 cache's before the first that differs.
-2. speed: one decode step (the fused C layers over a paged pool) of 1 and 16 rows at contexts of 256
-   and 2,048 positions; median wall and CPU (process) time of --repeats steps.
+2. speed: one layer's C attention, and one decode step (the fused C layers over a paged pool), of 1
+   and 16 rows at contexts of 256 and 2,048 positions; median wall and CPU (process) time of
+   --repeats, the dtypes interleaved. On a shared machine run it with --threads 1 and read CPU time.
 3. capacity: the blocks and the 2,048-token sequences a 512 MiB pool holds.
 
-    python benchmarks/kv_dtype.py [--model smollm2-135m-instruct] [--gen 200] [--repeats 20] [--skip-accuracy]
+    python benchmarks/kv_dtype.py [--model smollm2-135m-instruct] [--gen 200] [--repeats 20] [--threads N]
+                                  [--skip-accuracy] [--skip-speed]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import llmfn  # noqa: E402
 from llmfn.backend import fused_forward  # noqa: E402
 from llmfn.chat_template import apply_chat_template  # noqa: E402
 from llmfn.engine import Engine, GenerationRequest  # noqa: E402
+from llmfn.kernels import cpu  # noqa: E402
 from llmfn.models import llama  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,43 +102,87 @@ def accuracy(model, gen: int) -> None:
               f"{perplexity(lg, ids):.4f} | {' / '.join(same)} (of {gen}) |")  # fmt: skip
 
 
-def step_time(model, dtype: torch.dtype, rows: int, context: int, repeats: int) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of one decode step of `rows` rows at position context - 1."""
-    cfg, bs = model.cfg, 16
-    per_row = context // bs
-    cache = llama.init_cache(cfg, rows * per_row + 1, bs, dtype)
+def filled_pool(cfg, blocks: int, dtype: torch.dtype) -> llama.KVCache:
+    """A pool of `blocks` 16-position blocks holding keys and values of a plausible size (attention's
+    cost does not depend on them)."""
+    cache = llama.init_cache(cfg, blocks, 16, dtype)
     pattern = (torch.rand(1 << 20, generator=torch.Generator().manual_seed(0)) - 0.5).to(dtype)
-    for t in (cache.k, cache.v):  # keys and values of a plausible size (attention's cost ignores them)
+    for t in (cache.k, cache.v):
         flat = t.view(-1)
         for i in range(0, flat.numel(), pattern.numel()):
             flat[i : i + pattern.numel()] = pattern[: flat.numel() - i]
+    return cache
+
+
+def step_times(model, rows: int, context: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of one decode step of `rows` rows at position context - 1 per dtype,
+    the dtypes interleaved repeat by repeat (so a change in the machine's load hits them alike)."""
+    cfg, per_row = model.cfg, context // 16
     table = (1 + torch.arange(rows * per_row, dtype=torch.int32)).view(rows, per_row)
-    cache = cache._replace(blocks=table)
-    tok = torch.randint(0, cfg.vocab_size, (rows, 1))
+    caches = {name: filled_pool(cfg, rows * per_row + 1, dt)._replace(blocks=table) for name, dt in DTYPES.items()}
+    tok = torch.randint(0, cfg.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(1))
     pos = torch.full((rows, 1), context - 1)
-    wall, cpu = [], []
+    wall: dict[str, list[float]] = {name: [] for name in DTYPES}
+    cpu_s: dict[str, list[float]] = {name: [] for name in DTYPES}
     with torch.inference_mode():
-        for i in range(repeats + 3):
-            w0, c0 = time.perf_counter(), time.process_time()
-            fused_forward(model.params, cfg, tok, pos, cache)
-            if i >= 3:
-                wall.append(time.perf_counter() - w0)
-                cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
+        for i in range(repeats + 2):
+            for name, cache in caches.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                fused_forward(model.params, cfg, tok, pos, cache)
+                if i >= 2:
+                    wall[name].append(time.perf_counter() - w0)
+                    cpu_s[name].append(time.process_time() - c0)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu_s[name])) for name in DTYPES}
 
 
 def speed(model, repeats: int) -> None:
-    print(f"\n## decode step (fused C layers, paged pool), median of {repeats}; tok/s = rows / wall time")
-    print("| rows | context | KV cache | step ms (wall) | step ms (CPU) | tok/s | vs fp32 |")
+    threads = torch.get_num_threads()
+    print(f"\n## decode step (fused C layers, paged pool) on {threads} thread(s), median of {repeats}; "
+          "tok/s = rows / CPU time per thread")  # fmt: skip
+    print("| rows | context | KV cache | step ms (wall) | step ms (CPU) | tok/s | vs fp32 (CPU time) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for rows in (1, 16):
         for context in (256, 2048):
-            base = None
-            for name, dt in DTYPES.items():
-                wall, cpu = step_time(model, dt, rows, context, repeats)
-                base = base or wall
-                print(f"| {rows} | {context} | {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {rows / wall:.1f} | "
-                      f"{base / wall:.2f}x |", flush=True)  # fmt: skip
+            times = step_times(model, rows, context, repeats)
+            base = times["float32"][1]
+            for name, (wall, cpu_t) in times.items():
+                print(f"| {rows} | {context} | {name} | {wall * 1e3:.1f} | {cpu_t * 1e3:.1f} | "
+                      f"{rows * threads / cpu_t:.1f} | {base / cpu_t:.2f}x |", flush=True)  # fmt: skip
+
+
+def attention_time(model, rows: int, context: int, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of one layer's C attention (cpu.qkv_attention: rope, cache write, attention)
+    for `rows` rows at position context - 1, per dtype, the dtypes interleaved repeat by repeat."""
+    cfg, bs = model.cfg, 16
+    per_row = context // bs
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.rand(2, rows * per_row + 1, cfg.num_kv_heads, bs, cfg.head_dim, generator=gen) - 0.5
+    pools = {name: pool.to(dt) for name, dt in DTYPES.items()}
+    table = (1 + torch.arange(rows * per_row, dtype=torch.int32)).view(rows, per_row)
+    qkv = torch.randn(rows, 1, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, generator=gen)
+    pos = torch.full((rows, 1), context - 1)
+    angles = torch.rand(rows, 1, cfg.head_dim // 2, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    times: dict[str, list[float]] = {name: [] for name in DTYPES}
+    for i in range(repeats + 2):
+        for name, p in pools.items():
+            c0 = time.process_time()
+            cpu.qkv_attention(qkv, cos, sin, None, pos, p[0], p[1], cfg.num_heads, cfg.num_kv_heads,
+                              cfg.head_dim**-0.5, blocks=table)  # fmt: skip
+            if i >= 2:
+                times[name].append(time.process_time() - c0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def attention_speed(model, repeats: int) -> None:
+    print(f"\n## one layer's C attention, CPU time on {torch.get_num_threads()} thread(s), median of {repeats}")
+    print("| rows | context | fp32 ms | bf16 ms | fp16 ms | bf16 vs fp32 | fp16 vs fp32 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for rows in (1, 16):
+        for context in (256, 2048):
+            t = attention_time(model, rows, context, repeats)
+            f, b, h = (t[n] * 1e3 for n in DTYPES)
+            print(f"| {rows} | {context} | {f:.3f} | {b:.3f} | {h:.3f} | {f / b:.2f}x | {f / h:.2f}x |", flush=True)
 
 
 def capacity(model) -> None:
@@ -156,7 +203,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--threads", type=int, help="torch / OpenMP threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = llmfn.load(args.model)
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; {args.model}")  # fmt: skip
@@ -164,6 +214,7 @@ def main() -> None:
     if not args.skip_accuracy:
         accuracy(model, args.gen)
     if not args.skip_speed:
+        attention_speed(model, args.repeats)
         speed(model, args.repeats)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 

@@ -41,6 +41,42 @@ static inline float dot1(const float* x, const float* w, int64_t k) {
     return a;
 }
 
+/* dot4 and dot1 over rows of a 16-bit cache (kv16.h), widened as they are read: the same arithmetic
+   as over an fp32 cache holding the widened values. */
+static inline void dot4_kv16(const float* x, const uint16_t* w, int dt, int64_t k, float* out) {
+    const uint16_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
+    int64_t c = 0;
+    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; c + 8 <= k; c += 8) {
+        __m256 xv = _mm256_loadu_ps(x + c);
+        a0 = _mm256_fmadd_ps(kv_widen8(w0 + c, dt), xv, a0);
+        a1 = _mm256_fmadd_ps(kv_widen8(w1 + c, dt), xv, a1);
+        a2 = _mm256_fmadd_ps(kv_widen8(w2 + c, dt), xv, a2);
+        a3 = _mm256_fmadd_ps(kv_widen8(w3 + c, dt), xv, a3);
+    }
+    a[0] = hsum(a0); a[1] = hsum(a1); a[2] = hsum(a2); a[3] = hsum(a3);
+#endif
+    for (; c < k; c++) {
+        a[0] += kv_widen1(w0[c], dt) * x[c]; a[1] += kv_widen1(w1[c], dt) * x[c];
+        a[2] += kv_widen1(w2[c], dt) * x[c]; a[3] += kv_widen1(w3[c], dt) * x[c];
+    }
+    for (int i = 0; i < 4; i++) out[i] = a[i];
+}
+
+static inline float dot1_kv16(const float* x, const uint16_t* w, int dt, int64_t k) {
+    int64_t c = 0;
+    float a = 0.0f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; c + 8 <= k; c += 8) acc = _mm256_fmadd_ps(kv_widen8(w + c, dt), _mm256_loadu_ps(x + c), acc);
+    a = hsum(acc);
+#endif
+    for (; c < k; c++) a += kv_widen1(w[c], dt) * x[c];
+    return a;
+}
+
 /* y [m, n] = x [m, k] @ w [n, k]^T (+ b [n]). Weight rows go in blocks of four, each read from
    memory once and reused from L1 by every activation row. */
 int llmfn_gemv(const float* x, const float* w, const float* b, float* y, int64_t m, int64_t n, int64_t k,
@@ -112,9 +148,6 @@ static inline void rotate(const float* x, const float* cs, const float* sn, floa
    cache, bs = its length); slopes [hq] (NULL: no ALiBi); window 0 for none. */
 typedef struct { const int32_t* table; int64_t nb, bs; int dt; } Blocks;
 
-/* Slots of a 16-bit cache widened at a time into attend's scratch (its keys for one run of dot products). */
-#define KV_RUN 16
-
 /* Offset of row bi's position p (block and slot) in a cache. */
 static inline int64_t kv_offset(const Blocks* kv, const int64_t* cst, int64_t bi, int64_t p) {
     int64_t block = kv->table ? kv->table[bi * kv->nb + p / kv->bs] : bi;
@@ -149,13 +182,12 @@ static void write_kv(const float* qkv, const float* cs, const float* sn, const i
 
 /* Attention of one (row, query head) task over its visible cached keys, read block by block in
    position order (so a row's result does not depend on where its blocks lie):
-   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions], kw: scratch
-   [KV_RUN * hd] for the keys or a value of a 16-bit cache widened to fp32 (the same dot products and
-   sums as over an fp32 cache holding those values). */
+   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions]. A 16-bit
+   cache is widened as it is read: the same arithmetic as over an fp32 cache holding its values. */
 static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
                    const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
                    float* out, int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
-                   int64_t window, float* q, float* sc, float* kw) {
+                   int64_t window, float* q, float* sc) {
     int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
     int64_t i = task / hq, h = task % hq, bi = i / t, p = pos[i], kh = h / (hq / hk);
     const float* qs = qkv + i * row + h * hd;
@@ -167,19 +199,15 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     for (int64_t j = lo; j <= p;) {  /* one run of adjacent slots (a block's part in [lo, p]) per pass */
         int64_t end = (j / kv->bs + 1) * kv->bs;
         if (end > p + 1) end = p + 1;
-        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1], ks = cst[2];
-        const float* keys = (const float*)kc + at - j * ks;  /* + j * ks: key j */
-        if (kv->dt != KV_F32) {  /* at most KV_RUN keys, widened into kw */
-            if (end > j + KV_RUN) end = j + KV_RUN;
-            for (int64_t r = 0; r < end - j; r++) kv_widen((const uint16_t*)kc + at + r * ks, kv->dt, kw + r * hd, hd);
-            keys = kw - j * hd;
-            ks = hd;
-        }
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: key j */
+        const float* keys = (const float*)kc + at;
+        const uint16_t* keys16 = (const uint16_t*)kc + at;
         /* Keys four at a time when slots are adjacent: dot4's rows are dot1's arithmetic, in four
            independent chains instead of one (the dot products were latency-bound). */
-        for (; ks == hd && j + 4 <= end; j += 4) {
+        for (; cst[2] == hd && j + 4 <= end; j += 4) {
             float d4[4];
-            dot4(q, keys + j * hd, hd, d4);
+            if (kv->dt == KV_F32) dot4(q, keys + j * hd, hd, d4);
+            else dot4_kv16(q, keys16 + j * hd, kv->dt, hd, d4);
             for (int r = 0; r < 4; r++) {
                 float a = d4[r] * scale;
                 if (slopes) a += slopes[h] * (float)(j + r - p);
@@ -188,7 +216,8 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
             }
         }
         for (; j < end; j++) {
-            float a = dot1(q, keys + j * ks, hd) * scale;
+            float a = (kv->dt == KV_F32 ? dot1(q, keys + j * cst[2], hd)
+                                        : dot1_kv16(q, keys16 + j * cst[2], kv->dt, hd)) * scale;
             if (slopes) a += slopes[h] * (float)(j - p);
             sc[j] = a;
             if (a > mx) mx = a;
@@ -208,21 +237,31 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     for (; j <= p; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
     float* o = out + i * hq * hd + h * hd;
     for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
-    for (int64_t j = lo; j <= p; j++) {
-        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1];
-        const float* vj = (const float*)vc + at;
-        if (kv->dt != KV_F32) {
-            kv_widen((const uint16_t*)vc + at, kv->dt, kw, hd);
-            vj = kw;
-        }
-        float wgt = sc[j] / total;
-        int64_t d = 0;
+    for (int64_t j = lo; j <= p;) {  /* block by block: one table look-up per block, not per value */
+        int64_t end = (j / kv->bs + 1) * kv->bs;
+        if (end > p + 1) end = p + 1;
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: value j */
+        for (; j < end; j++) {
+            float wgt = sc[j] / total;
+            int64_t d = 0;
+            if (kv->dt != KV_F32) {  /* the loop below on the widened values */
+                const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];
 #ifdef __AVX2__
-        __m256 wv = _mm256_set1_ps(wgt);
-        for (; d + 8 <= hd; d += 8)
-            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+                __m256 wv = _mm256_set1_ps(wgt);
+                for (; d + 8 <= hd; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, kv_widen8(vj + d, kv->dt), _mm256_loadu_ps(o + d)));
 #endif
-        for (; d < hd; d++) o[d] += wgt * vj[d];
+                for (; d < hd; d++) o[d] += wgt * kv_widen1(vj[d], kv->dt);
+                continue;
+            }
+            const float* vj = (const float*)vc + at + j * cst[2];
+#ifdef __AVX2__
+            __m256 wv = _mm256_set1_ps(wgt);
+            for (; d + 8 <= hd; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+#endif
+            for (; d < hd; d++) o[d] += wgt * vj[d];
+        }
     }
 }
 
@@ -240,11 +279,11 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
     write_kv(qkv, cs, sn, pos, kc, vc, cst, &kv, b, t, hq, hk, hd);
     #pragma omp parallel num_threads(nthreads)
     {
-        float* q = (float*)malloc(sizeof(float) * (hd + s + KV_RUN * hd));
+        float* q = (float*)malloc(sizeof(float) * (hd + s));
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < b * t * hq; task++)
             attend(qkv, cs, sn, qscale, pos, kc, vc, cst, &kv, slopes, out, task, t, hq, hk, hd, scale, window, q,
-                   q + hd, q + hd + s);
+                   q + hd);
         free(q);
     }
     return 0;
@@ -395,7 +434,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     #pragma omp parallel num_threads(nthreads)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
-        float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s + KV_RUN * hd));
+        float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s));
         float* q = xp + m * kmax + m * kmax / 32;
         int64_t lo, hi;
         for (int64_t l = 0; l < nl; l++) {
@@ -410,7 +449,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             share(m * hq, tid, nth, &lo, &hi);
             for (int64_t task = lo; task < hi; task++)
                 attend(qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, task, t, hq, hk, hd, scale, window, q,
-                       q + hd, q + hd + s);
+                       q + hd);
             barrier_wait(&bar, nth, &local);
             lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp);
             barrier_wait(&bar, nth, &local);

@@ -49,21 +49,14 @@ static inline float f16_to_f32(uint16_t h) {
     return bits_f32(sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized)));
 }
 
-/* dst[0..n) = the n elements of a 16-bit cache at src, widened. */
-static inline void kv_widen(const uint16_t* src, int dt, float* dst, int64_t n) {
-    int64_t i = 0;
+/* One element / eight elements of a 16-bit cache, widened (exact). */
+static inline float kv_widen1(uint16_t h, int dt) { return dt == KV_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 #ifdef __AVX2__
-    if (dt == KV_BF16)
-        for (; i + 8 <= n; i += 8) {
-            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(src + i)));
-            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-        }
-    else
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
-#endif
-    if (dt == KV_BF16) for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
-    else for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
+static inline __m256 kv_widen8(const uint16_t* p, int dt) {
+    __m128i h = _mm_loadu_si128((const __m128i*)p);
+    return dt == KV_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
+#endif
 
 /* dst[0..n) (a 16-bit cache) = x[0..n), rounded to nearest even. */
 static inline void kv_round(const float* x, int dt, uint16_t* dst, int64_t n) {
