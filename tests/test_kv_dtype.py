@@ -141,23 +141,24 @@ def requests(n: int, max_tokens: int) -> list[GenerationRequest]:
 
 
 @needs_c
-@pytest.mark.slow
-def test_a_bf16_cache_keeps_requests_batch_invariant_through_preemption_and_prefix_reuse(model):
-    """With a bf16 pool: requests together (compact C decode steps, preemptions in a small pool) give
-    exactly their solo outputs, a prompt whose prefix is cached gives a cold server's answer, and the
-    same memory holds twice the fp32 pool's blocks."""
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_a_16bit_cache_keeps_requests_batch_invariant_through_preemption_and_prefix_reuse(model, name):
+    """With a 16-bit pool: requests together (compact C decode steps, preemptions in a small pool)
+    give exactly their solo outputs, a prompt whose prefix is cached gives a cold server's answer,
+    and the same memory holds twice the fp32 pool's blocks."""
     per_token = llama.kv_bytes_per_token(model.cfg, torch.bfloat16)
     memory = 40 * 16 * per_token
     reqs = requests(8, 40)
-    with Engine(model, max_running=8, kv_cache_memory=memory, prefill_chunk=16, kv_cache_dtype="bfloat16") as e:
+    with Engine(model, max_running=8, kv_cache_memory=memory, prefill_chunk=16, kv_cache_dtype=name) as e:
+        assert e.compact  # decode steps of only the busy rows, on the C kernels
         together = e.generate_many(reqs)
         stats = e.stats()
-    assert stats["preemptions"] >= 1 and stats["kv_cache_dtype"] == "bfloat16" and stats["blocks_total"] == 39
-    with Engine(model, max_running=1, kv_cache_memory=memory, prefill_chunk=16, kv_cache_dtype="bf16") as solo:
+    assert stats["preemptions"] >= 1 and stats["kv_cache_dtype"] == name and stats["blocks_total"] == 39
+    with Engine(model, max_running=1, kv_cache_memory=memory, prefill_chunk=16, kv_cache_dtype=name) as solo:
         alone = solo.generate_many(reqs)  # one at a time; each later prompt may reuse cached prefixes
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     prompt = reqs[3].prompt_ids
-    with Engine(model, prefill_chunk=16, kv_cache_dtype="bfloat16") as e:
+    with Engine(model, prefill_chunk=16, kv_cache_dtype=name) as e:
         [cold] = e.generate_many([prompt], max_tokens=12)
         [warm] = e.generate_many([prompt], max_tokens=12)
         assert warm.cached_tokens >= 32 and warm.token_ids == cold.token_ids
