@@ -141,11 +141,11 @@ static inline void rotate(const float* x, const float* cs, const float* sn, floa
 }
 
 /* The cache arguments: qkv [b, t, (hq + 2 hk) * hd]; cos, sin [b, t, hd/2] (NULL: no rope);
-   qscale [b, t] (NULL: none); pos [b, t]; caches of blocks [N, hk, bs, hd] of element type dt
+   qscale [b, t] (NULL: none); pos [b, t]; caches of blocks [N, hk, bs, hd] of element type kv->dt
    (kv16.h: fp32, bf16 or fp16) with element strides cst[0..2] for block, head and slot, and
-   contiguous rows; kv->table [b, nb] (int32) maps row bi's
-   position p to block table[bi * nb + p / bs], slot p % bs (table NULL: block bi is row bi's whole
-   cache, bs = its length); slopes [hq] (NULL: no ALiBi); window 0 for none. */
+   contiguous rows; kv->table [b, nb] (int32) maps row bi's position p to block
+   table[bi * nb + p / bs], slot p % bs (table NULL: block bi is row bi's whole cache, bs = its
+   length); slopes [hq] (NULL: no ALiBi); window 0 for none. */
 typedef struct { const int32_t* table; int64_t nb, bs; int dt; } Blocks;
 
 /* Offset of row bi's position p (block and slot) in a cache. */
@@ -413,8 +413,9 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
 
 /* x [m, D] <- the pre-norm decoder layers Ls[0 .. nl-1] applied to x (the residual stream, updated
    in place), each  x = x + o(attention(rope(qkv(rms(x))))); x = x + down(silu(gate) * up)(rms(x)),
-   with the cache arguments above; layer l's caches start l * cst[3] elements into kc / vc. One OpenMP region
-   for all of them, its phases separated by spin barriers. Bitwise what the separate kernels give. */
+   with the cache arguments above (dt: the caches' element type); layer l's caches start l * cst[3]
+   elements into kc / vc. One OpenMP region for all of them, its phases separated by spin barriers.
+   Bitwise what the separate kernels give. */
 int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const float* cs, const float* sn,
                          const float* qscale, const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst,
                          const int32_t* table, int64_t nb, int64_t bs, const float* slopes, int64_t m, int64_t t,
