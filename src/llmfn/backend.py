@@ -72,7 +72,7 @@ def _fused_layer_structs(params, cfg: llama.LlamaConfig, x, rope: llama.RopeTabl
         and (cache.k.shape[0], cache.k.shape[2]) == (len(params["layers"]), cfg.num_kv_heads)
         and cache.k.shape[-1] == cfg.head_dim
         and all(t.shape == (*x.shape[:2], cfg.head_dim // 2) for t in tables)
-        and cpu.takes(x, cache.k, cache.v, *tables)
+        and cpu.takes(x, *tables)
     )
     if not ok:
         return None

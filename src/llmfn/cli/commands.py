@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = serve_overrides(load_config(args.config), args.model, args.api_key, quantize=args.quantize,
                              access_log=args.access_log, access_log_format=args.access_log_format,
-                             kv_cache_memory=args.kv_cache_memory)  # fmt: skip
+                             kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     from llmfn.parallel import launch
 
     sharded = launch.should_spawn(args.tensor_parallel, args.pipeline_parallel) or launch.in_rank()
@@ -119,10 +119,10 @@ def serve_sharded(config, args: argparse.Namespace) -> int:
 
 def serve_overrides(config, models: list[str] | None, api_key: str | None, *, quantize: str | None = None,
                     access_log: bool | None = None, access_log_format: str | None = None,
-                    kv_cache_memory: str | None = None):  # fmt: skip
+                    kv_cache_memory: str | None = None, kv_cache_dtype: str | None = None):  # fmt: skip
     """The server config with `--model` replacing its models, `--api-key` added to its keys,
     `--quantize` set on every model not configured as an embedding model, the access log's flags and
-    `--kv-cache-memory` replacing its limit."""
+    `--kv-cache-memory` / `--kv-cache-dtype` replacing its limits."""
     import msgspec
 
     from llmfn.serve.config import check_config, models_from_paths
@@ -130,7 +130,9 @@ def serve_overrides(config, models: list[str] | None, api_key: str | None, *, qu
     replace = msgspec.structs.replace
     changes = {}
     if kv_cache_memory is not None:
-        changes["limits"] = msgspec.structs.replace(config.limits, kv_cache_memory=kv_cache_memory)
+        changes["limits"] = replace(config.limits, kv_cache_memory=kv_cache_memory)
+    if kv_cache_dtype is not None:
+        changes["limits"] = replace(changes.get("limits", config.limits), kv_cache_dtype=kv_cache_dtype)
     if models:
         changes["models"] = models_from_paths(models)
     if quantize:
@@ -284,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", metavar="SIZE",
                    help="KV cache per model, e.g. 512MiB or 2GiB (default: a tenth of the machine's memory, "
                         "at most 1 GiB)")
+    p.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="KV cache dtype of fp32 models: bfloat16 / float16 hold twice the positions in the same "
+                        "memory, keys and values rounded once (default: the model's dtype)")  # fmt: skip
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="N engine replicas on Ray Serve behind "
                    "one endpoint (needs llmfn[ray]; default 1: this process)")  # fmt: skip
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster for --replicas (default: a local Ray)")

@@ -19,7 +19,10 @@ sequences (eos / stop string / complete constraint / max_tokens), freeing their 
 KV memory: paged, as vLLM's. One pool of blocks of `block_size` (16) positions, sized by
 `kv_cache_memory` (default: a tenth of the machine's memory, at most 1 GiB; allocated as untouched
 zero pages, so resident memory follows the blocks written, not the budget), in the layout the model
-already takes (models/llama.py KVCache: k, v [L, N, Hk, S, hd] read through a per-row block table).
+already takes (models/llama.py KVCache: k, v [L, N, Hk, S, hd] read through a per-row block table),
+in the model's dtype or, with `kv_cache_dtype="bfloat16"` / `"float16"` for an fp32 model, in 16 bits:
+keys and values rounded to nearest even once, when written, read back widened (attention stays fp32),
+twice the positions in the same memory, with every exactness property below kept.
 A sequence holds only the blocks its positions fill and grows block by block. `max_model_len` (the
 model's context, capped by what the pool holds) bounds prompt + max_tokens; a longer request is
 refused at submit with a RequestError naming both numbers, never truncated.

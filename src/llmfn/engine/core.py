@@ -18,7 +18,7 @@ import torch
 
 from llmfn.backend import forward_for, row_invariant_rows
 from llmfn.engine.drafts import Speculator
-from llmfn.engine.paged import PagedKV, size_pool
+from llmfn.engine.paged import PagedKV, pool_dtype, size_pool
 from llmfn.engine.requests import (
     Collector,
     GenerationEvent,
@@ -52,11 +52,13 @@ class Engine:
 
     max_running: sequences decoded together; max_queued: requests that may wait beyond the free places
     (more raise QueueFullError); kv_cache_memory: the KV pool's size in bytes or as "512MiB" (default:
-    blocks.default_kv_cache_memory); max_model_len: the longest prompt + max_tokens a request may ask
-    for (default: the model's context, capped by what the pool holds); block_size: positions per KV
-    block; prefill_chunk: prompt tokens prefilled per step (a multiple of block_size); prefix_cache:
-    reuse the KV of shared prompt prefixes; speculative: "ngram" (or llmfn.speculative's config) to
-    verify prompt-lookup drafts in the decode steps (engine/drafts.py), where it is exact."""
+    blocks.default_kv_cache_memory); kv_cache_dtype: None (the model's dtype) or, for an fp32 model,
+    "bfloat16" / "float16": twice the positions in the same memory (paged.pool_dtype); max_model_len:
+    the longest prompt + max_tokens a request may ask for (default: the model's context, capped by what
+    the pool holds); block_size: positions per KV block; prefill_chunk: prompt tokens prefilled per step
+    (a multiple of block_size); prefix_cache: reuse the KV of shared prompt prefixes; speculative:
+    "ngram" (or llmfn.speculative's config) to verify prompt-lookup drafts in the decode steps
+    (engine/drafts.py), where it is exact."""
 
     def __init__(
         self,
@@ -65,6 +67,7 @@ class Engine:
         max_running: int = 16,
         max_queued: int = 64,
         kv_cache_memory: int | str | None = None,
+        kv_cache_dtype: str | torch.dtype | None = None,
         max_model_len: int | None = None,
         block_size: int = 16,
         prefill_chunk: int = 256,
@@ -85,7 +88,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.block_size = block_size
         self._device = model.params["norm"].device
-        dtype = model.params["norm"].dtype
+        dtype = pool_dtype(kv_cache_dtype, model.params["norm"].dtype)  # the KV pool's
         arch = family(cfg)  # the model's math: forward (run through backend.forward_for)
         self.kv_bytes_per_token = arch.kv_bytes_per_token(cfg, dtype)
         num_blocks, self.max_model_len = size_pool(kv_cache_memory, self.kv_bytes_per_token, block_size,
@@ -257,6 +260,7 @@ class Engine:
             "blocks_cached": pool.cached(),
             "blocks_free": pool.available(),
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_cache_dtype": str(self._kv.cache.k.dtype).removeprefix("torch."),
             "kv_cache_bytes": self._kv.nbytes(),
             "prefix_hit_rate": self._n["prefix_cache_hit_tokens"] / prompt if prompt else 0.0,
             "drafted_tokens": self._speculator.drafted if self._speculator else 0,

@@ -12,6 +12,22 @@ from llmfn.engine.blocks import SCRATCH, BlockPool, default_kv_cache_memory, par
 from llmfn.errors import LlmfnError
 from llmfn.models.llama import KVCache
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def pool_dtype(name: str | torch.dtype | None, activations: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype: the model's activations' (None), or for an fp32 model a 16-bit cache
+    ("bfloat16" / "float16": keys and values rounded once when written, attention still in fp32; the
+    same memory holds twice the positions)."""
+    dtype = KV_CACHE_DTYPES.get(name, name) if isinstance(name, str) else name or activations
+    if dtype not in KV_CACHE_DTYPES.values():
+        raise LlmfnError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    if dtype != activations and activations != torch.float32:
+        raise LlmfnError(f"kv_cache_dtype {name!r}: a {activations} model keeps its KV cache in {activations} "
+                         "(a 16-bit cache is offered for fp32 models)")  # fmt: skip
+    return dtype
+
 
 def size_pool(kv_cache_memory: int | str | None, bytes_per_token: int, block_size: int, context: int,
               max_model_len: int | None, device: torch.device) -> tuple[int, int]:

@@ -41,14 +41,15 @@ _SIGNATURES = {
     "llmfn_int8_linear": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
     "llmfn_int4_dequant": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_int8_dequant": [_p, _p, _p, _i64, _i64, _i64, _i32],
-    "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, *[_i64] * 7, _f32, _f32,
-                             _i64, _i32],
+    "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p, *[_i64] * 7, _f32,
+                             _f32, _i64, _i32],
     "llmfn_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_bf16_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_bf16_lanes": [],
     "llmfn_rms_norm": [_p, _p, _p, _i64, _i64, _f32],
     "llmfn_silu_mul": [_p, _p, _i64, _i64],
-    "llmfn_qkv_attention": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, _p, *[_i64] * 5, _f32, _i64, _i32],
+    "llmfn_qkv_attention": [_p, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p, _p, *[_i64] * 5, _f32, _i64,
+                            _i32],
     "llmfn_decode_occupancy": [],
 }
 
@@ -92,10 +93,23 @@ def check_shapes(ok: bool, op: str, *ts: torch.Tensor | None, detail: str = "") 
         raise ValueError(f"{op}: shapes do not fit ({shapes})")
 
 
+# The KV cache element types the C attention reads and writes (csrc/kv16.h): a 16-bit cache is widened
+# to fp32 when read and rounded to nearest even when written; the attention math is fp32.
+KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def cache_layout_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """K and V caches the C attention reads: same shape and strides, contiguous head rows (views of
-    the first slots, as the engine passes, are fine)."""
-    return k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    """K and V caches the C attention reads: CPU tensors of one KV_DTYPES dtype outside autograd, same
+    shape and strides, contiguous head rows (views of the first slots, as the engine passes, are fine)."""
+    return (
+        k_cache.shape == v_cache.shape
+        and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(-1) == 1
+        and k_cache.dtype == v_cache.dtype
+        and k_cache.dtype in KV_DTYPES
+        and k_cache.device.type == v_cache.device.type == "cpu"
+        and not (k_cache.requires_grad or v_cache.requires_grad)
+    )
 
 
 def fp32_cpu(*ts: torch.Tensor) -> bool:
@@ -219,7 +233,7 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
     status = library().llmfn_qkv_attention(
         qkv.data_ptr(), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), strides, ptr(table), nb, bs, ptr(alibi_slopes), out.data_ptr(), b, t, num_heads,
+        v_cache.data_ptr(), KV_DTYPES[k_cache.dtype], strides, ptr(table), nb, bs, ptr(alibi_slopes), out.data_ptr(), b, t, num_heads,
         num_kv_heads, hd, scale, window or 0, decode_threads.threads(),
     )
     _position_error(status, nb * bs)
@@ -356,7 +370,7 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
     threads = decode_threads.pick()
     status = library().llmfn_decoder_layers(
         x.data_ptr(), layers, len(fields), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), strides, ptr(table), nb, bs, ptr(alibi_slopes), b * t, t, d,
+        k_cache.data_ptr(), v_cache.data_ptr(), KV_DTYPES[k_cache.dtype], strides, ptr(table), nb, bs, ptr(alibi_slopes), b * t, t, d,
         cfg.num_heads, cfg.num_kv_heads, hd, cfg.intermediate_size, cfg.rms_norm_eps, 1.0 / math.sqrt(hd),
         cfg.sliding_window or 0, threads,
     )

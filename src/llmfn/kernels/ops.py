@@ -69,7 +69,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
               alibi_slopes: Tensor | None = None, window: int | None = None, blocks: Tensor | None = None) -> Tensor:
     """Causal GQA attention over a position-indexed KV cache (see reference.attention), or over pools of
     blocks read through `blocks` (see reference.qkv_attention). On CUDA: flash-attention prefill, or
-    split-KV decode when s == 1, both reading the blocks in place; elsewhere the blocks are gathered."""
+    split-KV decode when s == 1, both reading the blocks in place; elsewhere the blocks are gathered.
+    A cache of a narrower float dtype than q (bf16 / fp16 under fp32 math) is read widened to q's."""
     if _triton(q):
         return triton_attention.attention(q, k, v, q_pos, scale, alibi_slopes, window, blocks)
     if blocks is not None:
@@ -85,7 +86,7 @@ def _cpu_attention(q, k, v, q_pos, scale, alibi_slopes, window):
     takes SDPA's causal kernel, which skips the masked half instead of computing it (SmolLM2's
     128-token prefill: 22 -> 6 ms of attention)."""
     used = int(q_pos.max()) + 1
-    k, v = k[:, :, :used], v[:, :, :used]
+    k, v = k[:, :, :used].to(q.dtype), v[:, :, :used].to(q.dtype)
     t = q.shape[2]
     if alibi_slopes is None and window is None and used == t and bool((q_pos == torch.arange(t)).all()):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -105,6 +106,7 @@ def batch_invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, sc
         return attention(q, k, v, q_pos, scale, alibi_slopes, window, blocks)
     if blocks is not None:
         k, v = ref.gather_blocks(k, blocks), ref.gather_blocks(v, blocks)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a 16-bit cache under fp32 math: widened (exact)
     b, hq, t, d = q.shape
     hk, s = k.shape[1], k.shape[2]
     g = hq // hk
@@ -175,7 +177,7 @@ def qkv_attention(
         (attention_op is None or getattr(attention_op, "batch_invariant", False))
         and positions.dtype == torch.int64
         and cpu.cache_layout_ok(k_cache, v_cache)
-        and cpu.takes(qkv, k_cache, v_cache, *(x for x in (cos, sin) if x is not None))
+        and cpu.takes(qkv, *(x for x in (cos, sin) if x is not None))
     ):
         return cpu.qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads,
                                  scale, alibi_slopes, window, blocks)

@@ -64,7 +64,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float,
     """Causal attention over a position-indexed KV cache, with GQA and optional ALiBi.
 
     q: [b, hq, s, d] at positions q_pos: [b, s]; k, v: [b, hk, t, d] holding position j
-    in slot j. Returns [b, hq, s, d]."""
+    in slot j (a cache of another float dtype, e.g. bf16 under fp32 math, is widened to q's). Returns
+    [b, hq, s, d]."""
+    k, v = k.to(q.dtype), v.to(q.dtype)
     mask = visible_keys(q_pos, k.shape[2], window)[:, None]  # [b, 1, s, t]
     if alibi_slopes is not None:
         k_pos = torch.arange(k.shape[2], device=q.device)
@@ -82,7 +84,9 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     scale q by q_scale [b, t, 1, 1] (None: none), write k and v into the caches in place at positions
     [b, t], and attend -> [b, t, hq * hd]. rope / attend: the ops to use. The caches are blocks
     [N, hk, S, hd]: without a table block b is row b's cache (N == b); with blocks [b, nb] row b's
-    position p is in block blocks[b, p // S], slot p % S, and attention reads the row's blocks in order."""
+    position p is in block blocks[b, p // S], slot p % S, and attention reads the row's blocks in order.
+    A cache of a narrower dtype (bf16 / fp16 under fp32 math) stores k and v rounded to nearest even
+    (`Tensor.to`), and attention reads them widened: rounded once, when written."""
     b, t, _ = qkv.shape
     hd = k_cache.shape[-1]
     q, k, v = qkv.split((num_heads * hd, num_kv_heads * hd, num_kv_heads * hd), dim=-1)
@@ -98,8 +102,8 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
     else:
         s = k_cache.shape[2]
         where = (blocks.long().gather(1, positions // s), positions % s)  # block, slot: [b, t] each
-    k_cache[where[0], :, where[1]] = k  # writes [b, t, hk, hd]
-    v_cache[where[0], :, where[1]] = v
+    k_cache[where[0], :, where[1]] = k.to(k_cache.dtype)  # writes [b, t, hk, hd]
+    v_cache[where[0], :, where[1]] = v.to(v_cache.dtype)
     q = q.transpose(1, 2)  # [b, hq, t, hd]
     if blocks is None:
         out = attend(q, k_cache, v_cache, positions, scale, alibi_slopes, window)

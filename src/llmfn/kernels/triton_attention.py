@@ -270,6 +270,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     return blocks.shape[1] * k.shape[2], blocks, k.shape[2]
 
 
+def _dot_fp32(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Products in fp32: bf16 under the interpreter (dot_in_fp32), or a cache of another dtype than q
+    (a bf16 / fp16 cache under fp32 math: its keys and values are widened on load, exactly)."""
+    return dot_in_fp32(q.dtype) or k.dtype != q.dtype
+
+
 def prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -305,7 +311,7 @@ def prefill(
         q, k, v, out, q_pos, slopes,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *q_pos.stride(),
         seq, t, hq, hq // hk, dim, window or 0, scale * LOG2E, table, table.stride(0), kv_block,
-        HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None, DOT_FP32=dot_in_fp32(q.dtype),
+        HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None, DOT_FP32=_dot_fp32(q, k),
         PAGED=blocks is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd,
         num_warps=num_warps or (4 if bd <= 128 else 8), num_stages=num_stages or (3 if bd == 128 else 2),
     )  # fmt: skip
@@ -350,7 +356,7 @@ def decode(
         *k.stride(), *v.stride(), q_pos.stride(0),
         t, hq, hk, group, dim, window or 0, scale * LOG2E, keys_per_split, splits,
         table, table.stride(0), kv_block,
-        HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None, DOT_FP32=dot_in_fp32(q.dtype),
+        HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None, DOT_FP32=_dot_fp32(q, k),
         PAGED=blocks is not None, BLOCK_G=block(group), BLOCK_N=block_n, BLOCK_D=bd,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

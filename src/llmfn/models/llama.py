@@ -38,7 +38,8 @@ Params = dict
 class KVCache(NamedTuple):
     """Keys and values of every layer, k and v each [L, N, Hk, S, hd]: N blocks of S slots. blocks
     [B, nb] int32 maps row b's position p to block blocks[b, p // S], slot p % S; None: block b is row
-    b's whole cache (N == B, slot j holds position j)."""
+    b's whole cache (N == B, slot j holds position j). k and v may be narrower than the activations
+    (a bf16 / fp16 cache of an fp32 model): keys and values are stored rounded and read widened."""
 
     k: torch.Tensor
     v: torch.Tensor

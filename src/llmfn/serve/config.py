@@ -8,6 +8,8 @@
     max_queued = 64          # waiting beyond that; more gets 429
     kv_cache_memory = "512MiB"   # KV cache per model: bytes, or KiB / MiB / GiB (default: a tenth of
                                  # the machine's memory, at most 1 GiB; pages in no use stay untouched)
+    kv_cache_dtype = "bfloat16"  # KV cache of fp32 models in bfloat16 / float16: twice the positions in
+                                 # that memory, keys and values rounded once (default: the model's dtype)
     max_tokens = 4096        # cap on max_tokens (and the default when a request gives none)
     max_body_bytes = 4194304 # larger request bodies get 413
     request_timeout = 30.0   # seconds to read a request's headers and its body; then 408 and closed
@@ -76,6 +78,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_running: Annotated[int, msgspec.Meta(ge=1)] = 16
     max_queued: Annotated[int, msgspec.Meta(ge=0)] = 64
     kv_cache_memory: int | str | None = None  # per model; see llmfn.engine.blocks.parse_bytes
+    kv_cache_dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] | None = None  # engine/paged.py
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 4096
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
     request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0

@@ -180,6 +180,7 @@ class ModelPool:
                                   model.cfg.max_position_embeddings)  # fmt: skip
                     served.engine = Engine(model, max_running=limits.max_running, max_queued=limits.max_queued,
                                            kv_cache_memory=kv_budget(limits.kv_cache_memory, model), max_model_len=context,
+                                           kv_cache_dtype=limits.kv_cache_dtype,
                                            speculative=spec.speculative)  # fmt: skip
                     served.engine.start()
                     warm_up(served.engine, model)

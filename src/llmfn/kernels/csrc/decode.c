@@ -2,6 +2,7 @@
    int8 code of quant.h and the bf16-weight code of bf16.h. */
 #include "quant.h"
 #include "bf16.h"
+#include "kv16.h"
 #include "simd.h"
 #include <math.h>
 #include <sched.h>
@@ -39,6 +40,42 @@ static inline float dot1(const float* x, const float* w, int64_t k) {
     a = hsum(acc);
 #endif
     for (; c < k; c++) a += w[c] * x[c];
+    return a;
+}
+
+/* dot4 and dot1 over rows of a 16-bit cache (kv16.h), widened as they are read: the same arithmetic
+   as over an fp32 cache holding the widened values. */
+static inline void dot4_kv16(const float* x, const uint16_t* w, int dt, int64_t k, float* out) {
+    const uint16_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
+    int64_t c = 0;
+    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; c + 8 <= k; c += 8) {
+        __m256 xv = _mm256_loadu_ps(x + c);
+        a0 = _mm256_fmadd_ps(kv_widen8(w0 + c, dt), xv, a0);
+        a1 = _mm256_fmadd_ps(kv_widen8(w1 + c, dt), xv, a1);
+        a2 = _mm256_fmadd_ps(kv_widen8(w2 + c, dt), xv, a2);
+        a3 = _mm256_fmadd_ps(kv_widen8(w3 + c, dt), xv, a3);
+    }
+    a[0] = hsum(a0); a[1] = hsum(a1); a[2] = hsum(a2); a[3] = hsum(a3);
+#endif
+    for (; c < k; c++) {
+        a[0] += kv_widen1(w0[c], dt) * x[c]; a[1] += kv_widen1(w1[c], dt) * x[c];
+        a[2] += kv_widen1(w2[c], dt) * x[c]; a[3] += kv_widen1(w3[c], dt) * x[c];
+    }
+    for (int i = 0; i < 4; i++) out[i] = a[i];
+}
+
+static inline float dot1_kv16(const float* x, const uint16_t* w, int dt, int64_t k) {
+    int64_t c = 0;
+    float a = 0.0f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; c + 8 <= k; c += 8) acc = _mm256_fmadd_ps(kv_widen8(w + c, dt), _mm256_loadu_ps(x + c), acc);
+    a = hsum(acc);
+#endif
+    for (; c < k; c++) a += kv_widen1(w[c], dt) * x[c];
     return a;
 }
 
@@ -106,11 +143,12 @@ static inline void rotate(const float* x, const float* cs, const float* sn, floa
 }
 
 /* The cache arguments: qkv [b, t, (hq + 2 hk) * hd]; cos, sin [b, t, hd/2] (NULL: no rope);
-   qscale [b, t] (NULL: none); pos [b, t]; caches of blocks [N, hk, bs, hd] with element strides
-   cst[0..2] for block, head and slot, and contiguous rows; kv->table [b, nb] (int32) maps row bi's
-   position p to block table[bi * nb + p / bs], slot p % bs (table NULL: block bi is row bi's whole
-   cache, bs = its length); slopes [hq] (NULL: no ALiBi); window 0 for none. */
-typedef struct { const int32_t* table; int64_t nb, bs; } Blocks;
+   qscale [b, t] (NULL: none); pos [b, t]; caches of blocks [N, hk, bs, hd] of element type kv->dt
+   (kv16.h: fp32, bf16 or fp16) with element strides cst[0..2] for block, head and slot, and
+   contiguous rows; kv->table [b, nb] (int32) maps row bi's position p to block
+   table[bi * nb + p / bs], slot p % bs (table NULL: block bi is row bi's whole cache, bs = its
+   length); slopes [hq] (NULL: no ALiBi); window 0 for none. */
+typedef struct { const int32_t* table; int64_t nb, bs; int dt; } Blocks;
 
 /* Offset of row bi's position p (block and slot) in a cache. */
 static inline int64_t kv_offset(const Blocks* kv, const int64_t* cst, int64_t bi, int64_t p) {
@@ -119,17 +157,24 @@ static inline int64_t kv_offset(const Blocks* kv, const int64_t* cst, int64_t bi
 }
 
 /* Rotated keys and the values of every row into the caches at pos. */
-static void write_kv(const float* qkv, const float* cs, const float* sn, const int64_t* pos, float* kc,
-                     float* vc, const int64_t* cst, const Blocks* kv, int64_t b, int64_t t, int64_t hq,
+static void write_kv(const float* qkv, const float* cs, const float* sn, const int64_t* pos, void* kc,
+                     void* vc, const int64_t* cst, const Blocks* kv, int64_t b, int64_t t, int64_t hq,
                      int64_t hk, int64_t hd) {
     int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
+    float rotated[hd];
     for (int64_t i = 0; i < b * t; i++) {
         int64_t at = kv_offset(kv, cst, i / t, pos[i]);
         for (int64_t h = 0; h < hk; h++) {
             const float* k = qkv + i * row + (hq + h) * hd;
             const float* v = k + hk * hd;
-            float* kd = kc + at + h * cst[1];
-            float* vd = vc + at + h * cst[1];
+            if (kv->dt != KV_F32) {  /* rounded once, here: what attention reads back */
+                if (cs) rotate(k, cs + i * half, sn + i * half, rotated, hd);
+                kv_round(cs ? rotated : k, kv->dt, (uint16_t*)kc + at + h * cst[1], hd);
+                kv_round(v, kv->dt, (uint16_t*)vc + at + h * cst[1], hd);
+                continue;
+            }
+            float* kd = (float*)kc + at + h * cst[1];
+            float* vd = (float*)vc + at + h * cst[1];
             if (cs) rotate(k, cs + i * half, sn + i * half, kd, hd);
             else for (int64_t d = 0; d < hd; d++) kd[d] = k[d];
             for (int64_t d = 0; d < hd; d++) vd[d] = v[d];
@@ -139,9 +184,10 @@ static void write_kv(const float* qkv, const float* cs, const float* sn, const i
 
 /* Attention of one (row, query head) task over its visible cached keys, read block by block in
    position order (so a row's result does not depend on where its blocks lie):
-   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions]. */
+   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions]. A 16-bit
+   cache is widened as it is read: the same arithmetic as over an fp32 cache holding its values. */
 static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
-                   const float* kc, const float* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
+                   const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
                    float* out, int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
                    int64_t window, float* q, float* sc) {
     int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
@@ -155,12 +201,15 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     for (int64_t j = lo; j <= p;) {  /* one run of adjacent slots (a block's part in [lo, p]) per pass */
         int64_t end = (j / kv->bs + 1) * kv->bs;
         if (end > p + 1) end = p + 1;
-        const float* keys = kc + kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: key j */
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: key j */
+        const float* keys = (const float*)kc + at;
+        const uint16_t* keys16 = (const uint16_t*)kc + at;
         /* Keys four at a time when slots are adjacent: dot4's rows are dot1's arithmetic, in four
            independent chains instead of one (the dot products were latency-bound). */
         for (; cst[2] == hd && j + 4 <= end; j += 4) {
             float d4[4];
-            dot4(q, keys + j * hd, hd, d4);
+            if (kv->dt == KV_F32) dot4(q, keys + j * hd, hd, d4);
+            else dot4_kv16(q, keys16 + j * hd, kv->dt, hd, d4);
             for (int r = 0; r < 4; r++) {
                 float a = d4[r] * scale;
                 if (slopes) a += slopes[h] * (float)(j + r - p);
@@ -169,7 +218,8 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
             }
         }
         for (; j < end; j++) {
-            float a = dot1(q, keys + j * cst[2], hd) * scale;
+            float a = (kv->dt == KV_F32 ? dot1(q, keys + j * cst[2], hd)
+                                        : dot1_kv16(q, keys16 + j * cst[2], kv->dt, hd)) * scale;
             if (slopes) a += slopes[h] * (float)(j - p);
             sc[j] = a;
             if (a > mx) mx = a;
@@ -189,16 +239,31 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     for (; j <= p; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
     float* o = out + i * hq * hd + h * hd;
     for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
-    for (int64_t j = lo; j <= p; j++) {
-        const float* vj = vc + kv_offset(kv, cst, bi, j) + kh * cst[1];
-        float wgt = sc[j] / total;
-        int64_t d = 0;
+    for (int64_t j = lo; j <= p;) {  /* block by block: one table look-up per block, not per value */
+        int64_t end = (j / kv->bs + 1) * kv->bs;
+        if (end > p + 1) end = p + 1;
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: value j */
+        for (; j < end; j++) {
+            float wgt = sc[j] / total;
+            int64_t d = 0;
+            if (kv->dt != KV_F32) {  /* the loop below on the widened values */
+                const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];
 #ifdef __AVX2__
-        __m256 wv = _mm256_set1_ps(wgt);
-        for (; d + 8 <= hd; d += 8)
-            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+                __m256 wv = _mm256_set1_ps(wgt);
+                for (; d + 8 <= hd; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, kv_widen8(vj + d, kv->dt), _mm256_loadu_ps(o + d)));
 #endif
-        for (; d < hd; d++) o[d] += wgt * vj[d];
+                for (; d < hd; d++) o[d] += wgt * kv_widen1(vj[d], kv->dt);
+                continue;
+            }
+            const float* vj = (const float*)vc + at + j * cst[2];
+#ifdef __AVX2__
+            __m256 wv = _mm256_set1_ps(wgt);
+            for (; d + 8 <= hd; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+#endif
+            for (; d < hd; d++) o[d] += wgt * vj[d];
+        }
     }
 }
 
@@ -206,10 +271,10 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
    then out [b, t, hq * hd]. Returns -1, writing nothing, when a position is outside [0, s), s the
    positions a row's table covers (nb * bs). */
 int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, const float* qscale,
-                        const int64_t* pos, float* kc, float* vc, const int64_t* cst, const int32_t* table,
+                        const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst, const int32_t* table,
                         int64_t nb, int64_t bs, const float* slopes, float* out, int64_t b, int64_t t, int64_t hq,
                         int64_t hk, int64_t hd, float scale, int64_t window, int nthreads) {
-    Blocks kv = {table, nb, bs};
+    Blocks kv = {table, nb, bs, (int)dt};
     int64_t s = nb * bs;
     for (int64_t i = 0; i < b * t; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
@@ -370,15 +435,16 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
 
 /* x [m, D] <- the pre-norm decoder layers Ls[0 .. nl-1] applied to x (the residual stream, updated
    in place), each  x = x + o(attention(rope(qkv(rms(x))))); x = x + down(silu(gate) * up)(rms(x)),
-   with the cache arguments above; layer l's caches start at kc / vc + l * cst[3]. One OpenMP region
-   for all of them, its phases separated by spin barriers. Bitwise what the separate kernels give. */
+   with the cache arguments above (dt: the caches' element type); layer l's caches start l * cst[3]
+   elements into kc / vc. One OpenMP region for all of them, its phases separated by spin barriers.
+   Bitwise what the separate kernels give. */
 int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const float* cs, const float* sn,
-                         const float* qscale, const int64_t* pos, float* kc, float* vc, const int64_t* cst,
+                         const float* qscale, const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst,
                          const int32_t* table, int64_t nb, int64_t bs, const float* slopes, int64_t m, int64_t t,
                          int64_t D, int64_t hq, int64_t hk, int64_t hd, int64_t F, float eps, float scale,
                          int64_t window, int nthreads) {
     if (m > 16) return -2;  /* lin_part keeps a row's outputs in float[16] */
-    Blocks kv = {table, nb, bs};
+    Blocks kv = {table, nb, bs, (int)dt};
     int64_t s = nb * bs;
     for (int64_t i = 0; i < m; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
@@ -398,7 +464,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
         int64_t lo, hi;
         for (int64_t l = 0; l < nl; l++) {
             const Layer* L = Ls[l];
-            float *kl = kc + l * cst[3], *vl = vc + l * cst[3];
+            char *kl = (char*)kc + l * cst[3] * kv_size(kv.dt), *vl = (char*)vc + l * cst[3] * kv_size(kv.dt);
             if (tid == 0) llmfn_rms_norm(x, L->attn_norm, h, m, D, eps);
             barrier_wait(&bar, nth, &local);
             lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp);
