@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include "bf16.h"  /* bf16_to_f32 */
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -28,7 +29,6 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-static inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
 
 /* fp16 <-> fp32 without F16C (c10::Half's fp16_ieee_from_fp32_value / fp16_ieee_to_fp32_value:
    the rounding is done by an fp32 addition, hence round-to-nearest-even). */
