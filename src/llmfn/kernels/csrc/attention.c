@@ -11,15 +11,16 @@
 #include <immintrin.h>
 #endif
 
-#define MR 6
-#define NR 16
+/* the attention tile: TR query rows x TC keys (scores) or value columns; the GEMM has its own MR x NR */
+#define TR 6
+#define TC 16
 
 
 /* out[r * ldo + c] = sum over k of a[r * ar + k * ak] * b[k * bk + c], k ascending, (+ bias[c]);
    r < 6, c < 16. With a bias (the scores' key mask), each row's running maximum rmax[r] (8 lanes)
    takes in the new scores too, so the softmax needs no pass of its own for it. */
 static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, int64_t bk, int64_t kn,
-                        float* out, int64_t ldo, const float* bias, float rmax[MR][8]) {
+                        float* out, int64_t ldo, const float* bias, float rmax[TR][8]) {
 #ifdef __AVX2__
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -33,8 +34,8 @@ static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, 
         av = _mm256_broadcast_ss(a4 + ko); c40 = _mm256_fmadd_ps(av, b0, c40); c41 = _mm256_fmadd_ps(av, b1, c41);
         av = _mm256_broadcast_ss(a5 + ko); c50 = _mm256_fmadd_ps(av, b0, c50); c51 = _mm256_fmadd_ps(av, b1, c51);
     }
-    __m256 all[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    for (int r = 0; r < MR; r++) {
+    __m256 all[TR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int r = 0; r < TR; r++) {
         __m256 v0 = all[r][0], v1 = all[r][1];
         if (bias) {
             v0 = _mm256_add_ps(v0, _mm256_loadu_ps(bias));
@@ -45,12 +46,12 @@ static inline void tile(const float* a, int64_t ar, int64_t ak, const float* b, 
         _mm256_storeu_ps(out + r * ldo + 8, v1);
     }
 #else  /* without FMA each product would round twice: sum in double instead */
-    double sum[MR][NR] = {{0.0}};
+    double sum[TR][TC] = {{0.0}};
     for (int64_t k = 0; k < kn; k++, b += bk)
-        for (int r = 0; r < MR; r++)
-            for (int c = 0; c < NR; c++) sum[r][c] += (double)a[r * ar + k * ak] * b[c];
-    for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NR; c++) {
+        for (int r = 0; r < TR; r++)
+            for (int c = 0; c < TC; c++) sum[r][c] += (double)a[r * ar + k * ak] * b[c];
+    for (int r = 0; r < TR; r++)
+        for (int c = 0; c < TC; c++) {
             float v = (float)sum[r][c] + (bias ? bias[c] : 0.0f);
             if (bias && v > rmax[r][c % 8]) rmax[r][c % 8] = v;
             out[r * ldo + c] = v;
@@ -82,8 +83,8 @@ static float softmax_row(float* s, float m, int64_t tp) {
 /* Scratch floats for one head: keys transposed in 16-key panels [tp / 16][hd][16], values [tp][hp],
    6 query rows k-major [hd][6], scores [6][tp], key bias [tp] (0 or -inf). */
 static size_t head_scratch(int64_t t, int64_t hd) {
-    int64_t tp = (t + NR - 1) / NR * NR, hp = (hd + NR - 1) / NR * NR;
-    return (size_t)(tp * hd + tp * hp + hd * MR + MR * tp + tp);
+    int64_t tp = (t + TC - 1) / TC * TC, hp = (hd + TC - 1) / TC * TC;
+    return (size_t)(tp * hd + tp * hp + hd * TR + TR * tp + tp);
 }
 
 /* One (sequence, head): out[i * ldo + c] = softmax(q_i k^T * scale, keys where mask) v, for the
@@ -91,8 +92,8 @@ static size_t head_scratch(int64_t t, int64_t hd) {
    (nonzero = attend) or NULL; buf: head_scratch(t, hd) floats. */
 static void attend_head(const float* base, int64_t ld, int64_t d, const uint8_t* mask, float* out, int64_t ldo,
                         int64_t t, int64_t hd, float scale, float* buf) {
-    int64_t tp = (t + NR - 1) / NR * NR, t8 = (t + 7) / 8 * 8, hp = (hd + NR - 1) / NR * NR;
-    float *kt = buf, *vp = kt + tp * hd, *qb = vp + tp * hp, *s = qb + hd * MR, *bias = s + MR * tp;
+    int64_t tp = (t + TC - 1) / TC * TC, t8 = (t + 7) / 8 * 8, hp = (hd + TC - 1) / TC * TC;
+    float *kt = buf, *vp = kt + tp * hd, *qb = vp + tp * hp, *s = qb + hd * TR, *bias = s + TR * tp;
     memset(vp, 0, sizeof(float) * tp * hp);
     for (int64_t j = 0; j < tp; j++) {
         /* rows are 3 * h * hd floats apart: the hardware prefetcher misses them, so fetch the
@@ -103,34 +104,34 @@ static void attend_head(const float* base, int64_t ld, int64_t d, const uint8_t*
         }
         for (int64_t c = 0; j < t && c < hd; c += 16) __builtin_prefetch(base + j * ld + c);
         bias[j] = j < t && (!mask || mask[j]) ? 0.0f : -INFINITY;
-        float* ktj = kt + (j / NR) * hd * NR + j % NR;
-        if (j >= t) { for (int64_t c = 0; c < hd; c++) ktj[c * NR] = 0.0f; continue; }
+        float* ktj = kt + (j / TC) * hd * TC + j % TC;
+        if (j >= t) { for (int64_t c = 0; c < hd; c++) ktj[c * TC] = 0.0f; continue; }
         const float* kr = base + j * ld + d;
-        for (int64_t c = 0; c < hd; c++) ktj[c * NR] = kr[c];
+        for (int64_t c = 0; c < hd; c++) ktj[c * TC] = kr[c];
         memcpy(vp + j * hp, kr + d, sizeof(float) * hd);
     }
-    for (int64_t i0 = 0; i0 < t; i0 += MR) {
-        int rows = t - i0 < MR ? (int)(t - i0) : MR;
-        for (int r = 0; r < MR; r++)
-            for (int64_t c = 0; c < hd; c++) qb[c * MR + r] = r < rows ? base[(i0 + r) * ld + c] * scale : 0.0f;
-        float rmax[MR][8];
-        for (int r = 0; r < MR; r++)
+    for (int64_t i0 = 0; i0 < t; i0 += TR) {
+        int rows = t - i0 < TR ? (int)(t - i0) : TR;
+        for (int r = 0; r < TR; r++)
+            for (int64_t c = 0; c < hd; c++) qb[c * TR + r] = r < rows ? base[(i0 + r) * ld + c] * scale : 0.0f;
+        float rmax[TR][8];
+        for (int r = 0; r < TR; r++)
             for (int l = 0; l < 8; l++) rmax[r][l] = -INFINITY;
-        for (int64_t jp = 0; jp < tp / NR; jp++)
-            tile(qb, 1, MR, kt + jp * hd * NR, NR, hd, s + jp * NR, tp, bias + jp * NR, rmax);
+        for (int64_t jp = 0; jp < tp / TC; jp++)
+            tile(qb, 1, TR, kt + jp * hd * TC, TC, hd, s + jp * TC, tp, bias + jp * TC, rmax);
         /* keys from t8 on are padding (weight 0): the softmax and the values stop there */
-        float inv[MR];
+        float inv[TR];
         for (int r = 0; r < rows; r++) {
             float m = -INFINITY;
             for (int l = 0; l < 8; l++) m = rmax[r][l] > m ? rmax[r][l] : m;
             float sum = softmax_row(s + r * tp, m, t8);
             inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
         }
-        for (int r = rows; r < MR; r++) memset(s + r * tp, 0, sizeof(float) * t8);
-        float acc[MR][NR];
-        for (int64_t c0 = 0; c0 < hd; c0 += NR) {
-            tile(s, tp, 1, vp + c0, hp, t8, acc[0], NR, NULL, NULL);
-            int cols = hd - c0 < NR ? (int)(hd - c0) : NR;
+        for (int r = rows; r < TR; r++) memset(s + r * tp, 0, sizeof(float) * t8);
+        float acc[TR][TC];
+        for (int64_t c0 = 0; c0 < hd; c0 += TC) {
+            tile(s, tp, 1, vp + c0, hp, t8, acc[0], TC, NULL, NULL);
+            int cols = hd - c0 < TC ? (int)(hd - c0) : TC;
             for (int r = 0; r < rows; r++) {
                 float* o = out + (i0 + r) * ldo + c0;
                 for (int c = 0; c < cols; c++) o[c] = acc[r][c] * inv[r];
