@@ -150,41 +150,47 @@ typedef struct { const float* bias; const float* res; int64_t ldr; int act; } Ep
 #define TW (TP * NR)
 
 #if defined(__AVX512F__)
-/* acc[MR][TW] (its first panels * 16 columns) = a panel (kc x MR) times `panels` (1 or 2) weight panels
-   (kc x 16 each, the second at b + pstride). */
+/* acc[MR][TW] (its first `rows` rows and panels * 16 columns) = a panel (kc x MR) times `panels` (1 or
+   2) weight panels (kc x 16 each, the second at b + pstride); rows is MR or, for a few rows, MR / 2. */
 static inline __attribute__((always_inline)) void micro_tile_512(const float* a, const float* b, int64_t pstride,
-                                                                 int64_t kc, float acc[MR][TW], const int panels) {
+                                                                 int64_t kc, float acc[MR][TW], const int panels,
+                                                                 const int rows) {
     __m512 c[MR][2];
     #pragma GCC unroll 16
-    for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
     const float* b2 = b + pstride;
     for (int64_t kk = 0; kk < kc; kk++, a += MR, b += NR, b2 += NR) {
         __m512 b0 = _mm512_loadu_ps(b), b1 = panels == 2 ? _mm512_loadu_ps(b2) : b0;
         #pragma GCC unroll 16
-        for (int r = 0; r < MR; r++) {
+        for (int r = 0; r < rows; r++) {
             __m512 av = _mm512_set1_ps(a[r]);
             c[r][0] = _mm512_fmadd_ps(av, b0, c[r][0]);
             if (panels == 2) c[r][1] = _mm512_fmadd_ps(av, b1, c[r][1]);
         }
     }
     #pragma GCC unroll 16
-    for (int r = 0; r < MR; r++) {
+    for (int r = 0; r < rows; r++) {
         _mm512_storeu_ps(acc[r], c[r][0]);
         if (panels == 2) _mm512_storeu_ps(acc[r] + 16, c[r][1]);
     }
 }
 #endif
 
-/* acc[MR][TW] = a panel (kc x MR) times `panels` <= TP weight panels (kc x NR each, pstride floats
-   apart), each element one chain of FMAs in k order (without FMA, multiply then add): whatever the
-   vector width or tile, the same bits per element. */
-static inline void micro_tile(const float* a, const float* b, int64_t pstride, int panels, int64_t kc,
+/* acc[MR][TW] (at least its first `rows` rows) = a panel (kc x MR) times `panels` <= TP weight panels
+   (kc x NR each, pstride floats apart), each element one chain of FMAs in k order (without FMA,
+   multiply then add): whatever the vector width or tile, the same bits per element. */
+static inline void micro_tile(const float* a, const float* b, int64_t pstride, int panels, int rows, int64_t kc,
                               float acc[MR][TW]) {
 #if defined(__AVX512F__)
-    if (panels == 2) micro_tile_512(a, b, pstride, kc, acc, 2);
-    else micro_tile_512(a, b, pstride, kc, acc, 1);
+    if (rows > MR / 2) {
+        if (panels == 2) micro_tile_512(a, b, pstride, kc, acc, 2, MR);
+        else micro_tile_512(a, b, pstride, kc, acc, 1, MR);
+    } else {
+        if (panels == 2) micro_tile_512(a, b, pstride, kc, acc, 2, MR / 2);
+        else micro_tile_512(a, b, pstride, kc, acc, 1, MR / 2);
+    }
 #elif defined(__AVX2__)
-    (void)pstride, (void)panels;
+    (void)pstride, (void)panels, (void)rows;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t kk = 0; kk < kc; kk++, a += MR, b += NR) {
@@ -199,6 +205,7 @@ static inline void micro_tile(const float* a, const float* b, int64_t pstride, i
     __m256 all[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     for (int r = 0; r < MR; r++) { _mm256_storeu_ps(acc[r], all[r][0]); _mm256_storeu_ps(acc[r] + 8, all[r][1]); }
 #else
+    (void)rows;
     for (int p = 0; p < panels; p++, b += pstride) {
         const float* ak = a;
         const float* bk = b;
@@ -307,8 +314,8 @@ static void gemm_block(const float* x, int64_t ldx, const float* packed, int64_t
             int cols = n - j * NR < panels * NR ? (int)(n - j * NR) : panels * NR;
             for (int64_t ir = 0; ir < mc; ir += MR) {
                 float acc[MR][TW];
-                micro_tile(xp + ir * kc, wp, kc * NR, panels, kc, acc);
                 int rows = mc - ir < MR ? (int)(mc - ir) : MR;
+                micro_tile(xp + ir * kc, wp, kc * NR, panels, rows, kc, acc);
                 write_tile(acc, y + ir * ldy + j * NR, ldy, rows, cols, p0 == 0, p0 + kc >= k, e, row0 + ir, j * NR);
             }
         }
