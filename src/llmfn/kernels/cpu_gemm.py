@@ -8,9 +8,11 @@ project's 2-core AVX2 machine (FMA peak ~195-205); this kernel at 170-180 with i
 residual-add and LayerNorm passes over the activations.
 
 How (the BLIS / GotoBLAS scheme): the weight is packed once (`pack`) into panels of NR = 16 columns,
-k-major, in blocks of KC rows of k; a task packs MC rows of x into MR = 6-row panels and a 6 x 16
-micro-kernel keeps its 12 accumulators in registers while one weight panel stays in L1 for all of
-the task's row panels. Tasks (row blocks x column blocks) are balanced over OpenMP threads.
+k-major, in blocks of KC rows of k; a task packs MC rows of x into MR-row panels and the micro-kernel
+keeps its accumulators in registers while its weight panels stay in cache for all of the task's row
+panels: 6 x 16 in 12 ymm on AVX2, 12 x 32 (two panels) in 24 zmm on AVX-512, where one Xeon core
+runs MiniLM's shapes at 154-167 GFLOP/s (the AVX2 kernel there: 97-108; oneDNN 158-197; issue 22 in
+benchmarks/RESULTS.md). Tasks (row blocks x column blocks) are balanced over OpenMP threads.
 
 `ffn` runs a whole post-LN feed-forward block (up, activation, down, residual, LayerNorm) per block of
 48 rows, the [48, F] hidden kept in the thread's cache between the two products: at MiniLM's 6400
