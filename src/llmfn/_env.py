@@ -11,10 +11,12 @@ Xeon's ~50 ns pause), lets a worker burn a core that another thread or process n
 one other busy process, SmolLM2 decode (then on MKL) ran at 5.7 tok/s by default and 16.5 tok/s with
 OMP_WAIT_POLICY=PASSIVE (no spinning). PASSIVE taxes everything made of many short regions instead: each
 region wakes the sleeping worker through the kernel, and embedding short sentences one at a time fell
-from ~190 to ~115 sent/s. A short spin serves both: it covers the gap between the back-to-back regions
-of one forward pass, and under outside load a waiting worker gives its core up within ~0.1 ms
-(figures: benchmarks/RESULTS.md, issue 22). Not set when the user sets OMP_WAIT_POLICY or
-GOMP_SPINCOUNT; it only takes effect when llmfn is imported before torch, as the CLI and the server do.
+from ~190 to ~115 sent/s. A short spin (~0.1 ms) is the compromise measured (benchmarks/RESULTS.md,
+issue 22): decode under outside load as robust as with PASSIVE, short sentences and prefill on an idle
+machine 1.2-1.6x PASSIVE's (libgomp's default is faster still there, and collapses under load), short
+sentences beside a busy process ~0.6x PASSIVE's. The setting is process-wide and fixed once torch is
+loaded, so no value wins every case. Not set when the user sets OMP_WAIT_POLICY or GOMP_SPINCOUNT; it
+only takes effect when llmfn is imported before torch, as the CLI and the server do.
 
 THP_MEM_ALLOC_ENABLE=1: large CPU tensors on transparent huge pages (torch's allocator madvises
 them). Decode streams every weight once per token, and with 4 KiB pages the TLB misses cost
@@ -24,12 +26,12 @@ bandwidth (a 540 MB read on 2 cores: 28.2 -> 32.1 GB/s).
 import os
 from pathlib import Path
 
-# The variables llmfn sets (the user had not): benchmarks start peer runtimes without them.
 SPIN_COUNT = 2000  # pause loops an idle OpenMP worker spins before it sleeps: ~0.1 ms here
 
 _defaults = {"THP_MEM_ALLOC_ENABLE": "1"}
 if "OMP_WAIT_POLICY" not in os.environ:  # the user's policy comes with its own spin count
     _defaults["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+# The variables llmfn sets (the user had not): benchmarks start peer runtimes without them.
 ENV_SET_BY_LLMFN = tuple(k for k in _defaults if k not in os.environ)
 for _k in ENV_SET_BY_LLMFN:
     os.environ[_k] = _defaults[_k]
