@@ -130,7 +130,7 @@ def main() -> None:
             best[name] = (PerfReport.of(rep.prompt_tokens, rep.generated_tokens, prefill, decode), warm)
     rows = [(name, rep, warm) for name, (rep, warm) in best.items()]
 
-    env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+    env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "THP_MEM_ALLOC_ENABLE")}
     print(f"# llmfn ran with {env} (its defaults unless the user set them); each peer ran in its own process "
           f"without llmfn's defaults ({', '.join(llmfn.ENV_SET_BY_LLMFN) or 'none were set'})")
     print(f"# SmolLM2-135M-Instruct decode, {datetime.date.today()}, {platform.processor() or platform.machine()}, "

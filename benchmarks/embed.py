@@ -18,9 +18,14 @@ import random
 import time
 from pathlib import Path
 
+# isort: off
+import llmfn  # noqa: F401  before torch, as users import it: llmfn's environment defaults (llmfn._env) then apply
 import torch
+
+# isort: on
 import torch.nn.functional as F
 
+from llmfn import cbuild
 from llmfn.embed import embed, load_embedding_model, tokenize
 from llmfn.loading.registry import ALIASES, package_path
 
@@ -145,6 +150,8 @@ def main() -> None:
     print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f} at start")
+    omp_env = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+    print(f"# OpenMP environment: {omp_env or 'libgomp defaults'}; llmfn kernels: {cbuild.isa()[0]}")
     print(f"# peer: {peer_name}; min cosine llmfn vs peer: {agree:.7f}; best of {args.repeats} interleaved passes after a warm-up"
           f"; {args.clock} clock")
     unit = "sent/s" if args.clock == "wall" else "sent/cpu-s"

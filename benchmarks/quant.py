@@ -293,7 +293,7 @@ def main() -> None:
 
     print(f"\n# SmolLM2-135M-Instruct decode on CPU, {datetime.date.today()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {args.threads}, llmfn with OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}, peers without "
+          f"threads {args.threads}, llmfn with GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT')}, peers without "
           f"llmfn's defaults ({', '.join(llmfn.ENV_SET_BY_LLMFN) or 'none set'}), "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"# prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated, greedy, best of 2\n")

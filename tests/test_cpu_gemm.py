@@ -192,7 +192,7 @@ def test_feed_forward_with_packed_weights_matches_plain_weights(rows, act):
 # ---------------------------------------------------------------------------------------------- llmfn.kernels.linear
 
 
-@pytest.mark.parametrize("rows", [1, cpu.MAX_ROWS, cpu.MAX_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [1, lin.GEMM_MIN_ROWS, cpu.MAX_ROWS, cpu.MAX_ROWS + 1, 300])
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu"])
 def test_linear_with_a_packed_weight_matches_the_plain_weight(rows, act):
     """A PackedWeight behaves as its tensor on every path: the decode kernel up to MAX_ROWS rows, the

@@ -3,13 +3,20 @@ allocator read them once, when loaded); a value the user set is kept. Also `home
 folder (LLMFN_HOME), here so that modules low in the package (cbuild) read it without importing
 the model registry.
 
-OMP_WAIT_POLICY=PASSIVE: libgomp spins idle worker threads after each parallel region by default.
-On a small machine shared with an engine thread, a server or another process, that spinning takes
-the cores the work needs: measured on 2 cores with one other busy process, SmolLM2 decode (then on
-MKL) ran at 5.7 tok/s by default and 16.5 tok/s with PASSIVE. The C decode kernels wake the
-workers once per step, so on an idle machine the policy no longer shows (int4 decode, best of 3:
-112 tok/s PASSIVE, 113 with a spin count). It only takes effect when llmfn is imported before
-torch, as the CLI and the server do.
+GOMP_SPINCOUNT (OpenMP's wait: spin, then sleep): torch, oneDNN, MKL and llmfn's C kernels share one
+OpenMP runtime (torch's libgomp; the C kernels link the libgomp already loaded), which reads its wait
+policy once, when torch loads it. An idle worker spins up to GOMP_SPINCOUNT pause loops waiting for the
+next parallel region, then sleeps in the kernel. libgomp's default, 300000 spins (about 15 ms at this
+Xeon's ~50 ns pause), lets a worker burn a core that another thread or process needs: on 2 cores with
+one other busy process, SmolLM2 decode (then on MKL) ran at 5.7 tok/s by default and 16.5 tok/s with
+OMP_WAIT_POLICY=PASSIVE (no spinning). PASSIVE taxes everything made of many short regions instead: each
+region wakes the sleeping worker through the kernel, and embedding short sentences one at a time fell
+from ~190 to ~115 sent/s. A short spin (~0.1 ms) is the compromise measured (benchmarks/RESULTS.md,
+issue 22): decode under outside load as robust as with PASSIVE, short sentences and prefill on an idle
+machine 1.2-1.6x PASSIVE's (libgomp's default is faster still there, and collapses under load), short
+sentences beside a busy process ~0.6x PASSIVE's. The setting is process-wide and fixed once torch is
+loaded, so no value wins every case. Not set when the user sets OMP_WAIT_POLICY or GOMP_SPINCOUNT; it
+only takes effect when llmfn is imported before torch, as the CLI and the server do.
 
 THP_MEM_ALLOC_ENABLE=1: large CPU tensors on transparent huge pages (torch's allocator madvises
 them). Decode streams every weight once per token, and with 4 KiB pages the TLB misses cost
@@ -19,10 +26,15 @@ bandwidth (a 540 MB read on 2 cores: 28.2 -> 32.1 GB/s).
 import os
 from pathlib import Path
 
+SPIN_COUNT = 2000  # pause loops an idle OpenMP worker spins before it sleeps: ~0.1 ms here
+
+_defaults = {"THP_MEM_ALLOC_ENABLE": "1"}
+if "OMP_WAIT_POLICY" not in os.environ:  # the user's policy comes with its own spin count
+    _defaults["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 # The variables llmfn sets (the user had not): benchmarks start peer runtimes without them.
-ENV_SET_BY_LLMFN = tuple(k for k in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE") if k not in os.environ)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+ENV_SET_BY_LLMFN = tuple(k for k in _defaults if k not in os.environ)
+for _k in ENV_SET_BY_LLMFN:
+    os.environ[_k] = _defaults[_k]
 
 
 def home() -> Path:

@@ -5,7 +5,8 @@ Why: at BERT's head size (32) torch's CPU flash-attention kernel runs at ~40 GFL
 project's 2-core AVX2 machine, and the permutes around it copy q, k, v and the output once more.
 Here one task is one (sequence, head): its keys (transposed) and values are copied into 16-column
 panels that stay in L1/L2, then each block of 6 queries takes its scores with a 6 x 16 register
-tile, a softmax (vectorised exp) and the values with the same tile.
+tile, a softmax (vectorised exp) and the values with the same tile; on AVX-512 12 queries x 32
+keys or value columns (on one Xeon core, 32 x 200 tokens: 24 ms, AVX2 tile 33, torch's SDPA 32).
 
 `attention_block` runs a post-LN encoder layer's whole attention half for a few sequences per task (the
 GEMM of kernels/cpu_gemm.py is compiled into this library): projection, attention, output projection,

@@ -8,9 +8,11 @@ project's 2-core AVX2 machine (FMA peak ~195-205); this kernel at 170-180 with i
 residual-add and LayerNorm passes over the activations.
 
 How (the BLIS / GotoBLAS scheme): the weight is packed once (`pack`) into panels of NR = 16 columns,
-k-major, in blocks of KC rows of k; a task packs MC rows of x into MR = 6-row panels and a 6 x 16
-micro-kernel keeps its 12 accumulators in registers while one weight panel stays in L1 for all of
-the task's row panels. Tasks (row blocks x column blocks) are balanced over OpenMP threads.
+k-major, in blocks of KC rows of k; a task packs MC rows of x into MR-row panels and the micro-kernel
+keeps its accumulators in registers while its weight panels stay in cache for all of the task's row
+panels: 6 x 16 in 12 ymm on AVX2, 12 x 32 (two panels) in 24 zmm on AVX-512, where one Xeon core
+runs MiniLM's shapes at 154-167 GFLOP/s (the AVX2 kernel there: 97-108; oneDNN 158-197; issue 22 in
+benchmarks/RESULTS.md). Tasks (row blocks x column blocks) are balanced over OpenMP threads.
 
 `ffn` runs a whole post-LN feed-forward block (up, activation, down, residual, LayerNorm) per block of
 48 rows, the [48, F] hidden kept in the thread's cache between the two products: at MiniLM's 6400
@@ -33,9 +35,12 @@ import torch
 from llmfn import cbuild
 from llmfn.kernels.cpu import check_shapes, ptr
 
-# micro-tile rows / columns, k block, most rows per task (measured on this machine); the C code
-# (csrc/gemm.h) gets them as -D defines, so these are the one place they are set
-MR, NR, KC, MC = 6, 16, 384, 48
+# micro-tile rows, weight panel columns, k block, most rows per task, per ISA level (AVX2 measured on an
+# AVX2 EPYC, AVX-512 on a Sapphire Rapids Xeon, whose micro-tile spans two panels: 12 x 32); the C
+# code (csrc/gemm.h) gets them as -D defines, so these are the one place they are set. The packed
+# layout (NR = 16) is the same on every level.
+TILES = {"avx512": (12, 16, 384, 48)}
+MR, NR, KC, MC = TILES.get(cbuild.isa()[0], (6, 16, 384, 48))
 DEFINES = {"MR": MR, "NR": NR, "KC": KC, "MC": MC}
 ACTS = {None: 0, "gelu": 1, "relu": 2}  # activations fused in C; others run in torch after it
 

@@ -3,11 +3,12 @@
 A weight is a plain tensor [out, in], a PackedWeight (below) or a quantized leaf (llmfn.kernels.quant) that
 implements `linear(x)` and `embedding(ids)`; model code never branches on the weight's kind.
 
-fp32 CPU matmuls take the fastest path measured on this project's 2-core AVX2 machine: llmfn's C
-matrix-vector kernel up to kernels.cpu.MAX_ROWS rows (decode: it streams the weight at ~27 GB/s,
-MKL ~18); above that llmfn's C GEMM for a PackedWeight (kernels/cpu_gemm.py: 1.10-1.31x oneDNN at
-MiniLM's shapes, bias, GELU, residual and LayerNorm fused), else oneDNN's linear (prefill: 8%
-faster than MKL's sgemm end to end, SmolLM2's 128-token prompt 459 -> 495 tok/s). On each path a
+fp32 CPU matmuls take the fastest path measured: llmfn's C matrix-vector kernel up to
+kernels.cpu.MAX_ROWS rows (decode: it streams the weight at ~27 GB/s on the AVX2 EPYC, MKL ~18),
+except that a PackedWeight takes llmfn's C GEMM from GEMM_MIN_ROWS rows on (kernels/cpu_gemm.py:
+1.10-1.31x oneDNN at MiniLM's shapes on the EPYC, 0.8-1.1x on one Xeon core; bias, GELU, residual
+and LayerNorm fused); above MAX_ROWS a plain weight takes oneDNN's linear (prefill: 8% faster than
+MKL's sgemm end to end, SmolLM2's 128-token prompt 459 -> 495 tok/s). On each path a
 row's result does not depend on its batch, as the engine needs."""
 
 from __future__ import annotations
@@ -77,10 +78,17 @@ def _finish(y: torch.Tensor, act: str | None, residual: torch.Tensor | None, nor
     return y if norm is None else F.layer_norm(y, y.shape[-1:], norm[0], norm[1], norm[2])
 
 
+# Fewest rows for which a PackedWeight's matmul takes the C GEMM rather than the decode kernel: MiniLM's
+# four matmuls of a layer, one Xeon core, AVX-512: 12 rows 0.38 ms instead of 0.82, 4 rows 0.39 / 0.39,
+# 2 rows 0.36 / 0.29 (the decode kernel streams the weight once for all rows, but its per-row work
+# does not reuse registers as the GEMM's 12 x 32 tile does).
+GEMM_MIN_ROWS = 4
+
+
 def gemm_takes(x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
-    """Whether llmfn's C GEMM serves x: fp32 CPU, more rows than the decode kernels take, k > 0."""
+    """Whether llmfn's C GEMM serves x: fp32 CPU, at least GEMM_MIN_ROWS rows, k > 0."""
     k = x.shape[-1]
-    if k == 0 or x.numel() <= cpu.MAX_ROWS * k or not cpu.fp32_cpu(x, *(t for t in operands if t is not None)):
+    if k == 0 or x.numel() < GEMM_MIN_ROWS * k or not cpu.fp32_cpu(x, *(t for t in operands if t is not None)):
         return False
     return not torch.compiler.is_compiling()
 

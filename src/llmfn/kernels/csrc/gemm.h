@@ -72,8 +72,38 @@ static inline __m256 act8(__m256 v, int act) {
 }
 #endif
 
-/* w [n, k] row-major -> packed: per KC block of k, per 16-column panel (zero-padded past n), kc x 16
-   floats k-major. Size: k * ceil(n / 16) * 16 floats. */
+#ifdef __AVX512F__
+/* erf8 / act8 on 16 lanes: the same operations in the same order, so the same bits per element. */
+static inline __m512 erf16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
+    __m512 x2 = _mm512_mul_ps(x, x);
+    __m512 p = _mm512_set1_ps(-2.72614225801306e-10f);
+    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.77068142495902e-08f));
+    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-2.10102402082508e-06f));
+    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-5.69250639462346e-05f));
+    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-7.34990630326855e-04f));
+    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-2.95459980854025e-03f));
+    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-1.60960333262415e-02f));
+    __m512 q = _mm512_set1_ps(-1.45660718464996e-05f);
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-2.13374055278905e-04f));
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-1.68282697438203e-03f));
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-7.37332916720468e-03f));
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-1.42647390514189e-02f));
+    return _mm512_div_ps(_mm512_mul_ps(x, p), q);
+}
+
+static inline __m512 act16(__m512 v, int act) {
+    if (act == ACT_GELU) {
+        __m512 e = erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)));
+        return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+    }
+    if (act == ACT_RELU) return _mm512_max_ps(v, _mm512_setzero_ps());
+    return v;
+}
+#endif
+
+/* w [n, k] row-major -> packed: per KC block of k, per NR-column panel (zero-padded past n), kc x NR
+   floats k-major. Size: k * ceil(n / NR) * NR floats. */
 int llmfn_gemm_pack(const float* w, float* packed, int64_t n, int64_t k) {
     int64_t np = (n + NR - 1) / NR;
     for (int64_t p0 = 0; p0 < k; p0 += KC) {
@@ -90,7 +120,7 @@ int llmfn_gemm_pack(const float* w, float* packed, int64_t n, int64_t k) {
     return 0;
 }
 
-/* rows [mc, kc] of x (stride ldx) -> 6-row panels, kc x 6 floats k-major, zero-padded past mc. */
+/* rows [mc, kc] of x (stride ldx) -> MR-row panels, kc x MR floats k-major, zero-padded past mc. */
 static void pack_rows(const float* x, int64_t ldx, float* dst, int64_t mc, int64_t kc) {
     for (int64_t i0 = 0; i0 < mc; i0 += MR, dst += MR * kc) {
         int rows = mc - i0 < MR ? (int)(mc - i0) : MR;
@@ -103,9 +133,64 @@ static void pack_rows(const float* x, int64_t ldx, float* dst, int64_t mc, int64
 
 typedef struct { const float* bias; const float* res; int64_t ldr; int act; } Epilogue;
 
-/* acc[6][16] = a panel (kc x 6) times b panel (kc x 16), each element summed in k order. */
-static inline void micro_tile(const float* a, const float* b, int64_t kc, float acc[MR][NR]) {
-#ifdef __AVX2__
+/* A micro-tile spans TP weight panels, TW = TP * NR columns: on AVX-512 two 16-column panels (MR x 32
+   in 2 * MR zmm accumulators; MR <= 14 leaves registers for the two weight vectors), elsewhere one. The
+   packed layout stays 16 columns wide on every level. */
+#if defined(__AVX512F__)
+#define TP 2
+#if NR != 16 || MR > 14
+#error "the AVX-512 micro-kernel is MR x 2 panels of 16, MR <= 14 (kernels/cpu_gemm.py)"
+#endif
+#else
+#define TP 1
+#if defined(__AVX2__) && (NR != 16 || MR != 6)
+#error "the AVX2 micro-kernel is 6 x 16 (kernels/cpu_gemm.py)"
+#endif
+#endif
+#define TW (TP * NR)
+
+#if defined(__AVX512F__)
+/* acc[MR][TW] (its first `rows` rows and panels * 16 columns) = a panel (kc x MR) times `panels` (1 or
+   2) weight panels (kc x 16 each, the second at b + pstride); rows is MR or, for a few rows, MR / 2. */
+static inline __attribute__((always_inline)) void micro_tile_512(const float* a, const float* b, int64_t pstride,
+                                                                 int64_t kc, float acc[MR][TW], const int panels,
+                                                                 const int rows) {
+    __m512 c[MR][2];
+    #pragma GCC unroll 16
+    for (int r = 0; r < rows; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
+    const float* b2 = b + pstride;
+    for (int64_t kk = 0; kk < kc; kk++, a += MR, b += NR, b2 += NR) {
+        __m512 b0 = _mm512_loadu_ps(b), b1 = panels == 2 ? _mm512_loadu_ps(b2) : b0;
+        #pragma GCC unroll 16
+        for (int r = 0; r < rows; r++) {
+            __m512 av = _mm512_set1_ps(a[r]);
+            c[r][0] = _mm512_fmadd_ps(av, b0, c[r][0]);
+            if (panels == 2) c[r][1] = _mm512_fmadd_ps(av, b1, c[r][1]);
+        }
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < rows; r++) {
+        _mm512_storeu_ps(acc[r], c[r][0]);
+        if (panels == 2) _mm512_storeu_ps(acc[r] + 16, c[r][1]);
+    }
+}
+#endif
+
+/* acc[MR][TW] (at least its first `rows` rows) = a panel (kc x MR) times `panels` <= TP weight panels
+   (kc x NR each, pstride floats apart), each element one chain of FMAs in k order (without FMA,
+   multiply then add): whatever the vector width or tile, the same bits per element. */
+static inline void micro_tile(const float* a, const float* b, int64_t pstride, int panels, int rows, int64_t kc,
+                              float acc[MR][TW]) {
+#if defined(__AVX512F__)
+    if (rows > MR / 2) {
+        if (panels == 2) micro_tile_512(a, b, pstride, kc, acc, 2, MR);
+        else micro_tile_512(a, b, pstride, kc, acc, 1, MR);
+    } else {
+        if (panels == 2) micro_tile_512(a, b, pstride, kc, acc, 2, MR / 2);
+        else micro_tile_512(a, b, pstride, kc, acc, 1, MR / 2);
+    }
+#elif defined(__AVX2__)
+    (void)pstride, (void)panels, (void)rows;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t kk = 0; kk < kc; kk++, a += MR, b += NR) {
@@ -120,24 +205,40 @@ static inline void micro_tile(const float* a, const float* b, int64_t kc, float 
     __m256 all[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     for (int r = 0; r < MR; r++) { _mm256_storeu_ps(acc[r], all[r][0]); _mm256_storeu_ps(acc[r] + 8, all[r][1]); }
 #else
-    memset(acc, 0, sizeof(float) * MR * NR);
-    for (int64_t kk = 0; kk < kc; kk++, a += MR, b += NR)
+    (void)rows;
+    for (int p = 0; p < panels; p++, b += pstride) {
+        const float* ak = a;
+        const float* bk = b;
         for (int r = 0; r < MR; r++)
-            for (int c = 0; c < NR; c++) acc[r][c] += a[r] * b[c];
+            for (int c = 0; c < NR; c++) acc[r][p * NR + c] = 0.0f;
+        for (int64_t kk = 0; kk < kc; kk++, ak += MR, bk += NR)
+            for (int r = 0; r < MR; r++)
+                for (int c = 0; c < NR; c++) acc[r][p * NR + c] += ak[r] * bk[c];
+    }
 #endif
 }
 
 /* Adds acc to the [rows, cols] tile of y (stride ldy) or, on the first k block, stores it; on the
-   last k block applies bias, activation and residual. Full 16-column tiles take the vector path. */
-static inline void write_tile(float acc[MR][NR], float* y, int64_t ldy, int rows, int cols, int first, int last,
+   last k block applies bias, activation and residual. Whole 16- (8-) float runs take the vector path. */
+static inline void write_tile(float acc[MR][TW], float* y, int64_t ldy, int rows, int cols, int first, int last,
                               const Epilogue* e, int64_t row, int64_t col) {
     for (int r = 0; r < rows; r++) {
         float* yr = y + r * ldy;
         const float* res = e->res ? e->res + (row + r) * e->ldr + col : NULL;
         int c = 0;
-#ifdef __AVX2__
-        if (cols == NR)
-            for (; c < NR; c += 8) {
+#if defined(__AVX512F__)
+            for (; c + 16 <= cols; c += 16) {
+                __m512 v = _mm512_loadu_ps(acc[r] + c);
+                if (!first) v = _mm512_add_ps(v, _mm512_loadu_ps(yr + c));
+                if (last) {
+                    if (e->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(e->bias + col + c));
+                    v = act16(v, e->act);
+                    if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + c));
+                }
+                _mm512_storeu_ps(yr + c, v);
+            }
+#elif defined(__AVX2__)
+            for (; c + 8 <= cols; c += 8) {
                 __m256 v = _mm256_loadu_ps(acc[r] + c);
                 if (!first) v = _mm256_add_ps(v, _mm256_loadu_ps(yr + c));
                 if (last) {
@@ -207,20 +308,21 @@ static void gemm_block(const float* x, int64_t ldx, const float* packed, int64_t
     for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += KC) {  /* k = 0: one pass, y = epilogue of 0 */
         int64_t kc = k - p0 < KC ? k - p0 : KC;
         pack_rows(x + p0, ldx, xp, mc, kc);
-        for (int64_t j = j0; j < j1; j++) {
+        for (int64_t j = j0; j < j1; j += TP) {
             const float* wp = packed + p0 * np * NR + j * kc * NR;
-            int cols = n - j * NR < NR ? (int)(n - j * NR) : NR;
+            int panels = j1 - j < TP ? (int)(j1 - j) : TP;
+            int cols = n - j * NR < panels * NR ? (int)(n - j * NR) : panels * NR;
             for (int64_t ir = 0; ir < mc; ir += MR) {
-                float acc[MR][NR];
-                micro_tile(xp + ir * kc, wp, kc, acc);
+                float acc[MR][TW];
                 int rows = mc - ir < MR ? (int)(mc - ir) : MR;
+                micro_tile(xp + ir * kc, wp, kc * NR, panels, rows, kc, acc);
                 write_tile(acc, y + ir * ldy + j * NR, ldy, rows, cols, p0 == 0, p0 + kc >= k, e, row0 + ir, j * NR);
             }
         }
     }
 }
 
-/* Row blocks of at most MC rows, as equal as 6-row panels allow and a multiple of the threads in
+/* Row blocks of at most MC rows, as equal as MR-row panels allow and a multiple of the threads in
    number (at most one per panel). Block ib covers rows [first_row(ib), first_row(ib + 1)). */
 static int64_t row_blocks(int64_t m, int nthreads) {
     int64_t panels = (m + MR - 1) / MR, per = MC / MR;
@@ -246,6 +348,7 @@ int llmfn_gemm(const float* x, const float* packed, const float* bias, const flo
     int64_t nblocks = mblocks >= want ? 1 : (want + mblocks - 1) / mblocks;
     if (nblocks > np) nblocks = np;
     int64_t per_block = (np + nblocks - 1) / nblocks;
+    per_block = (per_block + TP - 1) / TP * TP;  /* whole micro-tiles */
     nblocks = (np + per_block - 1) / per_block;
     int64_t tasks = mblocks * nblocks;
     Epilogue e = {bias, res, ldr, act};
