@@ -299,8 +299,8 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
 typedef struct { const void* q; const float* scales; const float* offsets; const float* bias; int64_t kind, group; } Lin;
 typedef struct { const float* attn_norm; Lin qkv, o; const float* mlp_norm; Lin gate_up, down; } Layer;
 
-/* A spin barrier for the phases of one layer: OpenMP's own barrier sleeps under
-   OMP_WAIT_POLICY=PASSIVE (which llmfn sets), and each wake-up cost ~8 us, 8 times a layer. It
+/* A spin barrier for the phases of one layer: OpenMP's own barrier spins briefly and then sleeps
+   (llmfn sets GOMP_SPINCOUNT=2000, llmfn/_env.py), and each wake-up cost ~8 us, 8 times a layer. It
    yields the core after a while, so an oversubscribed machine does not stall. */
 typedef struct { int count, sense; } Barrier;
 static void barrier_wait(Barrier* b, int nth, int* local) {
