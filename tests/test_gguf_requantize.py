@@ -38,6 +38,14 @@ def q8_0_gguf(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def readers(q8_0_gguf):
+    """(source, Q8_0) GGUFReaders, opened once: parsing the tokenizer's fields takes seconds."""
+    import gguf
+
+    return gguf.GGUFReader(source_gguf()), gguf.GGUFReader(q8_0_gguf)
+
+
 def q8_0_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml-quants.c's quantize_row_q8_0_ref on w [n, k]: d = max|block| / 127 (stored fp16),
     q = round-half-away(x / d) with x * (1 / d) in fp32 -> (q int8 [n, k], d fp32 [n, k / 32])."""
@@ -50,10 +58,11 @@ def q8_0_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).reshape(n, k), d.squeeze(-1).half().float()
 
 
-def test_metadata_is_copied_and_weights_are_q8_0(q8_0_gguf):
+@pytest.mark.slow  # the module fixture converts the 98 MiB GGUF and parses both (~10 s on 2 loaded cores)
+def test_metadata_is_copied_and_weights_are_q8_0(readers):
     import gguf
 
-    src, out = gguf.GGUFReader(source_gguf()), gguf.GGUFReader(q8_0_gguf)
+    src, out = readers
     names = {n for n in src.fields if not n.startswith("GGUF.")}
     assert names == {n for n in out.fields if not n.startswith("GGUF.")}
     assert {"tokenizer.ggml.tokens", "tokenizer.chat_template", "llama.block_count"} <= names
@@ -66,12 +75,12 @@ def test_metadata_is_copied_and_weights_are_q8_0(q8_0_gguf):
     assert {kind for kind, dims in kinds.values() if dims == 1} == {"F32"}
 
 
-def test_q8_0_tensors_hold_the_source_values_within_q8_0_rounding(q8_0_gguf):
-    import gguf
+@pytest.mark.slow
+def test_q8_0_tensors_hold_the_source_values_within_q8_0_rounding(readers):
     from gguf.quants import dequantize
 
-    src = {t.name: t for t in gguf.GGUFReader(source_gguf()).tensors}
-    picked = [t for t in gguf.GGUFReader(q8_0_gguf).tensors if not t.name.startswith("blk.") or
+    src = {t.name: t for t in readers[0].tensors}
+    picked = [t for t in readers[1].tensors if not t.name.startswith("blk.") or
               t.name.startswith(("blk.0.", "blk.29."))]  # the first and last layers, the embedding
     requantized = 0
     for t in picked:
