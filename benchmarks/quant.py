@@ -3,6 +3,7 @@ llama.cpp on the original Q4_1 GGUF (when llama-cpp-python is installed), with r
 
     python benchmarks/quant.py [--prompt-tokens 64] [--gen-tokens 128] [--threads N] [--compile]
                                [--variants fp32,int8,int4,int4/fp32-act,llama.cpp]
+    python benchmarks/quant.py --threads 1 --variants q8_0,q8_0/int8-act,llama.cpp-q8_0   # int8 vs Q8_0
     python benchmarks/quant.py --kernels      # per-linear timings of the CPU kernel candidates
     python benchmarks/quant.py --accuracy     # the default (GGUF blocks) against the dequantized model
 
@@ -10,7 +11,10 @@ Rows: fp32 is the GGUF dequantized (quantize=None); int8 is quantize="int8" (per
 every linear, embedding included); int4 is quantize="int4", which is llmfn.load's default for a GGUF
 (quantize="auto": the GGUF's own Q4_1 layers and Q8_0 embedding kept quantized, the same bits
 llama.cpp runs), with llmfn's default activations (int8 per block of 32, kernels/cpu_quant.py);
-int4/fp32-act the same with fp32 activations. Each row runs in its own process, so
+int4/fp32-act the same with fp32 activations. q8_0 is llmfn on a Q8_0 GGUF of the same model
+(quantize="auto": every linear an Int8Weight of the file's blocks; fp32 activations by default,
+q8_0/int8-act with LLMFN_QUANT_ACTIVATIONS=int8) and llama.cpp-q8_0 llama.cpp on that file, which
+tools/gguf_requantize.py writes from the Q4_1 GGUF (--q8-gguf; made once, in the temp folder). Each row runs in its own process, so
 RSS (after loading and generating; peak from getrusage) is that row's alone; warm-up (incl.
 torch.compile with --compile; llmfn's CPU default is eager) is not counted in the tok/s. On a
 shared machine wall-clock tok/s depends on the load: "tok per CPU s" (one thread) is the figure
@@ -27,6 +31,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +48,7 @@ TEXT = (
     "possible. Explain, in a few paragraphs, how these developments shaped modern software. "
 )
 ALIAS = "smollm2-135m-instruct"
+Q8_0_FILE = Path(tempfile.gettempdir()) / "llmfn-bench-SmolLM2-135M-Instruct.Q8_0.gguf"
 
 
 def peak_rss_mb() -> float:
@@ -93,14 +99,15 @@ def timed(tokens) -> tuple[float, float, float]:
     return t1 - t0, (n - 1) / (t2 - t1), (n - 1) / (c2 - c1)
 
 
-def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None) -> dict:
-
+def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None, q8_gguf: Path = Q8_0_FILE) -> dict:
     t0 = time.perf_counter()
     weights, _, acts = variant.partition("/")  # "int4/fp32-act": int4 weights, fp32 activations
     if acts:
         os.environ["LLMFN_QUANT_ACTIVATIONS"] = acts.removesuffix("-act")
-    quantize = None if weights == "fp32" else weights
-    model = llmfn.load(ALIAS, quantize=quantize, compile=compile)
+    if weights == "q8_0":  # the Q8_0 GGUF's own blocks (quantize="auto")
+        model = llmfn.load(str(q8_gguf), quantize="auto", compile=compile)
+    else:
+        model = llmfn.load(ALIAS, quantize=None if weights == "fp32" else weights, compile=compile)
     from llmfn.backend import should_compile
 
     compiled = should_compile(model)
@@ -119,7 +126,7 @@ def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None) -> di
 def llmfn_row(variant: str, args) -> dict | None:
     """One llmfn variant in its own process (so RSS is its alone)."""
     cmd = [sys.executable, __file__, "--one", variant, "--prompt-tokens", str(args.prompt_tokens),
-           "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
+           "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--q8-gguf", str(args.q8_gguf)] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
     if out.returncode != 0 or line is None:
@@ -128,25 +135,39 @@ def llmfn_row(variant: str, args) -> dict | None:
     return json.loads(line[4:])
 
 
-def llama_cpp_row(args) -> dict | None:
-    """llama.cpp on the original Q4_1 GGUF, with the user's environment (benchmarks/peers.py), on
-    llmfn's token ids of the same prompt."""
+def q8_0_gguf(path: Path) -> Path:
+    """The Q8_0 GGUF of the Q4_1 one (tools/gguf_requantize.py), written once."""
+    if not path.exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+        from gguf_requantize import requantize
+
+        from llmfn.loading.registry import ALIASES, package_path
+
+        partial = path.with_suffix(".partial")
+        requantize(package_path(ALIASES[ALIAS]), partial, "Q8_0")
+        partial.rename(path)
+    return path
+
+
+def llama_cpp_row(args, q8_0: bool = False) -> dict | None:
+    """llama.cpp on the original Q4_1 GGUF (or its Q8_0 version), with the user's environment
+    (benchmarks/peers.py), on llmfn's token ids of the same prompt."""
     from llmfn.loading.registry import ALIASES, package_path
 
-    path = package_path(ALIASES[ALIAS])
+    path = q8_0_gguf(args.q8_gguf) if q8_0 else package_path(ALIASES[ALIAS])
     ids = llmfn.load_tokenizer(llmfn.loading.resolve(ALIAS)).encode(TEXT * (args.prompt_tokens // 20 + 1))
     r = peers.run("llama.cpp", path, ids[: args.prompt_tokens], args.gen_tokens, args.threads, llmfn.ENV_SET_BY_LLMFN)
     if r is None:
         return None
     n = r["generated"] - 1
-    return {"name": "llama.cpp Q4_1", "decode_tok_s": n / r["decode_s"], "cpu_tok_s": n / r["decode_cpu_s"],
+    return {"name": "llama.cpp " + ("Q8_0" if q8_0 else "Q4_1"), "decode_tok_s": n / r["decode_s"], "cpu_tok_s": n / r["decode_cpu_s"],
             "prefill_tok_s": r["prompt_tokens"] / r["prefill_s"], "load_s": r["load_s"], "warm_s": r["warm_s"],
             "weights_mb": path.stat().st_size / 2**20, "rss_mb": r["rss_mb"], "peak_rss_mb": r["peak_rss_mb"]}
 
 
 def child(args) -> None:
     torch.set_num_threads(args.threads)
-    row = run_llmfn(args.one, args.prompt_tokens, args.gen_tokens, True if args.compile else None)
+    row = run_llmfn(args.one, args.prompt_tokens, args.gen_tokens, True if args.compile else None, args.q8_gguf)
     print("ROW " + json.dumps(row))
 
 
@@ -274,6 +295,8 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="time the CPU kernel candidates per linear")
     parser.add_argument("--accuracy", action="store_true",
                         help="the default load (GGUF blocks) against the dequantized model: logits and greedy tokens")
+    parser.add_argument("--q8-gguf", type=Path, default=Q8_0_FILE,
+                        help="the Q8_0 GGUF of the q8_0 variants (written from the Q4_1 one when missing)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.gen_tokens = args.gen_tokens or (200 if args.accuracy else 128)
@@ -286,8 +309,13 @@ def main() -> None:
         return accuracy(args.gen_tokens)
 
     rows = []
+    if "q8_0" in args.variants:
+        q8_0_gguf(args.q8_gguf)
     for variant in args.variants.split(","):
-        row = llama_cpp_row(args) if variant == "llama.cpp" else llmfn_row(variant, args)
+        if variant.startswith("llama.cpp"):
+            row = llama_cpp_row(args, q8_0=variant == "llama.cpp-q8_0")
+        else:
+            row = llmfn_row(variant, args)
         if row is not None:
             rows.append(row)
 
@@ -305,9 +333,14 @@ def main() -> None:
               f"{r['weights_mb']:.0f} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | {r['warm_s']:.1f} |")
     print("\n(decode tok per CPU s: generated tokens over the process's CPU time; with one thread it is the "
           "speed on an idle core, whatever else the machine runs)")
-    by = {r["name"].split()[1] if r["name"].startswith("llmfn") else "llama.cpp": r for r in rows}
+    by = {r["name"].split()[1] if r["name"].startswith("llmfn") else r["name"].replace(" Q4_1", ""): r for r in rows}
     if "int4" in by and "llama.cpp" in by:
         print(f"\nllmfn int4 / llama.cpp Q4_1 decode: {by['int4']['decode_tok_s'] / by['llama.cpp']['decode_tok_s']:.2f}x")
+    for name in ("q8_0", "q8_0/int8-act"):
+        if name in by and "llama.cpp Q8_0" in by:
+            mine, peer = by[name], by["llama.cpp Q8_0"]
+            print(f"llmfn {name} / llama.cpp Q8_0 decode: {mine['decode_tok_s'] / peer['decode_tok_s']:.2f}x wall, "
+                  f"{mine['cpu_tok_s'] / peer['cpu_tok_s']:.2f}x per CPU second")
     if "int4" in by and "fp32" in by:
         print(f"llmfn int4 / llmfn fp32 decode: {by['int4']['decode_tok_s'] / by['fp32']['decode_tok_s']:.2f}x")
 
