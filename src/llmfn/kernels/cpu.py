@@ -322,6 +322,7 @@ class DecodeThreads:
 
     def __init__(self):
         self.solo_left, self.solo_next = 0, self.FIRST_SOLO
+        self.started = False  # the first step also starts OpenMP's threads: its occupancy says nothing
 
     def threads(self) -> int:
         """The count for the decode step's other kernels (the lm_head, a gemv): this step's."""
@@ -335,7 +336,8 @@ class DecodeThreads:
 
     def observe(self, threads: int, occupancy: float) -> None:
         """After a step on `threads` threads that had `occupancy` of their time as CPU time."""
-        if threads == 1:
+        if threads == 1 or not self.started:
+            self.started = self.started or threads > 1
             return
         if occupancy < self.OCCUPIED:
             self.solo_left, self.solo_next = self.solo_next, min(2 * self.solo_next, self.MAX_SOLO)
