@@ -450,7 +450,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
         if (pos[i] < 0 || pos[i] >= s) return -1;
     int64_t nqkv = (hq + 2 * hk) * hd, nq = hq * hd, kmax = D > F ? D : F;
     kmax = kmax > nq ? kmax : nq;
-    float* buf = (float*)malloc(sizeof(float) * m * (D + nqkv + nq + 3 * F));
+    float* buf = (float*)scratch(sizeof(float) * m * (D + nqkv + nq + 3 * F));
     float *h = buf, *qkv = h + m * D, *att = qkv + m * nqkv, *gu = att + m * nq, *act = gu + 2 * m * F;
     Barrier bar = {0, 0};
     int64_t b = m / t;
@@ -459,7 +459,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     {
         const double wall0 = seconds(CLOCK_MONOTONIC), cpu0 = seconds(CLOCK_THREAD_CPUTIME_ID);
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
-        float* xp = (float*)malloc(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s));
+        float* xp = (float*)scratch(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s));
         float* q = xp + m * kmax + m * kmax / 32;
         int64_t lo, hi;
         for (int64_t l = 0; l < nl; l++) {

@@ -8,6 +8,11 @@
 #include "simd.h"
 #include "q8dot.h"
 
+/* Scratch memory on 64-byte (cache-line) boundaries, freed with free(): malloc's 16-byte alignment
+   split every other 64-byte load of the activation rows across two cache lines, which halved the
+   multi-row AVX-512 kernels (8 rows of SmolLM2's gate / up, one thread: 505 -> 389 us). */
+static inline void* scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
+
 /* x [m, k] -> xp [m, k]: each 32-wide chunk reordered to its 16 even then 16 odd elements
    (the order the low and high nibbles of 16 packed bytes come out in); xs [m, k/g] group sums. */
 static void prep4(const float* x, float* xp, float* xs, int64_t m, int64_t k, int64_t g) {
@@ -412,7 +417,7 @@ int llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const fl
                       int64_t m, int64_t n, int64_t k, int64_t g, int act8, int nthreads) {
     int64_t G = k / g;
     if (act8) {
-        int8_t* xq = (int8_t*)malloc(q8_scratch_bytes(m, k));
+        int8_t* xq = (int8_t*)scratch(q8_scratch_bytes(m, k));
         float* dq = (float*)(xq + m * k);
         float* xs = dq + m * (k / 8);
         quantize_q8(x, xq, dq, xs, m, k, g);
@@ -422,7 +427,7 @@ int llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const fl
         free(xq);
         return 0;
     }
-    float* xp = (float*)malloc(sizeof(float) * (m * k + m * G));
+    float* xp = (float*)scratch(sizeof(float) * (m * k + m * G));
     float* xs = xp + m * k;
     prep4(x, xp, xs, m, k, g);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -440,7 +445,7 @@ int llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
                       int64_t m, int64_t n, int64_t k, int64_t g, int act8, int nthreads) {
     int64_t G = k / g;
     if (act8) {
-        int8_t* xq = (int8_t*)malloc(q8_plain_scratch_bytes(m, k));
+        int8_t* xq = (int8_t*)scratch(q8_plain_scratch_bytes(m, k));
         float* dq8 = (float*)(xq + m * k);
         int32_t* corr = (int32_t*)(dq8 + m * (k / 4));
         quantize_q8_plain(x, xq, dq8, corr, m, k);
