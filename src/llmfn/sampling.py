@@ -2,7 +2,9 @@
 
 Noise is a counter-based hash of (seed, step, token id): the same seed gives the same tokens on
 every run, no global RNG is touched, and a row's draw never depends on the other rows in a batch.
-Sampling uses the exponential-race trick, argmax(probs / Exp(1) noise), which needs no host sync.
+Sampling uses the exponential-race trick, argmax(probs / Exp(1) noise), with the noise drawn only
+for the tokens top_k / top_p / min_p allow (a few host syncs a step pick them: far cheaper than
+hashing and sorting whole vocabularies).
 
 Every sampling parameter is defined once, in KNOBS (type, default, range, meaning): the wire schemas
 (serve/schemas.py), the CLI flags and chat /set (cli/), `generate`'s keywords and `check` derive
@@ -219,7 +221,7 @@ def _probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
 def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """The smallest set of most likely tokens whose mass reaches top_p, per row, as a bool mask
     [B, V] (every token where top_p >= 1). Only the head of each row is sorted: the k most likely
-    tokens, k doubling until every row's nucleus ends inside them (a few hundred at most for the
+    tokens, k growing fourfold until every row's nucleus ends inside them (a few hundred at most for the
     peaked distributions of language models, instead of a sort of the whole vocabulary)."""
     B, V = probs.shape
     keep = (top_p >= 1.0)[:, None].expand(B, V).clone()
