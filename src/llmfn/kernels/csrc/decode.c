@@ -17,6 +17,10 @@ static inline void dot4(const float* x, const float* w, int64_t k, float* out) {
 #ifdef __AVX2__
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; c + 8 <= k; c += 8) {
+        if (!(c & 15)) {  /* the next block of four rows, a line of each per 16 weights */
+            __builtin_prefetch(w0 + 4 * k + c, 0, 3); __builtin_prefetch(w1 + 4 * k + c, 0, 3);
+            __builtin_prefetch(w2 + 4 * k + c, 0, 3); __builtin_prefetch(w3 + 4 * k + c, 0, 3);
+        }
         __m256 xv = _mm256_loadu_ps(x + c);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), xv, a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), xv, a1);

@@ -86,6 +86,8 @@ static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t
     if (bpg == 1)  /* 8 blocks a step: one load of their 8 scales, a lane permute per pair */
         for (; b + 8 <= nb; b += 8) {
             __m512 s8 = _mm512_castps256_ps512(_mm256_loadu_ps(sr + b));
+            prefetch_ahead(qr + b * 16);
+            prefetch_ahead(qr + b * 16 + 64);
             for (int h = 0; h < 4; h++) {
                 int64_t p = b + 2 * h;
                 __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * h)), s8),
@@ -95,6 +97,7 @@ static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t
             }
         }
     for (; b + 2 <= nb; b += 2) {
+        prefetch_ahead(qr + b * 16);
         __m128 s2 = _mm_unpacklo_ps(_mm_set_ss(sr[b / bpg]), _mm_set_ss(sr[(b + 1) / bpg]));
         __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(pair, _mm512_castps128_ps512(s2)),
                                      _mm512_broadcast_f32x8(_mm256_loadu_ps(dq + b * 4)));
@@ -126,6 +129,7 @@ static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
+        prefetch_ahead(qr + b * 16);
         __m256i raw = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
         const int8_t* x = xq + b * 32;
         /* u4 * s8 pairs stay within int16 (2 * 15 * 127 per vpmaddubsw lane, twice that summed) */
@@ -217,6 +221,7 @@ static inline __attribute__((always_inline)) float int8_q8_dot_bpg(const int8_t*
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
+        prefetch_ahead(qr + b * 32);
         __m512i w = _mm512_xor_si512(_mm512_loadu_si512(qr + b * 32), flip);
         __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + b * 8), w, _mm512_loadu_si512(xq + b * 32));
         __m128 s2 = _mm_unpacklo_ps(_mm_set_ss(sr[b / bpg]), _mm_set_ss(sr[(b + 1) / bpg]));
@@ -242,6 +247,7 @@ static inline __attribute__((always_inline)) float int8_q8_dot_bpg(const int8_t*
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
     for (int64_t b = 0; b < nb; b++) {
         /* |w| * (x with w's sign): unsigned by signed, as vpmaddubsw takes them; 2 * 128 * 127 fits int16 */
+        prefetch_ahead(qr + b * 32);
         __m256i w = _mm256_loadu_si256((const __m256i*)(qr + b * 32));
         __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(xq + b * 32)), w);
         __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), x), ones);

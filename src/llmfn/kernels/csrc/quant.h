@@ -64,6 +64,7 @@ static inline void NAME(const float* xp, const float* xs, const uint8_t* qr, con
         for (int r = 0; r < R; r++) for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();      \
         for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {                                          \
             __m256 w[4];                                                                                \
+            prefetch_ahead(qr + c / 2);                                                                 \
             unpack32(qr + c / 2, w);                                                                    \
             for (int r = 0; r < R; r++)                                                                 \
                 for (int v = 0; v < 4; v++)                                                             \
@@ -121,6 +122,7 @@ static inline void NAME(const float* xp, const float* xs, const uint8_t* qr, con
     for (int r = 0; r < R; r++) te[r] = to[r] = _mm256_setzero_ps();                                   \
     int64_t gi = 0;                                                                                     \
     for (; gi + 2 <= G; gi += 2) {                                                                      \
+        prefetch_ahead(qr + gi * 16);                                                                   \
         NAME##_group(qr + gi * 16, xp + gi * 32, k, R, d);                                             \
         __m256 se = _mm256_set1_ps(sr[gi]);                                                             \
         for (int r = 0; r < R; r++) te[r] = _mm256_fmadd_ps(se, d[r], te[r]);                          \
@@ -147,6 +149,7 @@ static inline void NAME(const float* x, const int8_t* qr, const float* sr, float
         int64_t c = gi * g, end = (gi + 1) * g;                                                        \
         for (; c + 32 <= end; c += 32) {                                                               \
             __m256 w[4];                                                                                \
+            prefetch_ahead(qr + c);                                                                     \
             for (int v = 0; v < 4; v++) w[v] = load8(qr + c + 8 * v);                                  \
             for (int r = 0; r < R; r++)                                                                 \
                 for (int v = 0; v < 4; v++)                                                             \
@@ -175,6 +178,7 @@ static inline void NAME(const float* x, const int8_t* qr, const float* sr, float
     for (int r = 0; r < R; r++) te[r] = to[r] = _mm256_setzero_ps();                                   \
     for (int64_t gi = 0; gi < G; gi++) {                                                               \
         const int8_t* qb = qr + gi * 32;                                                                \
+        prefetch_ahead(qb);                                                                             \
         __m256 w0 = load8(qb), w1 = load8(qb + 8), w2 = load8(qb + 16), w3 = load8(qb + 24);           \
         __m256 sv = _mm256_set1_ps(sr[gi]);                                                            \
         for (int r = 0; r < R; r++) {                                                                   \
@@ -217,6 +221,8 @@ static inline void int4_g32_r1x2(const float* xp, const float* xs, const uint8_t
     for (int64_t gi = 0; gi < G; gi++) {
         const float* p = xp + gi * 32;
         __m256 x0 = _mm256_loadu_ps(p), x1 = _mm256_loadu_ps(p + 8), x2 = _mm256_loadu_ps(p + 16), x3 = _mm256_loadu_ps(p + 24);
+        prefetch_ahead(qa + gi * 16);
+        prefetch_ahead(qb + gi * 16);
         __m256 da = int4_g32_dot(qa + gi * 16, x0, x1, x2, x3), db = int4_g32_dot(qb + gi * 16, x0, x1, x2, x3);
         if (gi & 1) {
             toa = _mm256_fmadd_ps(_mm256_set1_ps(sa[gi]), da, toa);
@@ -254,6 +260,7 @@ static inline void NAME(const float* xp, const uint8_t* qr, const float* sr, con
     __m512 ae[R], ao[R], we, wo;                                                                        \
     for (int r = 0; r < R; r++) ae[r] = ao[r] = _mm512_setzero_ps();                                   \
     for (int64_t gi = 0; gi < G; gi++) {                                                               \
+        prefetch_ahead(qr + gi * 16);                                                                   \
         dequant32_z(qr + gi * 16, sr[gi], orow[gi], &we, &wo);                                          \
         for (int r = 0; r < R; r++) {                                                                   \
             const float* p = xp + r * k + gi * 32;                                                      \
@@ -278,6 +285,7 @@ static inline void NAME(const float* x, const int8_t* qr, const float* sr, float
     __m512 al[R], ah[R], wl, wh;                                                                        \
     for (int r = 0; r < R; r++) al[r] = ah[r] = _mm512_setzero_ps();                                   \
     for (int64_t gi = 0; gi < G; gi++) {                                                               \
+        prefetch_ahead(qr + gi * 32);                                                                   \
         dequant8x32_z(qr + gi * 32, sr[gi], &wl, &wh);                                                  \
         for (int r = 0; r < R; r++) {                                                                   \
             const float* p = x + r * k + gi * 32;                                                       \
@@ -297,6 +305,8 @@ static inline void int4_z_r1x2(const float* xp, const float* xs, const uint8_t* 
     (void)xs;
     __m512 aae = _mm512_setzero_ps(), aao = aae, abe = aae, abo = aae, wae, wao, wbe, wbo;
     for (int64_t gi = 0; gi < G; gi++) {
+        prefetch_ahead(qa + gi * 16);
+        prefetch_ahead(qb + gi * 16);
         dequant32_z(qa + gi * 16, sa[gi], oa[gi], &wae, &wao);
         dequant32_z(qb + gi * 16, sb[gi], ob[gi], &wbe, &wbo);
         const __m512 xe = _mm512_loadu_ps(xp + gi * 32), xo = _mm512_loadu_ps(xp + gi * 32 + 16);
