@@ -5,6 +5,7 @@ variants (biases, GQA, ALiBi, sliding window, logn scaling, dynamic NTK), fp32 /
 batches and strided cache views; and against the pure-torch ops within fp32 tolerance."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from llmfn.backend import fused_forward
 from llmfn.kernels import cpu
 from llmfn.kernels import reference as ref
+from llmfn.kernels.quant import Int4Weight, is_quantized
 from llmfn.loading.quantize import quantize_params
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
@@ -62,6 +64,13 @@ def config(**overrides) -> LlamaConfig:
     return LlamaConfig(**{**base, **overrides})
 
 
+def fp16_scales(leaf):
+    """The leaf with its scales (and offsets) rounded to fp16 and stored so."""
+    if isinstance(leaf, Int4Weight):
+        return replace(leaf, scales=leaf.scales.half(), offsets=leaf.offsets.half())
+    return replace(leaf, scales=leaf.scales.half())
+
+
 def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=12):
     """A 3-token prefill then decode steps, rows at different positions, on a strided cache view."""
     with monkeypatch.context() as m:
@@ -82,14 +91,19 @@ def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=1
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("weights", ["fp32", "int4", "int8", "int4-fp32-act", "int8-fp32-act"])
+@pytest.mark.parametrize("weights", ["fp32", "int4", "int8", "int4-fp32-act", "int8-fp32-act", "int4-fp16",
+                                     "int8-fp16", "int4-fp16-fp32-act", "int8-fp16-fp32-act"])
 def test_fused_layer_is_bitwise_the_op_by_op_layer(variant, weights, monkeypatch):
-    """Quantized weights with int8 activations and with fp32 ones (LLMFN_QUANT_ACTIVATIONS)."""
+    """Quantized weights with int8 activations and with fp32 ones (LLMFN_QUANT_ACTIVATIONS), their
+    scales stored fp32 or fp16 (as GGUF blocks load)."""
     cfg = config(**VARIANTS[variant])
     params = random_params(cfg, seed=len(variant))
     monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "fp32" if weights.endswith("fp32-act") else "int8")
     if weights != "fp32":
         params = quantize_params(params, weights.split("-")[0])
+    if "-fp16" in weights:
+        params = {**params, "layers": [{name: fp16_scales(v) if is_quantized(v) else v for name, v in layer.items()}
+                                       for layer in params["layers"]]}
     calls = []
     real = cpu.decoder_layers
     monkeypatch.setattr(cpu, "decoder_layers", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))

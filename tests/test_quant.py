@@ -5,6 +5,7 @@ their own dequantized fp32 models."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 import json
 
 import numpy as np
@@ -234,6 +235,38 @@ def test_quantized_linear_rows_are_batch_invariant(m, n, groups, g, bits, seed):
     out = leaf.linear(x)
     for i in range(m):
         assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
+
+
+def test_scales_are_stored_fp16_only_where_every_value_is_one():
+    exact = torch.randn(6, 3).half().float()
+    s, o = quant.compact_scales(exact, -8 * exact)
+    assert s.dtype == o.dtype == torch.float16 and torch.equal(s.float(), exact)
+    s, o = quant.compact_scales(exact, exact + 1e-4)  # one of the two is not: both stay fp32
+    assert s.dtype == o.dtype == torch.float32 and torch.equal(s, exact)
+
+
+@pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
+@pytest.mark.parametrize("act", ["fp32", "int8"])
+@pytest.mark.parametrize("bits,g", [(4, 32), (4, 128), (8, 32), (8, 64)])
+def test_fp16_scales_give_the_bits_of_the_same_values_in_fp32(bits, g, act, monkeypatch):
+    """A leaf whose scales / offsets are stored fp16 (GGUF's) computes exactly what the same values
+    stored fp32 do, on every C path: one row (decode), several (passes of rows), dequantize, rows."""
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", act)
+    gen = torch.Generator().manual_seed(bits * g)
+    n, k = 37, 4 * g
+    scales = (torch.rand(n, k // g, generator=gen) / 8).half().float()
+    if bits == 4:
+        leaf = quant.Int4Weight.from_q(ints((n, k), 16, 1), scales, (-8 * scales).half().float(), g)
+        wide = replace(leaf, scales=leaf.scales.float(), offsets=leaf.offsets.float())
+    else:
+        leaf = quant.Int8Weight.from_q(ints((n, k), 128, 2, lo=-128), scales, g)
+        wide = replace(leaf, scales=leaf.scales.float())
+    assert leaf.scales.dtype == torch.float16 and wide.scales.dtype == torch.float32
+    for m in (1, 2, 5, 9, 17):
+        x = torch.randn(m, k, generator=gen)
+        assert torch.equal(leaf.linear(x), wide.linear(x))
+    assert torch.equal(leaf.dequantize(), wide.dequantize())
+    assert torch.equal(leaf.embedding(torch.tensor([3, 0, 36])), wide.embedding(torch.tensor([3, 0, 36])))
 
 
 def test_embedding_rows_equal_dequantized_rows():

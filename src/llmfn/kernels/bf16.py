@@ -48,8 +48,8 @@ class Bf16Weight:
         return self.w.numel()
 
     def fused_args(self) -> tuple:
-        """(kind, weight, 0, 0, 0) pointers for the fused C decoder layer (kernels/cpu.py)."""
-        return (KIND, self.w.data_ptr(), 0, 0, 0)
+        """(kind, weight, 0, 0, 0, 0) pointers for the fused C decoder layer (kernels/cpu.py)."""
+        return (KIND, self.w.data_ptr(), 0, 0, 0, 0)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., k] -> x.float() @ w.float()^T [..., n] in fp32."""

@@ -37,10 +37,10 @@ MAX_ROWS = 16  # at most 16: the fused layers keep a row's outputs in float[16]
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The whole library's functions, csrc/quant.h's int4 / int8 ones (kernels/cpu_quant.py) included.
 _SIGNATURES = {
-    "llmfn_int4_linear": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
-    "llmfn_int8_linear": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32],
-    "llmfn_int4_dequant": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
-    "llmfn_int8_dequant": [_p, _p, _p, _i64, _i64, _i64, _i32],
+    "llmfn_int4_linear": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32, _i32],
+    "llmfn_int8_linear": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i32, _i32, _i32],
+    "llmfn_int4_dequant": [_p, _p, _p, _p, _i64, _i64, _i64, _i32, _i32],
+    "llmfn_int8_dequant": [_p, _p, _p, _i64, _i64, _i64, _i32, _i32],
     "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p, *[_i64] * 7, _f32,
                              _f32, _i64, _i32],
     "llmfn_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
@@ -241,7 +241,7 @@ def qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads
 
 
 def _lin_fields(w, b: torch.Tensor | None) -> list[int] | None:
-    """A linear's Lin struct fields [q, scales, offsets, bias, kind, group], or None when the fused
+    """A linear's Lin struct fields [q, scales, offsets, bias, kind, group, half], or None when the fused
     layer cannot take the weight (quantized leaves describe themselves: llmfn.kernels.quant `fused_args`)."""
     if b is not None and not (b.dtype == torch.float32 and b.device.type == "cpu" and b.is_contiguous()):
         return None
@@ -249,9 +249,9 @@ def _lin_fields(w, b: torch.Tensor | None) -> list[int] | None:
     if isinstance(w, torch.Tensor):
         if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or w.requires_grad:
             return None
-        return [w.data_ptr(), 0, 0, bias, 0, 0]
+        return [w.data_ptr(), 0, 0, bias, 0, 0, 0]
     args = w.fused_args() if hasattr(w, "fused_args") else None
-    return None if args is None else [args[1], args[2], args[3], bias, args[0], args[4]]
+    return None if args is None else [args[1], args[2], args[3], bias, args[0], args[4], args[5]]
 
 
 def _norm_ptr(w: torch.Tensor) -> int | None:

@@ -79,6 +79,12 @@ def int8_activations() -> bool:
     return mode == "int8"
 
 
+def half(scales: torch.Tensor) -> bool:
+    """Whether a weight's scales (and int4 offsets, of the same dtype) are stored fp16 (the C kernels
+    widen them per weight row; llmfn.kernels.quant) rather than fp32."""
+    return scales.dtype == torch.float16
+
+
 def int4_ok(k: int, group_size: int) -> bool:
     return group_size % 32 == 0 and k % group_size == 0
 
@@ -102,7 +108,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
         return _chunked(x, n, lambda lo, hi: int4_dequantize(qweight[lo:hi], scales[lo:hi], offsets[lo:hi], group_size))
     y = torch.empty(m, n, dtype=torch.float32)
     lib.llmfn_int4_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr(),
-                          m, n, k, group_size, int8_activations(), cpu.decode_threads.threads())
+                          m, n, k, group_size, int8_activations(), half(scales), cpu.decode_threads.threads())
     return y
 
 
@@ -116,7 +122,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     y = torch.empty(m, n, dtype=torch.float32)
     act8 = int8_activations() and int8_act8_ok(k, group_size)
     lib.llmfn_int8_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                          m, n, k, group_size, act8, cpu.decode_threads.threads())
+                          m, n, k, group_size, act8, half(scales), cpu.decode_threads.threads())
     return y
 
 
@@ -136,7 +142,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.
     n, k = qweight.shape[0], qweight.shape[1] * 2
     w = torch.empty(n, k, dtype=torch.float32)
     _load().llmfn_int4_dequant(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), w.data_ptr(),
-                               n, k, group_size, cpu.decode_threads.threads())
+                               n, k, group_size, half(scales), cpu.decode_threads.threads())
     return w
 
 
@@ -145,5 +151,5 @@ def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int
     n, k = qweight.shape
     w = torch.empty(n, k, dtype=torch.float32)
     _load().llmfn_int8_dequant(qweight.data_ptr(), scales.data_ptr(), w.data_ptr(), n, k, group_size,
-                               cpu.decode_threads.threads())
+                               half(scales), cpu.decode_threads.threads())
     return w

@@ -5,7 +5,10 @@ The formats that load into them (AutoAWQ / llmfn int8 checkpoints, GGUF blocks) 
   Int4Weight   w[n, k] = q[n, k] * scales[n, k // g] + offsets[n, k // g]       q in 0..15
       qweight  uint8 [n, k // 2]: byte (j, i) holds q[j, 2i] in its low nibble and q[j, 2i + 1] in
                its high nibble (llmfn.kernels.pack_int4: rows are output features, like nn.Linear).
-      scales, offsets  float32 [n, k // g].
+      scales, offsets  float32 [n, k // g], or both float16 where every value is one (GGUF's blocks, an
+               AWQ checkpoint's int8 scales): the same values (fp16 -> fp32 is exact; all arithmetic
+               stays fp32) in fewer bytes, which decode streams every token (Q4_1: 20 bytes per 32
+               weights instead of 24). `compact_scales` picks the dtype.
       An offset instead of a zero point, so every source maps on exactly (bit for bit, because q * s
       is exact in fp32 for fp16 scales and the sum then rounds once, as the source formula does):
         AWQ / GPTQ  w = (q - z) * s     ->  scales = s, offsets = -z * s
@@ -14,7 +17,7 @@ The formats that load into them (AutoAWQ / llmfn int8 checkpoints, GGUF blocks) 
       On CUDA the Triton GEMM of llmfn.kernels takes zero points (w = (q - zeros) * scales); `.to("cuda")`
       adds zeros = -offsets / scales (0 where a scale is 0, i.e. an all-equal block, which then reads 0).
   Int8Weight   w[n, k] = q[n, k] * scales[n, k // g]                            q in -128..127
-      qweight  int8 [n, k]; scales float32 [n, k // g]; g == k is per output channel (llmfn's RTN
+      qweight  int8 [n, k]; scales float32 (or float16, as above) [n, k // g]; g == k is per output channel (llmfn's RTN
       int8), g == 32 is GGUF Q8_0 (w = d * q).
 
 Both carry `dtype`, the activation dtype: `embedding(ids)` and `dequantize()` return it and
@@ -26,7 +29,7 @@ word, nibble i (bits 4i..4i+3) holding column 8c + order[i]; AWQ_ORDER = 0 2 4 6
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,10 +80,20 @@ def unpack_awq(p: torch.Tensor) -> torch.Tensor:
 # Leaf types
 
 
-def _fp32_cpu(q: torch.Tensor, *floats: torch.Tensor) -> bool:
-    """Leaves the C kernels read as they are: CPU, contiguous, fp32 scales / offsets."""
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in (q, *floats)) and all(
-        t.dtype == torch.float32 for t in floats
+def compact_scales(*floats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Scales (and offsets) as float16 when every value of every one is exactly a float16, else float32:
+    the same numbers either way, in the fewest bytes."""
+    floats = tuple(t.float().contiguous() for t in floats)
+    halves = tuple(t.half() for t in floats)
+    if all(torch.equal(h.float(), t) for h, t in zip(halves, floats, strict=True)):
+        return halves
+    return floats
+
+
+def _cpu_ready(q: torch.Tensor, *floats: torch.Tensor) -> bool:
+    """Leaves the C kernels read as they are: CPU, contiguous, scales / offsets all fp32 or all fp16."""
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in (q, *floats)) and (
+        len({t.dtype for t in floats}) == 1 and floats[0].dtype in (torch.float32, torch.float16)
     )
 
 
@@ -91,8 +104,8 @@ def _cpu_kernels(x: torch.Tensor) -> bool:
 @dataclass(frozen=True, eq=False)
 class Int4Weight:
     qweight: torch.Tensor  # uint8 [n, k/2]
-    scales: torch.Tensor  # fp32 [n, k/g]
-    offsets: torch.Tensor  # fp32 [n, k/g]
+    scales: torch.Tensor  # fp32 or fp16 [n, k/g]
+    offsets: torch.Tensor  # as scales [n, k/g]
     group_size: int
     dtype: torch.dtype = torch.float32
     zeros: torch.Tensor | None = None  # CUDA only: the kernels layout's zero points
@@ -110,14 +123,15 @@ class Int4Weight:
         return self.shape[0] * self.shape[1]
 
     def fused_args(self) -> tuple | None:
-        """(kind, qweight, scales, offsets, group) pointers for the fused C decoder layer
-        (kernels/cpu.py; kind 1: fp32 activations, 3: int8 ones, as cpu_quant.int8_activations says),
+        """(kind, qweight, scales, offsets, group, half) for the fused C decoder layer (kernels/cpu.py;
+        kind 1: fp32 activations, 3: int8 ones, as cpu_quant.int8_activations says; half: fp16 scales),
         or None when its int4 kernel cannot take this weight."""
-        ok = _fp32_cpu(self.qweight, self.scales, self.offsets) and cpu_quant.int4_ok(self.shape[1], self.group_size)
+        ok = _cpu_ready(self.qweight, self.scales, self.offsets) and cpu_quant.int4_ok(self.shape[1], self.group_size)
         if not ok:
             return None
         kind = 3 if cpu_quant.int8_activations() else 1
-        return (kind, self.qweight.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), self.group_size)
+        return (kind, self.qweight.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), self.group_size,
+                int(cpu_quant.half(self.scales)))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., k] -> x @ w.T [..., n] in x's dtype."""
@@ -153,17 +167,17 @@ class Int4Weight:
         """Move to device and/or set the activation dtype (the packed weights keep their types)."""
         device = torch.device(device) if device is not None else self.device
         mv = lambda t: t.to(device).contiguous()
-        zeros = None
-        if device.type == "cuda":
-            zeros = torch.where(self.scales != 0, -self.offsets / self.scales, torch.zeros_like(self.scales))
-            zeros = mv(zeros)
-        return Int4Weight(mv(self.qweight), mv(self.scales), mv(self.offsets), self.group_size,
-                          dtype or self.dtype, zeros)
+        scales, offsets, zeros = self.scales, self.offsets, None
+        if device.type == "cuda":  # the Triton GEMM takes fp32 scales and zero points
+            scales, offsets = scales.float(), offsets.float()
+            zeros = mv(torch.where(scales != 0, -offsets / scales, torch.zeros_like(scales)))
+        return Int4Weight(mv(self.qweight), mv(scales), mv(offsets), self.group_size, dtype or self.dtype, zeros)
 
     def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(qweight, scales, zeros) in llmfn.kernels' int4 layout (w = (q - zeros) * scales)."""
-        zeros = torch.where(self.scales != 0, -self.offsets / self.scales, torch.zeros_like(self.scales))
-        return self.qweight, self.scales, zeros
+        """(qweight, scales, zeros) in llmfn.kernels' int4 layout (w = (q - zeros) * scales), fp32."""
+        scales, offsets = self.scales.float(), self.offsets.float()
+        zeros = torch.where(scales != 0, -offsets / scales, torch.zeros_like(scales))
+        return self.qweight, scales, zeros
 
     @classmethod
     def from_q(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> Int4Weight:
@@ -172,7 +186,7 @@ class Int4Weight:
         _check_groups(k, group_size, "int4")
         if tuple(scales.shape) != (n, k // group_size) or tuple(offsets.shape) != (n, k // group_size):
             raise CheckpointError(f"int4 scales/offsets must be [{n}, {k // group_size}]")
-        return cls(pack_int4(q).contiguous(), scales.float().contiguous(), offsets.float().contiguous(), group_size)
+        return cls(pack_int4(q).contiguous(), *compact_scales(scales, offsets), group_size)
 
     @classmethod
     def from_zero_points(cls, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
@@ -197,7 +211,7 @@ class Int4Weight:
 @dataclass(frozen=True, eq=False)
 class Int8Weight:
     qweight: torch.Tensor  # int8 [n, k]
-    scales: torch.Tensor  # fp32 [n, k/g]
+    scales: torch.Tensor  # fp32 or fp16 [n, k/g]
     group_size: int
     dtype: torch.dtype = torch.float32
 
@@ -214,14 +228,14 @@ class Int8Weight:
         return self.shape[0] * self.shape[1]
 
     def fused_args(self) -> tuple | None:
-        """(kind, qweight, scales, 0, group) pointers for the fused C decoder layer (kernels/cpu.py; kind
-        2: fp32 activations, 4: int8 ones, as cpu_quant.int4_linear chooses), or None when its int8
-        kernel cannot take this weight."""
+        """(kind, qweight, scales, 0, group, half) for the fused C decoder layer (kernels/cpu.py; kind
+        2: fp32 activations, 4: int8 ones, as cpu_quant.int4_linear chooses; half: fp16 scales), or None
+        when its int8 kernel cannot take this weight."""
         k, g = self.shape[1], self.group_size
-        if not (_fp32_cpu(self.qweight, self.scales) and cpu_quant.int8_ok(k, g)):
+        if not (_cpu_ready(self.qweight, self.scales) and cpu_quant.int8_ok(k, g)):
             return None
         kind = 4 if cpu_quant.int8_activations() and cpu_quant.int8_act8_ok(k, g) else 2
-        return (kind, self.qweight.data_ptr(), self.scales.data_ptr(), 0, g)
+        return (kind, self.qweight.data_ptr(), self.scales.data_ptr(), 0, g, int(cpu_quant.half(self.scales)))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
@@ -255,7 +269,7 @@ class Int8Weight:
         _check_groups(k, group_size, "int8")
         if tuple(scales.shape) != (n, k // group_size):
             raise CheckpointError(f"int8 scales must be [{n}, {k // group_size}], got {list(scales.shape)}")
-        return cls(q.to(torch.int8).contiguous(), scales.float().contiguous(), group_size)
+        return cls(q.to(torch.int8).contiguous(), *compact_scales(scales), group_size)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, group_size: int = -1, scale_dtype: torch.dtype = torch.float32) -> Int8Weight:
@@ -282,6 +296,9 @@ def cat_out(weights: list) -> torch.Tensor | QuantizedWeight:
     same = same and all(w.group_size == first.group_size and w.shape[1] == first.shape[1] for w in weights)
     if not same:
         return torch.cat([w.dequantize(torch.float32) if is_quantized(w) else w.float() for w in weights])
+    if len({w.scales.dtype for w in weights}) > 1:  # fp16 and fp32 scales: all fp32, the same values
+        weights = [replace(w, scales=w.scales.float(), **({"offsets": w.offsets.float()}
+                                                          if isinstance(w, Int4Weight) else {})) for w in weights]
     if isinstance(first, Int4Weight):
         return Int4Weight(
             torch.cat([w.qweight for w in weights]), torch.cat([w.scales for w in weights]),

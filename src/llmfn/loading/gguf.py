@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmfn.errors import CheckpointError, UnsupportedModelError
-from llmfn.kernels.quant import Int4Weight, Int8Weight, QuantizedWeight
+from llmfn.kernels.quant import Int4Weight, Int8Weight, QuantizedWeight, compact_scales
 from llmfn.loading.causal_lm import causal_lm_model
 from llmfn.loading.config import llama_config_from_hf
 from llmfn.loading.llama import params_from_hf
@@ -159,7 +159,7 @@ def gguf_leaf(tensor) -> QuantizedWeight:
     even, odd = packed[..., 0::2], packed[..., 1::2]  # [n, G, 8]
     ours = np.concatenate([(even & 0xF) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=-1)  # [n, G, 16]
     qweight = torch.from_numpy(ours.reshape(n, k // 2))
-    return Int4Weight(qweight, d.contiguous(), offsets.float().contiguous(), _BLOCK)
+    return Int4Weight(qweight, *compact_scales(d, offsets), _BLOCK)  # fp16, as the file holds them
 
 
 def _rows(leaf: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:

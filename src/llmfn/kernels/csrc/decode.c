@@ -299,8 +299,8 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
 
 /* One linear of a layer: kind 0 fp32 [n, k] row-major; 1 int4 and 2 int8 in llmfn.kernels.quant's layouts
    (q, scales, offsets, group); 3 int4 and 4 int8 with int8 activations (q8dot.h); 5 bf16 [n, k]
-   row-major (bf16.h). bias may be NULL. */
-typedef struct { const void* q; const float* scales; const float* offsets; const float* bias; int64_t kind, group; } Lin;
+   row-major (bf16.h). bias may be NULL; half: scales / offsets stored fp16 (quant.h row_f32). */
+typedef struct { const void* q; const void* scales; const void* offsets; const float* bias; int64_t kind, group, half; } Lin;
 typedef struct { const float* attn_norm; Lin qkv, o; const float* mlp_norm; Lin gate_up, down; } Layer;
 
 /* A spin barrier for the phases of one layer: OpenMP's own barrier spins briefly and then sleeps
@@ -377,9 +377,9 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
         quantize_q8(x, xq, dq, xs8, m, k, g);
         share(n, tid, nth, &lo, &hi);
         for (int64_t j = lo; j < hi; j++) {
-            float out[16];
-            int4_q8_block(xq, dq, xs8, (const uint8_t*)L->q + j * (k / 2), L->scales + j * G, L->offsets + j * G,
-                          out, 1, k, g, m);
+            float out[16], sb[G], ob[G];
+            int4_q8_block(xq, dq, xs8, (const uint8_t*)L->q + j * (k / 2), row_f32(L->scales, L->half, j, G, sb),
+                          row_f32(L->offsets, L->half, j, G, ob), out, 1, k, g, m);
             for (int64_t r = 0; r < m; r++) {
                 float v = L->bias ? out[r] + L->bias[j] : out[r];
                 y[r * n + j] = add ? y[r * n + j] + v : v;
@@ -394,8 +394,9 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
         quantize_q8_plain(x, xq, dq8, corr, m, k);
         share(n, tid, nth, &lo, &hi);
         for (int64_t j = lo; j < hi; j++) {
-            float out[16];
-            int8_q8_block(xq, dq8, corr, (const int8_t*)L->q + j * k, L->scales + j * G, out, 1, k, g, m);
+            float out[16], sb[G];
+            int8_q8_block(xq, dq8, corr, (const int8_t*)L->q + j * k, row_f32(L->scales, L->half, j, G, sb), out, 1,
+                          k, g, m);
             for (int64_t r = 0; r < m; r++) {
                 float v = L->bias ? out[r] + L->bias[j] : out[r];
                 y[r * n + j] = add ? y[r * n + j] + v : v;
@@ -410,9 +411,10 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     if (L->kind == 1 && m == 1 && g == 32) {  /* decode: two weight rows at a time, same bits */
         const uint8_t* q = (const uint8_t*)L->q;
         for (; lo + 2 <= hi; lo += 2) {
-            float v[2];
-            int4_g32_decode_pair(xp, xs, q + lo * (k / 2), q + (lo + 1) * (k / 2), L->scales + lo * G,
-                          L->scales + (lo + 1) * G, L->offsets + lo * G, L->offsets + (lo + 1) * G, v, v + 1, G);
+            float v[2], sa[G], sb[G], oa[G], ob[G];
+            int4_g32_decode_pair(xp, xs, q + lo * (k / 2), q + (lo + 1) * (k / 2), row_f32(L->scales, L->half, lo, G, sa),
+                                 row_f32(L->scales, L->half, lo + 1, G, sb), row_f32(L->offsets, L->half, lo, G, oa),
+                                 row_f32(L->offsets, L->half, lo + 1, G, ob), v, v + 1, G);
             for (int i = 0; i < 2; i++) {
                 float b = L->bias ? v[i] + L->bias[lo + i] : v[i];
                 y[lo + i] = add ? y[lo + i] + b : b;
@@ -421,14 +423,16 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     }
 #endif
     for (int64_t j = lo; j < hi; j++) {
-        float out[16];
+        float out[16], sb[G], ob[G];
+        const float* sr = row_f32(L->scales, L->half, j, G, sb);
+        const float* orow = L->kind == 1 ? row_f32(L->offsets, L->half, j, G, ob) : NULL;
         for (int64_t i0 = 0; i0 < m; i0 += QUANT_PASS_ROWS) {
             int64_t R = (m - i0) < QUANT_PASS_ROWS ? (m - i0) : QUANT_PASS_ROWS;
             if (L->kind == 1)
-                int4_block(xp + i0 * k, xs + i0 * G, (const uint8_t*)L->q + j * (k / 2), L->scales + j * G,
-                           L->offsets + j * G, out + i0, 1, k, g, G, R);
+                int4_block(xp + i0 * k, xs + i0 * G, (const uint8_t*)L->q + j * (k / 2), sr, orow, out + i0, 1, k, g,
+                           G, R);
             else
-                int8_block(x + i0 * k, (const int8_t*)L->q + j * k, L->scales + j * G, out + i0, 1, k, g, G, R);
+                int8_block(x + i0 * k, (const int8_t*)L->q + j * k, sr, out + i0, 1, k, g, G, R);
         }
         for (int64_t r = 0; r < m; r++) {
             float v = L->bias ? out[r] + L->bias[j] : out[r];

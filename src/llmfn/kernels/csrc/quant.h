@@ -7,6 +7,22 @@
 #include <stdlib.h>
 #include "simd.h"
 #include "q8dot.h"
+#include "kv16.h"  /* f16_to_f32 */
+
+/* A weight row's G scales (or offsets) as fp32: where they are stored so, in place; where stored as
+   fp16 (GGUF's own, llmfn.kernels.quant), widened into buf first. The values are then the same bits
+   (fp16 -> fp32 is exact) and every kernel below reads fp32, while decode streams 20 bytes per 32
+   int4 weights instead of 24. */
+static inline const float* row_f32(const void* p, int half, int64_t j, int64_t G, float* buf) {
+    if (!half) return (const float*)p + j * G;
+    const uint16_t* h = (const uint16_t*)p + j * G;
+    int64_t i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= G; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+#endif
+    for (; i < G; i++) buf[i] = f16_to_f32(h[i]);
+    return buf;
+}
 
 /* Scratch memory on 64-byte (cache-line) boundaries, freed with free(): malloc's 16-byte alignment
    split every other 64-byte load of the activation rows across two cache lines, which halved the
@@ -423,82 +439,110 @@ static inline void int8_block(const float* xi, const int8_t* qr, const float* sr
 }
 
 /* y [m, n] = x [m, k] @ int4 weight [n, k]^T; g % 32 == 0. act8: with int8 activations (q8dot.h). */
-int llmfn_int4_linear(const float* x, const uint8_t* q, const float* s, const float* o, float* y,
-                      int64_t m, int64_t n, int64_t k, int64_t g, int act8, int nthreads) {
+int llmfn_int4_linear(const float* x, const uint8_t* q, const void* s, const void* o, float* y,
+                      int64_t m, int64_t n, int64_t k, int64_t g, int act8, int half, int nthreads) {
     int64_t G = k / g;
     if (act8) {
         int8_t* xq = (int8_t*)scratch(q8_scratch_bytes(m, k));
         float* dq = (float*)(xq + m * k);
         float* xs = dq + m * (k / 8);
         quantize_q8(x, xq, dq, xs, m, k, g);
-        #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t j = 0; j < n; j++)
-            int4_q8_block(xq, dq, xs, q + j * (k / 2), s + j * G, o + j * G, y + j, n, k, g, m);
+        #pragma omp parallel num_threads(nthreads)
+        {
+            float sb[G], ob[G];
+            #pragma omp for schedule(static)
+            for (int64_t j = 0; j < n; j++)
+                int4_q8_block(xq, dq, xs, q + j * (k / 2), row_f32(s, half, j, G, sb), row_f32(o, half, j, G, ob),
+                              y + j, n, k, g, m);
+        }
         free(xq);
         return 0;
     }
     float* xp = (float*)scratch(sizeof(float) * (m * k + m * G));
     float* xs = xp + m * k;
     prep4(x, xp, xs, m, k, g);
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t i0 = 0; i0 < m; i0 += QUANT_PASS_ROWS)
-            int4_block(xp + i0 * k, xs + i0 * G, q + j * (k / 2), s + j * G, o + j * G, y + i0 * n + j, n, k, g, G,
-                       (m - i0) < QUANT_PASS_ROWS ? (m - i0) : QUANT_PASS_ROWS);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float sb[G], ob[G];
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) {
+            const float *sr = row_f32(s, half, j, G, sb), *orow = row_f32(o, half, j, G, ob);
+            for (int64_t i0 = 0; i0 < m; i0 += QUANT_PASS_ROWS)
+                int4_block(xp + i0 * k, xs + i0 * G, q + j * (k / 2), sr, orow, y + i0 * n + j, n, k, g, G,
+                           (m - i0) < QUANT_PASS_ROWS ? (m - i0) : QUANT_PASS_ROWS);
+        }
+    }
     free(xp);
     return 0;
 }
 
 /* y [m, n] = x [m, k] @ int8 weight [n, k]^T; g % 8 == 0. act8 (k and g multiples of 32): with
    int8 activations (q8dot.h). */
-int llmfn_int8_linear(const float* x, const int8_t* q, const float* s, float* y,
-                      int64_t m, int64_t n, int64_t k, int64_t g, int act8, int nthreads) {
+int llmfn_int8_linear(const float* x, const int8_t* q, const void* s, float* y,
+                      int64_t m, int64_t n, int64_t k, int64_t g, int act8, int half, int nthreads) {
     int64_t G = k / g;
     if (act8) {
         int8_t* xq = (int8_t*)scratch(q8_plain_scratch_bytes(m, k));
         float* dq8 = (float*)(xq + m * k);
         int32_t* corr = (int32_t*)(dq8 + m * (k / 4));
         quantize_q8_plain(x, xq, dq8, corr, m, k);
-        #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t j = 0; j < n; j++)
-            int8_q8_block(xq, dq8, corr, q + j * k, s + j * G, y + j, n, k, g, m);
+        #pragma omp parallel num_threads(nthreads)
+        {
+            float sb[G];
+            #pragma omp for schedule(static)
+            for (int64_t j = 0; j < n; j++)
+                int8_q8_block(xq, dq8, corr, q + j * k, row_f32(s, half, j, G, sb), y + j, n, k, g, m);
+        }
         free(xq);
         return 0;
     }
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t i0 = 0; i0 < m; i0 += QUANT_PASS_ROWS)
-            int8_block(x + i0 * k, q + j * k, s + j * G, y + i0 * n + j, n, k, g, G,
-                       (m - i0) < QUANT_PASS_ROWS ? (m - i0) : QUANT_PASS_ROWS);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float sb[G];
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) {
+            const float* sr = row_f32(s, half, j, G, sb);
+            for (int64_t i0 = 0; i0 < m; i0 += QUANT_PASS_ROWS)
+                int8_block(x + i0 * k, q + j * k, sr, y + i0 * n + j, n, k, g, G,
+                           (m - i0) < QUANT_PASS_ROWS ? (m - i0) : QUANT_PASS_ROWS);
+        }
+    }
     return 0;
 }
 
 /* w [n, k] fp32 = q * s + o (int4) and q * s (int8), as llmfn.kernels.quant dequantizes. */
-int llmfn_int4_dequant(const uint8_t* q, const float* s, const float* o, float* w,
-                        int64_t n, int64_t k, int64_t g, int nthreads) {
+int llmfn_int4_dequant(const uint8_t* q, const void* s, const void* o, float* w,
+                        int64_t n, int64_t k, int64_t g, int half, int nthreads) {
     int64_t G = k / g;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < n; j++)
+    for (int64_t j = 0; j < n; j++) {
+        float sb[G], ob[G];
+        const float *sr = row_f32(s, half, j, G, sb), *orow = row_f32(o, half, j, G, ob);
         for (int64_t gi = 0; gi < G; gi++) {  /* scale and offset hoisted: the inner loop vectorizes */
             const uint8_t* qb = q + j * (k / 2) + gi * (g / 2);
             float* wg = w + j * k + gi * g;
-            const float sc = s[j * G + gi], of = o[j * G + gi];
+            const float sc = sr[gi], of = orow[gi];
             for (int64_t t = 0; t < g / 2; t++) {
                 wg[2 * t] = (float)(qb[t] & 15) * sc + of;
                 wg[2 * t + 1] = (float)(qb[t] >> 4) * sc + of;
             }
         }
+    }
     return 0;
 }
 
-int llmfn_int8_dequant(const int8_t* q, const float* s, float* w, int64_t n, int64_t k, int64_t g, int nthreads) {
+int llmfn_int8_dequant(const int8_t* q, const void* s, float* w, int64_t n, int64_t k, int64_t g, int half,
+                       int nthreads) {
     int64_t G = k / g;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < n; j++)
+    for (int64_t j = 0; j < n; j++) {
+        float sb[G];
+        const float* sr = row_f32(s, half, j, G, sb);
         for (int64_t gi = 0; gi < G; gi++) {
-            const float sc = s[j * G + gi];
+            const float sc = sr[gi];
             for (int64_t t = gi * g; t < (gi + 1) * g; t++) w[j * k + t] = (float)q[j * k + t] * sc;
         }
+    }
     return 0;
 }
 #endif
