@@ -5,8 +5,8 @@ their own dequantized fp32 models."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import replace
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
