@@ -1,7 +1,7 @@
 """The peer runtimes the benchmarks compare llmfn with, each timed in a process of its own.
 
-A peer runs with the user's environment, not llmfn's import-time defaults (GOMP_SPINCOUNT,
-THP_MEM_ALLOC_ENABLE: `llmfn.ENV_SET_BY_LLMFN`), and imports nothing of llmfn or torch before its own
+A peer runs with the user's environment, not llmfn's import-time defaults (GOMP_SPINCOUNT:
+`llmfn.ENV_SET_BY_LLMFN`), and imports nothing of llmfn or torch before its own
 libraries: llama.cpp and torch share one libgomp, which reads the wait policy once, when loaded.
 (Measured on 2 cores: llama.cpp decodes SmolLM2 Q4_1 at ~120 tok/s with libgomp's default policy,
 ~90 under PASSIVE, so a shared process would have handicapped it.)

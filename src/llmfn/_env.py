@@ -18,9 +18,14 @@ sentences beside a busy process ~0.6x PASSIVE's. The setting is process-wide and
 loaded, so no value wins every case. Not set when the user sets OMP_WAIT_POLICY or GOMP_SPINCOUNT; it
 only takes effect when llmfn is imported before torch, as the CLI and the server do.
 
-THP_MEM_ALLOC_ENABLE=1: large CPU tensors on transparent huge pages (torch's allocator madvises
-them). Decode streams every weight once per token, and with 4 KiB pages the TLB misses cost
-bandwidth (a 540 MB read on 2 cores: 28.2 -> 32.1 GB/s).
+Not set any more: THP_MEM_ALLOC_ENABLE=1 (torch's allocator madvising every CPU allocation of 2 MB or
+more onto transparent huge pages). It was set for decode, which streams every weight once a token
+(fewer TLB misses); but torch's CPU allocator caches nothing, so every large temporary was
+madvised and faulted in as fresh huge pages (the kernel zeroing and compacting 2 MB at a time):
+widening a [3072, 576] bf16 weight for a prefill matmul took 5.4 ms instead of 0.2. Without it, on
+the AVX-512 Xeon's 2 cores, SmolLM2 prefill of 128 tokens: bf16 522 -> 916 tok/s, int4 556 -> 782,
+fp32 907 -> 925; decode unchanged on 2 threads (fp32 53.8 / 53.9, int4 184 / 190) and 3-5% slower on
+one (fp32 28.6 -> 27.7, int4 100 -> 95) (benchmarks/RESULTS.md). A user may still set it.
 """
 
 import os
@@ -28,7 +33,7 @@ from pathlib import Path
 
 SPIN_COUNT = 2000  # pause loops an idle OpenMP worker spins before it sleeps: ~0.1 ms here
 
-_defaults = {"THP_MEM_ALLOC_ENABLE": "1"}
+_defaults = {}
 if "OMP_WAIT_POLICY" not in os.environ:  # the user's policy comes with its own spin count
     _defaults["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 # The variables llmfn sets (the user had not): benchmarks start peer runtimes without them.

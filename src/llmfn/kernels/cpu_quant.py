@@ -30,7 +30,8 @@ activations, greedy choice equal at 99.0% of 300 teacher-forced steps, perplexit
 (+1.3%) on a 165-token text: the arithmetic llama.cpp runs for these files. Not the default: that
 1% of flipped greedy choices includes the default model's answer to "What is the capital of France?"
 (int8 activations send SmolLM2's Q4_1 off into "L'Étoile, la Marseillaise, ..." at temperature 0),
-and its decode speed-up was not measured on a quiet machine. Each row is quantized
+and once the kernels prefetched their weight streams (csrc/simd.h) it stopped paying end to end:
+SmolLM2 Q4_1 decodes at 188 tok/s either way on the Xeon's 2 cores (benchmarks/RESULTS.md). Each row is quantized
 alone, so results stay batch-invariant, and the fused decoder layer (kinds 3 and 4) runs the same code.
 
 The C code (csrc/quant.h, q8dot.h) is compiled once per machine into kernels/cpu.py's library, in
