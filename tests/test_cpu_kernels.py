@@ -97,7 +97,7 @@ def attention_case(data, g):
     t = data.draw(st.integers(1, 4))
     hk = data.draw(st.integers(1, 3))
     hq = hk * data.draw(st.integers(1, 3))
-    hd = 2 * data.draw(st.integers(1, 12))
+    hd = data.draw(st.one_of(st.integers(1, 12).map(lambda n: 2 * n), st.sampled_from([64, 128])))  # 64, 128: own paths
     s = data.draw(st.integers(t, 40))
     starts = [data.draw(st.integers(0, s - t)) for _ in range(b)]
     positions = torch.tensor([[p + i for i in range(t)] for p in starts])  # [b, t]

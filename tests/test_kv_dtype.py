@@ -75,7 +75,7 @@ def test_the_c_kernel_writes_round_to_nearest_even_exactly_as_torch(dtype):
 @pytest.mark.parametrize("dtype", HALF)
 @settings(max_examples=15, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 3), hk=st.sampled_from([1, 2]), g=st.sampled_from([1, 3]),
-       hd=st.sampled_from([8, 12, 64]), block=st.sampled_from([1, 4, 16]), nb=st.integers(1, 4),
+       hd=st.sampled_from([8, 12, 64, 128]), block=st.sampled_from([1, 4, 16]), nb=st.integers(1, 4),
        seed=st.integers(0, 999))  # fmt: skip
 def test_c_attention_over_a_16bit_cache_is_the_fp32_attention_over_its_values(dtype, b, t, hk, g, hd, block, nb,
                                                                             seed):  # fmt: skip

@@ -190,6 +190,40 @@ static void write_kv(const float* qkv, const float* cs, const float* sn, const i
    position order (so a row's result does not depend on where its blocks lie):
    out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions]. A 16-bit
    cache is widened as it is read: the same arithmetic as over an fp32 cache holding its values. */
+#ifdef __AVX2__
+/* attend's weighted sum of the values for a head dim of NV * 8, o's accumulators held in registers for
+   the whole sum: the generic loop below reloads o at every position, a store-to-load chain per value.
+   The same FMAs in the same order, so the same bits. (16 accumulators need AVX-512's 32 registers.) */
+#define WEIGHTED_VALUES(NAME, NV)                                                                        \
+static void NAME(const void* vc, const int64_t* cst, const Blocks* kv, int64_t bi, int64_t kh,           \
+                 const float* sc, float total, int64_t lo, int64_t p, float* o) {                         \
+    __m256 acc[NV];                                                                                       \
+    for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();                                           \
+    for (int64_t j = lo; j <= p;) {                                                                       \
+        int64_t end = (j / kv->bs + 1) * kv->bs;                                                          \
+        if (end > p + 1) end = p + 1;                                                                     \
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];                               \
+        if (kv->dt == KV_F32)                                                                             \
+            for (; j < end; j++) {                                                                        \
+                const float* vj = (const float*)vc + at + j * cst[2];                                     \
+                __m256 wv = _mm256_set1_ps(sc[j] / total);                                                \
+                for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + 8 * v), acc[v]); \
+            }                                                                                             \
+        else                                                                                              \
+            for (; j < end; j++) {                                                                        \
+                const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];                               \
+                __m256 wv = _mm256_set1_ps(sc[j] / total);                                                \
+                for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, kv_widen8(vj + 8 * v, kv->dt), acc[v]); \
+            }                                                                                             \
+    }                                                                                                     \
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + 8 * v, acc[v]);                                    \
+}
+WEIGHTED_VALUES(weighted_values_64, 8)
+#ifdef __AVX512F__
+WEIGHTED_VALUES(weighted_values_128, 16)
+#endif
+#endif
+
 static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
                    const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
                    float* out, int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
@@ -242,6 +276,12 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
 #endif
     for (; j <= p; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
     float* o = out + i * hq * hd + h * hd;
+#ifdef __AVX2__
+    if (hd == 64) { weighted_values_64(vc, cst, kv, bi, kh, sc, total, lo, p, o); return; }
+#ifdef __AVX512F__
+    if (hd == 128) { weighted_values_128(vc, cst, kv, bi, kh, sc, total, lo, p, o); return; }
+#endif
+#endif
     for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
     for (int64_t j = lo; j <= p;) {  /* block by block: one table look-up per block, not per value */
         int64_t end = (j / kv->bs + 1) * kv->bs;
