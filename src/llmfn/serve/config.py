@@ -8,7 +8,7 @@
     max_queued = 64          # waiting beyond that; more gets 429
     kv_cache_memory = "512MiB"   # KV cache per model: bytes, or KiB / MiB / GiB (default: a tenth of
                                  # the machine's memory, at most 1 GiB; pages in no use stay untouched)
-    kv_cache_dtype = "bfloat16"  # KV cache of fp32 models in bfloat16 / float16: twice the positions in
+    kv_cache_dtype = "float16"   # KV cache of fp32 models in float16 / bfloat16: twice the positions in
                                  # that memory, keys and values rounded once (default: the model's dtype)
     max_tokens = 4096        # cap on max_tokens (and the default when a request gives none)
     max_body_bytes = 4194304 # larger request bodies get 413
