@@ -20,11 +20,30 @@
 #include <stdint.h>
 #include "simd.h"
 
-/* Where block b's low-nibble activations start in a row of nb blocks (the high ones: + q8_hi(b, nb)). */
-static inline int64_t q8_lo(int64_t b, int64_t nb) {
+/* Where block b's low-nibble activations start in a row of nb blocks, in pairs (the high ones: +
+   q8_pair_hi(b, nb)). */
+static inline int64_t q8_pair_lo(int64_t b, int64_t nb) {
     return (b + 1 < nb || !(nb & 1)) ? (b / 2) * 64 + (b & 1) * 16 : b * 32;
 }
-static inline int64_t q8_hi(int64_t b, int64_t nb) { return (b + 1 < nb || !(nb & 1)) ? 32 : 16; }
+static inline int64_t q8_pair_hi(int64_t b, int64_t nb) { return (b + 1 < nb || !(nb & 1)) ? 32 : 16; }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* AVX-512 takes blocks in fours, 128 bytes [A_lo, B_lo, C_lo, D_lo, A_hi, B_hi, C_hi, D_hi], so the
+   64 weight bytes of four blocks meet their activations in two 64-byte dot products; the last
+   nb % 4 blocks in pairs as above. */
+#define Q8_QUAD 4
+static inline int64_t q8_lo(int64_t b, int64_t nb) {
+    int64_t whole = nb / 4 * 4;
+    return b < whole ? (b / 4) * 128 + (b % 4) * 16 : whole * 32 + q8_pair_lo(b - whole, nb - whole);
+}
+static inline int64_t q8_hi(int64_t b, int64_t nb) {
+    int64_t whole = nb / 4 * 4;
+    return b < whole ? 64 : q8_pair_hi(b - whole, nb - whole);
+}
+#else
+#define Q8_QUAD 0
+static inline int64_t q8_lo(int64_t b, int64_t nb) { return q8_pair_lo(b, nb); }
+static inline int64_t q8_hi(int64_t b, int64_t nb) { return q8_pair_hi(b, nb); }
+#endif
 
 /* x [m, k] -> xq [m, k] int8, dq [m, k / 8] (4 copies of each block's scale), xs [m, k / g] the
    quantized activations' group sums. */
@@ -81,23 +100,23 @@ static inline __m512 int4_pair_dot(const uint8_t* qb, const int8_t* xb) {
 static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t* qr, const float* sr, const float* orow, const int8_t* xq,
                                 const float* dq, const float* xs, int64_t nb, int64_t bpg, int64_t G) {
     const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    int64_t b = 0;
-    if (bpg == 1)  /* 8 blocks a step: one load of their 8 scales, a lane permute per pair */
-        for (; b + 8 <= nb; b += 8) {
-            __m512 s8 = _mm512_castps256_ps512(_mm256_loadu_ps(sr + b));
-            prefetch_ahead(qr + b * 16);
-            prefetch_ahead(qr + b * 16 + 64);
-            for (int h = 0; h < 4; h++) {
-                int64_t p = b + 2 * h;
-                __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * h)), s8),
-                                             _mm512_broadcast_f32x8(_mm256_loadu_ps(dq + p * 4)));
-                if (h & 1) acc1 = _mm512_fmadd_ps(int4_pair_dot(qr + p * 16, xq + p * 32), scale, acc1);
-                else acc0 = _mm512_fmadd_ps(int4_pair_dot(qr + p * 16, xq + p * 32), scale, acc0);
-            }
-        }
-    for (; b + 2 <= nb; b += 2) {
+    int64_t b = 0, whole = nb / 4 * 4;
+    for (; b < whole; b += 4) {  /* four blocks: 64 weight bytes, lanes 4i..4i+3 block b + i's */
         prefetch_ahead(qr + b * 16);
+        __m512i raw = _mm512_loadu_si512(qr + b * 16);
+        const int8_t* x = xq + b * 32;
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, m4), _mm512_loadu_si512(x));
+        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4), _mm512_loadu_si512(x + 64));
+        __m128 s4 = bpg == 1 ? _mm_loadu_ps(sr + b)
+                             : _mm_setr_ps(sr[b / bpg], sr[(b + 1) / bpg], sr[(b + 2) / bpg], sr[(b + 3) / bpg]);
+        __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(s4)), _mm512_loadu_ps(dq + b * 4));
+        if (b & 4) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
+        else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
+    }
+    for (; b + 2 <= nb; b += 2) {  /* then pairs: [A_lo, B_lo, A_hi, B_hi] */
         __m128 s2 = _mm_unpacklo_ps(_mm_set_ss(sr[b / bpg]), _mm_set_ss(sr[(b + 1) / bpg]));
         __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(pair, _mm512_castps128_ps512(s2)),
                                      _mm512_broadcast_f32x8(_mm256_loadu_ps(dq + b * 4)));
