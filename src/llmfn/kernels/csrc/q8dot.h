@@ -13,6 +13,8 @@
    [A_lo, B_lo, A_hi, B_hi] where X_lo[t] = xq[2t] and X_hi[t] = xq[2t + 1] of block X (the low and
    high nibbles of its 16 weight bytes); an odd last block is [lo, hi]. So the 32 weight bytes of a
    pair, masked (low nibbles) and shifted (high), line up with the activations without a shuffle.
+   On AVX-512 whole fours of blocks come first, [A_lo, B_lo, C_lo, D_lo, A_hi, B_hi, C_hi, D_hi]
+   (q8_lo below), the same idea for 64 weight bytes.
    The scales dq: 4 copies of each block's d (a pair's 8 floats are the lanes its dot products land in). */
 #ifndef LLMFN_Q8DOT_H
 #define LLMFN_Q8DOT_H
@@ -45,6 +47,12 @@ static inline int64_t q8_lo(int64_t b, int64_t nb) { return q8_pair_lo(b, nb); }
 static inline int64_t q8_hi(int64_t b, int64_t nb) { return q8_pair_hi(b, nb); }
 #endif
 
+/* fmaxf(a, |v|) for a never NaN, and fminf(fmaxf(v, -127), 127), as comparisons the compiler keeps
+   inline (fmaxf went through libm's PLT): the same results, NaN included (|NaN| leaves a, a NaN
+   clamps to -127). */
+static inline float max_abs(float a, float v) { return fabsf(v) > a ? fabsf(v) : a; }
+static inline float clamp127(float v) { return v > -127.0f ? (v < 127.0f ? v : 127.0f) : -127.0f; }
+
 /* x [m, k] -> xq [m, k] int8, dq [m, k / 8] (4 copies of each block's scale), xs [m, k / g] the
    quantized activations' group sums. */
 static void quantize_q8(const float* x, int8_t* xq, float* dq, float* xs, int64_t m, int64_t k, int64_t g) {
@@ -55,13 +63,13 @@ static void quantize_q8(const float* x, int8_t* xq, float* dq, float* xs, int64_
         for (int64_t b = 0; b < nb; b++) {
             const float* xb = xr + b * 32;
             float amax = 0.0f;
-            for (int t = 0; t < 32; t++) amax = fmaxf(amax, fabsf(xb[t]));
+            for (int t = 0; t < 32; t++) amax = max_abs(amax, xb[t]);
             float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
             int8_t* lo = qr + q8_lo(b, nb);
             int8_t* hi = lo + q8_hi(b, nb);
             for (int t = 0; t < 16; t++) {  /* clamped: a NaN or inf input must not reach the cast */
-                lo[t] = (int8_t)nearbyintf(fminf(fmaxf(xb[2 * t] * id, -127.0f), 127.0f));
-                hi[t] = (int8_t)nearbyintf(fminf(fmaxf(xb[2 * t + 1] * id, -127.0f), 127.0f));
+                lo[t] = (int8_t)nearbyintf(clamp127(xb[2 * t] * id));
+                hi[t] = (int8_t)nearbyintf(clamp127(xb[2 * t + 1] * id));
             }
             for (int c = 0; c < 4; c++) dq[i * (k / 8) + b * 4 + c] = d;
             int32_t qsum = 0;
@@ -220,10 +228,10 @@ static void quantize_q8_plain(const float* x, int8_t* xq, float* dq8, int32_t* c
     for (int64_t i = 0; i < m * (k / 32); i++) {
         const float* xb = x + i * 32;
         float amax = 0.0f;
-        for (int t = 0; t < 32; t++) amax = fmaxf(amax, fabsf(xb[t]));
+        for (int t = 0; t < 32; t++) amax = max_abs(amax, xb[t]);
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int8_t* qb = xq + i * 32;
-        for (int t = 0; t < 32; t++) qb[t] = (int8_t)nearbyintf(fminf(fmaxf(xb[t] * id, -127.0f), 127.0f));
+        for (int t = 0; t < 32; t++) qb[t] = (int8_t)nearbyintf(clamp127(xb[t] * id));
         for (int l = 0; l < 8; l++) {
             dq8[i * 8 + l] = d;
             corr[i * 8 + l] = -128 * (qb[4 * l] + qb[4 * l + 1] + qb[4 * l + 2] + qb[4 * l + 3]);
