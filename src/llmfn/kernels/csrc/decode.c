@@ -35,6 +35,61 @@ static inline void dot4(const float* x, const float* w, int64_t k, float* out) {
     for (int i = 0; i < 4; i++) out[i] = a[i];
 }
 
+/* dot4 for R activation rows (stride k) at once, out[r * 4 + i]: each of the 4R dot products dot4's
+   arithmetic exactly (its own 8-lane accumulator over the same steps, then the same sum and tail),
+   so a row's results do not depend on the rows beside it. With one row dot4 keeps only four FMA
+   chains in flight, half what two FMA ports at four cycles' latency need: a 16-row fp32 step ran
+   at 3.5x its FMA bound. */
+#define DOT4_ROWS(NAME, R)                                                                              \
+static inline void NAME(const float* x, const float* w, int64_t k, float* out) {                       \
+    const float *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;                                 \
+    int64_t c = 0;                                                                                      \
+    float a[R][4];                                                                                      \
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = 0.0f;                          \
+    DOT4_ROWS_SIMD(R)                                                                                   \
+    for (; c < k; c++)                                                                                  \
+        for (int r = 0; r < R; r++) {                                                                   \
+            const float* xr = x + r * k;                                                                \
+            a[r][0] += w0[c] * xr[c]; a[r][1] += w1[c] * xr[c]; a[r][2] += w2[c] * xr[c]; a[r][3] += w3[c] * xr[c]; \
+        }                                                                                               \
+    for (int r = 0; r < R; r++) for (int i = 0; i < 4; i++) out[r * 4 + i] = a[r][i];                  \
+}
+#ifdef __AVX2__
+#define DOT4_ROWS_SIMD(R)                                                                               \
+    __m256 acc[R][4];                                                                                   \
+    for (int r = 0; r < R; r++) for (int i = 0; i < 4; i++) acc[r][i] = _mm256_setzero_ps();          \
+    for (; c + 8 <= k; c += 8) {                                                                        \
+        if (!(c & 15)) {                                                                                \
+            __builtin_prefetch(w0 + 4 * k + c, 0, 3); __builtin_prefetch(w1 + 4 * k + c, 0, 3);        \
+            __builtin_prefetch(w2 + 4 * k + c, 0, 3); __builtin_prefetch(w3 + 4 * k + c, 0, 3);        \
+        }                                                                                               \
+        __m256 v0 = _mm256_loadu_ps(w0 + c), v1 = _mm256_loadu_ps(w1 + c);                             \
+        __m256 v2 = _mm256_loadu_ps(w2 + c), v3 = _mm256_loadu_ps(w3 + c);                              \
+        for (int r = 0; r < R; r++) {                                                                   \
+            __m256 xv = _mm256_loadu_ps(x + r * k + c);                                                 \
+            acc[r][0] = _mm256_fmadd_ps(v0, xv, acc[r][0]); acc[r][1] = _mm256_fmadd_ps(v1, xv, acc[r][1]); \
+            acc[r][2] = _mm256_fmadd_ps(v2, xv, acc[r][2]); acc[r][3] = _mm256_fmadd_ps(v3, xv, acc[r][3]); \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++) for (int i = 0; i < 4; i++) a[r][i] = hsum(acc[r][i]);
+#else
+#define DOT4_ROWS_SIMD(R)
+#endif
+DOT4_ROWS(dot4_r2, 2)
+#ifdef __AVX512F__
+DOT4_ROWS(dot4_r4, 4)  /* 16 accumulators: AVX-512's 32 registers */
+#endif
+
+/* dot4 of rows [0, m) of x, out[r * 4 + i], in tiles of rows. */
+static inline void dot4_rows(const float* x, int64_t m, const float* w, int64_t k, float* out) {
+    int64_t r = 0;
+#ifdef __AVX512F__
+    for (; r + 4 <= m; r += 4) dot4_r4(x + r * k, w, k, out + r * 4);
+#endif
+    for (; r + 2 <= m; r += 2) dot4_r2(x + r * k, w, k, out + r * 4);
+    for (; r < m; r++) dot4(x + r * k, w, k, out + r * 4);
+}
+
 static inline float dot1(const float* x, const float* w, int64_t k) {
     int64_t c = 0;
     float a = 0.0f;
@@ -91,11 +146,15 @@ int llmfn_gemv(const float* x, const float* w, const float* b, float* y, int64_t
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t bi = 0; bi < blocks; bi++) {
         int64_t j = bi * 4;
-        for (int64_t r = 0; r < m; r++) {
-            float out[4];
-            if (j + 4 <= n) dot4(x + r * k, w + j * k, k, out);
-            else for (int64_t i = 0; j + i < n; i++) out[i] = dot1(x + r * k, w + (j + i) * k, k);
-            for (int64_t i = 0; i < 4 && j + i < n; i++) y[r * n + j + i] = b ? out[i] + b[j + i] : out[i];
+        for (int64_t r0 = 0; r0 < m; r0 += 16) {
+            int64_t rows = m - r0 < 16 ? m - r0 : 16;
+            float out[16 * 4];
+            if (j + 4 <= n) dot4_rows(x + r0 * k, rows, w + j * k, k, out);
+            else for (int64_t r = 0; r < rows; r++)
+                for (int64_t i = 0; j + i < n; i++) out[r * 4 + i] = dot1(x + (r0 + r) * k, w + (j + i) * k, k);
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t i = 0; i < 4 && j + i < n; i++)
+                    y[(r0 + r) * n + j + i] = b ? out[r * 4 + i] + b[j + i] : out[r * 4 + i];
         }
     }
     return 0;
@@ -389,17 +448,17 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     if (L->kind == 0) {
         const float* w = (const float*)L->q;
         share((n + 3) / 4, tid, nth, &lo, &hi);
-        for (int64_t bi = lo; bi < hi; bi++) {
+        for (int64_t bi = lo; bi < hi; bi++) {  /* m <= 16 here (llmfn_decoder_layers) */
             int64_t j = bi * 4;
-            for (int64_t r = 0; r < m; r++) {
-                float out[4];
-                if (j + 4 <= n) dot4(x + r * k, w + j * k, k, out);
-                else for (int64_t i = 0; j + i < n; i++) out[i] = dot1(x + r * k, w + (j + i) * k, k);
+            float out[16 * 4];
+            if (j + 4 <= n) dot4_rows(x, m, w + j * k, k, out);
+            else for (int64_t r = 0; r < m; r++)
+                for (int64_t i = 0; j + i < n; i++) out[r * 4 + i] = dot1(x + r * k, w + (j + i) * k, k);
+            for (int64_t r = 0; r < m; r++)
                 for (int64_t i = 0; i < 4 && j + i < n; i++) {
-                    float v = L->bias ? out[i] + L->bias[j + i] : out[i];
+                    float v = L->bias ? out[r * 4 + i] + L->bias[j + i] : out[r * 4 + i];
                     y[r * n + j + i] = add ? y[r * n + j + i] + v : v;
                 }
-            }
         }
         return;
     }
