@@ -9,37 +9,11 @@
 #include <time.h>
 #include <omp.h>
 
-/* Dot products of four consecutive weight rows w (stride k) with x: out[0..3]. */
-static inline void dot4(const float* x, const float* w, int64_t k, float* out) {
-    const float *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
-    int64_t c = 0;
-    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#ifdef __AVX2__
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; c + 8 <= k; c += 8) {
-        if (!(c & 15)) {  /* the next block of four rows, a line of each per 16 weights */
-            __builtin_prefetch(w0 + 4 * k + c, 0, 3); __builtin_prefetch(w1 + 4 * k + c, 0, 3);
-            __builtin_prefetch(w2 + 4 * k + c, 0, 3); __builtin_prefetch(w3 + 4 * k + c, 0, 3);
-        }
-        __m256 xv = _mm256_loadu_ps(x + c);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), xv, a3);
-    }
-    a[0] = hsum(a0); a[1] = hsum(a1); a[2] = hsum(a2); a[3] = hsum(a3);
-#endif
-    for (; c < k; c++) {
-        a[0] += w0[c] * x[c]; a[1] += w1[c] * x[c]; a[2] += w2[c] * x[c]; a[3] += w3[c] * x[c];
-    }
-    for (int i = 0; i < 4; i++) out[i] = a[i];
-}
-
-/* dot4 for R activation rows (stride k) at once, out[r * 4 + i]: each of the 4R dot products dot4's
-   arithmetic exactly (its own 8-lane accumulator over the same steps, then the same sum and tail),
-   so a row's results do not depend on the rows beside it. With one row dot4 keeps only four FMA
-   chains in flight, half what two FMA ports at four cycles' latency need: a 16-row fp32 step ran
-   at 3.5x its FMA bound. */
+/* Dot products of four consecutive weight rows w (stride k) with R activation rows x (stride k):
+   out[r * 4 + i]. Each has its own 8-lane accumulator over the same steps, then the same sum and
+   tail, whatever R: a row's results do not depend on the rows beside it. dot4 is R = 1; with one row
+   only four FMA chains are in flight, half what two FMA ports at four cycles' latency need (a 16-row
+   fp32 step ran at 3.5x its FMA bound), so dot4_rows takes rows in tiles. */
 #define DOT4_ROWS(NAME, R)                                                                              \
 static inline void NAME(const float* x, const float* w, int64_t k, float* out) {                       \
     const float *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;                                 \
@@ -75,6 +49,7 @@ static inline void NAME(const float* x, const float* w, int64_t k, float* out) {
 #else
 #define DOT4_ROWS_SIMD(R)
 #endif
+DOT4_ROWS(dot4, 1)
 DOT4_ROWS(dot4_r2, 2)
 #ifdef __AVX512F__
 DOT4_ROWS(dot4_r4, 4)  /* 16 accumulators: AVX-512's 32 registers */
