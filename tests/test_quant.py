@@ -237,6 +237,21 @@ def test_quantized_linear_rows_are_batch_invariant(m, n, groups, g, bits, seed):
         assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
 
 
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(2, cpu_quant.MAX_ROWS), n=st.integers(1, 40), blocks=st.integers(1, 9),
+       bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_int8_act_rows_are_batch_invariant(m, n, blocks, bits, seed):
+    """With int8 activations too, row i of a batch is bitwise row i alone: on AMX builds one row takes
+    VNNI dot products and four or more take the tiles (csrc/amx.h), with the same block sums."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 32 * blocks
+    leaf = (quant.Int4Weight if bits == 4 else quant.Int8Weight).quantize(torch.randn(n, k, generator=gen), 32)
+    x = torch.randn(m, k, generator=gen) * 3
+    out = leaf.linear(x)
+    for i in range(m):
+        assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
+
+
 def test_scales_are_stored_fp16_only_where_every_value_is_one():
     exact = torch.randn(6, 3).half().float()
     s, o = quant.compact_scales(exact, -8 * exact)

@@ -3,7 +3,7 @@
 Used by llmfn's CPU kernels (llmfn.kernels.cpu, cpu_gemm, cpu_attention) and native tokenizers. The
 sources live in llmfn/kernels/csrc/: a library is one .c file there (the translation unit), which
 includes the headers beside it. Built with the system C compiler (-O3 -fopenmp) for the ISA level
-`isa()` picks from the CPU's features (scalar, AVX2 + FMA, AVX-512 with VNNI); the C code chooses
+`isa()` picks from the CPU's features (scalar, AVX2 + FMA, AVX-512 with VNNI, + AMX int8); the C code chooses
 its paths by the compiler's macros (__AVX2__, __AVX512VNNI__). The library's name hashes the .c
 file, every header in csrc/, the generated headers and the flags (the ISA level's and the defines),
 so an edited header rebuilds and a cache copied to a CPU of another level is never loaded there.
@@ -32,12 +32,15 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 # x86 ISA levels, lowest first: (name, the /proc/cpuinfo flags it needs, its compiler flags). A level
 # is only worth its own build when the C code has a path for it: avx2 the 256-bit FMA kernels,
-# avx512 the 512-bit ones and the int8 dot products of VNNI (vpdpbusd).
+# avx512 the 512-bit ones and the int8 dot products of VNNI (vpdpbusd), amx the int8 tile products of
+# the int8-activation kernels (csrc/amx.h; the rest of the code is avx512's).
 X86_LEVELS = (
     ("scalar", (), ["-march=x86-64"]),
     ("avx2", ("avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe"), ["-march=x86-64-v3"]),
     ("avx512", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"),
      ["-march=x86-64-v4", "-mavx512vnni"]),
+    ("amx", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
+     ["-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8"]),
 )  # fmt: skip
 
 log = logging.getLogger("llmfn.cbuild")
@@ -67,7 +70,7 @@ def supported_levels() -> list[str]:
 
 def isa() -> tuple[str, str]:
     """(the ISA level the kernels are built for, why): the best this CPU supports, or the lower one
-    LLMFN_CPU_ISA asks for (scalar / avx2 / avx512), e.g. to test or compare the portable paths."""
+    LLMFN_CPU_ISA asks for (scalar / avx2 / avx512 / amx), e.g. to test or compare the portable paths."""
     levels = supported_levels()
     asked = os.environ.get("LLMFN_CPU_ISA", "").strip().lower()
     if not asked:

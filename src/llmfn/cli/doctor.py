@@ -129,6 +129,8 @@ def cpu_kernels_check() -> tuple[bool | None, str]:
                       "slower torch ops")  # fmt: skip
     level, why = cbuild.isa()
     acts = "int8" if cpu_quant.int8_activations() else "fp32"
+    if cpu.library().llmfn_amx_active():
+        acts += " (int8 ones on AMX tiles)"
     return True, (f"built in {cbuild.build_dir()} (decode, GEMM, encoder attention) for {level} ({why}); "
                   f"int4 / int8 weights take {acts} activations (LLMFN_QUANT_ACTIVATIONS)")
 

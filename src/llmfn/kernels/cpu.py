@@ -51,6 +51,7 @@ _SIGNATURES = {
     "llmfn_qkv_attention": [_p, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p, _p, *[_i64] * 5, _f32, _i64,
                             _i32],
     "llmfn_decode_occupancy": [],
+    "llmfn_amx_active": [],
 }
 
 

@@ -39,7 +39,7 @@ from llmfn.kernels.cpu import check_shapes, ptr
 # AVX2 EPYC, AVX-512 on a Sapphire Rapids Xeon, whose micro-tile spans two panels: 12 x 32); the C
 # code (csrc/gemm.h) gets them as -D defines, so these are the one place they are set. The packed
 # layout (NR = 16) is the same on every level.
-TILES = {"avx512": (12, 16, 384, 48)}
+TILES = {"avx512": (12, 16, 384, 48), "amx": (12, 16, 384, 48)}
 MR, NR, KC, MC = TILES.get(cbuild.isa()[0], (6, 16, 384, 48))
 DEFINES = {"MR": MR, "NR": NR, "KC": KC, "MC": MC}
 ACTS = {None: 0, "gelu": 1, "relu": 2}  # activations fused in C; others run in torch after it

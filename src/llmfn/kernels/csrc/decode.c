@@ -444,6 +444,19 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
         return;
     }
     int64_t g = L->group, G = k / g;
+#ifdef LLMFN_AMX
+    if ((L->kind == 3 || L->kind == 4) && amx_ready()) {  /* amx_linear's arithmetic, in tiles of 16 weight rows */
+        int8_t* xq = (int8_t*)xp;
+        float* d = (float*)(xq + m * k);
+        float* xs = d + m * (k / 32);
+        int32_t* qs = (int32_t*)(xs + m * (k / 32));
+        quantize_amx(x, xq, d, L->kind == 3 ? xs : NULL, qs, m, k, g);
+        share((n + 15) / 16, tid, nth, &lo, &hi);
+        amx_rows(L->kind == 3 ? 4 : 8, xq, d, xs, qs, L->q, L->scales, L->kind == 3 ? L->offsets : NULL, L->half, L->bias,
+                 y, add, m, n, k, g, lo, hi);
+        return;
+    }
+#endif
     if (L->kind == 3) {  /* llmfn_int4_linear's act8 arithmetic; its scratch fits in xp's */
         int8_t* xq = (int8_t*)xp;
         float* dq = (float*)(xq + m * k);
@@ -536,6 +549,9 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     float *h = buf, *qkv = h + m * D, *att = qkv + m * nqkv, *gu = att + m * nq, *act = gu + 2 * m * F;
     Barrier bar = {0, 0};
     int64_t b = m / t;
+#ifdef LLMFN_AMX
+    amx_ready();  /* asked on this thread, before the region: a worker's first ask raced its own tile use */
+#endif
     double busy = 0.0, present = 0.0;
     #pragma omp parallel num_threads(nthreads) reduction(+ : busy, present)
     {

@@ -5,6 +5,7 @@
 #define LLMFN_QUANT_H
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 #include "simd.h"
 #include "q8dot.h"
 #include "kv16.h"  /* f16_to_f32 */
@@ -28,6 +29,7 @@ static inline const float* row_f32(const void* p, int half, int64_t j, int64_t G
    split every other 64-byte load of the activation rows across two cache lines, which halved the
    multi-row AVX-512 kernels (8 rows of SmolLM2's gate / up, one thread: 505 -> 389 us). */
 static inline void* scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
+#include "amx.h"  /* uses row_f32 and scratch */
 
 /* x [m, k] -> xp [m, k]: each 32-wide chunk reordered to its 16 even then 16 odd elements
    (the order the low and high nibbles of 16 packed bytes come out in); xs [m, k/g] group sums. */
@@ -438,10 +440,41 @@ static inline void int8_block(const float* xi, const int8_t* qr, const float* sr
 #endif
 }
 
+/* Whether int8 activations run on AMX tiles here (amx.h): built for it and granted by the kernel. */
+int llmfn_amx_active(void) {
+#ifdef LLMFN_AMX
+    return amx_ready();
+#else
+    return 0;
+#endif
+}
+
+#ifdef LLMFN_AMX
+/* llmfn_int4_linear / llmfn_int8_linear with int8 activations on AMX (amx.h). */
+static int amx_linear(int bits, const float* x, const void* q, const void* s, const void* o, float* y, int64_t m,
+                      int64_t n, int64_t k, int64_t g, int half, int nthreads) {
+    int8_t* xq = (int8_t*)scratch(amx_scratch_bytes(m, k));
+    float* d = (float*)(xq + m * k);
+    float* xs = d + m * (k / 32);
+    int32_t* qs = (int32_t*)(xs + m * (k / 32));
+    quantize_amx(x, xq, d, bits == 4 ? xs : NULL, qs, m, k, g);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int64_t tiles = (n + 15) / 16, tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        amx_rows(bits, xq, d, xs, qs, q, s, o, half, NULL, y, 0, m, n, k, g, tiles * tid / nth, tiles * (tid + 1) / nth);
+    }
+    free(xq);
+    return 0;
+}
+#endif
+
 /* y [m, n] = x [m, k] @ int4 weight [n, k]^T; g % 32 == 0. act8: with int8 activations (q8dot.h). */
 int llmfn_int4_linear(const float* x, const uint8_t* q, const void* s, const void* o, float* y,
                       int64_t m, int64_t n, int64_t k, int64_t g, int act8, int half, int nthreads) {
     int64_t G = k / g;
+#ifdef LLMFN_AMX
+    if (act8 && amx_ready()) return amx_linear(4, x, q, s, o, y, m, n, k, g, half, nthreads);
+#endif
     if (act8) {
         int8_t* xq = (int8_t*)scratch(q8_scratch_bytes(m, k));
         float* dq = (float*)(xq + m * k);
@@ -481,6 +514,9 @@ int llmfn_int4_linear(const float* x, const uint8_t* q, const void* s, const voi
 int llmfn_int8_linear(const float* x, const int8_t* q, const void* s, float* y,
                       int64_t m, int64_t n, int64_t k, int64_t g, int act8, int half, int nthreads) {
     int64_t G = k / g;
+#ifdef LLMFN_AMX
+    if (act8 && amx_ready()) return amx_linear(8, x, q, s, NULL, y, m, n, k, g, half, nthreads);
+#endif
     if (act8) {
         int8_t* xq = (int8_t*)scratch(q8_plain_scratch_bytes(m, k));
         float* dq8 = (float*)(xq + m * k);
