@@ -1,18 +1,20 @@
 /* int4 / int8 weights against int8 activations on AMX tiles (Intel Sapphire Rapids and later; why:
    kernels/cpu_quant.py). Part of quant.h. The activations are quantized as q8dot.h does (per block of
-   32, d = max|x| / 127, the same rounding); each block of 32 then meets 16 weight rows at once in one
-   tile product (tdpbsud: signed activations by the int4 weights' unsigned nibbles; tdpbssd: by int8
-   weights), up to 16 activation rows a tile. Unlike q8dot.h's lanes, every output sums whole blocks,
-   in one fixed order whatever the rows and weight rows beside it:
+   32, d = max|x| / 127, the same rounding); each block of 32 then meets 16 weight rows at once, from
+   AMX_MIN_ROWS activation rows on in tile products (tdpbsud: signed activations by the int4 weights'
+   unsigned nibbles; tdpbssd: by int8 weights; 16 activation rows a tile), below in VNNI dot
+   products. Unlike q8dot.h's lanes, every output sums whole blocks, in one fixed order whatever the
+   rows and weight rows beside it or the path that gave the (exact, integer) block sums:
 
        acc = 0;  for each block b:  acc = fma((float)(q_b . xq_b), s[b / bpg] * d_b, acc)
                  for each group g:   acc = fma(o_g, xs_g, acc)          (int4; xs as in q8dot.h)
 
    so a row's result is the same alone, in a batch, in the fused layer or in a tile's last rows.
    The weights stay in llmfn.kernels.quant's row layout: each tile's 16 weight rows are transposed
-   into the B tile's layout (4 bytes of K per column) on the fly, 16 x 16 dwords at a time; a copy of
-   the weights in tile layout measured no faster for layers that stay in L2 (SmolLM2's gate/up [3072,
-   576], one thread: 63 us on the fly vs 67 us from a copy; q8dot.h's path: 94 us). */
+   into the B tile's layout (4 bytes of K per column) on the fly, 16 x 16 dwords at a time. A
+   stand-alone prototype with a copy of the weights in tile layout was no faster for layers that
+   stay in L2 (SmolLM2's gate/up, one thread, one row: 67 us vs 63 on the fly) and 20% faster for the
+   49152-row lm_head streamed from memory; not worth a second copy of every weight. */
 #ifndef LLMFN_AMX_H
 #define LLMFN_AMX_H
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
