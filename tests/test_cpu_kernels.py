@@ -259,3 +259,18 @@ def test_isa_level_is_the_best_supported_unless_asked_lower(monkeypatch):
     if levels != ["native"] and len(levels) < len(cbuild.X86_LEVELS):  # a level above this CPU's
         monkeypatch.setenv("LLMFN_CPU_ISA", cbuild.X86_LEVELS[-1][0])
         assert cbuild.isa()[0] == levels[-1] and "lacks" in cbuild.isa()[1]
+
+
+def test_amx_level_needs_the_cpu_flags_and_a_compiler_that_takes_them(monkeypatch):
+    """A Xeon's AMX flags make the amx level only when the C compiler builds AMX code; an older
+    compiler leaves the machine on avx512 rather than on no C kernels at all."""
+    every_flag = " ".join(flag for _, needs, _ in cbuild.X86_LEVELS for flag in needs)
+    monkeypatch.setattr(cbuild.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cbuild, "_cpu_flags", lambda: "flags : " + every_flag)
+    monkeypatch.setattr(cbuild, "_compiler_takes", lambda flags: True)
+    assert cbuild.supported_levels() == ["scalar", "avx2", "avx512", "amx"]
+    monkeypatch.setattr(cbuild, "_compiler_takes", lambda flags: "-mamx-tile" not in flags)
+    assert cbuild.supported_levels() == ["scalar", "avx2", "avx512"]
+    monkeypatch.setattr(cbuild, "_cpu_flags", lambda: "flags : " + every_flag.replace("amx_int8", ""))
+    monkeypatch.setattr(cbuild, "_compiler_takes", lambda flags: True)
+    assert cbuild.supported_levels() == ["scalar", "avx2", "avx512"]

@@ -13,6 +13,7 @@ Without a compiler (or on a non-Linux system) `load` returns None and callers ta
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -55,14 +56,25 @@ def _cpu_flags() -> str:
         return ""
 
 
+@functools.cache
+def _compiler_takes(flags: tuple[str, ...]) -> bool:
+    """Whether the C compiler accepts these flags (an older one lacks -mamx-tile: gcc < 11, clang < 12)."""
+    cc = compiler()
+    if cc is None:
+        return True  # nothing is built anyway
+    probe = subprocess.run([cc, *flags, "-x", "c", "-fsyntax-only", "-"], input=b"int x;\n", capture_output=True)
+    return probe.returncode == 0
+
+
 def supported_levels() -> list[str]:
-    """The ISA levels this CPU runs, lowest first (["native"] off x86: built with -march=native)."""
+    """The ISA levels this CPU runs (and, for amx, the compiler builds), lowest first (["native"] off
+    x86: built with -march=native)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return ["native"]
     have = set(_cpu_flags().split())
     levels = []
-    for name, needs, _ in X86_LEVELS:
-        if not set(needs) <= have:
+    for name, needs, flags in X86_LEVELS:
+        if not set(needs) <= have or (name == "amx" and not _compiler_takes(tuple(flags))):
             break
         levels.append(name)
     return levels
