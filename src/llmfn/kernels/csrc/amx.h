@@ -89,43 +89,38 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* x [m, k] -> xq [m, k] int8, d [m, k / 32] the blocks' scales, qs [m, k / 32] their sums of xq, and for
-   int4 (xs not NULL) xs [m, k / g] as quantize_q8 computes them. int4 order: within each 8 activations of a block the even ones then
-   the odd ones (the low and high nibbles of 4 weight bytes, one dword of the B tile); int8: as is. */
-static void quantize_amx(const float* x, int8_t* xq, float* d, float* xs, int32_t* qs, int64_t m, int64_t k,
-                         int64_t g) {
+/* Activation rows quantized for amx_tile (all [m, ...] row-major): xq [k] int8; d [k / 32] the blocks'
+   scales; qs [k / 32] the blocks' sums of xq; for int4, xs [k / g] as quantize_q8 computes them. int4
+   order: within each 8 activations of a block the even ones then the odd ones (the low and high
+   nibbles of 4 weight bytes, one dword of the B tile); int8: as is. */
+typedef struct { int8_t* xq; float* d; float* xs; int32_t* qs; } AmxActs;
+
+/* The bytes of scratch amx_quantize needs for m rows of k. */
+static inline int64_t amx_scratch_bytes(int64_t m, int64_t k) { return m * k + 4 * m * (k / 32) * 3; }
+
+/* x [m, k] quantized into buf (amx_scratch_bytes) for bits-bit weights in groups of g. */
+static AmxActs amx_quantize(const float* x, void* buf, int bits, int64_t m, int64_t k, int64_t g) {
     int64_t nb = k / 32, G = k / g;
+    AmxActs a = {(int8_t*)buf, NULL, NULL, NULL};
+    a.d = (float*)(a.xq + m * k);
+    a.qs = (int32_t*)(a.d + m * nb);
+    a.xs = bits == 4 ? (float*)(a.qs + m * nb) : NULL;
     for (int64_t i = 0; i < m * nb; i++) {
-        const float* xb = x + i * 32;
-        float amax = 0.0f;
-        for (int t = 0; t < 32; t++) amax = max_abs(amax, xb[t]);
-        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        d[i] = amax / 127.0f;
-        int8_t* qb = xq + i * 32;
+        int8_t v[32];
+        a.d[i] = q8_block(x + i * 32, v);
         int32_t qsum = 0;
         for (int t = 0; t < 32; t++) {
-            int8_t v = (int8_t)nearbyintf(clamp127(xb[t] * id));
-            qb[xs ? (t & ~7) + (t & 1) * 4 + ((t & 7) >> 1) : t] = v;
-            qsum += v;
+            a.xq[i * 32 + (a.xs ? (t & ~7) + (t & 1) * 4 + ((t & 7) >> 1) : t)] = v[t];
+            qsum += v[t];
         }
-        qs[i] = qsum;
-        if (xs) {
+        a.qs[i] = qsum;
+        if (a.xs) {
             int64_t row = i / nb, b = i % nb, gi = row * G + b / (g / 32);
-            if (b % (g / 32) == 0) xs[gi] = 0.0f;
-            xs[gi] += d[i] * (float)qsum;
+            if (b % (g / 32) == 0) a.xs[gi] = 0.0f;
+            a.xs[gi] += a.d[i] * (float)qsum;
         }
     }
-}
-
-/* The B tiles of up to four blocks from 16 weight rows already transposed (r[4 * bl + p]: dword p
-   of block bl, one lane per weight row): int4 rows 2p and 2p + 1 are dword p's low and high nibbles. */
-static inline void amx_b_int4(const __m512i* r, int nbl, uint8_t (*bt)[512]) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (int bl = 0; bl < nbl; bl++)
-        for (int p = 0; p < 4; p++) {
-            _mm512_store_si512(bt[bl] + 128 * p, _mm512_and_si512(r[4 * bl + p], m4));
-            _mm512_store_si512(bt[bl] + 128 * p + 64, _mm512_and_si512(_mm512_srli_epi16(r[4 * bl + p], 4), m4));
-        }
+    return a;
 }
 
 /* One block's tile product into tile T through activation tile A and weight tile B: activation rows
@@ -158,13 +153,15 @@ static inline __m512 amx_column(const void* p, int half, int64_t j0, int64_t nr,
 
 /* out [m, 16] = rows [0, m) of the activations against weight rows [j0, j0 + nr) (nr <= 16; the rest
    of each out row is left as garbage): int4 (bits 4, o the offsets) or int8 (bits 8, o NULL) in
-   llmfn.kernels.quant's layouts, s / o fp16 when half. xq, d, xs, qs as quantize_amx wrote them;
+   llmfn.kernels.quant's layouts, s / o fp16 when half; a from amx_quantize;
    with tiles (m >= AMX_MIN_ROWS) amx_start(m) ran on this thread. Fewer rows take VNNI dot products
    against the same transposed weights (vpdpbusd with the activations' 4 bytes broadcast), which give
    the same int32 block sums: the results do not depend on which path a row took. */
-static void amx_tile(int bits, const int8_t* xq, const float* d, const float* xs, const int32_t* qs, const void* q,
-                     const void* s, const void* o, int half, int64_t j0, int64_t nr, int64_t m, int64_t n, int64_t k,
-                     int64_t g, float* out) {
+static void amx_tile(int bits, const AmxActs* a, const void* q, const void* s, const void* o, int half, int64_t j0,
+                     int64_t nr, int64_t m, int64_t n, int64_t k, int64_t g, float* out) {
+    const int8_t* xq = a->xq;
+    const float *d = a->d, *xs = a->xs;
+    const int32_t* qs = a->qs;
     int64_t nb = k / 32, G = k / g, bpg = g / 32, rowb = bits == 4 ? k / 2 : k, step = bits == 4 ? 4 : 2;
     int tiles = m >= AMX_MIN_ROWS;
     __m512 acc[m];
@@ -240,15 +237,14 @@ static void amx_tile(int bits, const int8_t* xq, const float* d, const float* xs
 /* y [m, n] (+)= x @ W^T + bias for weight rows [16 tlo, 16 thi): llmfn_int4_linear's and
    llmfn_int8_linear's act8 arithmetic on AMX (then "+ bias", then with add "y +", as the fused layer
    asks). Configures and releases this thread's tiles. */
-static void amx_rows(int bits, const int8_t* xq, const float* d, const float* xs, const int32_t* qs, const void* q,
-                     const void* s,
-                     const void* o, int half, const float* bias, float* y, int add, int64_t m, int64_t n, int64_t k,
-                     int64_t g, int64_t tlo, int64_t thi) {
+static void amx_rows(int bits, const AmxActs* a, const void* q, const void* s, const void* o, int half,
+                     const float* bias, float* y, int add, int64_t m, int64_t n, int64_t k, int64_t g, int64_t tlo,
+                     int64_t thi) {
     float* out = (float*)scratch(sizeof(float) * m * 16);
     if (m >= AMX_MIN_ROWS) amx_start(m);
     for (int64_t t = tlo; t < thi; t++) {
         int64_t j0 = 16 * t, nr = n - j0 < 16 ? n - j0 : 16;
-        amx_tile(bits, xq, d, xs, qs, q, s, o, half, j0, nr, m, n, k, g, out);
+        amx_tile(bits, a, q, s, o, half, j0, nr, m, n, k, g, out);
         for (int64_t r = 0; r < m; r++)
             for (int64_t c = 0; c < nr; c++) {
                 float v = bias ? out[r * 16 + c] + bias[j0 + c] : out[r * 16 + c];
@@ -259,7 +255,5 @@ static void amx_rows(int bits, const int8_t* xq, const float* d, const float* xs
     free(out);
 }
 
-/* The bytes of scratch quantize_amx needs for m rows of k (xq, d, xs, qs). */
-static inline int64_t amx_scratch_bytes(int64_t m, int64_t k) { return m * k + 4 * m * (k / 32) * 3; }
 #endif
 #endif

@@ -446,14 +446,10 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     int64_t g = L->group, G = k / g;
 #ifdef LLMFN_AMX
     if ((L->kind == 3 || L->kind == 4) && amx_ready()) {  /* amx_linear's arithmetic, in tiles of 16 weight rows */
-        int8_t* xq = (int8_t*)xp;
-        float* d = (float*)(xq + m * k);
-        float* xs = d + m * (k / 32);
-        int32_t* qs = (int32_t*)(xs + m * (k / 32));
-        quantize_amx(x, xq, d, L->kind == 3 ? xs : NULL, qs, m, k, g);
+        int bits = L->kind == 3 ? 4 : 8;
+        AmxActs a = amx_quantize(x, xp, bits, m, k, g);  /* its scratch fits in xp's */
         share((n + 15) / 16, tid, nth, &lo, &hi);
-        amx_rows(L->kind == 3 ? 4 : 8, xq, d, xs, qs, L->q, L->scales, L->kind == 3 ? L->offsets : NULL, L->half, L->bias,
-                 y, add, m, n, k, g, lo, hi);
+        amx_rows(bits, &a, L->q, L->scales, bits == 4 ? L->offsets : NULL, L->half, L->bias, y, add, m, n, k, g, lo, hi);
         return;
     }
 #endif

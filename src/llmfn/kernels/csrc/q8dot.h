@@ -53,6 +53,17 @@ static inline int64_t q8_hi(int64_t b, int64_t nb) { return q8_pair_hi(b, nb); }
 static inline float max_abs(float a, float v) { return fabsf(v) > a ? fabsf(v) : a; }
 static inline float clamp127(float v) { return v > -127.0f ? (v < 127.0f ? v : 127.0f) : -127.0f; }
 
+/* One block of 32 activations as every int8-activation kernel quantizes it (here and in amx.h):
+   v[t] = round(x[t] / d) with d = max|x| / 127, returned; clamped, so that a NaN or inf input never
+   reaches the cast. */
+static inline float q8_block(const float* xb, int8_t v[32]) {
+    float amax = 0.0f;
+    for (int t = 0; t < 32; t++) amax = max_abs(amax, xb[t]);
+    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int t = 0; t < 32; t++) v[t] = (int8_t)nearbyintf(clamp127(xb[t] * id));
+    return amax / 127.0f;
+}
+
 /* x [m, k] -> xq [m, k] int8, dq [m, k / 8] (4 copies of each block's scale), xs [m, k / g] the
    quantized activations' group sums. */
 static void quantize_q8(const float* x, int8_t* xq, float* dq, float* xs, int64_t m, int64_t k, int64_t g) {
@@ -61,15 +72,13 @@ static void quantize_q8(const float* x, int8_t* xq, float* dq, float* xs, int64_
         const float* xr = x + i * k;
         int8_t* qr = xq + i * k;
         for (int64_t b = 0; b < nb; b++) {
-            const float* xb = xr + b * 32;
-            float amax = 0.0f;
-            for (int t = 0; t < 32; t++) amax = max_abs(amax, xb[t]);
-            float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int8_t v[32];
+            float d = q8_block(xr + b * 32, v);
             int8_t* lo = qr + q8_lo(b, nb);
             int8_t* hi = lo + q8_hi(b, nb);
-            for (int t = 0; t < 16; t++) {  /* clamped: a NaN or inf input must not reach the cast */
-                lo[t] = (int8_t)nearbyintf(clamp127(xb[2 * t] * id));
-                hi[t] = (int8_t)nearbyintf(clamp127(xb[2 * t + 1] * id));
+            for (int t = 0; t < 16; t++) {
+                lo[t] = v[2 * t];
+                hi[t] = v[2 * t + 1];
             }
             for (int c = 0; c < 4; c++) dq[i * (k / 8) + b * 4 + c] = d;
             int32_t qsum = 0;
@@ -226,12 +235,8 @@ static inline void int4_q8_block(const int8_t* xq, const float* dq, const float*
    128 * x back out, exactly, in the integers. */
 static void quantize_q8_plain(const float* x, int8_t* xq, float* dq8, int32_t* corr, int64_t m, int64_t k) {
     for (int64_t i = 0; i < m * (k / 32); i++) {
-        const float* xb = x + i * 32;
-        float amax = 0.0f;
-        for (int t = 0; t < 32; t++) amax = max_abs(amax, xb[t]);
-        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int8_t* qb = xq + i * 32;
-        for (int t = 0; t < 32; t++) qb[t] = (int8_t)nearbyintf(clamp127(xb[t] * id));
+        float d = q8_block(x + i * 32, qb);
         for (int l = 0; l < 8; l++) {
             dq8[i * 8 + l] = d;
             corr[i * 8 + l] = -128 * (qb[4 * l] + qb[4 * l + 1] + qb[4 * l + 2] + qb[4 * l + 3]);

@@ -453,17 +453,14 @@ int llmfn_amx_active(void) {
 /* llmfn_int4_linear / llmfn_int8_linear with int8 activations on AMX (amx.h). */
 static int amx_linear(int bits, const float* x, const void* q, const void* s, const void* o, float* y, int64_t m,
                       int64_t n, int64_t k, int64_t g, int half, int nthreads) {
-    int8_t* xq = (int8_t*)scratch(amx_scratch_bytes(m, k));
-    float* d = (float*)(xq + m * k);
-    float* xs = d + m * (k / 32);
-    int32_t* qs = (int32_t*)(xs + m * (k / 32));
-    quantize_amx(x, xq, d, bits == 4 ? xs : NULL, qs, m, k, g);
+    void* buf = scratch(amx_scratch_bytes(m, k));
+    AmxActs a = amx_quantize(x, buf, bits, m, k, g);
     #pragma omp parallel num_threads(nthreads)
     {
         int64_t tiles = (n + 15) / 16, tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        amx_rows(bits, xq, d, xs, qs, q, s, o, half, NULL, y, 0, m, n, k, g, tiles * tid / nth, tiles * (tid + 1) / nth);
+        amx_rows(bits, &a, q, s, o, half, NULL, y, 0, m, n, k, g, tiles * tid / nth, tiles * (tid + 1) / nth);
     }
-    free(xq);
+    free(buf);
     return 0;
 }
 #endif
