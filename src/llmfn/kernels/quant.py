@@ -167,11 +167,11 @@ class Int4Weight:
         """Move to device and/or set the activation dtype (the packed weights keep their types)."""
         device = torch.device(device) if device is not None else self.device
         mv = lambda t: t.to(device).contiguous()
-        scales, offsets, zeros = self.scales, self.offsets, None
-        if device.type == "cuda":  # the Triton GEMM takes fp32 scales and zero points
-            scales, offsets = scales.float(), offsets.float()
-            zeros = mv(torch.where(scales != 0, -offsets / scales, torch.zeros_like(scales)))
-        return Int4Weight(mv(self.qweight), mv(scales), mv(offsets), self.group_size, dtype or self.dtype, zeros)
+        if device.type != "cuda":
+            return Int4Weight(mv(self.qweight), mv(self.scales), mv(self.offsets), self.group_size, dtype or self.dtype)
+        _, scales, zeros = self.kernel_layout()  # the Triton GEMM takes fp32 scales and zero points
+        return Int4Weight(mv(self.qweight), mv(scales), mv(self.offsets.float()), self.group_size, dtype or self.dtype,
+                          mv(zeros))
 
     def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(qweight, scales, zeros) in llmfn.kernels' int4 layout (w = (q - zeros) * scales), fp32."""
