@@ -117,10 +117,7 @@ static void bf16_blocks(const float* xp, const uint16_t* w, const float* bias, f
             float out[4];
             if (j + 4 <= n) bf16_dot4(xp + r * k, w + j * k, k, out);
             else for (int64_t i = 0; j + i < n; i++) out[i] = bf16_dot1(xp + r * k, w + (j + i) * k, k);
-            for (int64_t i = 0; i < 4 && j + i < n; i++) {
-                float v = bias ? out[i] + bias[j + i] : out[i];
-                y[r * n + j + i] = add ? y[r * n + j + i] + v : v;
-            }
+            for (int64_t i = 0; i < 4 && j + i < n; i++) lin_store(y + r * n + j + i, out[i], bias, j + i, add);
         }
     }
 }

@@ -430,10 +430,8 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
             else for (int64_t r = 0; r < m; r++)
                 for (int64_t i = 0; j + i < n; i++) out[r * 4 + i] = dot1(x + r * k, w + (j + i) * k, k);
             for (int64_t r = 0; r < m; r++)
-                for (int64_t i = 0; i < 4 && j + i < n; i++) {
-                    float v = L->bias ? out[r * 4 + i] + L->bias[j + i] : out[r * 4 + i];
-                    y[r * n + j + i] = add ? y[r * n + j + i] + v : v;
-                }
+                for (int64_t i = 0; i < 4 && j + i < n; i++)
+                    lin_store(y + r * n + j + i, out[r * 4 + i], L->bias, j + i, add);
         }
         return;
     }
@@ -463,10 +461,7 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
             float out[16], sb[G], ob[G];
             int4_q8_block(xq, dq, xs8, (const uint8_t*)L->q + j * (k / 2), row_f32(L->scales, L->half, j, G, sb),
                           row_f32(L->offsets, L->half, j, G, ob), out, 1, k, g, m);
-            for (int64_t r = 0; r < m; r++) {
-                float v = L->bias ? out[r] + L->bias[j] : out[r];
-                y[r * n + j] = add ? y[r * n + j] + v : v;
-            }
+            for (int64_t r = 0; r < m; r++) lin_store(y + r * n + j, out[r], L->bias, j, add);
         }
         return;
     }
@@ -480,10 +475,7 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
             float out[16], sb[G];
             int8_q8_block(xq, dq8, corr, (const int8_t*)L->q + j * k, row_f32(L->scales, L->half, j, G, sb), out, 1,
                           k, g, m);
-            for (int64_t r = 0; r < m; r++) {
-                float v = L->bias ? out[r] + L->bias[j] : out[r];
-                y[r * n + j] = add ? y[r * n + j] + v : v;
-            }
+            for (int64_t r = 0; r < m; r++) lin_store(y + r * n + j, out[r], L->bias, j, add);
         }
         return;
     }
@@ -498,10 +490,7 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
             int4_g32_decode_pair(xp, xs, q + lo * (k / 2), q + (lo + 1) * (k / 2), row_f32(L->scales, L->half, lo, G, sa),
                                  row_f32(L->scales, L->half, lo + 1, G, sb), row_f32(L->offsets, L->half, lo, G, oa),
                                  row_f32(L->offsets, L->half, lo + 1, G, ob), v, v + 1, G);
-            for (int i = 0; i < 2; i++) {
-                float b = L->bias ? v[i] + L->bias[lo + i] : v[i];
-                y[lo + i] = add ? y[lo + i] + b : b;
-            }
+            for (int i = 0; i < 2; i++) lin_store(y + lo + i, v[i], L->bias, lo + i, add);
         }
     }
 #endif
@@ -517,10 +506,7 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
             else
                 int8_block(x + i0 * k, (const int8_t*)L->q + j * k, sr, out + i0, 1, k, g, G, R);
         }
-        for (int64_t r = 0; r < m; r++) {
-            float v = L->bias ? out[r] + L->bias[j] : out[r];
-            y[r * n + j] = add ? y[r * n + j] + v : v;
-        }
+        for (int64_t r = 0; r < m; r++) lin_store(y + r * n + j, out[r], L->bias, j, add);
     }
 }
 

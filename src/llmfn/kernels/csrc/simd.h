@@ -1,7 +1,15 @@
-/* AVX2 helpers shared by llmfn's CPU kernels (decode.c, quant.h, attention.c): one definition, so they
-   behave the same wherever they are used. */
+/* Helpers (mostly AVX2) shared by llmfn's CPU kernels (decode.c, quant.h, attention.c): one definition,
+   so they behave the same wherever they are used. */
 #ifndef LLMFN_SIMD_H
 #define LLMFN_SIMD_H
+#include <stdint.h>
+
+/* How a linear of the fused layer stores output column j's value v (llmfn_decoder_layers): v + bias[j]
+   (bias may be NULL), added to what *y holds (the residual) when add is set. */
+static inline void lin_store(float* y, float v, const float* bias, int64_t j, int add) {
+    float b = bias ? v + bias[j] : v;
+    *y = add ? *y + b : b;
+}
 
 /* Decode streams each weight once from memory, and one core's hardware prefetchers keep too few
    lines in flight for it: the int4 decode step waited on its weight loads (perf: half the samples on
