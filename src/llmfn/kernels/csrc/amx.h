@@ -18,6 +18,7 @@
 #ifndef LLMFN_AMX_H
 #define LLMFN_AMX_H
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#include <omp.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -259,5 +260,27 @@ static void amx_rows(int bits, const AmxActs* a, const void* q, const void* s, c
     free(out);
 }
 
+/* llmfn_int4_linear / llmfn_int8_linear with int8 activations on AMX. */
+static int amx_linear(int bits, const float* x, const void* q, const void* s, const void* o, float* y, int64_t m,
+                      int64_t n, int64_t k, int64_t g, int half, int nthreads) {
+    void* buf = scratch(amx_scratch_bytes(m, k));
+    AmxActs a = amx_quantize(x, buf, bits, m, k, g);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int64_t tiles = (n + 15) / 16, tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        amx_rows(bits, &a, q, s, o, half, NULL, y, 0, m, n, k, g, tiles * tid / nth, tiles * (tid + 1) / nth);
+    }
+    free(buf);
+    return 0;
+}
 #endif
+
+/* Whether int8 activations run on AMX tiles here: built for it and granted by the kernel. */
+int llmfn_amx_active(void) {
+#ifdef LLMFN_AMX
+    return amx_ready();
+#else
+    return 0;
+#endif
+}
 #endif

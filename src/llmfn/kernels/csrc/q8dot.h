@@ -32,7 +32,6 @@ static inline int64_t q8_pair_hi(int64_t b, int64_t nb) { return (b + 1 < nb || 
 /* AVX-512 takes blocks in fours, 128 bytes [A_lo, B_lo, C_lo, D_lo, A_hi, B_hi, C_hi, D_hi], so the
    64 weight bytes of four blocks meet their activations in two 64-byte dot products; the last
    nb % 4 blocks in pairs as above. */
-#define Q8_QUAD 4
 static inline int64_t q8_lo(int64_t b, int64_t nb) {
     int64_t whole = nb / 4 * 4;
     return b < whole ? (b / 4) * 128 + (b % 4) * 16 : whole * 32 + q8_pair_lo(b - whole, nb - whole);
@@ -42,7 +41,6 @@ static inline int64_t q8_hi(int64_t b, int64_t nb) {
     return b < whole ? 64 : q8_pair_hi(b - whole, nb - whole);
 }
 #else
-#define Q8_QUAD 0
 static inline int64_t q8_lo(int64_t b, int64_t nb) { return q8_pair_lo(b, nb); }
 static inline int64_t q8_hi(int64_t b, int64_t nb) { return q8_pair_hi(b, nb); }
 #endif

@@ -440,31 +440,6 @@ static inline void int8_block(const float* xi, const int8_t* qr, const float* sr
 #endif
 }
 
-/* Whether int8 activations run on AMX tiles here (amx.h): built for it and granted by the kernel. */
-int llmfn_amx_active(void) {
-#ifdef LLMFN_AMX
-    return amx_ready();
-#else
-    return 0;
-#endif
-}
-
-#ifdef LLMFN_AMX
-/* llmfn_int4_linear / llmfn_int8_linear with int8 activations on AMX (amx.h). */
-static int amx_linear(int bits, const float* x, const void* q, const void* s, const void* o, float* y, int64_t m,
-                      int64_t n, int64_t k, int64_t g, int half, int nthreads) {
-    void* buf = scratch(amx_scratch_bytes(m, k));
-    AmxActs a = amx_quantize(x, buf, bits, m, k, g);
-    #pragma omp parallel num_threads(nthreads)
-    {
-        int64_t tiles = (n + 15) / 16, tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        amx_rows(bits, &a, q, s, o, half, NULL, y, 0, m, n, k, g, tiles * tid / nth, tiles * (tid + 1) / nth);
-    }
-    free(buf);
-    return 0;
-}
-#endif
-
 /* y [m, n] = x [m, k] @ int4 weight [n, k]^T; g % 32 == 0. act8: with int8 activations (q8dot.h). */
 int llmfn_int4_linear(const float* x, const uint8_t* q, const void* s, const void* o, float* y,
                       int64_t m, int64_t n, int64_t k, int64_t g, int act8, int half, int nthreads) {
