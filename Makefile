@@ -44,7 +44,8 @@ sanitize: setup  ## the C kernels' and native tokenizers' tests under ASan + UBS
 	CC=$(SANITIZE_HOME).cc LLMFN_HOME=$(SANITIZE_HOME) ASAN_OPTIONS=detect_leaks=0 LLMFN_TOKENIZER_EXAMPLES=200 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_native_spm.py tests/test_native_bpe.py \
-	tests/test_tokenizer.py tests/test_cpu_kernels.py tests/test_cpu_gemm.py tests/test_fused_layer.py tests/test_quant.py
+	tests/test_tokenizer.py tests/test_cpu_kernels.py tests/test_cpu_gemm.py tests/test_fused_layer.py tests/test_quant.py \
+	tests/test_sampling.py
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check src tests benchmarks tools

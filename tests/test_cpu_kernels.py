@@ -231,19 +231,19 @@ LOWER_LEVELS = cbuild.supported_levels()[:-1]
 def test_every_lower_isa_level_matches_too(tmp_path, level):
     """The C paths of a lower ISA level (LLMFN_CPU_ISA) built into a fresh LLMFN_HOME: the fused
     layers against the torch ops, bitwise against the op-by-op C path, the matrix and quantized
-    kernels, the GEMM, the encoder attention and the 16-bit KV cache, in a subprocess."""
+    kernels, the GEMM, the encoder attention, the 16-bit KV cache and the sampler, in a subprocess."""
     env = {**os.environ, "LLMFN_CPU_ISA": level, "LLMFN_HOME": str(tmp_path)}
     tests = Path(__file__).parent
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(tests / "test_fused_layer.py"),
          str(tests / "test_cpu_kernels.py"), str(tests / "test_cpu_gemm.py"), str(tests / "test_quant.py"),
-         str(tests / "test_kv_dtype.py"),
-         "-k", "not lower_isa and (cpu or fused or gemm or ffn or attention or linear or kernel or int8_act)"],
+         str(tests / "test_kv_dtype.py"), str(tests / "test_sampling.py"),
+         "-k", "not lower_isa and (cpu or fused or gemm or ffn or attention or linear or kernel or int8_act or c_sampler)"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
-    for lib in ("llmfn_cpu", "llmfn_gemm", "llmfn_attention"):
+    for lib in ("llmfn_cpu", "llmfn_gemm", "llmfn_attention", "llmfn_sample"):
         assert list((tmp_path / "kernels").glob(f"{lib}_{level}_*.so")), lib
 
 

@@ -1,9 +1,11 @@
 """Sampling: pure, seeded, and never outside the allowed set."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmfn import sampling
 from llmfn.sampling import allowed_tokens, apply_penalties, sample, uniform_noise
 
 
@@ -120,3 +122,37 @@ def test_rows_of_nan_or_all_banned_logits_still_give_a_valid_token():
     knobs = {k: v.repeat(3) for k, v in _knobs(temperature=0.8, top_p=0.9).items()}
     out = sample(logits, step=torch.tensor([1, 2, 3]), **knobs)
     assert ((0 <= out) & (out < 40)).all()
+
+
+def _allowed_by_full_sort(probs, top_p, min_p):
+    """sampling._allowed stated with a full stable sort: equal probabilities rank by lower id."""
+    ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+    inside = (ranked.cumsum(-1) - ranked) < top_p[:, None]
+    nucleus = torch.zeros_like(inside).scatter(1, order, inside | (top_p[:, None] >= 1))
+    top = probs.max(dim=-1, keepdim=True)
+    keep = nucleus & (probs >= min_p[:, None] * top.values) & (probs > 0)
+    return keep.scatter(1, top.indices, True)
+
+
+@pytest.mark.skipif(sampling._race_library() is None, reason="no C compiler to build the CPU kernels")
+@settings(max_examples=150, deadline=None)
+@given(rows=st.integers(1, 4), vocab=st.sampled_from([2, 7, 64, 65, 300, 5000, 49152]), spread=st.floats(0.0, 30.0),
+       ties=st.booleans(), top_p=st.sampled_from([1.0, 0.95, 0.5, 0.05]), min_p=st.sampled_from([0.0, 0.05, 1.0]),
+       top_k=st.sampled_from([0, 1, 5]), seed=st.integers(-(2**63), 2**63 - 1), step=st.integers(0, 2**40),
+       nan_row=st.booleans())  # fmt: skip
+def test_the_c_sampler_draws_the_torch_race_token(rows, vocab, spread, ties, top_p, min_p, top_k, seed, step, nan_row):
+    # csrc/sample.c sorts only the nucleus' head and skips the log of tokens that cannot win: it must
+    # still draw the very token the full torch race does over the same allowed set.
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(abs(seed) % 2**31)) * spread
+    if ties:
+        logits = logits.round()
+    if nan_row:
+        logits[-1, vocab // 2] = float("nan")
+    full = lambda v, dtype: torch.full((rows,), v, dtype=dtype)  # noqa: E731
+    probs = sampling._probabilities(logits, full(0.8, torch.float32), full(top_k, torch.int64))
+    top_p, min_p = full(top_p, torch.float32), full(min_p, torch.float32)
+    keys = sampling._row_keys(full(seed, torch.int64), torch.arange(rows) + step)
+    want = sampling._race_torch(probs, _allowed_by_full_sort(probs, top_p, min_p), keys)
+    assert torch.equal(sampling._race_c(sampling._race_library(), probs, top_p, min_p, keys), want)
+    if all(len(set(row.tolist())) == vocab for row in probs):  # torch's own mask agrees where no two are equal
+        assert torch.equal(sampling._race_torch(probs, sampling._allowed(probs, top_p, min_p), keys), want)
