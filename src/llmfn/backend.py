@@ -76,7 +76,7 @@ def _fused_layer_structs(params, cfg: llama.LlamaConfig, x, rope: llama.RopeTabl
     )
     if not ok:
         return None
-    fields = [cpu.layer_fields(layer, cfg) for layer in params["layers"]]
+    fields = cpu.stack_fields(params["layers"], cfg)
     return None if any(f is None for f in fields) else fields
 
 

@@ -269,25 +269,33 @@ _LAYER_CACHE: dict[int, tuple[tuple, tuple, ctypes.Array | None]] = {}
 def layer_fields(layer: dict, cfg) -> ctypes.Array | None:
     """The C Layer struct of a Llama-layout layer (models/llama.py), or None when a weight is of a
     kind or shape the fused layer does not take (the C code trusts the shapes: checked here)."""
+    return stack_fields([layer], cfg)[0]
+
+
+def stack_fields(layers: list[dict], cfg) -> list[ctypes.Array | None]:
+    """`layer_fields` of each layer of a stack, reading the settings once (a decode step asks for all)."""
     dims = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     mode = os.environ.get("LLMFN_QUANT_ACTIVATIONS")  # picks the int4 kind (cpu_quant.int8_activations)
+    return [_cached_fields(layer, (dims, mode)) for layer in layers]
+
+
+def _cached_fields(layer: dict, key: tuple) -> ctypes.Array | None:
     hit = _LAYER_CACHE.get(id(layer))
-    if (
-        hit is not None
-        and hit[1] == (dims, mode)
-        and len(hit[0]) == len(layer)
-        and all(r() is v for r, v in zip(hit[0], layer.values(), strict=True))
-    ):
+    if hit is not None and hit[1] == key and len(hit[0]) == len(layer) and all(map(_is, hit[0], layer.values())):
         return hit[2]
-    fields = _layer_fields(layer, *dims)
+    fields = _layer_fields(layer, *key[0])
     try:
         refs = tuple(weakref.ref(v) for v in layer.values())
     except TypeError:  # a value that cannot be weakly referenced: not cached
         return fields
     if len(_LAYER_CACHE) > 4096:  # entries of dropped models
         _LAYER_CACHE.clear()
-    _LAYER_CACHE[id(layer)] = (refs, (dims, mode), fields)
+    _LAYER_CACHE[id(layer)] = (refs, key, fields)
     return fields
+
+
+def _is(ref: weakref.ref, value) -> bool:
+    return ref() is value
 
 
 def _layer_fields(layer: dict, d: int, f: int, hq: int, hk: int, hd: int) -> ctypes.Array | None:
