@@ -242,6 +242,21 @@ def test_quantized_linear_rows_are_batch_invariant(m, n, groups, g, bits, acts, 
             assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
 
 
+@pytest.mark.skipif(not (cpu_quant.available() and cpu_quant.on_tiles(True)), reason="needs a CPU with AMX int8 tiles")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_long_prompts_take_the_amx_tiles_row_for_row(bits, monkeypatch):
+    """With int8 activations on AMX, inputs past MAX_ROWS (and past AMX_ROWS, in slices) run the same
+    tiles: every row is bitwise the row alone, and none took the fp32 dequantize + matmul path."""
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "int8")
+    gen = torch.Generator().manual_seed(bits)
+    leaf = (quant.Int4Weight if bits == 4 else quant.Int8Weight).quantize(torch.randn(40, 128, generator=gen), 32)
+    x = torch.randn(cpu_quant.AMX_ROWS + 37, 128, generator=gen)
+    with mock.patch.object(cpu_quant, "_chunked", side_effect=AssertionError("dequantize + matmul")):
+        out = leaf.linear(x)
+    for i in (0, cpu_quant.MAX_ROWS, cpu_quant.AMX_ROWS - 1, cpu_quant.AMX_ROWS, len(x) - 1):
+        assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
+
+
 def test_scales_are_stored_fp16_only_where_every_value_is_one():
     exact = torch.randn(6, 3).half().float()
     s, o = quant.compact_scales(exact, -8 * exact)

@@ -40,7 +40,9 @@ whole in int32 (tile products from 4 activation rows on, VNNI below: the same in
 acc = fma(block sum, s * d, acc) block by block. Same quantized activations as above, a different fp32
 summation order (so other bits than the AVX-512 level, batch-invariant the same way). SmolLM2's
 gate/up, one thread: 1 row 65 us (q8dot.h 53), 16 rows 192 us (700), 64 rows 642 us (3130); the
-engine's 16-row decode step 18.4 ms with int8 activations against 32.0 with fp32 ones.
+engine's 16-row decode step 18.4 ms with int8 activations against 32.0 with fp32 ones. There the
+kernel also takes prompts longer than MAX_ROWS (AMX_ROWS rows a call), which the other paths leave to
+dequantize + matmul.
 
 The C code (csrc/quant.h, q8dot.h) is compiled once per machine into kernels/cpu.py's library, in
 LLMFN_HOME/kernels/. Without a compiler, or with LLMFN_QUANT_KERNEL=torch, `available()` is False
@@ -63,6 +65,11 @@ from llmfn.kernels import cpu
 MAX_ROWS = 64
 # Rows of the weight dequantized at a time on the F.linear path (bounds the temporary).
 CHUNK_ROWS = 4096
+# With int8 activations on AMX tiles the kernel beats dequantize + matmul at every prompt length
+# measured (SmolLM2's gate/up [3072, 576], 2 threads, Xeon: 64 rows 0.39 vs 1.62 ms, 128: 0.75 vs
+# 1.87, 512: 3.6 vs 5.3): it takes any number of rows, at most AMX_ROWS a call (each row keeps an
+# accumulator per tile of 16 weight rows on the stack).
+AMX_ROWS = 512
 
 
 def _load() -> ctypes.CDLL | None:
@@ -86,6 +93,16 @@ def int8_activations() -> bool:
     if mode not in ("int8", "fp32"):
         raise LlmfnError(f"LLMFN_QUANT_ACTIVATIONS must be int8 or fp32, not {mode!r}")
     return mode == "int8"
+
+
+def on_tiles(act8: bool) -> bool:
+    """Whether a call with these activations runs on AMX tiles (csrc/amx.h: int8 activations, the amx
+    level of llmfn.cbuild, tile state granted by Linux)."""
+    return act8 and bool(_load().llmfn_amx_active())
+
+
+def _in_slices(x: torch.Tensor, linear) -> torch.Tensor:
+    return torch.cat([linear(x[i : i + AMX_ROWS]) for i in range(0, x.shape[0], AMX_ROWS)])
 
 
 def half(scales: torch.Tensor) -> bool:
@@ -113,11 +130,14 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     lib = _load()
     m, k = x.shape
     n = qweight.shape[0]
-    if m > MAX_ROWS:
+    act8 = int8_activations()
+    if m > MAX_ROWS and not on_tiles(act8):
         return _chunked(x, n, lambda lo, hi: int4_dequantize(qweight[lo:hi], scales[lo:hi], offsets[lo:hi], group_size))
+    if m > AMX_ROWS:
+        return _in_slices(x, lambda rows: int4_linear(rows, qweight, scales, offsets, group_size))
     y = torch.empty(m, n, dtype=torch.float32)
     lib.llmfn_int4_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr(),
-                          m, n, k, group_size, int8_activations(), half(scales), cpu.decode_threads.threads())
+                          m, n, k, group_size, act8, half(scales), cpu.decode_threads.threads())
     return y
 
 
@@ -126,10 +146,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     lib = _load()
     m, k = x.shape
     n = qweight.shape[0]
-    if m > MAX_ROWS:
-        return _chunked(x, n, lambda lo, hi: int8_dequantize(qweight[lo:hi], scales[lo:hi], group_size))
-    y = torch.empty(m, n, dtype=torch.float32)
     act8 = int8_activations() and int8_act8_ok(k, group_size)
+    if m > MAX_ROWS and not on_tiles(act8):
+        return _chunked(x, n, lambda lo, hi: int8_dequantize(qweight[lo:hi], scales[lo:hi], group_size))
+    if m > AMX_ROWS:
+        return _in_slices(x, lambda rows: int8_linear(rows, qweight, scales, group_size))
+    y = torch.empty(m, n, dtype=torch.float32)
     lib.llmfn_int8_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
                           m, n, k, group_size, act8, half(scales), cpu.decode_threads.threads())
     return y
