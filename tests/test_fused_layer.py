@@ -75,7 +75,7 @@ def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=1
     """A 3-token prefill then decode steps, rows at different positions, on a strided cache view."""
     with monkeypatch.context() as m:
         if not fused:
-            m.setattr(cpu, "layer_fields", lambda layer, cfg: None)
+            m.setattr(cpu, "stack_fields", lambda layers, cfg: [None] * len(layers))
         full = llama.init_cache(cfg, batch, slot_len)
         cache = full.view(slots=view)
         g = torch.Generator().manual_seed(1)
