@@ -101,7 +101,6 @@ static inline float q8_offsets(const float* orow, const float* xs, int64_t G) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define LLMFN_Q8_PATH "avx512-vnni"
 /* The dot products of a pair of int4 blocks (32 weight bytes) with their 64 activation bytes, as
    16 floats: lanes 0-3 and 8-11 block A's, 4-7 and 12-15 block B's (the layout above). */
 static inline __m512 int4_pair_dot(const uint8_t* qb, const int8_t* xb) {
@@ -155,7 +154,6 @@ static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 #elif defined(__AVX2__)
-#define LLMFN_Q8_PATH "avx2"
 static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t* qr, const float* sr, const float* orow, const int8_t* xq,
                                 const float* dq, const float* xs, int64_t nb, int64_t bpg, int64_t G) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -185,7 +183,6 @@ static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t
     return hsum(_mm256_add_ps(acc0, acc1)) + q8_offsets(orow, xs, G);
 }
 #else
-#define LLMFN_Q8_PATH "scalar"
 static inline __attribute__((always_inline)) float int4_q8_dot_bpg(const uint8_t* qr, const float* sr, const float* orow, const int8_t* xq,
                                 const float* dq, const float* xs, int64_t nb, int64_t bpg, int64_t G) {
     float a = 0.0f;

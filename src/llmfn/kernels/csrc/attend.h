@@ -1,0 +1,204 @@
+/* One step's attention on CPU: rope, the KV-cache write and attention over a row's blocks
+   (llmfn_qkv_attention, and the fused decoder layer's phases). Part of decode.c's library, included
+   there after the dot products it uses (dot4, dot1 and their 16-bit-cache versions). */
+#ifndef LLMFN_ATTEND_H
+#define LLMFN_ATTEND_H
+
+static inline void rotate(const float* x, const float* cs, const float* sn, float* out, int64_t hd) {
+    int64_t h = hd / 2;
+    for (int64_t i = 0; i < h; i++) {
+        float x1 = x[i], x2 = x[h + i];
+        out[i] = x1 * cs[i] - x2 * sn[i];
+        out[h + i] = x2 * cs[i] + x1 * sn[i];
+    }
+}
+
+/* The cache arguments: qkv [b, t, (hq + 2 hk) * hd]; cos, sin [b, t, hd/2] (NULL: no rope);
+   qscale [b, t] (NULL: none); pos [b, t]; caches of blocks [N, hk, bs, hd] of element type kv->dt
+   (kv16.h: fp32, bf16 or fp16) with element strides cst[0..2] for block, head and slot, and
+   contiguous rows; kv->table [b, nb] (int32) maps row bi's position p to block
+   table[bi * nb + p / bs], slot p % bs (table NULL: block bi is row bi's whole cache, bs = its
+   length); slopes [hq] (NULL: no ALiBi); window 0 for none. */
+typedef struct { const int32_t* table; int64_t nb, bs; int dt; } Blocks;
+
+/* Offset of row bi's position p (block and slot) in a cache. */
+static inline int64_t kv_offset(const Blocks* kv, const int64_t* cst, int64_t bi, int64_t p) {
+    int64_t block = kv->table ? kv->table[bi * kv->nb + p / kv->bs] : bi;
+    return block * cst[0] + (p % kv->bs) * cst[2];
+}
+
+/* Rotated keys and the values of every row into the caches at pos. */
+static void write_kv(const float* qkv, const float* cs, const float* sn, const int64_t* pos, void* kc,
+                     void* vc, const int64_t* cst, const Blocks* kv, int64_t b, int64_t t, int64_t hq,
+                     int64_t hk, int64_t hd) {
+    int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
+    float rotated[hd];
+    for (int64_t i = 0; i < b * t; i++) {
+        int64_t at = kv_offset(kv, cst, i / t, pos[i]);
+        for (int64_t h = 0; h < hk; h++) {
+            const float* k = qkv + i * row + (hq + h) * hd;
+            const float* v = k + hk * hd;
+            if (kv->dt != KV_F32) {  /* rounded once, here: what attention reads back */
+                if (cs) rotate(k, cs + i * half, sn + i * half, rotated, hd);
+                kv_round(cs ? rotated : k, kv->dt, (uint16_t*)kc + at + h * cst[1], hd);
+                kv_round(v, kv->dt, (uint16_t*)vc + at + h * cst[1], hd);
+                continue;
+            }
+            float* kd = (float*)kc + at + h * cst[1];
+            float* vd = (float*)vc + at + h * cst[1];
+            if (cs) rotate(k, cs + i * half, sn + i * half, kd, hd);
+            else for (int64_t d = 0; d < hd; d++) kd[d] = k[d];
+            for (int64_t d = 0; d < hd; d++) vd[d] = v[d];
+        }
+    }
+}
+
+/* Attention of one (row, query head) task over its visible cached keys, read block by block in
+   position order (so a row's result does not depend on where its blocks lie):
+   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions]. A 16-bit
+   cache is widened as it is read: the same arithmetic as over an fp32 cache holding its values. */
+#ifdef __AVX2__
+/* attend's weighted sum of the values for a head dim of NV * 8, o's accumulators held in registers for
+   the whole sum: the generic loop below reloads o at every position, a store-to-load chain per value.
+   The same FMAs in the same order, so the same bits. (16 accumulators need AVX-512's 32 registers.) */
+#define WEIGHTED_VALUES(NAME, NV)                                                                        \
+static void NAME(const void* vc, const int64_t* cst, const Blocks* kv, int64_t bi, int64_t kh,           \
+                 const float* sc, float total, int64_t lo, int64_t p, float* o) {                         \
+    __m256 acc[NV];                                                                                       \
+    for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();                                           \
+    for (int64_t j = lo; j <= p;) {                                                                       \
+        int64_t end = (j / kv->bs + 1) * kv->bs;                                                          \
+        if (end > p + 1) end = p + 1;                                                                     \
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];                               \
+        if (kv->dt == KV_F32)                                                                             \
+            for (; j < end; j++) {                                                                        \
+                const float* vj = (const float*)vc + at + j * cst[2];                                     \
+                __m256 wv = _mm256_set1_ps(sc[j] / total);                                                \
+                for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + 8 * v), acc[v]); \
+            }                                                                                             \
+        else                                                                                              \
+            for (; j < end; j++) {                                                                        \
+                const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];                               \
+                __m256 wv = _mm256_set1_ps(sc[j] / total);                                                \
+                for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, kv_widen8(vj + 8 * v, kv->dt), acc[v]); \
+            }                                                                                             \
+    }                                                                                                     \
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + 8 * v, acc[v]);                                    \
+}
+WEIGHTED_VALUES(weighted_values_64, 8)
+#ifdef __AVX512F__
+WEIGHTED_VALUES(weighted_values_128, 16)
+#endif
+#endif
+
+static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
+                   const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
+                   float* out, int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
+                   int64_t window, float* q, float* sc) {
+    int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
+    int64_t i = task / hq, h = task % hq, bi = i / t, p = pos[i], kh = h / (hq / hk);
+    const float* qs = qkv + i * row + h * hd;
+    if (cs) rotate(qs, cs + i * half, sn + i * half, q, hd);
+    else for (int64_t d = 0; d < hd; d++) q[d] = qs[d];
+    if (qscale) for (int64_t d = 0; d < hd; d++) q[d] *= qscale[i];
+    int64_t lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
+    float mx = -INFINITY;
+    for (int64_t j = lo; j <= p;) {  /* one run of adjacent slots (a block's part in [lo, p]) per pass */
+        int64_t end = (j / kv->bs + 1) * kv->bs;
+        if (end > p + 1) end = p + 1;
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: key j */
+        const float* keys = (const float*)kc + at;
+        const uint16_t* keys16 = (const uint16_t*)kc + at;
+        /* Keys four at a time when slots are adjacent: dot4's rows are dot1's arithmetic, in four
+           independent chains instead of one (the dot products were latency-bound). */
+        for (; cst[2] == hd && j + 4 <= end; j += 4) {
+            float d4[4];
+            if (kv->dt == KV_F32) dot4(q, keys + j * hd, hd, d4);
+            else dot4_kv16(q, keys16 + j * hd, kv->dt, hd, d4);
+            for (int r = 0; r < 4; r++) {
+                float a = d4[r] * scale;
+                if (slopes) a += slopes[h] * (float)(j + r - p);
+                sc[j + r] = a;
+                if (a > mx) mx = a;
+            }
+        }
+        for (; j < end; j++) {
+            float a = (kv->dt == KV_F32 ? dot1(q, keys + j * cst[2], hd)
+                                        : dot1_kv16(q, keys16 + j * cst[2], kv->dt, hd)) * scale;
+            if (slopes) a += slopes[h] * (float)(j - p);
+            sc[j] = a;
+            if (a > mx) mx = a;
+        }
+    }
+    float total = 0.0f;
+    int64_t j = lo;
+#ifdef __AVX2__
+    __m256 tv = _mm256_setzero_ps(), mv = _mm256_set1_ps(mx);
+    for (; j + 8 <= p + 1; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
+        _mm256_storeu_ps(sc + j, e);
+        tv = _mm256_add_ps(tv, e);
+    }
+    total = hsum(tv);
+#endif
+    for (; j <= p; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
+    float* o = out + i * hq * hd + h * hd;
+#ifdef __AVX2__
+    if (hd == 64) { weighted_values_64(vc, cst, kv, bi, kh, sc, total, lo, p, o); return; }
+#ifdef __AVX512F__
+    if (hd == 128) { weighted_values_128(vc, cst, kv, bi, kh, sc, total, lo, p, o); return; }
+#endif
+#endif
+    for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+    for (int64_t j = lo; j <= p;) {  /* block by block: one table look-up per block, not per value */
+        int64_t end = (j / kv->bs + 1) * kv->bs;
+        if (end > p + 1) end = p + 1;
+        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: value j */
+        for (; j < end; j++) {
+            float wgt = sc[j] / total;
+            int64_t d = 0;
+            if (kv->dt != KV_F32) {  /* the loop below on the widened values */
+                const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];
+#ifdef __AVX2__
+                __m256 wv = _mm256_set1_ps(wgt);
+                for (; d + 8 <= hd; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, kv_widen8(vj + d, kv->dt), _mm256_loadu_ps(o + d)));
+#endif
+                for (; d < hd; d++) o[d] += wgt * kv_widen1(vj[d], kv->dt);
+                continue;
+            }
+            const float* vj = (const float*)vc + at + j * cst[2];
+#ifdef __AVX2__
+            __m256 wv = _mm256_set1_ps(wgt);
+            for (; d + 8 <= hd; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+#endif
+            for (; d < hd; d++) o[d] += wgt * vj[d];
+        }
+    }
+}
+
+/* One step's attention for a layer from its fused qkv projection: writes the keys and values,
+   then out [b, t, hq * hd]. Returns -1, writing nothing, when a position is outside [0, s), s the
+   positions a row's table covers (nb * bs). */
+int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, const float* qscale,
+                        const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst, const int32_t* table,
+                        int64_t nb, int64_t bs, const float* slopes, float* out, int64_t b, int64_t t, int64_t hq,
+                        int64_t hk, int64_t hd, float scale, int64_t window, int nthreads) {
+    Blocks kv = {table, nb, bs, (int)dt};
+    int64_t s = nb * bs;
+    for (int64_t i = 0; i < b * t; i++)
+        if (pos[i] < 0 || pos[i] >= s) return -1;
+    write_kv(qkv, cs, sn, pos, kc, vc, cst, &kv, b, t, hq, hk, hd);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float* q = (float*)malloc(sizeof(float) * (hd + s));
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < b * t * hq; task++)
+            attend(qkv, cs, sn, qscale, pos, kc, vc, cst, &kv, slopes, out, task, t, hq, hk, hd, scale, window, q,
+                   q + hd);
+        free(q);
+    }
+    return 0;
+}
+#endif
