@@ -1,8 +1,8 @@
 """Batch throughput by concurrency: for N in --concurrency (1 8 16 32), N prompts submitted together
 to `Engine.generate_many` (continuous batching over the paged KV cache), beside Hugging Face
 transformers' batched `generate` (one left-padded batch of N) and llama.cpp (llama-cpp-python, the
-same weights as a GGUF, one request at a time: its server has no parallel slots), all in one process
-on the same weights. Greedy, every request generates exactly --gen-tokens tokens (no EOS stop).
+same weights as an f32 GGUF): one request at a time, and --max-running sequences decoded together as
+llama.cpp's server slots do, all in one process on the same weights. Greedy, every request generates exactly --gen-tokens tokens (no EOS stop).
 
     python benchmarks/engine.py [--model smollm2-135m-instruct] [--concurrency 1 8 16 32] [--gen-tokens 64]
                                 [--max-running 16] [--skip-peer] [--threads N]
@@ -81,15 +81,11 @@ def llama_cpp_peer(model_name: str):
         import llama_cpp
     except ImportError:
         return None
-    from decode import write_f32_gguf
-
-    from llmfn.loading.registry import ALIASES, package_path
+    from llmfn.loading.registry import ALIASES
 
     if model_name not in ALIASES:
         return None
-    gguf = Path(tempfile.gettempdir()) / f"{model_name}-f32.gguf"
-    if not gguf.exists():
-        write_f32_gguf(package_path(ALIASES[model_name]), gguf)
+    gguf = f32_gguf(model_name)
     llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
 
     def run(batch, gen):
@@ -105,6 +101,72 @@ def llama_cpp_peer(model_name: str):
         return out
 
     return f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, {gguf.name}), sequential", run
+
+
+def llama_cpp_slots_peer(model_name: str, slots: int):
+    """(name, fn(batch, gen) -> tokens): llama.cpp decoding up to `slots` sequences in one batch, as
+    its server's parallel slots do (llama-cpp-python's own server has none, so through its low-level
+    API: one context with n_seq_max = slots, each prompt prefilled as its own sequence, then one
+    llama_decode a step with a token of every running sequence; greedy). Requests go in waves of
+    `slots`. On the f32 GGUF of the same weights; None without llama-cpp-python."""
+    try:
+        import llama_cpp as lc
+        import numpy as np
+    except ImportError:
+        return None
+    from llmfn.loading.registry import ALIASES
+
+    if model_name not in ALIASES:
+        return None
+    gguf = f32_gguf(model_name)
+    model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
+    vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = slots * 256, 512, 512, slots
+    cp.n_threads = cp.n_threads_batch = torch.get_num_threads()
+    ctx = lc.llama_init_from_model(model, cp)
+    batch = lc.llama_batch_init(512, 0, slots)
+
+    def decode(items) -> None:  # items: (token, position, sequence, wants logits)
+        batch.n_tokens = len(items)
+        for i, (token, pos, seq, logits) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        if lc.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def greedy(i: int) -> int:
+        return int(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax())
+
+    def run(prompts, gen):
+        out = []
+        for w in range(0, len(prompts), slots):
+            group = prompts[w : w + slots]
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            tokens = []
+            for seq, p in enumerate(group):
+                decode([(t, j, seq, j == len(p) - 1) for j, t in enumerate(p)])
+                tokens.append([greedy(-1)])
+            for step in range(gen - 1):
+                decode([(toks[-1], len(p) + step, seq, True) for seq, (p, toks) in enumerate(zip(group, tokens, strict=True))])
+                for seq, toks in enumerate(tokens):
+                    toks.append(greedy(seq))
+            out += tokens
+        return out
+
+    return f"llama.cpp (llama-cpp-python {lc.__version__}, {gguf.name}), {slots} parallel slots", run
+
+
+def f32_gguf(model_name: str) -> Path:
+    """An f32 GGUF of a built-in model's weights (written once into the temp dir)."""
+    from decode import write_f32_gguf
+
+    from llmfn.loading.registry import ALIASES, package_path
+
+    gguf = Path(tempfile.gettempdir()) / f"{model_name}-f32.gguf"
+    if not gguf.exists():
+        write_f32_gguf(package_path(ALIASES[model_name]), gguf)
+    return gguf
 
 
 def timed(fn, *args) -> tuple[float, list[list[int]]]:
@@ -134,9 +196,9 @@ def main() -> None:
     runtimes = [(f"llmfn Engine (max_running {args.max_running}, paged KV)", partial(engine_run, engine))]
     if not args.skip_peer:
         runtimes.append(transformers_peer(folder, max(args.concurrency)))
-        peer = llama_cpp_peer(args.model)
-        if peer is not None:
-            runtimes.append(peer)
+        for peer in (llama_cpp_peer(args.model), llama_cpp_slots_peer(args.model, args.max_running)):
+            if peer is not None:
+                runtimes.append(peer)
     table = {}
     for name, fn in runtimes:
         fn(prompts(model, 2), 4)  # warm-up
