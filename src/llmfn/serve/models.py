@@ -101,13 +101,14 @@ def kv_budget(memory: int | str | None, model: Model) -> int | str | None:
 
 def warm_up(engine, model: Model) -> None:
     """One short generation before the server reports ready, so that first-use costs (torch.compile,
-    allocator growth) are paid while /health still says 503, not by the first client."""
+    allocator growth, building the sampler's C code) are paid while /health still says 503, not by
+    the first client. Sampled, not greedy: greedy steps never call the sampler."""
     from llmfn.engine import GenerationRequest
     from llmfn.sampling import SamplingParams
 
     prompt = model.tokenizer.encode("Hello") or [0]
     engine.generate_many(
-        [GenerationRequest(prompt_ids=prompt, max_tokens=2, sampling=SamplingParams(temperature=0.0))]
+        [GenerationRequest(prompt_ids=prompt, max_tokens=2, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=0))]
     )
 
 
