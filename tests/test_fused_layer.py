@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from llmfn.backend import fused_forward
 from llmfn.kernels import cpu
 from llmfn.kernels import reference as ref
-from llmfn.kernels.quant import Int4Weight, is_quantized
+from llmfn.kernels.quant import Int4Weight, Int8Weight, is_quantized
 from llmfn.loading.quantize import quantize_params
 from llmfn.models import llama
 from llmfn.models.llama import LlamaConfig
@@ -112,6 +112,26 @@ def test_fused_layer_is_bitwise_the_op_by_op_layer(variant, weights, monkeypatch
         assert calls == [cfg.num_layers] * 6  # every step ran all layers in one fused call
         op_by_op, op_cache = run(params, cfg, steps=5, batch=2, fused=False, monkeypatch=monkeypatch)
     assert calls == [cfg.num_layers] * 6
+    assert torch.equal(fused, op_by_op)
+    assert torch.equal(fused_cache.k, op_cache.k) and torch.equal(fused_cache.v, op_cache.v)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_batched_step_of_group_32_weights_is_bitwise_the_op_by_op_one(bits, monkeypatch):
+    """16 rows a step (the engine's batched decode): there the group-32 int4 / int8 layers take the
+    weight-row tiles of csrc/ztile.h, in the fused layer as in the separate linears (tests/test_quant.py
+    checks those rows against the one-row kernels)."""
+    cfg = config()
+    leaf = Int4Weight if bits == 4 else Int8Weight
+    params = random_params(cfg, seed=5)
+    params = {**params, "layers": [{n: leaf.quantize(v, 32) if n.startswith("w") else v for n, v in layer.items()}
+                                   for layer in params["layers"]]}  # fmt: skip
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "fp32")
+    with torch.inference_mode():
+        fused, fused_cache = run(params, cfg, steps=3, batch=16, fused=True, monkeypatch=monkeypatch, slot_len=32,
+                                 view=24)  # fmt: skip
+        op_by_op, op_cache = run(params, cfg, steps=3, batch=16, fused=False, monkeypatch=monkeypatch, slot_len=32,
+                                 view=24)  # fmt: skip
     assert torch.equal(fused, op_by_op)
     assert torch.equal(fused_cache.k, op_cache.k) and torch.equal(fused_cache.v, op_cache.v)
 

@@ -13,7 +13,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import llmfn
@@ -228,6 +228,8 @@ def test_cpu_kernels_match_float64_matmul(m, n, k, g):
 @given(m=st.integers(2, cpu_quant.MAX_ROWS), n=st.integers(1, 40), groups=st.integers(1, 5),
        g=st.sampled_from([32, 64, 128]), bits=st.sampled_from([4, 8]), acts=st.sampled_from(["fp32", "int8"]),
        seed=st.integers(0, 2**16))  # fmt: skip
+@example(m=40, n=7, groups=3, g=32, bits=4, acts="fp32", seed=1)  # the tiles of csrc/ztile.h (12 rows on)
+@example(m=40, n=7, groups=3, g=32, bits=8, acts="fp32", seed=2)  # (16 rows on)
 def test_quantized_linear_rows_are_batch_invariant(m, n, groups, g, bits, acts, seed):
     """Row i of a batch is bitwise row i alone, for every group size and however the kernels split the
     rows into passes (int4 / int8, fp32 and int8 activations: on AMX builds one row takes VNNI dot

@@ -15,7 +15,9 @@ row chunks and call F.linear (the BLAS matmul is faster once the weight is reuse
 the group-32 kernels (GGUF Q4 / Q8_0) dequantize each group once, w = q * s + o in fp32, for up to 8
 activation rows, then take two 16-lane FMAs per row and group: a 16-row decode step of SmolLM2 Q4_1
 costs 4.6x one row instead of 6.8x (one thread, Xeon), which is what batched serving and speculative
-verification pay. Each row's summation order is fixed whatever the rows beside it (batch invariance).
+verification pay. From 12 rows (int8: 16) csrc/ztile.h dequantizes a few weight rows once into a
+buffer and runs tiles of 3 weight rows x 4 activation rows, the same per-output arithmetic with fewer
+loads per FMA: prefill of 32-64 tokens 1.26-1.4x faster. Each row's summation order is fixed whatever the rows beside it (batch invariance).
 
 Int8 activations (LLMFN_QUANT_ACTIVATIONS=int8; the default, fp32, keeps the exact product above). The
 fp32-activation kernel is instruction-bound (unpacking nibbles to floats, then fp32 FMAs). As

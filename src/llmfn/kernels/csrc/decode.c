@@ -222,7 +222,7 @@ static inline void share(int64_t count, int tid, int nth, int64_t* lo, int64_t* 
    then "res +".
    With add, y holds the residual and receives res + (x @ L^T + bias). xp: scratch m * (k + k / 32). */
 static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m, int64_t n, int64_t k,
-                     int tid, int nth, float* xp) {
+                     int tid, int nth, float* xp, float* wb) {
     int64_t lo, hi;
     if (L->kind == 0) {
         const float* w = (const float*)L->q;
@@ -246,6 +246,18 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
         return;
     }
     int64_t g = L->group, G = k / g;
+#ifdef LLMFN_ZTILE_H
+    if ((L->kind == 1 || L->kind == 2) && g == 32 && zt_takes(L->kind == 1 ? 4 : 8, m)) {  /* zt_linear's arithmetic */
+        int64_t mp = zt_rows(m), nb = zt_block(k);
+        if (L->kind == 1) prep4(x, xp, xp + mp * k, m, k, 32);
+        else memcpy(xp, x, sizeof(float) * m * k);
+        memset(xp + m * k, 0, sizeof(float) * (mp - m) * k);
+        share((n + nb - 1) / nb, tid, nth, &lo, &hi);
+        zt_rows_range(L->kind == 1 ? 4 : 8, xp, m, L->q, L->scales, L->offsets, L->half, L->bias, y, add, n, k, lo * nb,
+                      hi * nb < n ? hi * nb : n, wb);
+        return;
+    }
+#endif
 #ifdef LLMFN_AMX
     if ((L->kind == 3 || L->kind == 4) && amx_ready()) {  /* amx_linear's arithmetic, in tiles of 16 weight rows */
         int bits = L->kind == 3 ? 4 : 8;
@@ -329,8 +341,11 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     int64_t s = nb * bs;
     for (int64_t i = 0; i < m; i++)
         if (pos[i] < 0 || pos[i] >= s) return -1;
-    int64_t nqkv = (hq + 2 * hk) * hd, nq = hq * hd, kmax = D > F ? D : F;
+    int64_t nqkv = (hq + 2 * hk) * hd, nq = hq * hd, kmax = D > F ? D : F, mrows = m;  /* mrows: xp's rows */
     kmax = kmax > nq ? kmax : nq;
+#ifdef LLMFN_ZTILE_H
+    mrows = zt_rows(m);  /* the tiles read whole tiles of rows */
+#endif
     float* buf = (float*)scratch(sizeof(float) * m * (D + nqkv + nq + 3 * F));
     float *h = buf, *qkv = h + m * D, *att = qkv + m * nqkv, *gu = att + m * nq, *act = gu + 2 * m * F;
     Barrier bar = {0, 0};
@@ -343,15 +358,20 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     {
         const double wall0 = seconds(CLOCK_MONOTONIC), cpu0 = seconds(CLOCK_THREAD_CPUTIME_ID);
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
-        float* xp = (float*)scratch(sizeof(float) * (m * kmax + m * kmax / 32 + hd + s));
-        float* q = xp + m * kmax + m * kmax / 32;
+        float* xp = (float*)scratch(sizeof(float) * (mrows * kmax + m * kmax / 32 + hd + s));
+        float* q = xp + mrows * kmax + m * kmax / 32;
+#ifdef LLMFN_ZTILE_H
+        float* wb = (float*)scratch(sizeof(float) * ZT_NB * kmax);
+#else
+        float* wb = NULL;
+#endif
         int64_t lo, hi;
         for (int64_t l = 0; l < nl; l++) {
             const Layer* L = Ls[l];
             char *kl = (char*)kc + l * cst[3] * kv_size(kv.dt), *vl = (char*)vc + l * cst[3] * kv_size(kv.dt);
             if (tid == 0) llmfn_rms_norm(x, L->attn_norm, h, m, D, eps);
             barrier_wait(&bar, nth, &local);
-            lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp);
+            lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
             if (tid == 0) write_kv(qkv, cs, sn, pos, kl, vl, cst, &kv, b, t, hq, hk, hd);
             barrier_wait(&bar, nth, &local);
@@ -360,20 +380,21 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
                 attend(qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, task, t, hq, hk, hd, scale, window, q,
                        q + hd);
             barrier_wait(&bar, nth, &local);
-            lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp);
+            lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
             if (tid == 0) llmfn_rms_norm(x, L->mlp_norm, h, m, D, eps);
             barrier_wait(&bar, nth, &local);
-            lin_part(&L->gate_up, h, gu, 0, m, 2 * F, D, tid, nth, xp);
+            lin_part(&L->gate_up, h, gu, 0, m, 2 * F, D, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
             share((F + 7) / 8, tid, nth, &lo, &hi);  /* in groups of 8, as llmfn_silu_mul takes them */
             for (int64_t r = 0; r < m; r++)
                 silu_mul_range(gu + r * 2 * F, gu + r * 2 * F + F, act + r * F, lo * 8, hi * 8 < F ? hi * 8 : F);
             barrier_wait(&bar, nth, &local);
-            lin_part(&L->down, act, x, 1, m, D, F, tid, nth, xp);
+            lin_part(&L->down, act, x, 1, m, D, F, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
         }
         free(xp);
+        free(wb);
         busy += seconds(CLOCK_THREAD_CPUTIME_ID) - cpu0;
         present += seconds(CLOCK_MONOTONIC) - wall0;
     }

@@ -337,6 +337,7 @@ static inline void int4_z_r1x2(const float* xp, const float* xs, const uint8_t* 
     *yb = _mm512_reduce_add_ps(_mm512_add_ps(abe, abo));
 }
 #define int4_g32_decode_pair int4_z_r1x2
+#include "ztile.h"  /* several rows in tiles; uses the dequantizers above */
 #else
 #define QUANT_PASS_ROWS 4
 #define int4_g32_decode_pair int4_g32_r1x2
@@ -463,6 +464,9 @@ int llmfn_int4_linear(const float* x, const uint8_t* q, const void* s, const voi
         free(xq);
         return 0;
     }
+#ifdef LLMFN_ZTILE_H
+    if (g == 32 && zt_takes(4, m)) return zt_linear(4, x, q, s, o, half, y, m, n, k, nthreads);
+#endif
     float* xp = (float*)scratch(sizeof(float) * (m * k + m * G));
     float* xs = xp + m * k;
     prep4(x, xp, xs, m, k, g);
@@ -504,6 +508,9 @@ int llmfn_int8_linear(const float* x, const int8_t* q, const void* s, float* y,
         free(xq);
         return 0;
     }
+#ifdef LLMFN_ZTILE_H
+    if (g == 32 && zt_takes(8, m)) return zt_linear(8, x, q, s, NULL, half, y, m, n, k, nthreads);
+#endif
     #pragma omp parallel num_threads(nthreads)
     {
         float sb[G];
