@@ -311,6 +311,11 @@ def _race_c(lib, probs: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, 
 _race_lib = False  # False until the first _race_library() call
 
 
+def c_sampler_available() -> bool:
+    """Whether CPU rows are sampled by csrc/sample.c here (built on first use; else by the torch race)."""
+    return _race_library() is not None
+
+
 def _race_library():
     """csrc/sample.c compiled (llmfn.cbuild), or None: no C compiler, or LLMFN_CPU_KERNELS=torch."""
     global _race_lib

@@ -121,7 +121,7 @@ def tiny_model(device: str, dtype: torch.dtype) -> tuple[dict, LlamaConfig]:
 
 def cpu_kernels_check() -> tuple[bool | None, str]:
     """Whether llmfn's C kernels for CPU decode and encoders are built here (None: not, the torch ops run)."""
-    from llmfn import cbuild
+    from llmfn import cbuild, sampling
     from llmfn.kernels import cpu, cpu_attention, cpu_gemm, cpu_quant
 
     if not (cpu.available() and cpu_gemm.available() and cpu_attention.available()):
@@ -131,7 +131,8 @@ def cpu_kernels_check() -> tuple[bool | None, str]:
     acts = "int8" if cpu_quant.int8_activations() else "fp32"
     if cpu.library().llmfn_amx_active():
         acts += " (int8 ones on AMX tiles)"
-    return True, (f"built in {cbuild.build_dir()} (decode, GEMM, encoder attention) for {level} ({why}); "
+    built = "decode, GEMM, encoder attention" + (", sampler" if sampling.c_sampler_available() else "")
+    return True, (f"built in {cbuild.build_dir()} ({built}) for {level} ({why}); "
                   f"int4 / int8 weights take {acts} activations (LLMFN_QUANT_ACTIVATIONS)")
 
 
