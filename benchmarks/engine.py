@@ -77,15 +77,10 @@ def transformers_peer(folder: Path, max_batch: int):
 def llama_cpp_peer(model_name: str):
     """(name, fn(batch, gen) -> tokens) through llama-cpp-python on an f32 GGUF of the same weights
     (SmolLM2 only), one request at a time, or None when llama-cpp-python is not installed."""
-    try:
-        import llama_cpp
-    except ImportError:
+    found = llama_cpp_and_gguf(model_name)
+    if found is None:
         return None
-    from llmfn.loading.registry import ALIASES
-
-    if model_name not in ALIASES:
-        return None
-    gguf = f32_gguf(model_name)
+    llama_cpp, gguf = found
     llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
 
     def run(batch, gen):
@@ -109,16 +104,12 @@ def llama_cpp_slots_peer(model_name: str, slots: int):
     API: one context with n_seq_max = slots, each prompt prefilled as its own sequence, then one
     llama_decode a step with a token of every running sequence; greedy). Requests go in waves of
     `slots`. On the f32 GGUF of the same weights; None without llama-cpp-python."""
-    try:
-        import llama_cpp as lc
-        import numpy as np
-    except ImportError:
+    found = llama_cpp_and_gguf(model_name)
+    if found is None:
         return None
-    from llmfn.loading.registry import ALIASES
+    lc, gguf = found
+    import numpy as np  # llama-cpp-python's own dependency
 
-    if model_name not in ALIASES:
-        return None
-    gguf = f32_gguf(model_name)
     model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
     vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
     cp = lc.llama_context_default_params()
@@ -157,16 +148,23 @@ def llama_cpp_slots_peer(model_name: str, slots: int):
     return f"llama.cpp (llama-cpp-python {lc.__version__}, {gguf.name}), {slots} parallel slots", run
 
 
-def f32_gguf(model_name: str) -> Path:
-    """An f32 GGUF of a built-in model's weights (written once into the temp dir)."""
+def llama_cpp_and_gguf(model_name: str):
+    """(the llama_cpp module, an f32 GGUF of a built-in model's weights, written once into the temp
+    dir), or None: llama-cpp-python is not installed, or the model is not a built-in alias."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
     from decode import write_f32_gguf
 
     from llmfn.loading.registry import ALIASES, package_path
 
+    if model_name not in ALIASES:
+        return None
     gguf = Path(tempfile.gettempdir()) / f"{model_name}-f32.gguf"
     if not gguf.exists():
         write_f32_gguf(package_path(ALIASES[model_name]), gguf)
-    return gguf
+    return llama_cpp, gguf
 
 
 def timed(fn, *args) -> tuple[float, list[list[int]]]:
