@@ -248,12 +248,11 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     int64_t g = L->group, G = k / g;
 #ifdef LLMFN_ZTILE_H
     if ((L->kind == 1 || L->kind == 2) && g == 32 && zt_takes(L->kind == 1 ? 4 : 8, m)) {  /* zt_linear's arithmetic */
-        int64_t mp = zt_rows(m), nb = zt_block(k);
-        if (L->kind == 1) prep4(x, xp, xp + mp * k, m, k, 32);
-        else memcpy(xp, x, sizeof(float) * m * k);
-        memset(xp + m * k, 0, sizeof(float) * (mp - m) * k);
+        int bits = L->kind == 1 ? 4 : 8;
+        int64_t nb = zt_block(k);
+        zt_prepare(bits, x, xp, m, k);
         share((n + nb - 1) / nb, tid, nth, &lo, &hi);
-        zt_rows_range(L->kind == 1 ? 4 : 8, xp, m, L->q, L->scales, L->offsets, L->half, L->bias, y, add, n, k, lo * nb,
+        zt_rows_range(bits, xp, m, L->q, L->scales, L->offsets, L->half, L->bias, y, add, n, k, lo * nb,
                       hi * nb < n ? hi * nb : n, wb);
         return;
     }

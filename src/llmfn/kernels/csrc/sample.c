@@ -25,6 +25,16 @@ static inline double noise(uint32_t key, uint32_t id) {
     return ((double)mix32(key + mix32(id) * 0x9E3779B1u) + 0.5) / 4294967296.0;
 }
 
+/* Token i's race: its probability over Exp(1) noise. */
+static inline double race_of(const float* p, uint32_t key, int64_t i) {
+    return (double)p[i] / -log(noise(key, (uint32_t)i));
+}
+
+/* Enters token i's race: the largest race wins, the lower id among equal ones (NaN never enters). */
+static inline void enter(double race, int64_t i, double* best, int64_t* win) {
+    if (race > *best || (race == *best && i < *win)) *best = race, *win = i;
+}
+
 typedef struct { float p; int32_t id; } Cand;
 
 static int by_rank(const void* a, const void* b) {  /* more likely first, then the lower id */
@@ -75,8 +85,7 @@ static int64_t first_max(const float* p, int64_t v) {
 static int64_t race_all(const float* p, int64_t v, int64_t top, float cut, uint32_t key) {
     double best = -INFINITY;
     int64_t win = v;
-    double race = (double)p[top] / -log(noise(key, (uint32_t)top));
-    if (race == race) best = race, win = top;
+    enter(race_of(p, key, top), top, &best, &win);
     int prune = best > 0.0 && best < INFINITY;
     for (int64_t i0 = 0; i0 < v; i0 += CHUNK) {
         int64_t n = v - i0 < CHUNK ? v - i0 : CHUNK;
@@ -93,9 +102,7 @@ static int64_t race_all(const float* p, int64_t v, int64_t top, float cut, uint3
         if (!any) continue;
         for (int64_t j = 0; j < n; j++) {
             if (!hit[j]) continue;
-            int64_t i = i0 + j;
-            race = (double)p[i] / -log(noise(key, (uint32_t)i));
-            if (race > best || (race == best && i < win)) best = race, win = i;
+            enter(race_of(p, key, i0 + j), i0 + j, &best, &win);
             prune = best > 0.0 && best < INFINITY;
         }
     }
@@ -121,9 +128,7 @@ int llmfn_sample_race(const float* probs, const float* top_p, const float* min_p
         double best = -INFINITY;
         for (int64_t k = -1; k < n; k++) {  /* -1: top, always allowed */
             int64_t i = k < 0 ? top : cand[k].id;
-            if (k >= 0 && !(p[i] >= cut)) continue;
-            double race = (double)p[i] / -log(noise(keys[r], (uint32_t)i));
-            if (race > best || (race == best && i < win)) best = race, win = i;
+            if (k < 0 || p[i] >= cut) enter(race_of(p, keys[r], i), i, &best, &win);
         }
         out[r] = win;
     }

@@ -67,11 +67,13 @@ static void zt_dequant(int bits, const void* q, const void* s, const void* o, in
         }
         const float* sr = row_f32(s, half, j0 + jj, G, sb);
         const float* orow = bits == 4 ? row_f32(o, half, j0 + jj, G, ob) : NULL;
+        const uint8_t* qrow = (const uint8_t*)q + (j0 + jj) * (k * bits / 8);
         for (int64_t gi = 0; gi < G; gi++) {
             __m512 a, b;
-            prefetch_ahead((const uint8_t*)q + (j0 + jj) * (k * bits / 8) + gi * 4 * bits);  /* the next block's bytes */
-            if (bits == 4) dequant32_z((const uint8_t*)q + (j0 + jj) * (k / 2) + gi * 16, sr[gi], orow[gi], &a, &b);
-            else dequant8x32_z((const int8_t*)q + (j0 + jj) * k + gi * 32, sr[gi], &a, &b);
+            const uint8_t* qg = qrow + gi * 4 * bits;  /* a group of 32: 16 bytes of int4, 32 of int8 */
+            prefetch_ahead(qg);  /* the next block's bytes */
+            if (bits == 4) dequant32_z(qg, sr[gi], orow[gi], &a, &b);
+            else dequant8x32_z((const int8_t*)qg, sr[gi], &a, &b);
             _mm512_store_ps(dst + gi * 32, a);
             _mm512_store_ps(dst + gi * 32 + 16, b);
         }
@@ -99,6 +101,15 @@ static void zt_rows_range(int bits, const float* x, int64_t m, const void* q, co
     }
 }
 
+/* xp [zt_rows(m), k] <- x [m, k] as the tiles read it (int4: reordered by prep4, its group sums at
+   xp + zt_rows(m) * k; int8: as it is), the rows past m zero. */
+static void zt_prepare(int bits, const float* x, float* xp, int64_t m, int64_t k) {
+    int64_t mp = zt_rows(m);
+    if (bits == 4) prep4(x, xp, xp + mp * k, m, k, 32);
+    else memcpy(xp, x, sizeof(float) * m * k);
+    memset(xp + m * k, 0, sizeof(float) * (mp - m) * k);
+}
+
 /* llmfn_int4_linear / llmfn_int8_linear's fp32-activation product on the tiles (zt_takes(bits, m),
    g == 32): x [m, k] as given (int4: reordered here as prep4 does). Returns -1 out of memory. */
 static int zt_linear(int bits, const float* x, const void* q, const void* s, const void* o, int half, float* y,
@@ -106,9 +117,7 @@ static int zt_linear(int bits, const float* x, const void* q, const void* s, con
     int64_t mp = zt_rows(m), G = k / 32;
     float* xp = (float*)scratch(sizeof(float) * (mp * k + m * G));
     if (!xp) return -1;
-    if (bits == 4) prep4(x, xp, xp + mp * k, m, k, 32);
-    else memcpy(xp, x, sizeof(float) * m * k);
-    memset(xp + m * k, 0, sizeof(float) * (mp - m) * k);
+    zt_prepare(bits, x, xp, m, k);
     int64_t nb = zt_block(k), blocks = (n + nb - 1) / nb;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
