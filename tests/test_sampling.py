@@ -124,6 +124,21 @@ def test_rows_of_nan_or_all_banned_logits_still_give_a_valid_token():
     assert ((0 <= out) & (out < 40)).all()
 
 
+@pytest.mark.skipif(sampling._race_library() is None, reason="no C compiler to build the CPU kernels")
+@settings(max_examples=150, deadline=None)
+@given(rows=st.integers(1, 4), vocab=st.sampled_from([1, 2, 7, 8, 9, 64, 300, 49152]), seed=st.integers(0, 2**31 - 1),
+       ties=st.booleans(), specials=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["nan", "inf", "-inf"])),
+                                             max_size=4))  # fmt: skip
+def test_the_c_sampler_greedy_pick_is_torch_argmax(rows, vocab, seed, ties, specials):
+    # csrc/sample.c's argmax must give torch's answer: the first of equal maxima, the first NaN if any
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 5
+    if ties:
+        logits = logits.round()
+    for at, value in specials:
+        logits.view(-1)[at % logits.numel()] = float(value)
+    assert torch.equal(sampling.greedy(logits), logits.argmax(dim=-1))
+
+
 def _allowed_by_full_sort(probs, top_p, min_p):
     """sampling._allowed stated with a full stable sort: equal probabilities rank by lower id."""
     ranked, order = probs.sort(dim=-1, descending=True, stable=True)

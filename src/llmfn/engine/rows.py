@@ -10,7 +10,7 @@ import torch
 
 from llmfn.constraints import bitmask_words
 from llmfn.engine.requests import Sequence, TokenLogprob
-from llmfn.sampling import apply_logit_bias, apply_penalties, apply_token_bitmask, sample
+from llmfn.sampling import apply_logit_bias, apply_penalties, apply_token_bitmask, greedy, sample
 
 
 class RowSampler:
@@ -71,7 +71,7 @@ class RowSampler:
                 at = torch.tensor(slots, device=logits.device) - start
                 logits = logits.index_copy(0, at, apply_token_bitmask(logits[at], self.bitmask[slots]))
         if all(s.request.sampling.greedy for s in seqs):
-            ids = logits.argmax(dim=-1)
+            ids = greedy(logits)
         else:
             ids = sample(logits, step=step, **{k: t[rows] for k, t in self.knobs.items()})
         if penalized:  # only penalized rows read the counts
