@@ -322,7 +322,7 @@ class DecodeThreads:
     """How many threads the fused decode step runs on: torch's count, except after a step in which
     the threads got less than OCCUPIED of the time they were in it as CPU time (other processes took
     their cores), when the next steps run on one thread: 16 steps, twice as many each time it happens
-    again (up to 256), before all threads are tried again. The step's phases meet at ~270 barriers,
+    again (up to 256), before all threads are tried again. The step's phases meet at ~210 barriers,
     each waiting for the slowest thread: on 2 cores shared with other work, 2 threads decoded SmolLM2
     int4 at ~5 tok/s where 1 thread made ~18-35. The thread count never changes results (each output
     has one owner and one summation order)."""

@@ -63,7 +63,7 @@ static void write_kv(const float* qkv, const float* cs, const float* sn, const i
    The same FMAs in the same order, so the same bits. (16 accumulators need AVX-512's 32 registers.) */
 #define WEIGHTED_VALUES(NAME, NV)                                                                        \
 static void NAME(const void* vc, const int64_t* cst, const Blocks* kv, int64_t bi, int64_t kh,           \
-                 const float* sc, float total, int64_t lo, int64_t p, float* o) {                         \
+                 const float* sc, int64_t lo, int64_t p, float* o) {                                      \
     __m256 acc[NV];                                                                                       \
     for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();                                           \
     for (int64_t j = lo; j <= p;) {                                                                       \
@@ -73,13 +73,13 @@ static void NAME(const void* vc, const int64_t* cst, const Blocks* kv, int64_t b
         if (kv->dt == KV_F32)                                                                             \
             for (; j < end; j++) {                                                                        \
                 const float* vj = (const float*)vc + at + j * cst[2];                                     \
-                __m256 wv = _mm256_set1_ps(sc[j] / total);                                                \
+                __m256 wv = _mm256_set1_ps(sc[j]);                                                        \
                 for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + 8 * v), acc[v]); \
             }                                                                                             \
         else                                                                                              \
             for (; j < end; j++) {                                                                        \
                 const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];                               \
-                __m256 wv = _mm256_set1_ps(sc[j] / total);                                                \
+                __m256 wv = _mm256_set1_ps(sc[j]);                                                        \
                 for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, kv_widen8(vj + 8 * v, kv->dt), acc[v]); \
             }                                                                                             \
     }                                                                                                     \
@@ -142,11 +142,19 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     total = hsum(tv);
 #endif
     for (; j <= p; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
+    /* the weights sc / total, divided here in vectors (the same quotients) and not once a position in
+       the weighted sum: a scalar division's latency per value */
+    j = lo;
+#ifdef __AVX2__
+    const __m256 tv8 = _mm256_set1_ps(total);
+    for (; j + 8 <= p + 1; j += 8) _mm256_storeu_ps(sc + j, _mm256_div_ps(_mm256_loadu_ps(sc + j), tv8));
+#endif
+    for (; j <= p; j++) sc[j] /= total;
     float* o = out + i * hq * hd + h * hd;
 #ifdef __AVX2__
-    if (hd == 64) { weighted_values_64(vc, cst, kv, bi, kh, sc, total, lo, p, o); return; }
+    if (hd == 64) { weighted_values_64(vc, cst, kv, bi, kh, sc, lo, p, o); return; }
 #ifdef __AVX512F__
-    if (hd == 128) { weighted_values_128(vc, cst, kv, bi, kh, sc, total, lo, p, o); return; }
+    if (hd == 128) { weighted_values_128(vc, cst, kv, bi, kh, sc, lo, p, o); return; }
 #endif
 #endif
     for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
@@ -155,7 +163,7 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
         if (end > p + 1) end = p + 1;
         int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: value j */
         for (; j < end; j++) {
-            float wgt = sc[j] / total;
+            float wgt = sc[j];
             int64_t d = 0;
             if (kv->dt != KV_F32) {  /* the loop below on the widened values */
                 const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];

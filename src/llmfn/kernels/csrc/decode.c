@@ -182,7 +182,7 @@ typedef struct { const void* q; const void* scales; const void* offsets; const f
 typedef struct { const float* attn_norm; Lin qkv, o; const float* mlp_norm; Lin gate_up, down; } Layer;
 
 /* A spin barrier for the phases of one layer: OpenMP's own barrier spins briefly and then sleeps
-   (llmfn sets GOMP_SPINCOUNT=2000, llmfn/_env.py), and each wake-up cost ~8 us, 8 times a layer. It
+   (llmfn sets GOMP_SPINCOUNT=2000, llmfn/_env.py), and each wake-up cost ~8 us, 7 times a layer. It
    yields the core after a while, so an oversubscribed machine does not stall. */
 typedef struct { int count, sense; } Barrier;
 static void barrier_wait(Barrier* b, int nth, int* local) {
@@ -328,8 +328,9 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
 /* x [m, D] <- the pre-norm decoder layers Ls[0 .. nl-1] applied to x (the residual stream, updated
    in place), each  x = x + o(attention(rope(qkv(rms(x))))); x = x + down(silu(gate) * up)(rms(x)),
    with the cache arguments above (dt: the caches' element type); layer l's caches start l * cst[3]
-   elements into kc / vc. One OpenMP region for all of them, its phases separated by spin barriers.
-   Bitwise what the separate kernels give. */
+   elements into kc / vc. One OpenMP region for all of them, its phases separated by spin barriers;
+   each thread norms the rows itself (the same function, so the same bits), which spares two barriers
+   a layer and the other threads' wait for one thread's norm. Bitwise what the separate kernels give. */
 int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const float* cs, const float* sn,
                          const float* qscale, const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst,
                          const int32_t* table, int64_t nb, int64_t bs, const float* slopes, int64_t m, int64_t t,
@@ -345,8 +346,8 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
 #ifdef LLMFN_ZTILE_H
     mrows = zt_rows(m);  /* the tiles read whole tiles of rows */
 #endif
-    float* buf = (float*)scratch(sizeof(float) * m * (D + nqkv + nq + 3 * F));
-    float *h = buf, *qkv = h + m * D, *att = qkv + m * nqkv, *gu = att + m * nq, *act = gu + 2 * m * F;
+    float* buf = (float*)scratch(sizeof(float) * m * (nqkv + nq + 3 * F));
+    float *qkv = buf, *att = qkv + m * nqkv, *gu = att + m * nq, *act = gu + 2 * m * F;
     Barrier bar = {0, 0};
     int64_t b = m / t;
 #ifdef LLMFN_AMX
@@ -357,8 +358,9 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     {
         const double wall0 = seconds(CLOCK_MONOTONIC), cpu0 = seconds(CLOCK_THREAD_CPUTIME_ID);
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
-        float* xp = (float*)scratch(sizeof(float) * (mrows * kmax + m * kmax / 32 + hd + s));
+        float* xp = (float*)scratch(sizeof(float) * (mrows * kmax + m * kmax / 32 + hd + s + m * D));
         float* q = xp + mrows * kmax + m * kmax / 32;
+        float* h = q + hd + s;  /* this thread's copy of the normed rows: no barrier after a norm */
 #ifdef LLMFN_ZTILE_H
         float* wb = (float*)scratch(sizeof(float) * ZT_NB * kmax);
 #else
@@ -368,8 +370,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
         for (int64_t l = 0; l < nl; l++) {
             const Layer* L = Ls[l];
             char *kl = (char*)kc + l * cst[3] * kv_size(kv.dt), *vl = (char*)vc + l * cst[3] * kv_size(kv.dt);
-            if (tid == 0) llmfn_rms_norm(x, L->attn_norm, h, m, D, eps);
-            barrier_wait(&bar, nth, &local);
+            llmfn_rms_norm(x, L->attn_norm, h, m, D, eps);
             lin_part(&L->qkv, h, qkv, 0, m, nqkv, D, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
             if (tid == 0) write_kv(qkv, cs, sn, pos, kl, vl, cst, &kv, b, t, hq, hk, hd);
@@ -381,8 +382,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             barrier_wait(&bar, nth, &local);
             lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
-            if (tid == 0) llmfn_rms_norm(x, L->mlp_norm, h, m, D, eps);
-            barrier_wait(&bar, nth, &local);
+            llmfn_rms_norm(x, L->mlp_norm, h, m, D, eps);
             lin_part(&L->gate_up, h, gu, 0, m, 2 * F, D, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
             share((F + 7) / 8, tid, nth, &lo, &hi);  /* in groups of 8, as llmfn_silu_mul takes them */
