@@ -88,6 +88,8 @@ def test_greedy_rows_take_argmax():
     knobs["temperature"] = torch.tensor([0.0, 1.0, 0.0])
     out = sample(logits, step=torch.tensor([0, 0, 0]), **knobs)
     assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
+    alone = sample(logits[1:2], step=torch.tensor([0]), **{k: v[1:2] for k, v in knobs.items()})
+    assert out[1] == alone[0]  # the sampled row draws as it would alone
 
 
 def test_penalties():
@@ -166,8 +168,9 @@ def test_the_c_sampler_draws_the_torch_race_token(rows, vocab, spread, ties, top
     full = lambda v, dtype: torch.full((rows,), v, dtype=dtype)  # noqa: E731
     probs = sampling._probabilities(logits, full(0.8, torch.float32), full(top_k, torch.int64))
     top_p, min_p = full(top_p, torch.float32), full(min_p, torch.float32)
-    keys = sampling._row_keys(full(seed, torch.int64), torch.arange(rows) + step)
+    seeds, steps = full(seed, torch.int64), torch.arange(rows) + step
+    keys = sampling._row_keys(seeds, steps)
     want = sampling._race_torch(probs, _allowed_by_full_sort(probs, top_p, min_p), keys)
-    assert torch.equal(sampling._race_c(sampling._race_library(), probs, top_p, min_p, keys), want)
+    assert torch.equal(sampling._race_c(sampling._race_library(), probs, top_p, min_p, seeds, steps), want)
     if all(len(set(row.tolist())) == vocab for row in probs):  # torch's own mask agrees where no two are equal
         assert torch.equal(sampling._race_torch(probs, sampling._allowed(probs, top_p, min_p), keys), want)

@@ -265,22 +265,27 @@ def sample(
     """Next token per row [B] from fp32 logits [B, V]. Rows with temperature 0 take the argmax; the
     others race the allowed tokens: argmax of probs / Exp(1) noise, the noise a pure function of
     (seed, step, token id), so a row's draw never depends on the rest of the batch."""
-    hot = (temperature > 0).nonzero()[:, 0]
-    if hot.numel() == 0:
+    hot = temperature > 0
+    if not bool(hot.any()):
         return greedy(logits)
-    probs = _probabilities(logits[hot], temperature[hot], top_k[hot])
-    keys = _row_keys(seed[hot], step[hot])
+    every = bool(hot.all())
+    picked = None if every else hot.nonzero()[:, 0]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # the hot rows (all of them: no copy)
+        return t if picked is None else t[picked]
+
+    probs = _probabilities(rows(logits), rows(temperature), rows(top_k))
     lib = _race_library() if probs.device.type == "cpu" else None
     if lib is None:
-        drawn = _race_torch(probs, _allowed(probs, top_p[hot], min_p[hot]), keys)
+        drawn = _race_torch(probs, _allowed(probs, rows(top_p), rows(min_p)), _row_keys(rows(seed), rows(step)))
     else:
-        drawn = _race_c(lib, probs, top_p[hot], min_p[hot], keys)
+        drawn = _race_c(lib, probs, rows(top_p), rows(min_p), rows(seed), rows(step))
     V = logits.shape[-1]
-    if len(hot) == len(logits) and bool((drawn < V).all()):
+    if every and bool((drawn < V).all()):
         return drawn
     # greedy rows, and rows without a winner (NaN logits: nothing compares), take the argmax
     tokens = greedy(logits)
-    return tokens.index_put((hot,), torch.where(drawn < V, drawn, tokens[hot]))
+    return tokens.masked_scatter(hot, torch.where(drawn < V, drawn, tokens[hot]))
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -307,16 +312,17 @@ def _race_torch(probs: torch.Tensor, allowed: torch.Tensor, keys: torch.Tensor) 
     return first.scatter_reduce(0, rows[winner], ids[winner], "amin")
 
 
-def _race_c(lib, probs: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """_race_torch(probs, _allowed(probs, top_p, min_p), keys) from csrc/sample.c, ~10x faster: it
-    sorts only the nucleus' head and skips the log of every token that cannot win. Equal
-    probabilities at the nucleus' edge go by lower id (topk's order there is unspecified)."""
+def _race_c(lib, probs: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+            step: torch.Tensor) -> torch.Tensor:
+    """_race_torch(probs, _allowed(probs, top_p, min_p), _row_keys(seed, step)) from csrc/sample.c,
+    ~10x faster: it sorts only the nucleus' head and skips the log of every token that cannot win.
+    Equal probabilities at the nucleus' edge go by lower id (topk's order there is unspecified)."""
     probs = probs.float().contiguous()
     top_p, min_p = top_p.float().contiguous(), min_p.float().contiguous()
-    keys32 = torch.where(keys >= 2**31, keys - 2**32, keys).to(torch.int32)  # the same 32 bits, as C reads them
+    seed, step = seed.to(torch.int64).contiguous(), step.to(torch.int64).contiguous()
     out = torch.empty(len(probs), dtype=torch.int64)
-    if lib.llmfn_sample_race(probs.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), keys32.data_ptr(), out.data_ptr(),
-                             *probs.shape) != 0:  # fmt: skip
+    if lib.llmfn_sample_race(probs.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), seed.data_ptr(), step.data_ptr(),
+                             out.data_ptr(), *probs.shape) != 0:  # fmt: skip
         raise MemoryError("sampling: out of memory")
     return out
 
@@ -334,7 +340,7 @@ def _race_library():
     global _race_lib
     if _race_lib is False:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        _race_lib = cbuild.cpu_kernels("llmfn_sample", "sample.c", {"llmfn_sample_race": [p, p, p, p, p, i64, i64],
+        _race_lib = cbuild.cpu_kernels("llmfn_sample", "sample.c", {"llmfn_sample_race": [p, p, p, p, p, p, i64, i64],
                                                                     "llmfn_argmax": [p, p, i64, i64]})
     return _race_lib
 

@@ -20,6 +20,12 @@ static inline uint32_t mix32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
+/* sampling._row_keys: the row's noise key from its seed (both 32-bit halves) and step. */
+static inline uint32_t row_key(int64_t seed, int64_t step) {
+    uint64_t s = (uint64_t)seed;
+    return mix32((mix32((uint32_t)s) ^ mix32((uint32_t)(s >> 32))) + (uint32_t)(uint64_t)step);
+}
+
 /* sampling._noise: uniform in (0, 1), exact in double. */
 static inline double noise(uint32_t key, uint32_t id) {
     return ((double)mix32(key + mix32(id) * 0x9E3779B1u) + 0.5) / 4294967296.0;
@@ -159,17 +165,18 @@ int llmfn_argmax(const float* x, int64_t* out, int64_t b, int64_t v) {
 }
 
 /* out[r]: the token row r of probs [b, v] draws, as sampling._race_torch(probs, sampling._allowed(
-   probs, top_p, min_p), keys) (equal probabilities at the nucleus' edge taken by lower id); v when no
-   race compares (NaN probabilities). -1 when out of memory. */
-int llmfn_sample_race(const float* probs, const float* top_p, const float* min_p, const uint32_t* keys, int64_t* out,
-                      int64_t b, int64_t v) {
+   probs, top_p, min_p), sampling._row_keys(seed, step)) (equal probabilities at the nucleus' edge taken
+   by lower id); v when no race compares (NaN probabilities). -1 when out of memory. */
+int llmfn_sample_race(const float* probs, const float* top_p, const float* min_p, const int64_t* seed,
+                      const int64_t* step, int64_t* out, int64_t b, int64_t v) {
     Cand* cand = NULL;
     for (int64_t r = 0; r < b; r++) {
         const float* p = probs + r * v;
+        const uint32_t key = row_key(seed[r], step[r]);
         int64_t top = first_max(p, v);
         float cut = min_p[r] * p[top];
         if (!(top_p[r] < 1.0f)) {
-            out[r] = race_all(p, v, top, cut, keys[r]);
+            out[r] = race_all(p, v, top, cut, key);
             continue;
         }
         if (!cand && !(cand = (Cand*)malloc(sizeof(Cand) * (size_t)v))) return -1;
@@ -177,7 +184,7 @@ int llmfn_sample_race(const float* probs, const float* top_p, const float* min_p
         double best = -INFINITY;
         for (int64_t k = -1; k < n; k++) {  /* -1: top, always allowed */
             int64_t i = k < 0 ? top : cand[k].id;
-            if (k < 0 || p[i] >= cut) enter(race_of(p, keys[r], i), i, &best, &win);
+            if (k < 0 || p[i] >= cut) enter(race_of(p, key, i), i, &best, &win);
         }
         out[r] = win;
     }
