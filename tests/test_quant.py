@@ -207,7 +207,7 @@ def test_quantize_names_a_group_size_that_fits(tiny, tmp_path):
 
 
 @pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40, cpu_quant.MAX_ROWS + 6])  # the last: dequant + matmul
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40, cpu_quant.MAX_ROWS + 6, cpu_quant.TILE_MAX_ROWS + 6])  # the last: dequant + matmul
 @pytest.mark.parametrize("n,k,g", [(40, 64, 32), (24, 384, 128), (8, 96, 96)])
 def test_cpu_kernels_match_float64_matmul(m, n, k, g):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
@@ -242,6 +242,23 @@ def test_quantized_linear_rows_are_batch_invariant(m, n, groups, g, bits, acts, 
         out = leaf.linear(x)
         for i in range(m):
             assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
+
+
+@pytest.mark.skipif(not (cpu_quant.available() and cpu_quant.int4_max_rows(32, False) > cpu_quant.MAX_ROWS),
+                    reason="needs a CPU with AVX-512 (the row tiles of csrc/ztile.h)")  # fmt: skip
+def test_prompts_up_to_tile_max_rows_stay_on_the_int4_tiles_row_for_row(monkeypatch):
+    """Group-32 int4 weights with fp32 activations keep the tiles up to TILE_MAX_ROWS rows (faster
+    than dequantize + matmul there): every row bitwise the row alone; one row more goes to the matmul."""
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "fp32")
+    gen = torch.Generator().manual_seed(5)
+    leaf = quant.Int4Weight.quantize(torch.randn(20, 96, generator=gen), 32)
+    x = torch.randn(cpu_quant.TILE_MAX_ROWS + 1, 96, generator=gen)
+    with mock.patch.object(cpu_quant, "_chunked", side_effect=AssertionError("dequantize + matmul")):
+        out = leaf.linear(x[:-1])
+        with pytest.raises(AssertionError, match="dequantize"):
+            leaf.linear(x)
+    for i in (0, cpu_quant.MAX_ROWS, cpu_quant.TILE_MAX_ROWS - 1):
+        assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
 
 
 @pytest.mark.skipif(not (cpu_quant.available() and cpu_quant.on_tiles(True)), reason="needs a CPU with AMX int8 tiles")

@@ -52,6 +52,7 @@ _SIGNATURES = {
                             _i32],
     "llmfn_decode_occupancy": [],
     "llmfn_amx_active": [],
+    "llmfn_row_tiles": [],
 }
 
 

@@ -10,8 +10,9 @@ dequantizes in registers, in fp32:
 
     y[i, j] = sum_g scales[j, g] * (sum_{t in g} x[i, t] * q[j, t]) + offsets[j, g] * sum_{t in g} x[i, t]
 
-for up to MAX_ROWS activation rows (decode, small batches, short prompts); bigger inputs dequantize the weight in
-row chunks and call F.linear (the BLAS matmul is faster once the weight is reused enough). On AVX-512
+for up to MAX_ROWS activation rows (decode, small batches, short prompts; TILE_MAX_ROWS for the tiles
+below); bigger inputs dequantize the weight in row chunks and call F.linear (the BLAS matmul is faster
+once the weight is reused enough). On AVX-512
 the group-32 kernels (GGUF Q4 / Q8_0) dequantize each group once, w = q * s + o in fp32, for up to 8
 activation rows, then take two 16-lane FMAs per row and group: a 16-row decode step of SmolLM2 Q4_1
 costs 4.6x one row instead of 6.8x (one thread, Xeon), which is what batched serving and speculative
@@ -65,6 +66,11 @@ from llmfn.kernels import cpu
 # Measured crossover on 2 cores ([3072, 576], int4 / int8): 64 rows 3.1 / 2.6 ms in the kernel vs
 # 4.0 / 4.6 ms dequant + matmul; 128 rows 6.4 / 5.4 vs 5.1 / 5.7 ms.
 MAX_ROWS = 64
+# Where csrc/ztile.h's tiles are built (AVX-512), int4 group-32 weights with fp32 activations keep the
+# kernel up to TILE_MAX_ROWS rows. SmolLM2's shapes, 2 threads, Xeon, tiles vs dequantize + matmul:
+# gate/up 80 rows 1.50 vs 1.76 ms, 112: 1.97 vs 2.08, 128: 2.30 vs 2.21; down 80: 0.77 vs 1.05, 128:
+# 1.25 vs 1.20; qkv 80: 0.46 vs 0.75, 128: 0.72 vs 0.81.
+TILE_MAX_ROWS = 112
 # Rows of the weight dequantized at a time on the F.linear path (bounds the temporary).
 CHUNK_ROWS = 4096
 # With int8 activations on AMX tiles the kernel beats dequantize + matmul at every prompt length
@@ -126,6 +132,11 @@ def int8_act8_ok(k: int, group_size: int) -> bool:
     return group_size % 32 == 0 and k % group_size == 0
 
 
+def int4_max_rows(group_size: int, act8: bool) -> int:
+    """Most activation rows an int4 call gives the kernel before dequantize + matmul wins."""
+    return TILE_MAX_ROWS if group_size == 32 and not act8 and _load().llmfn_row_tiles() else MAX_ROWS
+
+
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x [m, k] fp32 contiguous @ int4 weight [n, k]^T -> [m, n] fp32 (layout in llmfn.kernels.quant)."""
@@ -133,7 +144,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     m, k = x.shape
     n = qweight.shape[0]
     act8 = int8_activations()
-    if m > MAX_ROWS and not on_tiles(act8):
+    if m > int4_max_rows(group_size, act8) and not on_tiles(act8):
         return _chunked(x, n, lambda lo, hi: int4_dequantize(qweight[lo:hi], scales[lo:hi], offsets[lo:hi], group_size))
     if m > AMX_ROWS:
         return _in_slices(x, lambda rows: int4_linear(rows, qweight, scales, offsets, group_size))

@@ -496,6 +496,15 @@ int llmfn_int4_linear(const float* x, const uint8_t* q, const void* s, const voi
     return 0;
 }
 
+/* Whether this build has csrc/ztile.h's tiles (kernels/cpu_quant.py lets them take longer prompts). */
+int llmfn_row_tiles(void) {
+#ifdef LLMFN_ZTILE_H
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* y [m, n] = x [m, k] @ int8 weight [n, k]^T; g % 8 == 0. act8 (k and g multiples of 32): with
    int8 activations (q8dot.h). */
 int llmfn_int8_linear(const float* x, const int8_t* q, const void* s, float* y,
