@@ -504,8 +504,10 @@ def test_disconnect_cancels_the_request(tiny, client):
     # non-streaming: a client that gives up waiting cancels too (499: "client closed request")
     gone = 'llmfn_requests_total{route="/v1/chat/completions",status="499"}'
     gone_before = metric(tiny, gone)
+    # eos (<|im_end|>, id 2) banned: the reply runs all 190 tokens, far longer than the client waits
+    long_reply = chat_body(max_tokens=190, temperature=1.0, seed=1, logit_bias={"2": -100})
     with pytest.raises(httpx.ReadTimeout):
-        post(tiny, "/v1/chat/completions", chat_body(max_tokens=190, temperature=1.0, seed=1), timeout=0.1)
+        post(tiny, "/v1/chat/completions", long_reply, timeout=httpx.Timeout(10.0, read=0.03))
     wait_idle(tiny, "non-streaming request after disconnect")
     deadline = time.monotonic() + 10
     while metric(tiny, gone) < gone_before + 1 and time.monotonic() < deadline:
