@@ -102,7 +102,7 @@ def kv_budget(memory: int | str | None, model: Model) -> int | str | None:
 def warm_up(engine, model: Model) -> None:
     """One short generation before the server reports ready, so that first-use costs (torch.compile,
     allocator growth, building the sampler's C code) are paid while /health still says 503, not by
-    the first client. Sampled, not greedy: greedy steps never call the sampler."""
+    the first client. Sampled, not greedy: a greedy step runs only the sampler's argmax, not its race."""
     from llmfn.engine import GenerationRequest
     from llmfn.sampling import SamplingParams
 

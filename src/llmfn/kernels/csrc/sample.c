@@ -114,10 +114,12 @@ static int64_t first_of(const float* p, int64_t v, float x) {
     return v;
 }
 
-/* The first index of the largest value (torch's max), 0 in a row of NaN. */
-static int64_t first_max(const float* p, int64_t v) {
+/* The first index of the largest value, NaN skipped (torch's max; 0 in a row of NaN), or with
+   nan_wins the first NaN's where there is one (torch's argmax). */
+static int64_t first_max(const float* p, int64_t v, int nan_wins) {
     int nan;
-    int64_t i = first_of(p, v, max_of(p, v, &nan));
+    float mx = max_of(p, v, &nan);
+    int64_t i = first_of(p, v, nan && nan_wins ? NAN : mx);
     return i < v ? i : 0;
 }
 
@@ -149,18 +151,10 @@ static int64_t race_all(const float* p, int64_t v, int64_t top, float cut, uint3
     return win;
 }
 
-/* torch.argmax of one row: the index of its first NaN if it has one, else first_max. */
-static int64_t argmax_row(const float* p, int64_t v) {
-    int nan;
-    float mx = max_of(p, v, &nan);
-    int64_t i = first_of(p, v, nan ? NAN : mx);
-    return i < v ? i : 0;
-}
-
 /* out[r] = torch.argmax(x[r]) for x [b, v], v >= 1 (greedy decoding: torch's argmax took 66 us for
-   one 49,152-token row, this ~3). */
+   one 49,152-token row, this ~3 in C, 4-8 from Python). */
 int llmfn_argmax(const float* x, int64_t* out, int64_t b, int64_t v) {
-    for (int64_t r = 0; r < b; r++) out[r] = argmax_row(x + r * v, v);
+    for (int64_t r = 0; r < b; r++) out[r] = first_max(x + r * v, v, 1);
     return 0;
 }
 
@@ -173,7 +167,7 @@ int llmfn_sample_race(const float* probs, const float* top_p, const float* min_p
     for (int64_t r = 0; r < b; r++) {
         const float* p = probs + r * v;
         const uint32_t key = row_key(seed[r], step[r]);
-        int64_t top = first_max(p, v);
+        int64_t top = first_max(p, v, 0);
         float cut = min_p[r] * p[top];
         if (!(top_p[r] < 1.0f)) {
             out[r] = race_all(p, v, top, cut, key);
