@@ -148,6 +148,91 @@ def test_qkv_attention_rows_are_batch_invariant(data, seed):
         assert torch.equal(alone, joint[:, i : i + 1])
 
 
+def prompt_chunk_case(data, g):
+    """A qkv_attention call over prompt chunks long enough for the tiles (cpu.TILED_ROWS positions or
+    more): b sequences, each from its own start, their blocks in random order in a pool of fp32 or
+    16-bit blocks. Returns the call's arguments and the pool's dtype."""
+    b = data.draw(st.integers(1, 2))
+    t = data.draw(st.integers(cpu.TILED_ROWS, cpu.TILED_ROWS + 30))
+    hk = data.draw(st.integers(1, 2))
+    hq = hk * data.draw(st.integers(1, 3))
+    hd = data.draw(st.one_of(st.integers(1, 12).map(lambda n: 2 * n), st.sampled_from([64, 128])))
+    bs = data.draw(st.sampled_from([1, 5, 16]))
+    starts = [data.draw(st.integers(0, 40)) for _ in range(b)]
+    nb = -(-(max(starts) + t) // bs)
+    table = torch.randperm(b * nb + 2, generator=g)[: b * nb].view(b, nb).int()
+    positions = torch.tensor([[p + i for i in range(t)] for p in starts])  # [b, t]
+    qkv = randn(g, b, t, (hq + 2 * hk) * hd)
+    freqs = positions[..., None].float() * (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = (freqs.cos(), freqs.sin()) if data.draw(st.booleans()) else (None, None)
+    q_scale = (1 + torch.rand(b, t, 1, 1, generator=g)) if data.draw(st.booleans()) else None
+    slopes = ref.alibi_slopes(hq) if data.draw(st.booleans()) else None
+    window = data.draw(st.sampled_from([None, 1, 7, 40]))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]))
+    pool = randn(g, 2, b * nb + 2, hk, bs, hd).to(dtype)
+    kw = dict(num_heads=hq, num_kv_heads=hk, scale=hd**-0.5, alibi_slopes=slopes, window=window, blocks=table)
+    return (qkv, cos, sin, q_scale, positions), pool, kw
+
+
+@EXAMPLES
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_prompt_chunks_attend_in_tiles_as_the_reference(data, seed):
+    """Chunks of TILED_ROWS positions or more (csrc/attend.h's tiles) against split + rope + index
+    writes + SDPA over the gathered blocks: in fp32 and fp64 over an fp32 pool, and against the fp32
+    reference over a 16-bit one; the cache writes are the reference's bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    (qkv, cos, sin, q_scale, positions), pool, kw = prompt_chunk_case(data, g)
+    c_pool, f_pool = pool.clone(), pool.clone()
+    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, c_pool[0], c_pool[1], **kw)
+    fp32 = ref.qkv_attention(qkv, cos, sin, q_scale, positions, f_pool[0], f_pool[1], **kw)
+    assert torch.equal(c_pool, f_pool)
+    if pool.dtype == torch.float32:
+        d_pool = pool.double()
+        fp64 = ref.qkv_attention(qkv.double(), as_double(cos), as_double(sin), as_double(q_scale), positions,
+                                 d_pool[0], d_pool[1], **kw)  # fmt: skip
+        assert_rule(out, fp32, fp64)
+    else:
+        torch.testing.assert_close(out, fp32, rtol=1e-5, atol=2e-5)
+
+
+@EXAMPLES
+@given(data=st.data(), cut=st.integers(1, 60), seed=st.integers(0, 2**16))
+def test_a_prompt_row_attends_the_same_in_any_chunk(data, cut, seed):
+    """A row's attention depends on its query and the cache only: the same rows cut into two calls
+    (the second of TILED_ROWS rows or more; the first in tiles or row by row) give the whole call's
+    bits, and so does each sequence alone."""
+    g = torch.Generator().manual_seed(seed)
+    (qkv, cos, sin, q_scale, positions), pool, kw = prompt_chunk_case(data, g)
+    t = qkv.shape[1]
+    cut = min(cut, t - cpu.TILED_ROWS)
+    whole = pool.clone()
+    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, whole[0], whole[1], **kw)
+    parts = pool.clone()
+    pieces = [
+        cpu.qkv_attention(*[None if a is None else a[:, lo:hi] for a in (qkv, cos, sin, q_scale, positions)],
+                          parts[0], parts[1], **kw)
+        for lo, hi in ((0, cut), (cut, t)) if hi > lo
+    ]  # fmt: skip
+    assert torch.equal(parts, whole)
+    assert torch.equal(torch.cat(pieces, 1)[:, cut if cut < cpu.TILED_ROWS else 0 :],
+                       out[:, cut if cut < cpu.TILED_ROWS else 0 :])  # fmt: skip
+    for i in range(qkv.shape[0]):
+        alone = pool.clone()
+        pick = [None if a is None else a[i : i + 1] for a in (qkv, cos, sin, q_scale, positions)]
+        kw_i = {**kw, "blocks": kw["blocks"][i : i + 1]}
+        assert torch.equal(out[i : i + 1], cpu.qkv_attention(*pick, alone[0], alone[1], **kw_i))
+
+
+def test_prompt_chunks_take_the_c_attention_and_decode_sized_steps_too():
+    """ops.qkv_attention's choice: up to MAX_ROWS rows, or chunks of TILED_ROWS positions or more, in
+    C; wider steps of few positions each (an engine step over many rows) in torch."""
+    g = torch.Generator().manual_seed(0)
+    take = lambda b, t: cpu.takes_qkv_attention(randn(g, b, t, 24))  # noqa: E731
+    assert take(1, 1) and take(cpu.MAX_ROWS, 1) and take(1, cpu.TILED_ROWS) and take(3, 5 * cpu.TILED_ROWS)
+    assert not take(cpu.MAX_ROWS + 1, 1) and not take(2, cpu.TILED_ROWS - 1)
+    assert cpu.library().llmfn_tiled_rows() == cpu.TILED_ROWS  # the C side picks the tiles at the same length
+
+
 def test_qkv_attention_rejects_positions_outside_the_cache_and_writes_nothing():
     g = torch.Generator().manual_seed(0)
     cache = randn(g, 2, 1, 1, 4, 8)

@@ -103,7 +103,8 @@ def test_c_attention_over_a_16bit_cache_is_the_fp32_attention_over_its_values(dt
 @pytest.mark.parametrize("dtype", HALF)
 def test_the_fused_layers_over_a_16bit_pool_are_bitwise_the_op_by_op_path(model, dtype, monkeypatch):
     """The fused C decode step and the model's own layers (C ops per op) over bf16 / fp16 pools: the
-    same logits and caches, through block tables and prefill (torch) then decode steps (C)."""
+    same logits and caches, through block tables and a 33-position prefill (torch's linears, the C
+    tiled attention) then decode steps (C)."""
     cfg, params = model.cfg, model.params
     calls = {"decoder_layers": 0, "qkv_attention": 0}
 
@@ -130,7 +131,9 @@ def test_the_fused_layers_over_a_16bit_pool_are_bitwise_the_op_by_op_path(model,
         assert torch.equal(a, b), (lo, hi)
     assert torch.equal(bits(fused.k), bits(plain.k)) and torch.equal(bits(fused.v), bits(plain.v))
     assert fused.k.dtype == dtype and bool(fused.k.float().abs().sum() > 0)
-    assert calls == {"decoder_layers": 3, "qkv_attention": 3 * cfg.num_layers}  # the decode steps took the C paths
+    # the decode steps took the C paths (fused: decoder_layers; plain: qkv_attention), and both prefills
+    # the tiled attention
+    assert calls == {"decoder_layers": 3, "qkv_attention": (3 + 2) * cfg.num_layers}
 
 
 def requests(n: int, max_tokens: int) -> list[GenerationRequest]:

@@ -85,7 +85,7 @@ def test_the_fused_decode_step_reads_block_tables_bitwise(model):
     flat = llama.init_cache(cfg, 2, 48)
     pool = llama.init_cache(cfg, 9, 16)  # 2 rows x 3 blocks of 16 in a pool of 9
     paged = pool._replace(blocks=torch.tensor([[7, 2, 5], [1, 8, 3]], dtype=torch.int32))
-    for lo, hi in ((0, 33), (33, 34), (34, 35), (35, 40)):  # prefill (torch), then steps of 1 and 5 rows (C)
+    for lo, hi in ((0, 33), (33, 34), (34, 35), (35, 40)):  # prefill (C tiled attention), steps of 1 and 5 rows
         pos = torch.arange(lo, hi).expand(2, -1)
         a, flat = fused_forward(params, cfg, tokens[:, lo:hi], pos, flat)
         b, paged = fused_forward(params, cfg, tokens[:, lo:hi], pos, paged)

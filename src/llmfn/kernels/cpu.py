@@ -4,7 +4,8 @@ int8 or bf16 weights; one library from csrc/decode.c, with the attention of csrc
 int4 / int8 matrix code of csrc/quant.h that kernels/cpu_quant.py calls and the bf16 code of
 csrc/bf16.h that kernels/bf16.py calls). Each has a torch reference (kernels/reference.py and the model code)
 that it is tested against; `llmfn.kernels.ops`, `llmfn.linear` and `models/llama.py` pick these for
-fp32 CPU inputs of at most MAX_ROWS rows, the torch path otherwise.
+fp32 CPU inputs of at most MAX_ROWS rows (qkv_attention also for prompt chunks of TILED_ROWS positions
+or more, in tiles), the torch path otherwise.
 
 Why C: batch-1 decode is bound by streaming the weights. Over SmolLM2-135M's layer shapes (2 cores,
 `make bench-kernels`) MKL's sgemm reads them at ~18 GB/s (column-major, its best layout; ~12 GB/s
@@ -33,6 +34,15 @@ from llmfn import cbuild
 
 # Most activation rows the kernels take (decode steps, small engine batches); more go to torch.
 MAX_ROWS = 16  # at most 16: the fused layers keep a row's outputs in float[16]
+# Prompt chunks of at least this many positions per sequence take qkv_attention's tiles (csrc/attend.h
+# TILED_ROWS, llmfn_tiled_rows()), whatever their number of rows.
+TILED_ROWS = MAX_ROWS + 1
+
+
+def takes_qkv_attention(qkv: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether qkv_attention serves qkv [b, t, ...]: a decode-sized step (at most MAX_ROWS rows, each
+    query row by row) or prompt chunks of TILED_ROWS positions or more (in tiles)."""
+    return takes(qkv, *others, max_rows=None if qkv.shape[1] >= TILED_ROWS else MAX_ROWS)
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The whole library's functions, csrc/quant.h's int4 / int8 ones (kernels/cpu_quant.py) included.
@@ -53,6 +63,7 @@ _SIGNATURES = {
     "llmfn_decode_occupancy": [],
     "llmfn_amx_active": [],
     "llmfn_row_tiles": [],
+    "llmfn_tiled_rows": [],
 }
 
 
@@ -208,6 +219,8 @@ def _block_args(op: str, k_cache: torch.Tensor, blocks: torch.Tensor | None, b: 
 
 
 def _position_error(status: int, slots: int) -> None:
+    if status == -2:
+        raise MemoryError("qkv_attention: out of memory for the attention's scratch")
     if status:
         raise IndexError(f"positions must lie in [0, {slots}) (the KV cache length)")
 

@@ -170,14 +170,15 @@ def qkv_attention(
     in place), then attends causally (`attention_op`, default `attention` above). The caches are
     blocks [N, hk, S, hd] read through `blocks` [b, nb] (int32; None: one block per row, N == b), as
     reference.qkv_attention describes.
-    fp32 CPU decode steps take one C kernel for all of it. It is batch-invariant, so it also stands in
-    for an `attention_op` that only asks for that (`batch_invariant = True` on the op, as the engine's
-    has); any other op given is called as is."""
+    fp32 CPU decode steps and prompt chunks (kernels/cpu.py takes_qkv_attention) take one C kernel for
+    all of it. It is batch-invariant, so it also stands in for an `attention_op` that only asks for
+    that (`batch_invariant = True` on the op, as the engine's has); any other op given is called as
+    is."""
     if (
         (attention_op is None or getattr(attention_op, "batch_invariant", False))
         and positions.dtype == torch.int64
         and cpu.cache_layout_ok(k_cache, v_cache)
-        and cpu.takes(qkv, *(x for x in (cos, sin) if x is not None))
+        and cpu.takes_qkv_attention(qkv, *(x for x in (cos, sin) if x is not None))
     ):
         return cpu.qkv_attention(qkv, cos, sin, q_scale, positions, k_cache, v_cache, num_heads, num_kv_heads,
                                  scale, alibi_slopes, window, blocks)
