@@ -348,6 +348,26 @@ static inline void int4_z_r1x2(const float* xp, const float* xs, const uint8_t* 
     *yb = _mm512_reduce_add_ps(_mm512_add_ps(abe, abo));
 }
 #define int4_g32_decode_pair int4_z_r1x2
+/* Two int8 weight rows against one activation row (decode), each row int8_z_r1's arithmetic: one row's
+   two FMA chains wait on each other's latency (4 cycles a group), two rows' four do not. */
+static inline void int8_z_r1x2(const float* x, const int8_t* qa, const int8_t* qb, const float* sa, const float* sb,
+                               float* ya, float* yb, int64_t G) {
+    __m512 aal = _mm512_setzero_ps(), aah = aal, abl = aal, abh = aal, wal, wah, wbl, wbh;
+    for (int64_t gi = 0; gi < G; gi++) {
+        prefetch_ahead(qa + gi * 32);
+        prefetch_ahead(qb + gi * 32);
+        dequant8x32_z(qa + gi * 32, sa[gi], &wal, &wah);
+        dequant8x32_z(qb + gi * 32, sb[gi], &wbl, &wbh);
+        const __m512 xl = _mm512_loadu_ps(x + gi * 32), xh = _mm512_loadu_ps(x + gi * 32 + 16);
+        aal = _mm512_fmadd_ps(wal, xl, aal);
+        aah = _mm512_fmadd_ps(wah, xh, aah);
+        abl = _mm512_fmadd_ps(wbl, xl, abl);
+        abh = _mm512_fmadd_ps(wbh, xh, abh);
+    }
+    *ya = _mm512_reduce_add_ps(_mm512_add_ps(aal, aah));
+    *yb = _mm512_reduce_add_ps(_mm512_add_ps(abl, abh));
+}
+#define int8_g32_decode_pair int8_z_r1x2
 #include "ztile.h"  /* several rows in tiles; uses the dequantizers above */
 #else
 #define QUANT_PASS_ROWS 4
@@ -530,6 +550,23 @@ int llmfn_int8_linear(const float* x, const int8_t* q, const void* s, float* y,
     }
 #ifdef LLMFN_ZTILE_H
     if (g == 32 && zt_takes(8, m)) return zt_linear(8, x, q, s, NULL, half, y, m, n, k, nthreads);
+#endif
+#ifdef int8_g32_decode_pair
+    if (m == 1 && g == 32) {  /* decode: two weight rows at a time, same bits */
+        #pragma omp parallel num_threads(nthreads)
+        {
+            float sa[G], sb[G];
+            #pragma omp for schedule(static)
+            for (int64_t p = 0; p < (n + 1) / 2; p++) {
+                int64_t j = 2 * p;
+                if (j + 1 < n)
+                    int8_g32_decode_pair(x, q + j * k, q + (j + 1) * k, row_f32(s, half, j, G, sa),
+                                         row_f32(s, half, j + 1, G, sb), y + j, y + j + 1, G);
+                else int8_block(x, q + j * k, row_f32(s, half, j, G, sa), y + j, n, k, g, G, 1);
+            }
+        }
+        return 0;
+    }
 #endif
     #pragma omp parallel num_threads(nthreads)
     {
