@@ -38,12 +38,6 @@ MAX_ROWS = 16  # at most 16: the fused layers keep a row's outputs in float[16]
 # TILED_ROWS, llmfn_tiled_rows()), whatever their number of rows.
 TILED_ROWS = MAX_ROWS + 1
 
-
-def takes_qkv_attention(qkv: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether qkv_attention serves qkv [b, t, ...]: a decode-sized step (at most MAX_ROWS rows, each
-    query row by row) or prompt chunks of TILED_ROWS positions or more (in tiles)."""
-    return takes(qkv, *others, max_rows=None if qkv.shape[1] >= TILED_ROWS else MAX_ROWS)
-
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The whole library's functions, csrc/quant.h's int4 / int8 ones (kernels/cpu_quant.py) included.
 _SIGNATURES = {
@@ -97,6 +91,12 @@ def takes(x: torch.Tensor, *others: torch.Tensor, max_rows: int | None = MAX_ROW
     if (max_rows is not None and x.numel() > max_rows * x.shape[-1]) or not fp32_cpu(x, *others):
         return False
     return not torch.compiler.is_compiling() and library() is not None
+
+
+def takes_qkv_attention(qkv: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether qkv_attention serves qkv [b, t, ...]: a decode-sized step (at most MAX_ROWS rows, each
+    query row by row) or prompt chunks of TILED_ROWS positions or more (in tiles)."""
+    return takes(qkv, *others, max_rows=None if qkv.shape[1] >= TILED_ROWS else MAX_ROWS)
 
 
 def check_shapes(ok: bool, op: str, *ts: torch.Tensor | None, detail: str = "") -> None:
