@@ -151,7 +151,8 @@ def test_qkv_attention_rows_are_batch_invariant(data, seed):
 def prompt_chunk_case(data, g):
     """A qkv_attention call over prompt chunks long enough for the tiles (cpu.TILED_ROWS positions or
     more): b sequences, each from its own start, their blocks in random order in a pool of fp32 or
-    16-bit blocks. Returns the call's arguments and the pool's dtype."""
+    16-bit blocks (or each row's own cache, no table). Returns the call's arguments, the pool and the
+    keywords."""
     b = data.draw(st.integers(1, 2))
     t = data.draw(st.integers(cpu.TILED_ROWS, cpu.TILED_ROWS + 30))
     hk = data.draw(st.integers(1, 2))
@@ -170,6 +171,8 @@ def prompt_chunk_case(data, g):
     window = data.draw(st.sampled_from([None, 1, 7, 40]))
     dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]))
     pool = randn(g, 2, b * nb + 2, hk, bs, hd).to(dtype)
+    if data.draw(st.booleans()):  # no table: row i's cache is block i (a view of its first slots)
+        pool, table = randn(g, 2, b, hk, nb * bs + 3, hd).to(dtype)[..., : nb * bs, :], None
     kw = dict(num_heads=hq, num_kv_heads=hk, scale=hd**-0.5, alibi_slopes=slopes, window=window, blocks=table)
     return (qkv, cos, sin, q_scale, positions), pool, kw
 
@@ -219,7 +222,10 @@ def test_a_prompt_row_attends_the_same_in_any_chunk(data, cut, seed):
     for i in range(qkv.shape[0]):
         alone = pool.clone()
         pick = [None if a is None else a[i : i + 1] for a in (qkv, cos, sin, q_scale, positions)]
-        kw_i = {**kw, "blocks": kw["blocks"][i : i + 1]}
+        if kw["blocks"] is None:  # row i's own cache
+            alone, kw_i = pool[:, i : i + 1].clone(), kw
+        else:
+            kw_i = {**kw, "blocks": kw["blocks"][i : i + 1]}
         assert torch.equal(out[i : i + 1], cpu.qkv_attention(*pick, alone[0], alone[1], **kw_i))
 
 

@@ -1,4 +1,4 @@
-/* One step's attention on CPU: rope, the KV-cache write and attention over a row's blocks
+/* Attention on CPU for a step or a prompt chunk: rope, the KV-cache write and attention over a row's blocks
    (llmfn_qkv_attention, and the fused decoder layer's phases). Part of decode.c's library, included
    there after the dot products it uses (dot4, dot1 and their 16-bit-cache versions). */
 #ifndef LLMFN_ATTEND_H
