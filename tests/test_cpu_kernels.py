@@ -151,8 +151,8 @@ def test_qkv_attention_rows_are_batch_invariant(data, seed):
 def prompt_chunk_case(data, g):
     """A qkv_attention call over prompt chunks long enough for the tiles (cpu.TILED_ROWS positions or
     more): b sequences, each from its own start, their blocks in random order in a pool of fp32 or
-    16-bit blocks (or each row's own cache, no table). Returns the call's arguments, the pool and the
-    keywords."""
+    16-bit blocks (or each row's own cache, no table, a view of its first slots). Returns the call's
+    arguments, the pool [2, N, hk, S + extra, hd] (K and V), S and the keywords."""
     b = data.draw(st.integers(1, 2))
     t = data.draw(st.integers(cpu.TILED_ROWS, cpu.TILED_ROWS + 30))
     hk = data.draw(st.integers(1, 2))
@@ -170,11 +170,11 @@ def prompt_chunk_case(data, g):
     slopes = ref.alibi_slopes(hq) if data.draw(st.booleans()) else None
     window = data.draw(st.sampled_from([None, 1, 7, 40]))
     dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]))
-    pool = randn(g, 2, b * nb + 2, hk, bs, hd).to(dtype)
-    if data.draw(st.booleans()):  # no table: row i's cache is block i (a view of its first slots)
-        pool, table = randn(g, 2, b, hk, nb * bs + 3, hd).to(dtype)[..., : nb * bs, :], None
+    pool, slots = randn(g, 2, b * nb + 2, hk, bs, hd).to(dtype), bs
+    if data.draw(st.booleans()):  # no table: row i's cache is block i, the first slots of a longer row
+        pool, slots, table = randn(g, 2, b, hk, nb * bs + 3, hd).to(dtype), nb * bs, None
     kw = dict(num_heads=hq, num_kv_heads=hk, scale=hd**-0.5, alibi_slopes=slopes, window=window, blocks=table)
-    return (qkv, cos, sin, q_scale, positions), pool, kw
+    return (qkv, cos, sin, q_scale, positions), pool, slots, kw
 
 
 @EXAMPLES
@@ -184,15 +184,15 @@ def test_prompt_chunks_attend_in_tiles_as_the_reference(data, seed):
     writes + SDPA over the gathered blocks: in fp32 and fp64 over an fp32 pool, and against the fp32
     reference over a 16-bit one; the cache writes are the reference's bit for bit."""
     g = torch.Generator().manual_seed(seed)
-    (qkv, cos, sin, q_scale, positions), pool, kw = prompt_chunk_case(data, g)
+    (qkv, cos, sin, q_scale, positions), pool, slots, kw = prompt_chunk_case(data, g)
     c_pool, f_pool = pool.clone(), pool.clone()
-    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, c_pool[0], c_pool[1], **kw)
-    fp32 = ref.qkv_attention(qkv, cos, sin, q_scale, positions, f_pool[0], f_pool[1], **kw)
+    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, *c_pool[..., :slots, :], **kw)
+    fp32 = ref.qkv_attention(qkv, cos, sin, q_scale, positions, *f_pool[..., :slots, :], **kw)
     assert torch.equal(c_pool, f_pool)
     if pool.dtype == torch.float32:
         d_pool = pool.double()
         fp64 = ref.qkv_attention(qkv.double(), as_double(cos), as_double(sin), as_double(q_scale), positions,
-                                 d_pool[0], d_pool[1], **kw)  # fmt: skip
+                                 *d_pool[..., :slots, :], **kw)  # fmt: skip
         assert_rule(out, fp32, fp64)
     else:
         torch.testing.assert_close(out, fp32, rtol=1e-5, atol=2e-5)
@@ -205,15 +205,15 @@ def test_a_prompt_row_attends_the_same_in_any_chunk(data, cut, seed):
     (the second of TILED_ROWS rows or more; the first in tiles or row by row) give the whole call's
     bits, and so does each sequence alone."""
     g = torch.Generator().manual_seed(seed)
-    (qkv, cos, sin, q_scale, positions), pool, kw = prompt_chunk_case(data, g)
+    (qkv, cos, sin, q_scale, positions), pool, slots, kw = prompt_chunk_case(data, g)
     t = qkv.shape[1]
     cut = min(cut, t - cpu.TILED_ROWS)
     whole = pool.clone()
-    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, whole[0], whole[1], **kw)
+    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, *whole[..., :slots, :], **kw)
     parts = pool.clone()
     pieces = [
         cpu.qkv_attention(*[None if a is None else a[:, lo:hi] for a in (qkv, cos, sin, q_scale, positions)],
-                          parts[0], parts[1], **kw)
+                          *parts[..., :slots, :], **kw)
         for lo, hi in ((0, cut), (cut, t)) if hi > lo
     ]  # fmt: skip
     assert torch.equal(parts, whole)
@@ -226,7 +226,7 @@ def test_a_prompt_row_attends_the_same_in_any_chunk(data, cut, seed):
             alone, kw_i = pool[:, i : i + 1].clone(), kw
         else:
             kw_i = {**kw, "blocks": kw["blocks"][i : i + 1]}
-        assert torch.equal(out[i : i + 1], cpu.qkv_attention(*pick, alone[0], alone[1], **kw_i))
+        assert torch.equal(out[i : i + 1], cpu.qkv_attention(*pick, *alone[..., :slots, :], **kw_i))
 
 
 def test_prompt_chunks_take_the_c_attention_and_decode_sized_steps_too():
