@@ -18,6 +18,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
+from functools import lru_cache
 
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -51,8 +52,10 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
+@lru_cache(maxsize=16)
 def template_takes_tools(template: str) -> bool:
-    """Whether a chat template reads a `tools` variable (then it renders tools its own way)."""
+    """Whether a chat template reads a `tools` variable (then it renders tools its own way). Cached:
+    parsing is ~1 ms for SmolLM2's 368-character template, per chat request on the server's loop."""
     env = ImmutableSandboxedEnvironment()
     try:
         return "tools" in meta.find_undeclared_variables(env.parse(template))
