@@ -92,6 +92,9 @@ WEIGHTED_VALUES(weighted_values_128, 16)
 #endif
 #endif
 
+/* The first key a query at position p sees: p - window + 1 with a sliding window (window > 0), else 0. */
+static inline int64_t window_start(int64_t p, int64_t window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
+
 static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
                    const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
                    float* out, int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
@@ -102,7 +105,7 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     if (cs) rotate(qs, cs + i * half, sn + i * half, q, hd);
     else for (int64_t d = 0; d < hd; d++) q[d] = qs[d];
     if (qscale) for (int64_t d = 0; d < hd; d++) q[d] *= qscale[i];
-    int64_t lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
+    int64_t lo = window_start(p, window);
     float mx = -INFINITY;
     for (int64_t j = lo; j <= p;) {  /* one run of adjacent slots (a block's part in [lo, p]) per pass */
         int64_t end = (j / kv->bs + 1) * kv->bs;
@@ -203,11 +206,12 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
 #define TILED_ROWS 17
 int llmfn_tiled_rows(void) { return TILED_ROWS; }
 
-/* Visible keys of a score row at position p: everything outside [lo, p] -inf, ALiBi added; returns
-   the row's maximum. n: the row's computed scores (a multiple of TC). */
-static float mask_row(float* s, int64_t n, int64_t lo, int64_t p, const float* slope) {
+
+/* Visible keys of a score row at position p: everything in [from, n) outside [lo, p] -inf, ALiBi
+   added; returns the row's maximum. [from, n): the row's computed scores (from <= lo). */
+static float mask_row(float* s, int64_t from, int64_t n, int64_t lo, int64_t p, const float* slope) {
     int64_t hi = p + 1 < n ? p + 1 : n;
-    for (int64_t j = 0; j < lo; j++) s[j] = -INFINITY;
+    for (int64_t j = from; j < lo; j++) s[j] = -INFINITY;
     for (int64_t j = hi; j < n; j++) s[j] = -INFINITY;
     if (slope) for (int64_t j = lo; j < hi; j++) s[j] += *slope * (float)(j - p);
     float m = -INFINITY;
@@ -227,7 +231,7 @@ static float mask_row(float* s, int64_t n, int64_t lo, int64_t p, const float* s
     return m;
 }
 
-/* Sequence bi's keys [0, n) of kv head kh, packed for the tiles: kt [n / TC][hd][TC], vp [n][hp]
+/* Sequence bi's keys [j0, j1) of kv head kh, packed for the tiles: kt [n / TC][hd][TC], vp [n][hp]
    (n a multiple of TC; keys from `used` on zero). */
 static void pack_kv(const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, int64_t bi, int64_t kh,
                     int64_t used, int64_t j0, int64_t j1, int64_t hd, int64_t hp, float* kt, float* vp) {
@@ -255,8 +259,12 @@ static int tiled_attention(const float* qkv, const float* cs, const float* sn, c
                            float* out, int64_t bi, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
                            int64_t window, int nthreads) {
     const int64_t* ps = pos + bi * t;
-    int64_t used = 0, row = (hq + 2 * hk) * hd, half = hd / 2, blocks = (t + TR - 1) / TR;
-    for (int64_t i = 0; i < t; i++) used = ps[i] + 1 > used ? ps[i] + 1 : used;
+    int64_t used = 0, first = INT64_MAX, row = (hq + 2 * hk) * hd, half = hd / 2, blocks = (t + TR - 1) / TR;
+    for (int64_t i = 0; i < t; i++) {
+        used = ps[i] + 1 > used ? ps[i] + 1 : used;
+        first = window_start(ps[i], window) < first ? window_start(ps[i], window) : first;
+    }
+    first = first / TC * TC;  /* keys before every row's window are neither packed nor scored */
     int64_t tp = (used + TC - 1) / TC * TC, hp = (hd + TC - 1) / TC * TC;
     float* packed = (float*)scratch(sizeof(float) * hk * (tp * hd + tp * hp));
     if (!packed) return -1;
@@ -267,6 +275,7 @@ static int tiled_attention(const float* qkv, const float* cs, const float* sn, c
         #pragma omp for schedule(static)
         for (int64_t c = 0; c < hk * chunks; c++) {
             int64_t kh = c / chunks, j0 = (c % chunks) * 256, j1 = j0 + 256 < tp ? j0 + 256 : tp;
+            j0 = j0 > first ? j0 : first;
             float* kt = packed + kh * (tp * hd + tp * hp);
             pack_kv(kc, vc, cst, kv, bi, kh, used, j0, j1, hd, hp, kt, kt + tp * hd);
         }
@@ -283,7 +292,7 @@ static int tiled_attention(const float* qkv, const float* cs, const float* sn, c
             const float* kt = packed + kh * (tp * hd + tp * hp);
             const float* vp = kt + tp * hd;
             float *qb = buf, *s = qb + hd * TR, *q = s + TR * tp;
-            int64_t kmax = 0;
+            int64_t kmax = 0, j0 = INT64_MAX;  /* the task's keys: [j0, kmax) */
             for (int r = 0; r < TR; r++) {  /* the rows' queries, rotated and scaled, k-major [hd][TR] */
                 if (r >= rows) { for (int64_t c = 0; c < hd; c++) qb[c * TR + r] = 0.0f; continue; }
                 int64_t i = bi * t + i0 + r;
@@ -293,20 +302,25 @@ static int tiled_attention(const float* qkv, const float* cs, const float* sn, c
                 float f = qscale ? qscale[i] * scale : scale;
                 for (int64_t c = 0; c < hd; c++) qb[c * TR + r] = q[c] * f;
                 kmax = ps[i0 + r] + 1 > kmax ? ps[i0 + r] + 1 : kmax;
+                j0 = window_start(ps[i0 + r], window) < j0 ? window_start(ps[i0 + r], window) : j0;
             }
+            j0 = j0 / TC * TC;  /* a whole panel, and a multiple of LANES: softmax_row's lanes keep their keys */
             int64_t n = (kmax + TC - 1) / TC * TC, tk = (kmax + LANES - 1) / LANES * LANES;
-            for (int64_t jp = 0; jp < n / TC; jp += TP) {
+            for (int64_t jp = j0 / TC; jp < n / TC; jp += TP) {
                 int panels = n / TC - jp < TP ? (int)(n / TC - jp) : TP;
                 tile(qb, 1, TR, kt + jp * hd * TC, hd * TC, panels, TC, hd, s + jp * TC, tp, NULL, NULL);
             }
             float inv[TR];
+            /* Keys before j0 would weigh exactly 0 (-inf scores): leaving them out changes no bit of the
+               sums, which run over keys in order (and in softmax_row's lanes, j0 a multiple of LANES). */
             for (int r = 0; r < rows; r++) {
-                int64_t p = ps[i0 + r], lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
-                float m = mask_row(s + r * tp, n, lo, p, slopes ? slopes + h : NULL);
-                inv[r] = 1.0f / softmax_row(s + r * tp, m, tk);  /* key p is always visible: the sum is >= 1 */
+                int64_t p = ps[i0 + r];
+                float m = mask_row(s + r * tp, j0, n, window_start(p, window), p, slopes ? slopes + h : NULL);
+                inv[r] = 1.0f / softmax_row(s + r * tp + j0, m, tk - j0);  /* key p is visible: the sum is >= 1 */
             }
-            for (int r = rows; r < TR; r++) memset(s + r * tp, 0, sizeof(float) * tk);
-            weigh_values(s, tp, vp, hp, hd, tk, rows, inv, out + (bi * t + i0) * hq * hd + h * hd, hq * hd);
+            for (int r = rows; r < TR; r++) memset(s + r * tp + j0, 0, sizeof(float) * (tk - j0));
+            weigh_values(s + j0, tp, vp + j0 * hp, hp, hd, tk - j0, rows, inv, out + (bi * t + i0) * hq * hd + h * hd,
+                         hq * hd);
         }
         free(buf);
     }
