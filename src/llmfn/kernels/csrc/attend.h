@@ -328,6 +328,28 @@ static int tiled_attention(const float* qkv, const float* cs, const float* sn, c
     return failed ? -1 : 0;
 }
 
+/* This thread's share [lo, hi) of a step's n * hq row-by-row attention tasks (task i * hq + h: row i,
+   query head h), balanced by the keys each row reads rather than by count: rows of an engine step
+   sit at different positions, and equal counts left one thread waiting for the other (16 rows at
+   positions 16-170: 3.1 against 5.3 ms a step). Which thread runs a task changes none of its bits. */
+static inline int64_t attention_cost(int64_t p, int64_t window) {
+    return p + 1 - window_start(p, window) + 16;  /* the keys it reads, + a task's fixed work */
+}
+static void share_attention(const int64_t* pos, int64_t n, int64_t hq, int64_t window, int tid, int nth, int64_t* lo,
+                            int64_t* hi) {
+    int64_t total = 0, done = 0, j = 0;
+    for (int64_t i = 0; i < n; i++) total += hq * attention_cost(pos[i], window);
+    *lo = *hi = n * hq;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t c = attention_cost(pos[i], window);
+        for (int64_t h = 0; h < hq; h++, j++, done += c) {
+            int64_t owner = (2 * done + c) * nth / (2 * total);  /* the thread whose part holds the task's middle */
+            if (owner >= tid && *lo == n * hq) *lo = j;
+            if (owner > tid) { *hi = j; return; }
+        }
+    }
+}
+
 /* One step's attention for a layer from its fused qkv projection: writes the keys and values,
    then out [b, t, hq * hd]. Returns -1, writing nothing, when a position is outside [0, s), s the
    positions a row's table covers (nb * bs); -2 when scratch memory cannot be allocated. */
@@ -350,8 +372,9 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
     #pragma omp parallel num_threads(nthreads)
     {
         float* q = (float*)malloc(sizeof(float) * (hd + s));
-        #pragma omp for schedule(static)
-        for (int64_t task = 0; task < b * t * hq; task++)
+        int64_t lo, hi;
+        share_attention(pos, b * t, hq, window, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        for (int64_t task = lo; task < hi; task++)
             attend(qkv, cs, sn, qscale, pos, kc, vc, cst, &kv, slopes, out, task, t, hq, hk, hd, scale, window, q,
                    q + hd);
         free(q);

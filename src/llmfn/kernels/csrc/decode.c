@@ -386,7 +386,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             barrier_wait(&bar, nth, &local);
             if (tid == 0) write_kv(qkv, cs, sn, pos, kl, vl, cst, &kv, b, t, hq, hk, hd);
             barrier_wait(&bar, nth, &local);
-            share(m * hq, tid, nth, &lo, &hi);
+            share_attention(pos, m, hq, window, tid, nth, &lo, &hi);
             for (int64_t task = lo; task < hi; task++)
                 attend(qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, task, t, hq, hk, hd, scale, window, q,
                        q + hd);
