@@ -148,6 +148,25 @@ def test_qkv_attention_rows_are_batch_invariant(data, seed):
         assert torch.equal(alone, joint[:, i : i + 1])
 
 
+@EXAMPLES
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_qkv_attention_rows_are_the_same_on_any_number_of_threads(data, seed):
+    """How many query heads a task takes, and which thread runs it, follows the rows and the threads
+    (csrc/attend.h heads_per_task, share_attention); a head's bits do not: decode falls back to one
+    thread under load (kernels/cpu.py DecodeThreads) in the middle of a generation."""
+    g = torch.Generator().manual_seed(seed)
+    (qkv, cos, sin, q_scale, positions), cache, kw = attention_case(data, g)
+    many, one = cache.clone(), cache.clone()
+    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, many[0], many[1], **kw)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, one[0], one[1], **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, alone) and torch.equal(many, one)
+
+
 def prompt_chunk_case(data, g):
     """A qkv_attention call over prompt chunks long enough for the tiles (cpu.TILED_ROWS positions or
     more): b sequences, each from its own start, their blocks in random order in a pool of fp32 or

@@ -54,132 +54,69 @@ static void write_kv(const float* qkv, const float* cs, const float* sn, const i
     }
 }
 
-/* Attention of one (row, query head) task over its visible cached keys, read block by block in
-   position order (so a row's result does not depend on where its blocks lie):
-   out[i, h] = softmax(scale * q.k + alibi) . v. q: scratch [hd], sc: scratch [positions]. A 16-bit
-   cache is widened as it is read: the same arithmetic as over an fp32 cache holding its values. */
+/* The first key a query at position p sees: p - window + 1 with a sliding window (window > 0), else 0. */
+static inline int64_t window_start(int64_t p, int64_t window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
+
+/* Runs of adjacent cache slots, block by block: values j0 .. j1 - 1 at at + j * stride (elements). */
+typedef struct { int64_t at, j0, j1; } Run;
+#define RUNS 8  /* runs weighed at a time: SmolLM2's 8 blocks of values of a kv head are 32 KB, in L1 */
+
+/* o[0 .. hd) += w[j] * value j over the runs, in position order, one FMA per element (without a
+   vector unit: multiply, then add); vals: the cache (element type dt), plus off elements. */
 #ifdef __AVX2__
-/* attend's weighted sum of the values for a head dim of NV * 8, o's accumulators held in registers for
-   the whole sum: the generic loop below reloads o at every position, a store-to-load chain per value.
-   The same FMAs in the same order, so the same bits. (16 accumulators need AVX-512's 32 registers.) */
-#define WEIGHTED_VALUES(NAME, NV)                                                                        \
-static void NAME(const void* vc, const int64_t* cst, const Blocks* kv, int64_t bi, int64_t kh,           \
-                 const float* sc, int64_t lo, int64_t p, float* o) {                                      \
+/* For a head dim of NV * 8 the accumulators stay in registers over the runs (the generic loop reloads
+   o at every position, a store-to-load chain per value): the same FMAs in the same order, the same
+   bits. (16 accumulators need AVX-512's 32 registers.) */
+#define WEIGH_RUNS(NAME, NV)                                                                              \
+static inline void NAME(float* o, const float* w, const void* vals, int64_t off, const Run* runs, int nr, int64_t stride, \
+                        int dt) {                                                                         \
     __m256 acc[NV];                                                                                       \
-    for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();                                           \
-    for (int64_t j = lo; j <= p;) {                                                                       \
-        int64_t end = (j / kv->bs + 1) * kv->bs;                                                          \
-        if (end > p + 1) end = p + 1;                                                                     \
-        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];                               \
-        if (kv->dt == KV_F32)                                                                             \
-            for (; j < end; j++) {                                                                        \
-                const float* vj = (const float*)vc + at + j * cst[2];                                     \
-                __m256 wv = _mm256_set1_ps(sc[j]);                                                        \
+    for (int v = 0; v < NV; v++) acc[v] = _mm256_loadu_ps(o + 8 * v);                                    \
+    for (int r = 0; r < nr; r++) {                                                                        \
+        int64_t at = runs[r].at + off;                                                                    \
+        if (dt == KV_F32)                                                                                 \
+            for (int64_t j = runs[r].j0; j < runs[r].j1; j++) {                                           \
+                const float* vj = (const float*)vals + at + j * stride;                                   \
+                __m256 wv = _mm256_set1_ps(w[j]);                                                         \
                 for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + 8 * v), acc[v]); \
             }                                                                                             \
         else                                                                                              \
-            for (; j < end; j++) {                                                                        \
-                const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];                               \
-                __m256 wv = _mm256_set1_ps(sc[j]);                                                        \
-                for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, kv_widen8(vj + 8 * v, kv->dt), acc[v]); \
+            for (int64_t j = runs[r].j0; j < runs[r].j1; j++) {                                           \
+                const uint16_t* vj = (const uint16_t*)vals + at + j * stride;                             \
+                __m256 wv = _mm256_set1_ps(w[j]);                                                         \
+                for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, kv_widen8(vj + 8 * v, dt), acc[v]); \
             }                                                                                             \
     }                                                                                                     \
     for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + 8 * v, acc[v]);                                    \
 }
-WEIGHTED_VALUES(weighted_values_64, 8)
+WEIGH_RUNS(weigh_runs_64, 8)
 #ifdef __AVX512F__
-WEIGHTED_VALUES(weighted_values_128, 16)
+WEIGH_RUNS(weigh_runs_128, 16)
 #endif
 #endif
-
-/* The first key a query at position p sees: p - window + 1 with a sliding window (window > 0), else 0. */
-static inline int64_t window_start(int64_t p, int64_t window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
-
-static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
-                   const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
-                   float* out, int64_t task, int64_t t, int64_t hq, int64_t hk, int64_t hd, float scale,
-                   int64_t window, float* q, float* sc) {
-    int64_t row = (hq + 2 * hk) * hd, half = hd / 2;
-    int64_t i = task / hq, h = task % hq, bi = i / t, p = pos[i], kh = h / (hq / hk);
-    const float* qs = qkv + i * row + h * hd;
-    if (cs) rotate(qs, cs + i * half, sn + i * half, q, hd);
-    else for (int64_t d = 0; d < hd; d++) q[d] = qs[d];
-    if (qscale) for (int64_t d = 0; d < hd; d++) q[d] *= qscale[i];
-    int64_t lo = window_start(p, window);
-    float mx = -INFINITY;
-    for (int64_t j = lo; j <= p;) {  /* one run of adjacent slots (a block's part in [lo, p]) per pass */
-        int64_t end = (j / kv->bs + 1) * kv->bs;
-        if (end > p + 1) end = p + 1;
-        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: key j */
-        const float* keys = (const float*)kc + at;
-        const uint16_t* keys16 = (const uint16_t*)kc + at;
-        /* Keys four at a time when slots are adjacent: dot4's rows are dot1's arithmetic, in four
-           independent chains instead of one (the dot products were latency-bound). */
-        for (; cst[2] == hd && j + 4 <= end; j += 4) {
-            float d4[4];
-            if (kv->dt == KV_F32) dot4(q, keys + j * hd, hd, d4);
-            else dot4_kv16(q, keys16 + j * hd, kv->dt, hd, d4);
-            for (int r = 0; r < 4; r++) {
-                float a = d4[r] * scale;
-                if (slopes) a += slopes[h] * (float)(j + r - p);
-                sc[j + r] = a;
-                if (a > mx) mx = a;
-            }
-        }
-        for (; j < end; j++) {
-            float a = (kv->dt == KV_F32 ? dot1(q, keys + j * cst[2], hd)
-                                        : dot1_kv16(q, keys16 + j * cst[2], kv->dt, hd)) * scale;
-            if (slopes) a += slopes[h] * (float)(j - p);
-            sc[j] = a;
-            if (a > mx) mx = a;
-        }
-    }
-    float total = 0.0f;
-    int64_t j = lo;
+static void weigh_runs(float* o, const float* w, const void* vals, int64_t off, const Run* runs, int nr, int64_t stride,
+                       int dt, int64_t hd) {
 #ifdef __AVX2__
-    __m256 tv = _mm256_setzero_ps(), mv = _mm256_set1_ps(mx);
-    for (; j + 8 <= p + 1; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
-        _mm256_storeu_ps(sc + j, e);
-        tv = _mm256_add_ps(tv, e);
-    }
-    total = hsum(tv);
-#endif
-    for (; j <= p; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
-    /* the weights sc / total, divided here in vectors (the same quotients) and not once a position in
-       the weighted sum: a scalar division's latency per value */
-    j = lo;
-#ifdef __AVX2__
-    const __m256 tv8 = _mm256_set1_ps(total);
-    for (; j + 8 <= p + 1; j += 8) _mm256_storeu_ps(sc + j, _mm256_div_ps(_mm256_loadu_ps(sc + j), tv8));
-#endif
-    for (; j <= p; j++) sc[j] /= total;
-    float* o = out + i * hq * hd + h * hd;
-#ifdef __AVX2__
-    if (hd == 64) { weighted_values_64(vc, cst, kv, bi, kh, sc, lo, p, o); return; }
+    if (hd == 64) { weigh_runs_64(o, w, vals, off, runs, nr, stride, dt); return; }
 #ifdef __AVX512F__
-    if (hd == 128) { weighted_values_128(vc, cst, kv, bi, kh, sc, lo, p, o); return; }
+    if (hd == 128) { weigh_runs_128(o, w, vals, off, runs, nr, stride, dt); return; }
 #endif
 #endif
-    for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
-    for (int64_t j = lo; j <= p;) {  /* block by block: one table look-up per block, not per value */
-        int64_t end = (j / kv->bs + 1) * kv->bs;
-        if (end > p + 1) end = p + 1;
-        int64_t at = kv_offset(kv, cst, bi, j) + kh * cst[1] - j * cst[2];  /* + j * cst[2]: value j */
-        for (; j < end; j++) {
-            float wgt = sc[j];
-            int64_t d = 0;
-            if (kv->dt != KV_F32) {  /* the loop below on the widened values */
-                const uint16_t* vj = (const uint16_t*)vc + at + j * cst[2];
+    for (int r = 0; r < nr; r++)
+        for (int64_t j = runs[r].j0; j < runs[r].j1; j++) {
+            int64_t at = runs[r].at + off + j * stride, d = 0;
+            float wgt = w[j];
+            if (dt != KV_F32) {  /* the loop below on the widened values */
+                const uint16_t* vj = (const uint16_t*)vals + at;
 #ifdef __AVX2__
                 __m256 wv = _mm256_set1_ps(wgt);
                 for (; d + 8 <= hd; d += 8)
-                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, kv_widen8(vj + d, kv->dt), _mm256_loadu_ps(o + d)));
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, kv_widen8(vj + d, dt), _mm256_loadu_ps(o + d)));
 #endif
-                for (; d < hd; d++) o[d] += wgt * kv_widen1(vj[d], kv->dt);
+                for (; d < hd; d++) o[d] += wgt * kv_widen1(vj[d], dt);
                 continue;
             }
-            const float* vj = (const float*)vc + at + j * cst[2];
+            const float* vj = (const float*)vals + at;
 #ifdef __AVX2__
             __m256 wv = _mm256_set1_ps(wgt);
             for (; d + 8 <= hd; d += 8)
@@ -187,7 +124,131 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
 #endif
             for (; d < hd; d++) o[d] += wgt * vj[d];
         }
+}
+
+/* Row-by-row attention (decode steps, speculative verification): a task is row i's query heads
+   [ha, hb) over their visible cached keys, read block by block in position order (so a row's result
+   does not depend on where its blocks lie): out[i, h] = softmax(scale * q.k + alibi) . v for each.
+   The heads share each block's keys and values while they are in L1 (with GQA each query head read
+   its kv head's whole cache again: 16 rows at 2,048 positions through 16-slot blocks took 145 ms for
+   SmolLM2's 30 layers, now 107-114); each head's arithmetic is its own, whatever the heads beside
+   it, and the weighted values keep their accumulators in registers over RUNS blocks. q: scratch
+   [hb - ha][hd], sc: scratch [hb - ha][s] (s: the positions a row's table covers). A 16-bit cache is
+   widened as it is read: the same arithmetic as over an fp32 cache holding its values. */
+static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
+                   const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
+                   float* out, int64_t i, int64_t ha, int64_t hb, int64_t t, int64_t hq, int64_t hk, int64_t hd,
+                   float scale, int64_t window, float* q, float* sc, int64_t s) {
+    int64_t row = (hq + 2 * hk) * hd, half = hd / 2, bi = i / t, p = pos[i], gq = hq / hk, g = hb - ha;
+    for (int64_t e = 0; e < g; e++) {
+        const float* qs = qkv + i * row + (ha + e) * hd;
+        float* qe = q + e * hd;
+        if (cs) rotate(qs, cs + i * half, sn + i * half, qe, hd);
+        else for (int64_t d = 0; d < hd; d++) qe[d] = qs[d];
+        if (qscale) for (int64_t d = 0; d < hd; d++) qe[d] *= qscale[i];
     }
+    int64_t lo = window_start(p, window);
+    float mx[g];
+    for (int64_t e = 0; e < g; e++) mx[e] = -INFINITY;
+    for (int64_t j0 = lo; j0 <= p;) {  /* one run of adjacent slots (a block's part in [lo, p]) per pass */
+        int64_t end = (j0 / kv->bs + 1) * kv->bs;
+        if (end > p + 1) end = p + 1;
+        for (int64_t kh = ha / gq; kh * gq < hb; kh++) {  /* the task's heads of kv head kh: [e0, e1) */
+            int64_t e0 = (kh * gq > ha ? kh * gq : ha) - ha, e1 = ((kh + 1) * gq < hb ? (kh + 1) * gq : hb) - ha;
+            int64_t at = kv_offset(kv, cst, bi, j0) + kh * cst[1] - j0 * cst[2];  /* + j * cst[2]: key j */
+            const float* keys = (const float*)kc + at;
+            const uint16_t* keys16 = (const uint16_t*)kc + at;
+            /* Keys four at a time when slots are adjacent: dot4's rows are dot1's arithmetic, in four
+               independent chains instead of one (the dot products were latency-bound), and an fp32
+               cache's keys against all the kv head's heads at once (dot4_rows: each dot4's bits). */
+            int64_t jq = j0;
+            if (kv->dt == KV_F32 && cst[2] == hd && e1 - e0 <= 16)
+                for (; jq + 4 <= end; jq += 4) {
+                    float d4[16 * 4];
+                    dot4_rows(q + e0 * hd, e1 - e0, keys + jq * hd, hd, d4);
+                    for (int64_t e = e0; e < e1; e++)
+                        for (int r = 0; r < 4; r++) {
+                            float a = d4[(e - e0) * 4 + r] * scale;
+                            if (slopes) a += slopes[ha + e] * (float)(jq + r - p);
+                            sc[e * s + jq + r] = a;
+                            if (a > mx[e]) mx[e] = a;
+                        }
+                }
+            for (int64_t e = e0; e < e1; e++) {
+                const float* qe = q + e * hd;
+                float* sce = sc + e * s;
+                float m = mx[e], slope = slopes ? slopes[ha + e] : 0.0f;
+                int64_t j = jq;
+                for (; cst[2] == hd && j + 4 <= end; j += 4) {
+                    float d4[4];
+                    if (kv->dt == KV_F32) dot4(qe, keys + j * hd, hd, d4);
+                    else dot4_kv16(qe, keys16 + j * hd, kv->dt, hd, d4);
+                    for (int r = 0; r < 4; r++) {
+                        float a = d4[r] * scale;
+                        if (slopes) a += slope * (float)(j + r - p);
+                        sce[j + r] = a;
+                        if (a > m) m = a;
+                    }
+                }
+                for (; j < end; j++) {
+                    float a = (kv->dt == KV_F32 ? dot1(qe, keys + j * cst[2], hd)
+                                                : dot1_kv16(qe, keys16 + j * cst[2], kv->dt, hd)) * scale;
+                    if (slopes) a += slope * (float)(j - p);
+                    sce[j] = a;
+                    if (a > m) m = a;
+                }
+                mx[e] = m;
+            }
+        }
+        j0 = end;
+    }
+    for (int64_t e = 0; e < g; e++) {
+        float* sce = sc + e * s;
+        float total = 0.0f;
+        int64_t j = lo;
+#ifdef __AVX2__
+        __m256 tv = _mm256_setzero_ps(), mv = _mm256_set1_ps(mx[e]);
+        for (; j + 8 <= p + 1; j += 8) {
+            __m256 ex = exp8(_mm256_sub_ps(_mm256_loadu_ps(sce + j), mv));
+            _mm256_storeu_ps(sce + j, ex);
+            tv = _mm256_add_ps(tv, ex);
+        }
+        total = hsum(tv);
+#endif
+        for (; j <= p; j++) { sce[j] = expf(sce[j] - mx[e]); total += sce[j]; }
+        /* the weights sc / total, divided here in vectors (the same quotients) and not once a position in
+           the weighted sum: a scalar division's latency per value */
+        j = lo;
+#ifdef __AVX2__
+        const __m256 tv8 = _mm256_set1_ps(total);
+        for (; j + 8 <= p + 1; j += 8) _mm256_storeu_ps(sce + j, _mm256_div_ps(_mm256_loadu_ps(sce + j), tv8));
+#endif
+        for (; j <= p; j++) sce[j] /= total;
+        float* o = out + i * hq * hd + (ha + e) * hd;
+        for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+    }
+    for (int64_t j0 = lo; j0 <= p;) {  /* RUNS blocks at a time: one table look-up per block, not per value */
+        Run runs[RUNS];
+        int nr = 0;
+        for (; nr < RUNS && j0 <= p; nr++) {
+            int64_t end = (j0 / kv->bs + 1) * kv->bs;
+            if (end > p + 1) end = p + 1;
+            runs[nr] = (Run){kv_offset(kv, cst, bi, j0) - j0 * cst[2], j0, end};  /* + j * cst[2]: value j */
+            j0 = end;
+        }
+        for (int64_t kh = ha / gq; kh * gq < hb; kh++) {
+            int64_t e0 = (kh * gq > ha ? kh * gq : ha) - ha, e1 = ((kh + 1) * gq < hb ? (kh + 1) * gq : hb) - ha;
+            for (int64_t e = e0; e < e1; e++)
+                weigh_runs(out + i * hq * hd + (ha + e) * hd, sc + e * s, vc, kh * cst[1], runs, nr, cst[2], kv->dt, hd);
+        }
+    }
+}
+
+/* Query heads a row-by-row attention task takes: a whole row's, or fewer when the rows are too few
+   to give each thread two tasks (one row on 2 threads: tasks of 2 heads). */
+static inline int64_t heads_per_task(int64_t n, int64_t hq, int nth) {
+    int64_t gt = hq * n / (2 * nth);
+    return gt < 1 ? 1 : (gt > hq ? hq : gt);
 }
 
 /* Prompt chunks longer than a decode-sized step (TILED_ROWS positions or more) attend in tiles
@@ -328,25 +389,34 @@ static int tiled_attention(const float* qkv, const float* cs, const float* sn, c
     return failed ? -1 : 0;
 }
 
-/* This thread's share [lo, hi) of a step's n * hq row-by-row attention tasks (task i * hq + h: row i,
-   query head h), balanced by the keys each row reads rather than by count: rows of an engine step
-   sit at different positions, and equal counts left one thread waiting for the other (16 rows at
-   positions 16-170: 3.1 against 5.3 ms a step). Which thread runs a task changes none of its bits. */
+/* Row-by-row task k of a step, gt heads a task (heads_per_task): row *i, query heads [*ha, *hb). */
+static inline void attention_task(int64_t k, int64_t hq, int64_t gt, int64_t* i, int64_t* ha, int64_t* hb) {
+    int64_t per_row = (hq + gt - 1) / gt;
+    *i = k / per_row;
+    *ha = k % per_row * gt;
+    *hb = *ha + gt < hq ? *ha + gt : hq;
+}
+
+/* This thread's share [lo, hi) of a step's row-by-row attention tasks, balanced by the keys each
+   reads rather than by count: rows of an engine step sit at different positions, and equal counts
+   left one thread waiting for the other (16 rows at positions 16-170: 3.1 against 5.3 ms a step).
+   Which thread runs a task changes none of its bits. */
 static inline int64_t attention_cost(int64_t p, int64_t window) {
     return p + 1 - window_start(p, window) + 16;  /* the keys it reads, + a task's fixed work */
 }
-static void share_attention(const int64_t* pos, int64_t n, int64_t hq, int64_t window, int tid, int nth, int64_t* lo,
-                            int64_t* hi) {
-    int64_t total = 0, done = 0, j = 0;
+static void share_attention(const int64_t* pos, int64_t n, int64_t hq, int64_t gt, int64_t window, int tid, int nth,
+                            int64_t* lo, int64_t* hi) {
+    int64_t tasks = n * ((hq + gt - 1) / gt), total = 0, done = 0;
     for (int64_t i = 0; i < n; i++) total += hq * attention_cost(pos[i], window);
-    *lo = *hi = n * hq;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t c = attention_cost(pos[i], window);
-        for (int64_t h = 0; h < hq; h++, j++, done += c) {
-            int64_t owner = (2 * done + c) * nth / (2 * total);  /* the thread whose part holds the task's middle */
-            if (owner >= tid && *lo == n * hq) *lo = j;
-            if (owner > tid) { *hi = j; return; }
-        }
+    *lo = *hi = tasks;
+    for (int64_t k = 0; k < tasks; k++) {
+        int64_t i, ha, hb;
+        attention_task(k, hq, gt, &i, &ha, &hb);
+        int64_t c = (hb - ha) * attention_cost(pos[i], window);
+        int64_t owner = (2 * done + c) * nth / (2 * total);  /* the thread whose part holds the task's middle */
+        done += c;
+        if (owner >= tid && *lo == tasks) *lo = k;
+        if (owner > tid) { *hi = k; return; }
     }
 }
 
@@ -371,12 +441,15 @@ int llmfn_qkv_attention(const float* qkv, const float* cs, const float* sn, cons
     }
     #pragma omp parallel num_threads(nthreads)
     {
-        float* q = (float*)malloc(sizeof(float) * (hd + s));
-        int64_t lo, hi;
-        share_attention(pos, b * t, hq, window, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        for (int64_t task = lo; task < hi; task++)
-            attend(qkv, cs, sn, qscale, pos, kc, vc, cst, &kv, slopes, out, task, t, hq, hk, hd, scale, window, q,
-                   q + hd);
+        int nth = omp_get_num_threads();
+        int64_t lo, hi, gt = heads_per_task(b * t, hq, nth), i, ha, hb;
+        float* q = (float*)malloc(sizeof(float) * gt * (hd + s));
+        share_attention(pos, b * t, hq, gt, window, omp_get_thread_num(), nth, &lo, &hi);
+        for (int64_t k = lo; k < hi; k++) {
+            attention_task(k, hq, gt, &i, &ha, &hb);
+            attend(qkv, cs, sn, qscale, pos, kc, vc, cst, &kv, slopes, out, i, ha, hb, t, hq, hk, hd, scale, window, q,
+                   q + gt * hd, s);
+        }
         free(q);
     }
     return 0;

@@ -386,9 +386,10 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     {
         const double wall0 = seconds(CLOCK_MONOTONIC), cpu0 = seconds(CLOCK_THREAD_CPUTIME_ID);
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
-        float* xp = (float*)scratch(sizeof(float) * (mrows * kmax + m * kmax / 32 + hd + s + m * D));
+        int64_t gt = heads_per_task(m, hq, nth);
+        float* xp = (float*)scratch(sizeof(float) * (mrows * kmax + m * kmax / 32 + gt * (hd + s) + m * D));
         float* q = xp + mrows * kmax + m * kmax / 32;
-        float* h = q + hd + s;  /* this thread's copy of the normed rows: no barrier after a norm */
+        float* h = q + gt * (hd + s);  /* this thread's copy of the normed rows: no barrier after a norm */
 #ifdef LLMFN_ZTILE_H
         float* wb = (float*)scratch(sizeof(float) * ZT_NB * kmax);
 #else
@@ -403,10 +404,13 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             barrier_wait(&bar, nth, &local);
             if (tid == 0) write_kv(qkv, cs, sn, pos, kl, vl, cst, &kv, b, t, hq, hk, hd);
             barrier_wait(&bar, nth, &local);
-            share_attention(pos, m, hq, window, tid, nth, &lo, &hi);
-            for (int64_t task = lo; task < hi; task++)
-                attend(qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, task, t, hq, hk, hd, scale, window, q,
-                       q + hd);
+            share_attention(pos, m, hq, gt, window, tid, nth, &lo, &hi);
+            for (int64_t k = lo; k < hi; k++) {
+                int64_t i, ha, hb;
+                attention_task(k, hq, gt, &i, &ha, &hb);
+                attend(qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, i, ha, hb, t, hq, hk, hd, scale, window,
+                       q, q + gt * hd, s);
+            }
             barrier_wait(&bar, nth, &local);
             lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
