@@ -91,14 +91,15 @@ def test_silu_mul_at_the_ends_of_the_float_range():
     torch.testing.assert_close(out, ref.silu_mul(gu), rtol=1e-6, atol=1e-30)
 
 
-def attention_case(data, g):
-    """A random qkv_attention call: rows at different positions of a (maybe strided) cache."""
+def attention_case(data, g, longest: int = 40):
+    """A random qkv_attention call: rows at different positions of a (maybe strided) cache of at most
+    `longest` positions."""
     b = data.draw(st.integers(1, 3))
     t = data.draw(st.integers(1, 4))
     hk = data.draw(st.integers(1, 3))
     hq = hk * data.draw(st.integers(1, 3))
     hd = data.draw(st.one_of(st.integers(1, 12).map(lambda n: 2 * n), st.sampled_from([64, 128])))  # 64, 128: own paths
-    s = data.draw(st.integers(t, 40))
+    s = data.draw(st.integers(t, longest))
     starts = [data.draw(st.integers(0, s - t)) for _ in range(b)]
     positions = torch.tensor([[p + i for i in range(t)] for p in starts])  # [b, t]
     qkv = randn(g, b, t, (hq + 2 * hk) * hd)
@@ -107,7 +108,7 @@ def attention_case(data, g):
     cos, sin = (freqs.cos(), freqs.sin()) if rope else (None, None)
     q_scale = (1 + torch.rand(b, t, 1, 1, generator=g)) if data.draw(st.booleans()) else None
     slopes = ref.alibi_slopes(hq) if data.draw(st.booleans()) else None
-    window = data.draw(st.sampled_from([None, 1, 3, 8]))
+    window = data.draw(st.sampled_from([None, 1, 3, 8, longest // 3]))
     extra = data.draw(st.integers(0, 5))  # a view of the first s slots of longer rows, as the engine passes
     cache = randn(g, 2, b, hk, s + extra, hd)[..., :s, :]
     args = (qkv, cos, sin, q_scale, positions)
@@ -165,6 +166,32 @@ def test_qkv_attention_rows_are_the_same_on_any_number_of_threads(data, seed):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(out, alone) and torch.equal(many, one)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_rows_past_a_key_chunk_attend_chunk_by_chunk_as_the_reference(data, seed):
+    """Rows whose visible keys reach past csrc/attend.h's SPLIT_KEYS (512) positions attend chunk by
+    chunk and merge the chunks: within the rule of the fp32 / fp64 references, and with the same bits
+    on one thread or many and beside other rows or alone."""
+    g = torch.Generator().manual_seed(seed)
+    (qkv, cos, sin, q_scale, positions), cache, kw = attention_case(data, g, longest=1600)
+    c_cache, f_cache, d_cache, one = cache.clone(), cache.clone(), cache.double(), cache.clone()
+    out = cpu.qkv_attention(qkv, cos, sin, q_scale, positions, c_cache[0], c_cache[1], **kw)
+    fp32 = ref.qkv_attention(qkv, cos, sin, q_scale, positions, f_cache[0], f_cache[1], **kw)
+    fp64 = ref.qkv_attention(qkv.double(), as_double(cos), as_double(sin), as_double(q_scale), positions,
+                             d_cache[0], d_cache[1], **kw)  # fmt: skip
+    assert_rule(out, fp32, fp64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(out, cpu.qkv_attention(qkv, cos, sin, q_scale, positions, one[0], one[1], **kw))
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(qkv.shape[0]):
+        alone = cache[:, i : i + 1].clone()
+        pick = [None if a is None else a[i : i + 1] for a in (qkv, cos, sin, q_scale, positions)]
+        assert torch.equal(out[i : i + 1], cpu.qkv_attention(*pick, alone[0], alone[1], **kw))
 
 
 def prompt_chunk_case(data, g):

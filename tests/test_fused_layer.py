@@ -71,16 +71,17 @@ def fp16_scales(leaf):
     return replace(leaf, scales=leaf.scales.half())
 
 
-def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=12):
-    """A 3-token prefill then decode steps, rows at different positions, on a strided cache view."""
+def run(params, cfg, steps, batch, fused: bool, monkeypatch, slot_len=16, view=12, first=0):
+    """A 3-token prefill then decode steps, rows at different positions (row b from first + b), on a
+    strided cache view."""
     with monkeypatch.context() as m:
         if not fused:
             m.setattr(cpu, "stack_fields", lambda layers, cfg: [None] * len(layers))
-        full = llama.init_cache(cfg, batch, slot_len)
-        cache = full.view(slots=view)
+        full = llama.init_cache(cfg, batch, first + slot_len)
+        cache = full.view(slots=first + view)
         g = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, cfg.vocab_size, (batch, 3 + steps), generator=g)
-        start = torch.arange(batch)[:, None]  # row b starts at position b
+        start = first + torch.arange(batch)[:, None]  # row b starts at position first + b
         outs = []
         logits, cache = fused_forward(params, cfg, tokens[:, :3], start + torch.arange(3), cache)
         outs.append(logits)
@@ -215,6 +216,25 @@ def test_a_callers_own_attention_op_is_used_not_replaced_by_the_c_path(monkeypat
             cache = llama.init_cache(cfg, 1, 8)
             fused_forward(params, cfg, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), cache, attention=op)
             assert bool(calls) == expect_calls
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_rows_past_a_key_chunk_are_the_same_fused_op_by_op_and_on_any_thread_count(weights, monkeypatch):
+    """Rows at positions past csrc/attend.h's SPLIT_KEYS attend chunk by chunk, with a barrier between
+    the chunks and their merge inside the fused call: the op-by-op layer's bits, on 1, 2 or 3 threads."""
+    cfg = config()
+    params = random_params(cfg, seed=7)
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "fp32")
+    if weights != "fp32":
+        params = quantize_params(params, weights)
+    outs = []
+    with torch.inference_mode():
+        for threads in (1, 2, 3):
+            monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+            outs.append(run(params, cfg, steps=3, batch=3, fused=True, monkeypatch=monkeypatch, first=1100))
+        op_by_op = run(params, cfg, steps=3, batch=3, fused=False, monkeypatch=monkeypatch, first=1100)
+    for logits, cache in outs[1:] + [op_by_op]:
+        assert torch.equal(logits, outs[0][0]) and torch.equal(cache.k, outs[0][1].k)
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int4"])

@@ -405,5 +405,7 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
     decode_threads.observe(threads, library().llmfn_decode_occupancy() / 1000)
     if status == -2:
         raise ValueError(f"decoder_layers takes at most 16 rows, got {b * t}")
+    if status == -3:
+        raise MemoryError("decoder_layers: out of memory for the attention's plan")
     _position_error(status, nb * bs)
     return x

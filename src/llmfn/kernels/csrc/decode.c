@@ -217,6 +217,13 @@ static void barrier_wait(Barrier* b, int nth, int* local) {
     }
 }
 
+/* A barrier as run_attention (attend.h) waits on it between its tasks and its merges. */
+typedef struct { Barrier* b; int nth; int* local; } BarrierAt;
+static void wait_barrier(void* at) {
+    BarrierAt* w = (BarrierAt*)at;
+    barrier_wait(w->b, w->nth, w->local);
+}
+
 /* The CPU time the threads of the last llmfn_decoder_layers call got, in thousandths of the time
    they were in it (a thread spinning at a barrier counts as busy): near 1000 when every thread had
    its core, far lower when other processes took them (the caller, kernels/cpu.py, then runs the next
@@ -374,6 +381,8 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
 #ifdef LLMFN_ZTILE_H
     mrows = zt_rows(m);  /* the tiles read whole tiles of rows */
 #endif
+    Plan plan;
+    if (plan_attention(&plan, pos, m, hq, hd, window, nthreads)) return -3;
     float* buf = (float*)scratch(sizeof(float) * m * (nqkv + nq + 3 * F));
     float *qkv = buf, *att = qkv + m * nqkv, *gu = att + m * nq, *act = gu + 2 * m * F;
     Barrier bar = {0, 0};
@@ -386,10 +395,10 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
     {
         const double wall0 = seconds(CLOCK_MONOTONIC), cpu0 = seconds(CLOCK_THREAD_CPUTIME_ID);
         int tid = omp_get_thread_num(), nth = omp_get_num_threads(), local = 0;
-        int64_t gt = heads_per_task(m, hq, nth);
-        float* xp = (float*)scratch(sizeof(float) * (mrows * kmax + m * kmax / 32 + gt * (hd + s) + m * D));
+        float* xp = (float*)scratch(sizeof(float) * (mrows * kmax + m * kmax / 32 + plan.heads * (hd + s) + m * D));
         float* q = xp + mrows * kmax + m * kmax / 32;
-        float* h = q + gt * (hd + s);  /* this thread's copy of the normed rows: no barrier after a norm */
+        float* h = q + plan.heads * (hd + s);  /* this thread's copy of the normed rows: no barrier after a norm */
+        BarrierAt sync = {&bar, nth, &local};
 #ifdef LLMFN_ZTILE_H
         float* wb = (float*)scratch(sizeof(float) * ZT_NB * kmax);
 #else
@@ -404,13 +413,8 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             barrier_wait(&bar, nth, &local);
             if (tid == 0) write_kv(qkv, cs, sn, pos, kl, vl, cst, &kv, b, t, hq, hk, hd);
             barrier_wait(&bar, nth, &local);
-            share_attention(pos, m, hq, gt, window, tid, nth, &lo, &hi);
-            for (int64_t k = lo; k < hi; k++) {
-                int64_t i, ha, hb;
-                attention_task(k, hq, gt, &i, &ha, &hb);
-                attend(qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, i, ha, hb, t, hq, hk, hd, scale, window,
-                       q, q + gt * hd, s);
-            }
+            run_attention(&plan, tid, nth, wait_barrier, &sync, qkv, cs, sn, qscale, pos, kl, vl, cst, &kv, slopes, att, t,
+                          hq, hk, hd, scale, window, q, s);
             barrier_wait(&bar, nth, &local);
             lin_part(&L->o, att, x, 1, m, D, nq, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
@@ -430,6 +434,7 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
         present += seconds(CLOCK_MONOTONIC) - wall0;
     }
     free(buf);
+    free_plan(&plan);
     __atomic_store_n(&decode_occupancy, present > 0.0 ? (int)(1000.0 * busy / present) : 1000, __ATOMIC_RELAXED);
     return 0;
 }
