@@ -63,36 +63,36 @@ typedef struct { int64_t at, j0, j1; } Run;
 
 /* o[0 .. hd) += w[j] * value j over the runs, in position order, one FMA per element (without a
    vector unit: multiply, then add); vals: the cache (element type dt), plus off elements. */
-#ifdef __AVX2__
-/* For a head dim of NV * 8 the accumulators stay in registers over the runs (the generic loop reloads
-   o at every position, a store-to-load chain per value): the same FMAs in the same order, the same
-   bits. (16 accumulators need AVX-512's 32 registers.) */
-#define WEIGH_RUNS(NAME, NV)                                                                              \
+/* For a head dim of NV vectors of W floats the accumulators stay in registers over the runs (the
+   generic loop reloads o at every position, a store-to-load chain per value): the same FMA per
+   element in the same order, the same bits, whatever the vector width. */
+#define WEIGH_RUNS(NAME, NV, W, VEC, LOAD, STORE, SET1, FMA, WIDEN)                                        \
 static inline void NAME(float* o, const float* w, const void* vals, int64_t off, const Run* runs, int nr, int64_t stride, \
                         int dt) {                                                                         \
-    __m256 acc[NV];                                                                                       \
-    for (int v = 0; v < NV; v++) acc[v] = _mm256_loadu_ps(o + 8 * v);                                    \
+    VEC acc[NV];                                                                                          \
+    for (int v = 0; v < NV; v++) acc[v] = LOAD(o + W * v);                                               \
     for (int r = 0; r < nr; r++) {                                                                        \
         int64_t at = runs[r].at + off;                                                                    \
         if (dt == KV_F32)                                                                                 \
             for (int64_t j = runs[r].j0; j < runs[r].j1; j++) {                                           \
                 const float* vj = (const float*)vals + at + j * stride;                                   \
-                __m256 wv = _mm256_set1_ps(w[j]);                                                         \
-                for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vj + 8 * v), acc[v]); \
+                VEC wv = SET1(w[j]);                                                                      \
+                for (int v = 0; v < NV; v++) acc[v] = FMA(wv, LOAD(vj + W * v), acc[v]);                  \
             }                                                                                             \
         else                                                                                              \
             for (int64_t j = runs[r].j0; j < runs[r].j1; j++) {                                           \
                 const uint16_t* vj = (const uint16_t*)vals + at + j * stride;                             \
-                __m256 wv = _mm256_set1_ps(w[j]);                                                         \
-                for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(wv, kv_widen8(vj + 8 * v, dt), acc[v]); \
+                VEC wv = SET1(w[j]);                                                                      \
+                for (int v = 0; v < NV; v++) acc[v] = FMA(wv, WIDEN(vj + W * v, dt), acc[v]);             \
             }                                                                                             \
     }                                                                                                     \
-    for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + 8 * v, acc[v]);                                    \
+    for (int v = 0; v < NV; v++) STORE(o + W * v, acc[v]);                                               \
 }
-WEIGH_RUNS(weigh_runs_64, 8)
-#ifdef __AVX512F__
-WEIGH_RUNS(weigh_runs_128, 16)
-#endif
+#if defined(__AVX512F__)
+WEIGH_RUNS(weigh_runs_64, 4, 16, __m512, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, kv_widen16)
+WEIGH_RUNS(weigh_runs_128, 8, 16, __m512, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, kv_widen16)
+#elif defined(__AVX2__)
+WEIGH_RUNS(weigh_runs_64, 8, 8, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, kv_widen8)
 #endif
 static void weigh_runs(float* o, const float* w, const void* vals, int64_t off, const Run* runs, int nr, int64_t stride,
                        int dt, int64_t hd) {

@@ -49,12 +49,18 @@ static inline float f16_to_f32(uint16_t h) {
     return bits_f32(sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized)));
 }
 
-/* One element / eight elements of a 16-bit cache, widened (exact). */
+/* One element / eight / sixteen elements of a 16-bit cache, widened (exact). */
 static inline float kv_widen1(uint16_t h, int dt) { return dt == KV_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 #ifdef __AVX2__
 static inline __m256 kv_widen8(const uint16_t* p, int dt) {
     __m128i h = _mm_loadu_si128((const __m128i*)p);
     return dt == KV_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+#endif
+#ifdef __AVX512F__
+static inline __m512 kv_widen16(const uint16_t* p, int dt) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)p);
+    return dt == KV_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 #endif
 
