@@ -10,8 +10,8 @@ llama.cpp on the original Q4_1 GGUF (when llama-cpp-python is installed), with r
 Rows: fp32 is the GGUF dequantized (quantize=None); int8 is quantize="int8" (per-channel RTN of
 every linear, embedding included); int4 is quantize="int4", which is llmfn.load's default for a GGUF
 (quantize="auto": the GGUF's own Q4_1 layers and Q8_0 embedding kept quantized, the same bits
-llama.cpp runs), with llmfn's default activations (int8 per block of 32, kernels/cpu_quant.py);
-int4/fp32-act the same with fp32 activations. q8_0 is llmfn on a Q8_0 GGUF of the same model
+llama.cpp runs), with llmfn's default activations (fp32, the exact product, kernels/cpu_quant.py);
+int4/int8-act the same with int8 activations per block of 32 (int4/fp32-act names the default). q8_0 is llmfn on a Q8_0 GGUF of the same model
 (quantize="auto": every linear an Int8Weight of the file's blocks; fp32 activations by default,
 q8_0/int8-act with LLMFN_QUANT_ACTIVATIONS=int8) and llama.cpp-q8_0 llama.cpp on that file, which
 tools/gguf_requantize.py writes from the Q4_1 GGUF (--q8-gguf; made once, in the temp folder). Each row runs in its own process, so
