@@ -153,7 +153,7 @@ def test_qkv_attention_rows_are_batch_invariant(data, seed):
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_qkv_attention_rows_are_the_same_on_any_number_of_threads(data, seed):
     """How many query heads a task takes, and which thread runs it, follows the rows and the threads
-    (csrc/attend.h heads_per_task, share_attention); a head's bits do not: decode falls back to one
+    (csrc/attend_rows.h heads_per_task, share_tasks); a head's bits do not: decode falls back to one
     thread under load (kernels/cpu.py DecodeThreads) in the middle of a generation."""
     g = torch.Generator().manual_seed(seed)
     (qkv, cos, sin, q_scale, positions), cache, kw = attention_case(data, g)
@@ -171,7 +171,7 @@ def test_qkv_attention_rows_are_the_same_on_any_number_of_threads(data, seed):
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_rows_past_a_key_chunk_attend_chunk_by_chunk_as_the_reference(data, seed):
-    """Rows whose visible keys reach past csrc/attend.h's SPLIT_KEYS (512) positions attend chunk by
+    """Rows whose visible keys reach past csrc/attend_rows.h's SPLIT_KEYS (512) positions attend chunk by
     chunk and merge the chunks: within the rule of the fp32 / fp64 references, and with the same bits
     on one thread or many and beside other rows or alone."""
     g = torch.Generator().manual_seed(seed)

@@ -222,7 +222,7 @@ def test_a_callers_own_attention_op_is_used_not_replaced_by_the_c_path(monkeypat
 @pytest.mark.parametrize("first", [0, 1100])
 def test_fused_layer_results_do_not_depend_on_the_thread_count(weights, first, monkeypatch):
     """DecodeThreads drops to one thread when the machine is contended: that must not change a bit.
-    Rows from position 1100 on reach past csrc/attend.h's SPLIT_KEYS and attend chunk by chunk, with
+    Rows from position 1100 on reach past csrc/attend_rows.h's SPLIT_KEYS and attend chunk by chunk, with
     a barrier between the chunks and their merge inside the fused call: the op-by-op layer's bits too."""
     cfg = config()
     params = random_params(cfg, seed=5)

@@ -1,6 +1,6 @@
 """C kernels for decode on CPU: matrix-vector products, RMSNorm, SiLU-gate, the fused rope +
 KV-cache write + attention of a step, and all decoder layers of a step in one call (fp32, int4,
-int8 or bf16 weights; one library from csrc/decode.c, with the attention of csrc/attend.h, the
+int8 or bf16 weights; one library from csrc/decode.c, with the attention of csrc/attend.h (and attend_rows.h), the
 int4 / int8 matrix code of csrc/quant.h that kernels/cpu_quant.py calls and the bf16 code of
 csrc/bf16.h that kernels/bf16.py calls). Each has a torch reference (kernels/reference.py and the model code)
 that it is tested against; `llmfn.kernels.ops`, `llmfn.linear` and `models/llama.py` pick these for
