@@ -9,9 +9,9 @@
 typedef struct { int64_t at, j0, j1; } Run;
 #define RUNS 8  /* runs weighed at a time: SmolLM2's 8 blocks of values of a kv head are 32 KB, in L1 */
 
-/* o[0 .. hd) += w[j] * value j over the runs, in position order, one FMA per element (without a
-   vector unit: multiply, then add); vals: the cache (element type dt), plus off elements. */
-/* For a head dim of NV vectors of W floats the accumulators stay in registers over the runs (the
+/* weigh_runs: o[0 .. hd) += w[j] * value j over the runs, in position order, one FMA per element
+   (without a vector unit: multiply, then add); vals: the cache (element type dt), plus off elements.
+   For a head dim of NV vectors of W floats the accumulators stay in registers over the runs (the
    generic loop reloads o at every position, a store-to-load chain per value): the same FMA per
    element in the same order, the same bits, whatever the vector width. */
 #define WEIGH_RUNS(NAME, NV, W, VEC, LOAD, STORE, SET1, FMA, WIDEN)                                        \
@@ -86,6 +86,12 @@ static void weigh_runs(float* o, const float* w, const void* vals, int64_t off, 
    of writing out. q: scratch [hb - ha][hd], sc: scratch [hb - ha][s] (s: the positions a row's table
    covers). A 16-bit cache is widened as it is read: the same arithmetic as over an fp32 cache holding
    its values. */
+/* The query heads of kv head kh (gq of them a kv head) within a task's [ha, hb), as [e0, e1) from ha. */
+static inline void heads_of(int64_t kh, int64_t gq, int64_t ha, int64_t hb, int64_t* e0, int64_t* e1) {
+    *e0 = (kh * gq > ha ? kh * gq : ha) - ha;
+    *e1 = ((kh + 1) * gq < hb ? (kh + 1) * gq : hb) - ha;
+}
+
 static void attend(const float* qkv, const float* cs, const float* sn, const float* qscale, const int64_t* pos,
                    const void* kc, const void* vc, const int64_t* cst, const Blocks* kv, const float* slopes,
                    float* out, int64_t i, int64_t ha, int64_t hb, int64_t t, int64_t hq, int64_t hk, int64_t hd,
@@ -105,8 +111,9 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
     for (int64_t j0 = lo; j0 <= last;) {  /* one run of adjacent slots (a block's part in [lo, last]) per pass */
         int64_t end = (j0 / kv->bs + 1) * kv->bs;
         if (end > last + 1) end = last + 1;
-        for (int64_t kh = ha / gq; kh * gq < hb; kh++) {  /* the task's heads of kv head kh: [e0, e1) */
-            int64_t e0 = (kh * gq > ha ? kh * gq : ha) - ha, e1 = ((kh + 1) * gq < hb ? (kh + 1) * gq : hb) - ha;
+        for (int64_t kh = ha / gq; kh * gq < hb; kh++) {
+            int64_t e0, e1;
+            heads_of(kh, gq, ha, hb, &e0, &e1);
             int64_t at = kv_offset(kv, cst, bi, j0) + kh * cst[1] - j0 * cst[2];  /* + j * cst[2]: key j */
             const float* keys = (const float*)kc + at;
             const uint16_t* keys16 = (const uint16_t*)kc + at;
@@ -194,7 +201,8 @@ static void attend(const float* qkv, const float* cs, const float* sn, const flo
             j0 = end;
         }
         for (int64_t kh = ha / gq; kh * gq < hb; kh++) {
-            int64_t e0 = (kh * gq > ha ? kh * gq : ha) - ha, e1 = ((kh + 1) * gq < hb ? (kh + 1) * gq : hb) - ha;
+            int64_t e0, e1;
+            heads_of(kh, gq, ha, hb, &e0, &e1);
             for (int64_t e = e0; e < e1; e++)
                 weigh_runs(part ? part + e * (hd + 2) + 2 : out + i * hq * hd + (ha + e) * hd, sc + e * s, vc, kh * cst[1],
                            runs, nr, cst[2], kv->dt, hd);
