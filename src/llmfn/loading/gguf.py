@@ -31,6 +31,7 @@ from llmfn.loading.params import finish_params
 from llmfn.loading.quantize import Pending, quantize_tensor, unwrap
 from llmfn.loading.registry import converted_path, publish_folder, published_stamp
 from llmfn.model import Model
+from llmfn.models.llama import RopeScaling, scaled_inv_freq
 from llmfn.tokenization.gguf import tokenizer_files_from_gguf
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
@@ -50,6 +51,8 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 SUPPORTED_ARCHS = ("llama", "qwen2")
+CONFIG_VERSION = 2  # in the cache folders' stamp: 2 reads rope scaling (a config.json of 1 lacks it)
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, as per-frequency divisors (read into the config)
 log = logging.getLogger("llmfn.loading")
 
 
@@ -77,16 +80,16 @@ def config_from_gguf(reader, source: Path | str = "model.gguf") -> dict:
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModelError(f"{source}: GGUF architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)} are)")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise UnsupportedModelError(f"{source}: GGUF rope_freqs (llama3 rope scaling) is not supported yet")
 
     def m(key, default=None):
         return metadata(reader, f"{arch}.{key}", default)
 
     heads = int(m("attention.head_count"))
     hidden = int(m("embedding_length"))
+    head_dim = int(m("attention.key_length") or m("rope.dimension_count") or hidden // heads)
+    theta = float(m("rope.freq_base", 10000.0))
     vocab = m("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    return {
+    config = {
         "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
         "model_type": arch,
         "vocab_size": int(vocab),
@@ -95,15 +98,63 @@ def config_from_gguf(reader, source: Path | str = "model.gguf") -> dict:
         "num_hidden_layers": int(m("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(m("attention.head_count_kv", heads)),
-        "head_dim": int(m("attention.key_length") or m("rope.dimension_count") or hidden // heads),
+        "head_dim": head_dim,
         "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(m("rope.freq_base", 10000.0)),
+        "rope_theta": theta,
         "max_position_embeddings": int(m("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
         "bos_token_id": metadata(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata(reader, "tokenizer.ggml.eos_token_id"),
     }
+    scaling = rope_scaling_from_gguf(reader, arch, head_dim, theta, source)
+    return config if scaling is None else {**config, "rope_scaling": scaling}
+
+
+def rope_scaling_from_gguf(reader, arch: str, head_dim: int, theta: float, source) -> dict | None:
+    """The HF rope_scaling of a GGUF, or None: llama.cpp keeps linear scaling in the metadata, and
+    llama3 scaling (Llama 3.1+) as the rope_freqs tensor, each frequency's divisor, which
+    convert_hf_to_gguf.py computes from factor, low / high_freq_factor and the original context."""
+    kind = metadata(reader, f"{arch}.rope.scaling.type", "none")
+    factor = float(metadata(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if kind == "linear" and factor != 1.0:
+        return {"rope_type": "linear", "factor": factor}
+    if kind not in ("none", "linear"):
+        raise UnsupportedModelError(f"{source}: GGUF rope scaling {kind!r} is not supported (linear and llama3 are)")
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if tensor is None:
+        return None
+    original = int(metadata(reader, f"{arch}.rope.scaling.original_context_length", 0) or 8192)
+    return llama3_scaling(np.asarray(tensor.data, dtype=np.float64).ravel(), theta, head_dim, original, source)
+
+
+def llama3_scaling(divisors: np.ndarray, theta: float, head_dim: int, original: int, source) -> dict | None:
+    """The llama3 rope_scaling whose inverse frequencies are HF's base ones over `divisors`: factor is
+    the largest divisor; low / high_freq_factor are Llama 3's 1 / 4 when those give the divisors, else
+    fitted to the smoothed band (divisors strictly between 1 and factor), where
+    1 / divisor = (1 - s) / factor + s and s = (original / wavelength - low) / (high - low) is linear
+    in 1 / wavelength. A fit that does not give the divisors back (1e-5) is an error, never a guess."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if divisors.shape != tuple(inv_freq.shape) or not np.all(np.isfinite(divisors)) or divisors.min() <= 0:
+        raise CheckpointError(f"{source}: {ROPE_FREQS} holds {divisors.size} values, not {inv_freq.numel()} positive ones")
+    factor = float(divisors.max())
+    if factor == 1.0:
+        return None
+    candidates = [(1.0, 4.0)]
+    band = (divisors != 1.0) & (divisors != factor)
+    if band.sum() >= 2:
+        s = (1 / divisors[band] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(inv_freq.double().numpy()[band] / (2 * np.pi), s, 1)  # s = a / wavelength + b
+        if a > 0:
+            low, high = float(-b * original / a), float(-b * original / a + original / a)
+            candidates += [(round(low, 3), round(high, 3)), (low, high)]  # the file's own values, if round
+    want = inv_freq.double() / torch.from_numpy(divisors)
+    for low, high in candidates:
+        scaling = RopeScaling("llama3", factor, low, high, original)
+        if torch.allclose(scaled_inv_freq(inv_freq, scaling).double(), want, rtol=1e-5, atol=0.0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise UnsupportedModelError(f"{source}: its {ROPE_FREQS} do not follow llama3 rope scaling (the only kind supported)")
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -176,7 +227,8 @@ def gguf_tensors(reader, config: dict, keep: tuple[str, ...] = GGUF_KEPT, transf
     from gguf.quants import dequantize
 
     out = {}
-    for done, t in enumerate(reader.tensors, 1):
+    tensors = [t for t in reader.tensors if t.name != ROPE_FREQS]  # rope_freqs: in the config (config_from_gguf)
+    for done, t in enumerate(tensors, 1):
         name, heads = hf_name(t.name), permuted_heads(config, t.name)
         if t.tensor_type.name in keep and len(t.shape) == 2:
             leaf = gguf_leaf(t)
@@ -190,7 +242,7 @@ def gguf_tensors(reader, config: dict, keep: tuple[str, ...] = GGUF_KEPT, transf
             w = torch.from_numpy(np.array(w))
             out[name] = transform(name, w) if transform is not None else w
         if progress is not None:
-            progress(done, len(reader.tensors), t.name)
+            progress(done, len(tensors), t.name)
     return out
 
 
@@ -236,7 +288,7 @@ def converted_folder(gguf_file: Path, name: str, *, weights: bool = True) -> Pat
     if not gguf_file.is_file():
         raise CheckpointError(f"{gguf_file}: file not found")
     out = converted_path(name)
-    stamp = f"{gguf_file.stat().st_size}-{int(gguf_file.stat().st_mtime)}"
+    stamp = f"{gguf_file.stat().st_size}-{int(gguf_file.stat().st_mtime)} config {CONFIG_VERSION}"
     if not weights and published_stamp(out) == stamp:  # a folder with weights serves a quantized load too
         return out
     if not weights:

@@ -111,7 +111,11 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """Rotary inverse frequencies [hd/2] with linear or llama3 scaling, as HF computes them."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    s = cfg.rope_scaling
+    return scaled_inv_freq(inv_freq, cfg.rope_scaling)
+
+
+def scaled_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """inv_freq under rope scaling s (HF's linear and llama3 rules, in fp32 as HF runs them)."""
     if s.kind == "linear":
         return inv_freq / s.factor
     if s.kind == "llama3":
