@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import llmfn
+from gguf_util import rewrite_gguf
 from llmfn.errors import CheckpointError, UnsupportedModelError
 from llmfn.loading.gguf import config_from_gguf, llama3_scaling, open_gguf
 from llmfn.loading.registry import ALIASES, package_path
@@ -78,25 +79,7 @@ def test_other_divisors_are_refused():
 
 def rewrite(dst, extra_kv=(), extra_tensors=()):
     """A copy of the SmolLM2 GGUF (the same blocks) with more metadata and tensors."""
-    import gguf
-
-    reader = gguf.GGUFReader(GGUF)
-    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name != "general.architecture" and not field.name.startswith("GGUF."):
-            array = field.types[0] == gguf.GGUFValueType.ARRAY
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=field.types[-1] if array else None)
-    for key, value, kind in extra_kv:
-        writer.add_key_value(key, value, kind)
-    for name, array in extra_tensors:
-        writer.add_tensor(name, array)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+    return rewrite_gguf(GGUF, dst, extra_kv, extra_tensors)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp), read with the `gguf` package: one reader of the tensors under Hugging Face
-names (`gguf_tensors`: Q4_0 / Q4_1 / Q8_0 blocks kept as quantized leaves or dequantized, as the
+names (`gguf_tensors`: Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks kept as quantized leaves or dequantized, as the
 caller asks) and one cache folder per converted model (`converted_folder`).
 
-    load("model.gguf")                      load_gguf: the Q4_0 / Q4_1 / Q8_0 blocks straight into
+    load("model.gguf")                      load_gguf: the Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks straight into
                                             Int4Weight / Int8Weight leaves (quantize="auto" = "int4"),
                                             config and tokenizer from converted_folder
     load("model.gguf", quantize=None)       converted_folder: config, tokenizer and fp32 weights
@@ -185,15 +185,20 @@ def permuted_heads(config: dict, gguf_name: str) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # The tensors: one reader, blocks kept quantized or dequantized
 
-GGUF_KEPT = ("Q4_0", "Q4_1", "Q8_0")
+GGUF_KEPT = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 _BLOCK = 32
 
 
 def gguf_leaf(tensor) -> QuantizedWeight:
-    """A GGUF Q4_0 / Q4_1 / Q8_0 tensor (rows = output features) as an Int4Weight / Int8Weight."""
+    """A GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K tensor (rows = output features) as an Int4Weight /
+    Int8Weight holding exactly the values the gguf package dequantizes it to."""
     kind = tensor.tensor_type.name
     k, n = int(tensor.shape[0]), int(np.prod(tensor.shape[1:]))
     raw = np.ascontiguousarray(tensor.data).view(np.uint8)
+    if kind == "Q4_K":
+        return _q4_k_leaf(raw.reshape(n * (k // 256), -1), n, k)
+    if kind == "Q6_K":
+        return _q6_k_leaf(raw.reshape(n * (k // 256), -1), n, k)
     blocks = raw.reshape(n, k // _BLOCK, -1)  # [n, G, bytes per block]
     d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # [n, G]
     if kind == "Q8_0":
@@ -211,6 +216,33 @@ def gguf_leaf(tensor) -> QuantizedWeight:
     ours = np.concatenate([(even & 0xF) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=-1)  # [n, G, 16]
     qweight = torch.from_numpy(ours.reshape(n, k // 2))
     return Int4Weight(qweight, *compact_scales(d, offsets), _BLOCK)  # fp16, as the file holds them
+
+
+def _half(column: np.ndarray) -> np.ndarray:
+    return column.copy().view(np.float16).astype(np.float32)  # [B, 2] bytes -> [B, 1]
+
+
+def _q4_k_leaf(blocks: np.ndarray, n: int, k: int) -> Int4Weight:
+    """Q4_K super-blocks of 256 (d, dmin, 6-bit scales and mins of 8 sub-blocks, 4-bit q) are int4
+    groups of 32: w = q * (d * scale) - dmin * min, where both products are exact in fp32."""
+    from gguf.quants import Q4_K
+
+    d, dmin = _half(blocks[:, 0:2]), _half(blocks[:, 2:4])
+    scales, mins = Q4_K.get_scale_min(blocks[:, 4:16])  # [B, 8] each
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)  # sub-blocks 2c, 2c+1
+    q = torch.from_numpy((qs & 0xF).reshape(n, k))
+    return Int4Weight.from_q(q, torch.from_numpy((d * scales).reshape(n, k // 32)),
+                             torch.from_numpy((-(dmin * mins)).reshape(n, k // 32)), 32)
+
+
+def _q6_k_leaf(blocks: np.ndarray, n: int, k: int) -> Int8Weight:
+    """Q6_K super-blocks of 256 (4 + 2 bit q - 32, an int8 scale per 16, d) are int8 groups of 16:
+    w = q * (d * scale), the product exact in fp32."""
+    low = blocks[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    high = blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    q = ((low & 0xF).reshape(-1, 256) | ((high & 0x3).reshape(-1, 256) << 4)).astype(np.int8) - np.int8(32)
+    scales = _half(blocks[:, 208:210]) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # [B, 16]
+    return Int8Weight.from_q(torch.from_numpy(q.reshape(n, k)), torch.from_numpy(scales.reshape(n, k // 16)), 16)
 
 
 def _rows(leaf: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
