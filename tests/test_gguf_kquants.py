@@ -1,6 +1,7 @@
-"""GGUF K-quants on their own bits: Q4_K tensors are int4 groups of 32 and Q6_K tensors int8 groups of
-16 (the two types of llama.cpp's most used Q4_K_M files), holding exactly the values the gguf package
-dequantizes them to; a model of them runs as transformers runs the same file."""
+"""GGUF K-quants on their own bits: Q4_K tensors are int4 groups of 32, Q6_K tensors int8 groups of
+16 and Q5_0 int8 groups of 32 (the types of llama.cpp's most used Q4_K_M files, Q5_0 where a row is
+not whole 256-blocks), holding exactly the values the gguf package dequantizes them to; a model of
+them runs as transformers runs the same file."""
 
 import numpy as np
 import pytest
@@ -53,7 +54,15 @@ def encode_q6_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh, sc.view(np.uint8), d], axis=1).reshape(rows, -1)
 
 
-ENCODERS = {"Q4_K": encode_q4_k, "Q6_K": encode_q6_k}
+def encode_q5_0(x: np.ndarray) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    return quantize(x.astype(np.float32), GGMLQuantizationType.Q5_0)
+
+
+ENCODERS = {"Q4_K": encode_q4_k, "Q6_K": encode_q6_k, "Q5_0": encode_q5_0}
+HALVES = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,)), "Q5_0": (22, (0,))}  # block bytes, fp16 fields' offsets
 
 
 def gguf_file(path, tensors: dict):
@@ -69,7 +78,7 @@ def gguf_file(path, tensors: dict):
     return gguf.GGUFReader(str(path))
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0"])
 def test_k_blocks_dequantize_exactly_as_gguf(kind, tmp_path):
     from gguf.quants import dequantize
 
@@ -80,16 +89,16 @@ def test_k_blocks_dequantize_exactly_as_gguf(kind, tmp_path):
     encoded = ENCODERS[kind](x)
     # Any bytes are a valid block: random ones reach every bit of every field (finite fp16 d / dmin).
     noise = rng.integers(0, 256, encoded[:8].shape, dtype=np.uint8)
-    per_block = encoded.shape[1] // 2
-    for b in range(2):
-        halves = [0, 2] if kind == "Q4_K" else [per_block - 2]
+    size, halves = HALVES[kind]
+    for b in range(noise.shape[1] // size):
         for h in halves:
-            noise[:, b * per_block + h: b * per_block + h + 2] = f16_bytes(rng.uniform(-2, 2, 8)).reshape(8, 2)
+            noise[:, b * size + h: b * size + h + 2] = f16_bytes(rng.uniform(-2, 2, 8)).reshape(8, 2)
     reader = gguf_file(tmp_path / "k.gguf", {"encoded": (kind, encoded), "noise": (kind, np.ascontiguousarray(noise))})
     for t in reader.tensors:
         leaf = gguf_leaf(t)
         expected = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         assert isinstance(leaf, Int4Weight if kind == "Q4_K" else Int8Weight)
+        assert leaf.group_size == (16 if kind == "Q6_K" else 32)
         assert np.array_equal(leaf.dequantize().numpy(), expected), t.name
         if t.name == "encoded":
             assert np.abs(expected - x).max() < 0.25  # the test's encoder is a real one
@@ -98,15 +107,18 @@ def test_k_blocks_dequantize_exactly_as_gguf(kind, tmp_path):
 
 
 def rewrite_k(dst):
-    """SmolLM2's GGUF with its ffn_down as a Q4_K_M file has them: Q6_K in half the layers, Q4_K in the
-    others (its other linears' 576-long rows are not whole 256-blocks: they stay Q4_1, as llama.cpp
-    leaves such rows out of the K-quants too)."""
+    """SmolLM2's GGUF with its ffn_down as a Q4_K_M file has them (Q6_K in half the layers, Q4_K in the
+    others) and attn_v as Q5_0 (its 576-long rows are not whole 256-blocks, which llama.cpp then
+    writes in Q5_0); the other linears stay Q4_1."""
     from gguf.quants import dequantize
 
     def retype(t):
-        if not t.name.endswith("ffn_down.weight"):
+        if t.name.endswith("attn_v.weight"):
+            kind = "Q5_0"
+        elif t.name.endswith("ffn_down.weight"):
+            kind = "Q6_K" if int(t.name.split(".")[1]) % 2 == 0 else "Q4_K"
+        else:
             return None
-        kind = "Q6_K" if int(t.name.split(".")[1]) % 2 == 0 else "Q4_K"
         return ENCODERS[kind](np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)), kind
 
     return rewrite_gguf(GGUF, dst, retype=retype)

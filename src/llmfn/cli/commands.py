@@ -34,7 +34,7 @@ def version() -> str:
 
 def _add_quantize_flag(p: argparse.ArgumentParser, what: str = "") -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None if what else "auto",
-                   help=f"auto: a quantized GGUF runs on its own Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks, as llama.cpp does, "
+                   help=f"auto: a quantized GGUF runs on its own Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 blocks, as llama.cpp does, "
                         f"anything else as stored; none: dequantize to --dtype; int4 / int8: weight-only "
                         f"linears rounded at load{what or ' (default auto)'}")  # fmt: skip
 

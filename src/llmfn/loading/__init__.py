@@ -47,12 +47,12 @@ def load(
     dtype defaults to float32 (the fast CPU type here); weights are mmap'd, never unpickled.
     compile: torch.compile the decode step (None: off on CPU, where it does not pay; on on CUDA for
     models of 50M+ parameters, see backend.py).
-    quantize: "auto" (the default) runs a GGUF on its own Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks, as llama.cpp
+    quantize: "auto" (the default) runs a GGUF on its own Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 blocks, as llama.cpp
     does, unless a dtype is given (a dtype asks for dense weights in it), and loads anything else as
     stored (an AWQ / int8 checkpoint stays quantized, a float one stays float); None or "none"
     dequantizes a GGUF to dense weights; "int4" | "int8" weight-only linears (llmfn.kernels.quant
     leaves): a float checkpoint is rounded as it is read, an AWQ / int8 checkpoint loads as stored,
-    and a GGUF keeps its Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks ("int8": Q8_0 only, the rest rounded)."""
+    and a GGUF keeps its Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 blocks ("int8": Q8_0 only, the rest rounded)."""
     torch_dtype = parse_dtype(dtype)
     method = effective_quantize(path, dtype, quantize)
     gguf = gguf_source(path) if method is not None else None
@@ -75,7 +75,7 @@ QUANTIZE_CHOICES = ("auto", "none", "int4", "int8")
 
 def effective_quantize(path: str | Path, dtype: str | torch.dtype | None, quantize: str | None) -> str | None:
     """What load(path, dtype=, quantize=) does to the weights: "int4" | "int8" quantized linears
-    (for a GGUF, "int4" keeps every Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K block as it is), or None for the weights
+    (for a GGUF, "int4" keeps every Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 block as it is), or None for the weights
     as stored, GGUF blocks dequantized. "auto" is "int4" for a GGUF loaded without a dtype."""
     if quantize is None or quantize == "none":
         return None

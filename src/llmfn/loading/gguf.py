@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp), read with the `gguf` package: one reader of the tensors under Hugging Face
-names (`gguf_tensors`: Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks kept as quantized leaves or dequantized, as the
+names (`gguf_tensors`: Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 blocks kept as quantized leaves or dequantized, as the
 caller asks) and one cache folder per converted model (`converted_folder`).
 
-    load("model.gguf")                      load_gguf: the Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks straight into
+    load("model.gguf")                      load_gguf: the Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 blocks straight into
                                             Int4Weight / Int8Weight leaves (quantize="auto" = "int4"),
                                             config and tokenizer from converted_folder
     load("model.gguf", quantize=None)       converted_folder: config, tokenizer and fp32 weights
@@ -185,12 +185,12 @@ def permuted_heads(config: dict, gguf_name: str) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # The tensors: one reader, blocks kept quantized or dequantized
 
-GGUF_KEPT = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+GGUF_KEPT = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "Q5_0")
 _BLOCK = 32
 
 
 def gguf_leaf(tensor) -> QuantizedWeight:
-    """A GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K tensor (rows = output features) as an Int4Weight /
+    """A GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 tensor (rows = output features) as an Int4Weight /
     Int8Weight holding exactly the values the gguf package dequantizes it to."""
     kind = tensor.tensor_type.name
     k, n = int(tensor.shape[0]), int(np.prod(tensor.shape[1:]))
@@ -199,6 +199,8 @@ def gguf_leaf(tensor) -> QuantizedWeight:
         return _q4_k_leaf(raw.reshape(n * (k // 256), -1), n, k)
     if kind == "Q6_K":
         return _q6_k_leaf(raw.reshape(n * (k // 256), -1), n, k)
+    if kind == "Q5_0":
+        return _q5_0_leaf(raw.reshape(n * (k // _BLOCK), -1), n, k)
     blocks = raw.reshape(n, k // _BLOCK, -1)  # [n, G, bytes per block]
     d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # [n, G]
     if kind == "Q8_0":
@@ -233,6 +235,15 @@ def _q4_k_leaf(blocks: np.ndarray, n: int, k: int) -> Int4Weight:
     q = torch.from_numpy((qs & 0xF).reshape(n, k))
     return Int4Weight.from_q(q, torch.from_numpy((d * scales).reshape(n, k // 32)),
                              torch.from_numpy((-(dmin * mins)).reshape(n, k // 32)), 32)
+
+
+def _q5_0_leaf(blocks: np.ndarray, n: int, k: int) -> Int8Weight:
+    """Q5_0 blocks of 32 (d, the fifth bits, 4-bit low parts; w = d * (q - 16)) are int8 groups of 32 (k-quant
+    files hold them where a row is not whole 256-blocks)."""
+    high = blocks[:, 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)  # [B, 32]: bit i is q[i]'s
+    low = blocks[:, 6:].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)  # q[0..15], q[16..31]
+    q = ((low & 0xF).reshape(-1, 32) | ((high & 1).astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
+    return Int8Weight.from_q(torch.from_numpy(q.reshape(n, k)), torch.from_numpy(_half(blocks[:, 0:2]).reshape(n, k // 32)), 32)
 
 
 def _q6_k_leaf(blocks: np.ndarray, n: int, k: int) -> Int8Weight:

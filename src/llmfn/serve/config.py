@@ -25,7 +25,7 @@
     path = "smollm2-135m-instruct"    # a folder, a .gguf file or a known alias
     aliases = ["gpt-4o-mini"]         # more names for the same model
     dtype = "float32"                 # optional: weights in this dtype (a GGUF is then dequantized)
-    quantize = "auto"                 # optional: "auto" (a GGUF runs on its Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks),
+    quantize = "auto"                 # optional: "auto" (a GGUF runs on its Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 blocks),
                                       # "none" (dequantize), "int4" or "int8" (weight-only, rounded at load)
     device = "cpu"                    # optional
     type = "causal-lm"                # optional: "causal-lm" or "embedding" (else from config.json)
