@@ -316,12 +316,12 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     }
 #endif
 #ifdef int8_g32_decode_pair
-    if (L->kind == 2 && m == 1 && g == 32) {  /* the same for int8 weights */
+    if (L->kind == 2 && m == 1 && int8_z_takes(g, k)) {  /* the same for int8 weights (groups of 32 or 16) */
         const int8_t* q = (const int8_t*)L->q;
         for (; lo + 2 <= hi; lo += 2) {
             float v[2], sa[G], sb[G];
             int8_g32_decode_pair(x, q + lo * k, q + (lo + 1) * k, row_f32(L->scales, L->half, lo, G, sa),
-                                 row_f32(L->scales, L->half, lo + 1, G, sb), v, v + 1, G);
+                                 row_f32(L->scales, L->half, lo + 1, G, sb), v, v + 1, k / 32, g == 16);
             for (int i = 0; i < 2; i++) lin_store(y + lo + i, v[i], L->bias, lo + i, add);
         }
     }

@@ -340,21 +340,25 @@ static inline void int4_block(const float* xpi, const float* xsi, const uint8_t*
 
 static inline void int8_block(const float* xi, const int8_t* qr, const float* sr, float* yi,
                               int64_t n, int64_t k, int64_t g, int64_t G, int64_t R) {
-#ifdef __AVX2__
-    if (g == 32) {
 #ifdef __AVX512F__
+    if (int8_z_takes(g, k)) {
+        const int64_t G32 = k / 32;
+        const int sub = g == 16;
         switch (R) {
-        case 8: int8_z_r8(xi, qr, sr, yi, n, k, G); break;
-        case 7: int8_z_r7(xi, qr, sr, yi, n, k, G); break;
-        case 6: int8_z_r6(xi, qr, sr, yi, n, k, G); break;
-        case 5: int8_z_r5(xi, qr, sr, yi, n, k, G); break;
-        case 4: int8_z_r4(xi, qr, sr, yi, n, k, G); break;
-        case 3: int8_z_r3(xi, qr, sr, yi, n, k, G); break;
-        case 2: int8_z_r2(xi, qr, sr, yi, n, k, G); break;
-        default: int8_z_r1(xi, qr, sr, yi, n, k, G);
+        case 8: int8_z_r8(xi, qr, sr, yi, n, k, G32, sub); break;
+        case 7: int8_z_r7(xi, qr, sr, yi, n, k, G32, sub); break;
+        case 6: int8_z_r6(xi, qr, sr, yi, n, k, G32, sub); break;
+        case 5: int8_z_r5(xi, qr, sr, yi, n, k, G32, sub); break;
+        case 4: int8_z_r4(xi, qr, sr, yi, n, k, G32, sub); break;
+        case 3: int8_z_r3(xi, qr, sr, yi, n, k, G32, sub); break;
+        case 2: int8_z_r2(xi, qr, sr, yi, n, k, G32, sub); break;
+        default: int8_z_r1(xi, qr, sr, yi, n, k, G32, sub);
         }
         return;
+    }
 #endif
+#ifdef __AVX2__
+    if (g == 32) {
         if (R == 4) int8_g32_r4(xi, qr, sr, yi, n, k, G);
         else if (R == 3) int8_g32_r3(xi, qr, sr, yi, n, k, G);
         else if (R == 2) int8_g32_r2(xi, qr, sr, yi, n, k, G);
@@ -450,7 +454,7 @@ int llmfn_int8_linear(const float* x, const int8_t* q, const void* s, float* y,
     if (g == 32 && zt_takes(8, m)) return zt_linear(8, x, q, s, NULL, half, y, m, n, k, nthreads);
 #endif
 #ifdef int8_g32_decode_pair
-    if (m == 1 && g == 32) {  /* decode: two weight rows at a time, same bits */
+    if (m == 1 && int8_z_takes(g, k)) {  /* decode: two weight rows at a time, same bits */
         #pragma omp parallel num_threads(nthreads)
         {
             float sa[G], sb[G];
@@ -459,7 +463,7 @@ int llmfn_int8_linear(const float* x, const int8_t* q, const void* s, float* y,
                 int64_t j = 2 * p;
                 if (j + 1 < n)
                     int8_g32_decode_pair(x, q + j * k, q + (j + 1) * k, row_f32(s, half, j, G, sa),
-                                         row_f32(s, half, j + 1, G, sb), y + j, y + j + 1, G);
+                                         row_f32(s, half, j + 1, G, sb), y + j, y + j + 1, k / 32, g == 16);
                 else int8_block(x, q + j * k, row_f32(s, half, j, G, sa), y + j, n, k, g, G, 1);
             }
         }

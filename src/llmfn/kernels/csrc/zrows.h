@@ -42,20 +42,23 @@ static inline void NAME(const float* xp, const uint8_t* qr, const float* sr, con
 INT4_Z(int4_z_r1, 1) INT4_Z(int4_z_r2, 2) INT4_Z(int4_z_r3, 3) INT4_Z(int4_z_r4, 4)
 INT4_Z(int4_z_r5, 5) INT4_Z(int4_z_r6, 6) INT4_Z(int4_z_r7, 7) INT4_Z(int4_z_r8, 8)
 
-/* int8 groups of 32 (GGUF Q8_0) the same way: w = q * s once a group, two FMAs a row. */
-static inline void dequant8x32_z(const int8_t* qb, float s, __m512* lo, __m512* hi) {
-    const __m512 sv = _mm512_set1_ps(s);
-    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qb))), sv);
-    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qb + 16)))), sv);
+/* int8 groups of 32 (GGUF Q8_0) the same way: w = q * s once a group, two FMAs a row. Groups of 16
+   (GGUF Q6_K) too, each half of a 32 with its own scale: sub = 1 takes sr[2 gi] and sr[2 gi + 1], sub
+   = 0 sr[gi] for both (G counts 32s either way). */
+static inline int int8_z_takes(int64_t g, int64_t k) { return g == 32 || (g == 16 && k % 32 == 0); }
+static inline void dequant8x32_z(const int8_t* qb, float s_lo, float s_hi, __m512* lo, __m512* hi) {
+    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qb))), _mm512_set1_ps(s_lo));
+    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qb + 16)))),
+                        _mm512_set1_ps(s_hi));
 }
 #define INT8_Z(NAME, R)                                                                                 \
 static inline void NAME(const float* x, const int8_t* qr, const float* sr, float* y,                   \
-                        int64_t n, int64_t k, int64_t G) {                                              \
+                        int64_t n, int64_t k, int64_t G, int sub) {                                     \
     __m512 al[R], ah[R], wl, wh;                                                                        \
     for (int r = 0; r < R; r++) al[r] = ah[r] = _mm512_setzero_ps();                                   \
     for (int64_t gi = 0; gi < G; gi++) {                                                               \
         prefetch_ahead(qr + gi * 32);                                                                   \
-        dequant8x32_z(qr + gi * 32, sr[gi], &wl, &wh);                                                  \
+        dequant8x32_z(qr + gi * 32, sr[gi << sub], sr[(gi << sub) + sub], &wl, &wh);                    \
         for (int r = 0; r < R; r++) {                                                                   \
             const float* p = x + r * k + gi * 32;                                                       \
             al[r] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(p), al[r]);                                    \
@@ -92,13 +95,13 @@ static inline void int4_z_r1x2(const float* xp, const float* xs, const uint8_t* 
    two FMA chains each wait on their own last sum (4 cycles a group), two rows keep four in flight
    (SmolLM2's Q8_0 lm_head, weights from memory, 2 threads: 1.28-1.48 -> 1.19-1.39 ms a row). */
 static inline void int8_z_r1x2(const float* x, const int8_t* qa, const int8_t* qb, const float* sa, const float* sb,
-                               float* ya, float* yb, int64_t G) {
+                               float* ya, float* yb, int64_t G, int sub) {
     __m512 aal = _mm512_setzero_ps(), aah = aal, abl = aal, abh = aal, wal, wah, wbl, wbh;
     for (int64_t gi = 0; gi < G; gi++) {
         prefetch_ahead(qa + gi * 32);
         prefetch_ahead(qb + gi * 32);
-        dequant8x32_z(qa + gi * 32, sa[gi], &wal, &wah);
-        dequant8x32_z(qb + gi * 32, sb[gi], &wbl, &wbh);
+        dequant8x32_z(qa + gi * 32, sa[gi << sub], sa[(gi << sub) + sub], &wal, &wah);
+        dequant8x32_z(qb + gi * 32, sb[gi << sub], sb[(gi << sub) + sub], &wbl, &wbh);
         const __m512 xl = _mm512_loadu_ps(x + gi * 32), xh = _mm512_loadu_ps(x + gi * 32 + 16);
         aal = _mm512_fmadd_ps(wal, xl, aal);
         aah = _mm512_fmadd_ps(wah, xh, aah);

@@ -73,7 +73,7 @@ static void zt_dequant(int bits, const void* q, const void* s, const void* o, in
             const uint8_t* qg = qrow + gi * 4 * bits;  /* a group of 32: 16 bytes of int4, 32 of int8 */
             prefetch_ahead(qg);  /* the next block's bytes */
             if (bits == 4) dequant32_z(qg, sr[gi], orow[gi], &a, &b);
-            else dequant8x32_z((const int8_t*)qg, sr[gi], &a, &b);
+            else dequant8x32_z((const int8_t*)qg, sr[gi], sr[gi], &a, &b);
             _mm512_store_ps(dst + gi * 32, a);
             _mm512_store_ps(dst + gi * 32 + 16, b);
         }
