@@ -4,6 +4,7 @@ llama.cpp on the original Q4_1 GGUF (when llama-cpp-python is installed), with r
     python benchmarks/quant.py [--prompt-tokens 64] [--gen-tokens 128] [--threads N] [--compile]
                                [--variants fp32,int8,int4,int4/fp32-act,llama.cpp]
     python benchmarks/quant.py --threads 1 --variants q8_0,q8_0/int8-act,llama.cpp-q8_0   # int8 vs Q8_0
+    python benchmarks/quant.py --variants q4_k_m,llama.cpp-q4_k_m   # a Q4_K_M file, llama.cpp's own quantizer
     python benchmarks/quant.py --kernels      # per-linear timings of the CPU kernel candidates
     python benchmarks/quant.py --accuracy     # the default (GGUF blocks) against the dequantized model
 
@@ -14,7 +15,10 @@ llama.cpp runs), with llmfn's default activations (fp32, the exact product, kern
 int4/int8-act the same with int8 activations per block of 32 (int4/fp32-act names the default). q8_0 is llmfn on a Q8_0 GGUF of the same model
 (quantize="auto": every linear an Int8Weight of the file's blocks; fp32 activations by default,
 q8_0/int8-act with LLMFN_QUANT_ACTIVATIONS=int8) and llama.cpp-q8_0 llama.cpp on that file, which
-tools/gguf_requantize.py writes from the Q4_1 GGUF (--q8-gguf; made once, in the temp folder). Each row runs in its own process, so
+tools/gguf_requantize.py writes from the Q4_1 GGUF (--q8-gguf; made once, in the temp folder). q4_k_m and
+llama.cpp-q4_k_m: both on the Q4_K_M GGUF llama.cpp's quantizer (llama_model_quantize, through
+llama-cpp-python) writes from that Q8_0 file (once, in the temp folder): Q4_K / Q6_K / Q5_0 / Q8_0
+tensors, all of which llmfn keeps quantized. Each row runs in its own process, so
 RSS (after loading and generating; peak from getrusage) is that row's alone; warm-up (incl.
 torch.compile with --compile; llmfn's CPU default is eager) is not counted in the tok/s. On a
 shared machine wall-clock tok/s depends on the load: "tok per CPU s" (one thread) is the figure
@@ -49,6 +53,7 @@ TEXT = (
 )
 ALIAS = "smollm2-135m-instruct"
 Q8_0_FILE = Path(tempfile.gettempdir()) / "llmfn-bench-SmolLM2-135M-Instruct.Q8_0.gguf"
+Q4_K_M_FILE = Path(tempfile.gettempdir()) / "llmfn-bench-SmolLM2-135M-Instruct.Q4_K_M.gguf"
 
 
 def peak_rss_mb() -> float:
@@ -104,8 +109,8 @@ def run_llmfn(variant: str, n_prompt: int, gen: int, compile: bool | None, q8_gg
     weights, _, acts = variant.partition("/")  # "int4/fp32-act": int4 weights, fp32 activations
     if acts:
         os.environ["LLMFN_QUANT_ACTIVATIONS"] = acts.removesuffix("-act")
-    if weights == "q8_0":  # the Q8_0 GGUF's own blocks (quantize="auto")
-        model = llmfn.load(str(q8_gguf), quantize="auto", compile=compile)
+    if weights in ("q8_0", "q4_k_m"):  # that GGUF's own blocks (quantize="auto")
+        model = llmfn.load(str(q8_gguf if weights == "q8_0" else Q4_K_M_FILE), quantize="auto", compile=compile)
     else:
         model = llmfn.load(ALIAS, quantize=None if weights == "fp32" else weights, compile=compile)
     from llmfn.backend import should_compile
@@ -149,18 +154,36 @@ def q8_0_gguf(path: Path) -> Path:
     return path
 
 
-def llama_cpp_row(args, q8_0: bool = False) -> dict | None:
-    """llama.cpp on the original Q4_1 GGUF (or its Q8_0 version), with the user's environment
+def q4_k_m_gguf(q8_0: Path) -> Path:
+    """The Q4_K_M GGUF llama.cpp's own quantizer writes from the Q8_0 one, written once."""
+    if not Q4_K_M_FILE.exists():
+        import ctypes
+
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, True
+        partial = Q4_K_M_FILE.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(q8_0).encode(), str(partial).encode(), ctypes.byref(params)):
+            raise RuntimeError("llama.cpp could not write the Q4_K_M file")
+        partial.rename(Q4_K_M_FILE)
+    return Q4_K_M_FILE
+
+
+def llama_cpp_row(args, kind: str = "Q4_1") -> dict | None:
+    """llama.cpp on the original Q4_1 GGUF (or its Q8_0 or Q4_K_M version), with the user's environment
     (benchmarks/peers.py), on llmfn's token ids of the same prompt."""
     from llmfn.loading.registry import ALIASES, package_path
 
-    path = q8_0_gguf(args.q8_gguf) if q8_0 else package_path(ALIASES[ALIAS])
+    files = {"Q4_1": lambda: package_path(ALIASES[ALIAS]), "Q8_0": lambda: q8_0_gguf(args.q8_gguf),
+             "Q4_K_M": lambda: q4_k_m_gguf(q8_0_gguf(args.q8_gguf))}
+    path = files[kind]()
     ids = llmfn.load_tokenizer(llmfn.loading.resolve(ALIAS)).encode(TEXT * (args.prompt_tokens // 20 + 1))
     r = peers.run("llama.cpp", path, ids[: args.prompt_tokens], args.gen_tokens, args.threads, llmfn.ENV_SET_BY_LLMFN)
     if r is None:
         return None
     n = r["generated"] - 1
-    return {"name": "llama.cpp " + ("Q8_0" if q8_0 else "Q4_1"), "decode_tok_s": n / r["decode_s"], "cpu_tok_s": n / r["decode_cpu_s"],
+    return {"name": f"llama.cpp {kind}", "decode_tok_s": n / r["decode_s"], "cpu_tok_s": n / r["decode_cpu_s"],
             "prefill_tok_s": r["prompt_tokens"] / r["prefill_s"], "load_s": r["load_s"], "warm_s": r["warm_s"],
             "weights_mb": path.stat().st_size / 2**20, "rss_mb": r["rss_mb"], "peak_rss_mb": r["peak_rss_mb"]}
 
@@ -309,11 +332,13 @@ def main() -> None:
         return accuracy(args.gen_tokens)
 
     rows = []
-    if "q8_0" in args.variants:
+    if "q8_0" in args.variants or "q4_k_m" in args.variants:
         q8_0_gguf(args.q8_gguf)
+    if "q4_k_m" in args.variants:
+        q4_k_m_gguf(args.q8_gguf)
     for variant in args.variants.split(","):
         if variant.startswith("llama.cpp"):
-            row = llama_cpp_row(args, q8_0=variant == "llama.cpp-q8_0")
+            row = llama_cpp_row(args, variant.removeprefix("llama.cpp").removeprefix("-").upper() or "Q4_1")
         else:
             row = llmfn_row(variant, args)
         if row is not None:
