@@ -137,6 +137,40 @@ def test_a_batched_step_of_group_32_weights_is_bitwise_the_op_by_op_one(bits, mo
     assert torch.equal(fused_cache.k, op_cache.k) and torch.equal(fused_cache.v, op_cache.v)
 
 
+@pytest.mark.parametrize("ends", ["fp32", "int8", "int4", "int4-fp16", "int8-tied", "int4-tied-act8"])
+def test_a_whole_step_with_its_embedding_and_head_is_bitwise_the_op_by_op_one(ends, monkeypatch):
+    """The step in one C call (embedding rows, layers, final norm, lm_head) for each embedding / head
+    a GGUF or a quantized load gives, tied or not, at 1 to 6 rows a step."""
+    cfg = config()
+    params = random_params(cfg, seed=11)
+    monkeypatch.setenv("LLMFN_QUANT_ACTIVATIONS", "int8" if ends.endswith("act8") else "fp32")
+    if ends != "fp32":
+        leaf = Int4Weight if ends.startswith("int4") else Int8Weight
+        embed = leaf.quantize(params["embed"], 32)
+        embed = fp16_scales(embed) if "fp16" in ends else embed
+        head = embed if "tied" in ends else leaf.quantize(params["lm_head"], 32)
+        params = {**params, "embed": embed, "lm_head": head}
+    steps = []
+    real = cpu.decoder_layers
+    monkeypatch.setattr(cpu, "decoder_layers", lambda *a, **k: steps.append(k.get("step") is not None) or real(*a, **k))
+    with torch.inference_mode():
+        fused, fused_cache = run(params, cfg, steps=4, batch=2, fused=True, monkeypatch=monkeypatch)
+        assert steps == [True] * 5  # the prefill of 2 x 3 rows and each decode step
+        op_by_op, op_cache = run(params, cfg, steps=4, batch=2, fused=False, monkeypatch=monkeypatch)
+    assert torch.equal(fused, op_by_op)
+    assert torch.equal(fused_cache.k, op_cache.k) and torch.equal(fused_cache.v, op_cache.v)
+
+
+def test_a_whole_step_refuses_token_ids_outside_the_embedding():
+    cfg = config()
+    params = random_params(cfg, seed=0)
+    cache = llama.init_cache(cfg, 1, 4)
+    for bad in (cfg.vocab_size, -1):
+        with pytest.raises(IndexError, match="token id"), torch.inference_mode():
+            fused_forward(params, cfg, torch.tensor([[1, bad]]), torch.tensor([[0, 1]]), cache)
+    assert not cache.k.any() and not cache.v.any()
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fused_layer_matches_the_torch_ops(variant, monkeypatch):
     """The C decode path against the pure-torch forward (C kernels off: LLMFN_CPU_KERNELS=torch)."""

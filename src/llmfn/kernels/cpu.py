@@ -46,7 +46,7 @@ _SIGNATURES = {
     "llmfn_int4_dequant": [_p, _p, _p, _p, _i64, _i64, _i64, _i32, _i32],
     "llmfn_int8_dequant": [_p, _p, _p, _i64, _i64, _i64, _i32, _i32],
     "llmfn_decoder_layers": [_p, _p, _i64, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p, *[_i64] * 7, _f32,
-                             _f32, _i64, _i32],
+                             _f32, _i64, _i32, _p],
     "llmfn_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_bf16_gemv": [_p, _p, _p, _p, _i64, _i64, _i64, _i32],
     "llmfn_bf16_lanes": [],
@@ -374,14 +374,26 @@ class DecodeThreads:
 decode_threads = DecodeThreads()
 
 
+def step_fields(embed, norm: torch.Tensor, head) -> list[int] | None:
+    """A whole decode step's ends for `decoder_layers(step=...)`: the embedding table (fp32, or an int4 /
+    int8 leaf of fp32 rows), the final norm and the head (the lm_head, any weight the fused layer
+    takes, over the embedding's vocabulary); None when the C code cannot take them."""
+    e, n, h = _lin_fields(embed, None), _norm_ptr(norm), _lin_fields(head, None)
+    if e is None or n is None or h is None or e[4] not in (0, 1, 2, 3, 4) or embed.dtype != torch.float32:
+        return None
+    return [*e, n, *h] if tuple(embed.shape) == tuple(head.shape) == (head.shape[0], norm.shape[0]) else None
+
+
 def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positions, k_cache, v_cache,
-                   alibi_slopes=None, blocks=None) -> torch.Tensor:
+                   alibi_slopes=None, blocks=None, step: tuple | None = None) -> torch.Tensor:
     """Pre-norm Llama decoder layers (fields: their `layer_fields`) applied to x [b, t, D] in one C call.
 
     x is donated: the residual stream is updated in place and returned. The caches [L, N, hk, S, hd]
     (read through blocks [b, nb] int32, or one block per row when None) are written in place as in
     qkv_attention. Bitwise what the separate kernels (linear, rms_norm, qkv_attention, silu_mul) give,
-    with one OpenMP region per step instead of eight per layer."""
+    with one OpenMP region per step instead of eight per layer. step: (ids [b, t] int64 contiguous,
+    `step_fields`, logits [b, t, V] fp32 contiguous) runs the whole step: x is first filled with the
+    embedding rows at ids and logits receive head(rms(x)) (as llama.forward computes them)."""
     b, t, d = x.shape
     hd = k_cache.shape[-1]
     if (d, hd) != (cfg.hidden_size, cfg.head_dim) or (k_cache.shape[0], k_cache.shape[2]) != (len(fields), cfg.num_kv_heads):
@@ -395,14 +407,23 @@ def decoder_layers(x: torch.Tensor, fields: list, cfg, cos, sin, q_scale, positi
     )
     strides = (ctypes.c_int64 * 4)(*k_cache.stride()[1:4], k_cache.stride(0))
     layers = (ctypes.c_void_p * len(fields))(*(ctypes.addressof(f) for f in fields))
+    ends = None
+    if step is not None:
+        ids, ends_fields, logits = step
+        vocab = logits.shape[-1]
+        check_shapes(ids.shape == x.shape[:2] and ids.dtype == torch.int64 and ids.is_contiguous()
+                     and logits.shape == (b, t, vocab) and logits.is_contiguous(), "decoder_layers", ids, logits)
+        ends = (ctypes.c_int64 * 18)(ids.data_ptr(), *ends_fields, logits.data_ptr(), vocab)
     threads = decode_threads.pick()
     status = library().llmfn_decoder_layers(
         x.data_ptr(), layers, len(fields), ptr(cos), ptr(sin), ptr(q_scale), positions.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), KV_DTYPES[k_cache.dtype], strides, ptr(table), nb, bs, ptr(alibi_slopes), b * t, t, d,
         cfg.num_heads, cfg.num_kv_heads, hd, cfg.intermediate_size, cfg.rms_norm_eps, 1.0 / math.sqrt(hd),
-        cfg.sliding_window or 0, threads,
+        cfg.sliding_window or 0, threads, ends,
     )
     decode_threads.observe(threads, library().llmfn_decode_occupancy() / 1000)
+    if status == -4:
+        raise IndexError("decoder_layers: a token id is outside the embedding table")
     if status == -2:
         raise ValueError(f"decoder_layers takes at most 16 rows, got {b * t}")
     if status == -3:

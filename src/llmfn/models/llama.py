@@ -217,13 +217,20 @@ def forward(
     logit_index: torch.Tensor | None = None,
     attention=None,
     layers=decoder_layers,
+    whole=None,
 ) -> tuple[torch.Tensor, KVCache]:
     """tokens, positions: [B, T] (int64). Returns fp32 logits [B, T, V] and the (donated) cache.
 
     With logit_index [B] (an index into T per row), only those rows' logits are computed: [B, 1, V].
     attention: an op with kernels.attention's signature to use instead of it (the engine passes a
     batch-invariant one for its decode steps). layers: `decoder_layers` or a function that computes
-    the same (same arguments, same result), how a backend substitutes a fused implementation."""
+    the same (same arguments, same result), how a backend substitutes a fused implementation; whole:
+    likewise for the whole step, whole(params, cfg, tokens, positions, cache, attention) -> the logits
+    this function computes, or None where it cannot (asked only without a logit_index)."""
+    if whole is not None and logit_index is None:
+        logits = whole(params, cfg, tokens, positions, cache, attention)
+        if logits is not None:
+            return logits, cache
     x = embedding(params["embed"], tokens)  # [B, T, D]
     x = layers(params, cfg, x, rope_tables(params, cfg, positions), positions, cache, attention)
     if logit_index is not None:

@@ -342,18 +342,50 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
     }
 }
 
+/* Row j of an embedding table [V, k] laid out as a Lin of kind 0 (fp32), 1 / 3 (int4) or 2 / 4 (int8),
+   dequantized as llmfn.kernels.quant's `embedding` does it: q * s (+ o), two roundings. */
+static void lin_row(const Lin* L, int64_t j, int64_t k, float* out) {
+    if (L->kind == 0) {
+        memcpy(out, (const float*)L->q + j * k, sizeof(float) * k);
+        return;
+    }
+    int64_t g = L->group, G = k / g;
+    float sb[G], ob[G];
+    const float* s = row_f32(L->scales, L->half, j, G, sb);
+    if (L->kind == 1 || L->kind == 3) {
+        const float* o = row_f32(L->offsets, L->half, j, G, ob);
+        const uint8_t* q = (const uint8_t*)L->q + j * (k / 2);
+        for (int64_t i = 0; i < k; i++) out[i] = (float)((q[i / 2] >> (4 * (i & 1))) & 15) * s[i / g] + o[i / g];
+    } else {
+        const int8_t* q = (const int8_t*)L->q + j * k;
+        for (int64_t i = 0; i < k; i++) out[i] = (float)q[i] * s[i / g];
+    }
+}
+
+/* What a whole decode step adds around the layers (llmfn_decoder_layers' `step`, or NULL): x's rows
+   from the embedding table at ids (each in [0, vocab)), and after the layers the logits [m, vocab] =
+   head(rms(x, norm)), the head in the same OpenMP region as the layers. */
+typedef struct { const int64_t* ids; Lin embed; const float* norm; Lin head; float* logits; int64_t vocab; } Step;
+
 /* x [m, D] <- the pre-norm decoder layers Ls[0 .. nl-1] applied to x (the residual stream, updated
    in place), each  x = x + o(attention(rope(qkv(rms(x))))); x = x + down(silu(gate) * up)(rms(x)),
    with the cache arguments above (dt: the caches' element type); layer l's caches start l * cst[3]
    elements into kc / vc. One OpenMP region for all of them, its phases separated by spin barriers;
    each thread norms the rows itself (the same function, so the same bits), which spares two barriers
-   a layer and the other threads' wait for one thread's norm. Bitwise what the separate kernels give. */
+   a layer and the other threads' wait for one thread's norm. Bitwise what the separate kernels give.
+   With a step (else NULL), x is first filled from the embedding and the logits follow: -4 when an id
+   is out of range. */
 int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const float* cs, const float* sn,
                          const float* qscale, const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst,
                          const int32_t* table, int64_t nb, int64_t bs, const float* slopes, int64_t m, int64_t t,
                          int64_t D, int64_t hq, int64_t hk, int64_t hd, int64_t F, float eps, float scale,
-                         int64_t window, int nthreads) {
+                         int64_t window, int nthreads, const Step* step) {
     if (m > 16) return -2;  /* lin_part keeps a row's outputs in float[16] */
+    if (step) {
+        for (int64_t i = 0; i < m; i++)
+            if (step->ids[i] < 0 || step->ids[i] >= step->vocab) return -4;
+        for (int64_t i = 0; i < m; i++) lin_row(&step->embed, step->ids[i], D, x + i * D);
+    }
     Blocks kv = {table, nb, bs, (int)dt};
     int64_t s = nb * bs;
     for (int64_t i = 0; i < m; i++)
@@ -409,6 +441,10 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
             barrier_wait(&bar, nth, &local);
             lin_part(&L->down, act, x, 1, m, D, F, tid, nth, xp, wb);
             barrier_wait(&bar, nth, &local);
+        }
+        if (step) {
+            llmfn_rms_norm(x, step->norm, h, m, D, eps);
+            lin_part(&step->head, h, step->logits, 0, m, step->vocab, D, tid, nth, xp, wb);
         }
         free(xp);
         free(wb);
