@@ -381,15 +381,13 @@ int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const flo
                          int64_t D, int64_t hq, int64_t hk, int64_t hd, int64_t F, float eps, float scale,
                          int64_t window, int nthreads, const Step* step) {
     if (m > 16) return -2;  /* lin_part keeps a row's outputs in float[16] */
-    if (step) {
-        for (int64_t i = 0; i < m; i++)
-            if (step->ids[i] < 0 || step->ids[i] >= step->vocab) return -4;
-        for (int64_t i = 0; i < m; i++) lin_row(&step->embed, step->ids[i], D, x + i * D);
-    }
     Blocks kv = {table, nb, bs, (int)dt};
     int64_t s = nb * bs;
-    for (int64_t i = 0; i < m; i++)
+    for (int64_t i = 0; i < m; i++) {
         if (pos[i] < 0 || pos[i] >= s) return -1;
+        if (step && (step->ids[i] < 0 || step->ids[i] >= step->vocab)) return -4;
+    }
+    for (int64_t i = 0; step && i < m; i++) lin_row(&step->embed, step->ids[i], D, x + i * D);
     int64_t nqkv = (hq + 2 * hk) * hd, nq = hq * hd, kmax = D > F ? D : F, mrows = m;  /* mrows: xp's rows */
     kmax = kmax > nq ? kmax : nq;
 #ifdef LLMFN_ZTILE_H
