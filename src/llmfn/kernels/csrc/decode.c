@@ -373,8 +373,8 @@ typedef struct { const int64_t* ids; Lin embed; const float* norm; Lin head; flo
    elements into kc / vc. One OpenMP region for all of them, its phases separated by spin barriers;
    each thread norms the rows itself (the same function, so the same bits), which spares two barriers
    a layer and the other threads' wait for one thread's norm. Bitwise what the separate kernels give.
-   With a step (else NULL), x is first filled from the embedding and the logits follow: -4 when an id
-   is out of range. */
+   With a step (else NULL), x is first filled from the embedding and the logits follow. Returns -1
+   for a position outside the cache, -4 for a token id outside the table (nothing written either way). */
 int llmfn_decoder_layers(float* x, const Layer* const* Ls, int64_t nl, const float* cs, const float* sn,
                          const float* qscale, const int64_t* pos, void* kc, void* vc, int64_t dt, const int64_t* cst,
                          const int32_t* table, int64_t nb, int64_t bs, const float* slopes, int64_t m, int64_t t,
