@@ -126,8 +126,10 @@ def rewrite_k(dst):
 
 @needs_smollm2
 @pytest.mark.slow
-def test_q4_k_m_model_runs_on_its_blocks_as_transformers_runs_it(tmp_path):
+def test_q4_k_m_model_runs_on_its_blocks_as_transformers_runs_it(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("LLMFN_HOME", str(tmp_path / "home"))  # its converted config folder
 
     path = rewrite_k(tmp_path / "smollm2-q4_k_m.gguf")
     model = llmfn.load(str(path), compile=False)

@@ -102,11 +102,13 @@ def reference():
 @needs_smollm2
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama3", "linear"])
-def test_scaled_gguf_matches_transformers(kind, tokens, unscaled_logits, reference, tmp_path):
+def test_scaled_gguf_matches_transformers(kind, tokens, unscaled_logits, reference, tmp_path, monkeypatch):
     import copy
 
     import gguf
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    monkeypatch.setenv("LLMFN_HOME", str(tmp_path / "home"))  # the dense load's converted folder
 
     theta = float(open_gguf(GGUF).fields["llama.rope.freq_base"].contents())
     if kind == "llama3":
@@ -130,8 +132,10 @@ def test_scaled_gguf_matches_transformers(kind, tokens, unscaled_logits, referen
 
 
 @needs_smollm2
-def test_unsupported_gguf_rope_scaling_is_named(tmp_path):
+def test_unsupported_gguf_rope_scaling_is_named(tmp_path, monkeypatch):
     import gguf
+
+    monkeypatch.setenv("LLMFN_HOME", str(tmp_path / "home"))
 
     path = rewrite(tmp_path / "yarn.gguf", extra_kv=[("llama.rope.scaling.type", "yarn", gguf.GGUFValueType.STRING)])
     with pytest.raises(UnsupportedModelError, match="yarn"):
