@@ -31,7 +31,7 @@ from llmfn.loading.params import finish_params
 from llmfn.loading.quantize import Pending, quantize_tensor, unwrap
 from llmfn.loading.registry import converted_path, publish_folder, published_stamp
 from llmfn.model import Model
-from llmfn.models.llama import RopeScaling, scaled_inv_freq
+from llmfn.models.llama import RopeScaling, base_inv_freq, scaled_inv_freq
 from llmfn.tokenization.gguf import tokenizer_files_from_gguf
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
@@ -134,7 +134,7 @@ def llama3_scaling(divisors: np.ndarray, theta: float, head_dim: int, original: 
     fitted to the smoothed band (divisors strictly between 1 and factor), where
     1 / divisor = (1 - s) / factor + s and s = (original / wavelength - low) / (high - low) is linear
     in 1 / wavelength. A fit that does not give the divisors back (1e-5) is an error, never a guess."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = base_inv_freq(theta, head_dim)
     if divisors.shape != tuple(inv_freq.shape) or not np.all(np.isfinite(divisors)) or divisors.min() <= 0:
         raise CheckpointError(f"{source}: {ROPE_FREQS} holds {divisors.size} values, not {inv_freq.numel()} positive ones")
     factor = float(divisors.max())
@@ -202,7 +202,7 @@ def gguf_leaf(tensor) -> QuantizedWeight:
     if kind == "Q5_0":
         return _q5_0_leaf(raw.reshape(n * (k // _BLOCK), -1), n, k)
     blocks = raw.reshape(n, k // _BLOCK, -1)  # [n, G, bytes per block]
-    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # [n, G]
+    d = torch.from_numpy(_half(blocks[..., 0:2])[..., 0])  # [n, G]
     if kind == "Q8_0":
         q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(n, k)
         return Int8Weight.from_q(q, d, _BLOCK)
@@ -210,7 +210,7 @@ def gguf_leaf(tensor) -> QuantizedWeight:
         packed, offsets = blocks[..., 2:], -8 * d
     elif kind == "Q4_1":
         packed = blocks[..., 4:]
-        offsets = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        offsets = torch.from_numpy(_half(blocks[..., 2:4])[..., 0])
     else:
         raise UnsupportedModelError(f"GGUF type {kind} is not kept quantized ({', '.join(GGUF_KEPT)} are)")
     # GGUF byte i of a block holds q[i] (low nibble) and q[i + 16] (high); ours holds q[2i] and q[2i + 1].
@@ -221,7 +221,7 @@ def gguf_leaf(tensor) -> QuantizedWeight:
 
 
 def _half(column: np.ndarray) -> np.ndarray:
-    return column.copy().view(np.float16).astype(np.float32)  # [B, 2] bytes -> [B, 1]
+    return column.copy().view(np.float16).astype(np.float32)  # [..., 2] bytes -> [..., 1] fp32
 
 
 def _q4_k_leaf(blocks: np.ndarray, n: int, k: int) -> Int4Weight:

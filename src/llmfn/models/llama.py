@@ -109,9 +109,12 @@ class LlamaConfig:
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """Rotary inverse frequencies [hd/2] with linear or llama3 scaling, as HF computes them."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    return scaled_inv_freq(inv_freq, cfg.rope_scaling)
+    return scaled_inv_freq(base_inv_freq(cfg.rope_theta, cfg.head_dim), cfg.rope_scaling)
+
+
+def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """Unscaled rotary inverse frequencies [dim/2], in fp32 as HF computes them."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
 def scaled_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:

@@ -343,23 +343,11 @@ static void lin_part(const Lin* L, const float* x, float* y, int add, int64_t m,
 }
 
 /* Row j of an embedding table [V, k] laid out as a Lin of kind 0 (fp32), 1 / 3 (int4) or 2 / 4 (int8),
-   dequantized as llmfn.kernels.quant's `embedding` does it: q * s (+ o), two roundings. */
+   dequantized as llmfn.kernels.quant's `embedding` does it (quant.h). */
 static void lin_row(const Lin* L, int64_t j, int64_t k, float* out) {
-    if (L->kind == 0) {
-        memcpy(out, (const float*)L->q + j * k, sizeof(float) * k);
-        return;
-    }
-    int64_t g = L->group, G = k / g;
-    float sb[G], ob[G];
-    const float* s = row_f32(L->scales, L->half, j, G, sb);
-    if (L->kind == 1 || L->kind == 3) {
-        const float* o = row_f32(L->offsets, L->half, j, G, ob);
-        const uint8_t* q = (const uint8_t*)L->q + j * (k / 2);
-        for (int64_t i = 0; i < k; i++) out[i] = (float)((q[i / 2] >> (4 * (i & 1))) & 15) * s[i / g] + o[i / g];
-    } else {
-        const int8_t* q = (const int8_t*)L->q + j * k;
-        for (int64_t i = 0; i < k; i++) out[i] = (float)q[i] * s[i / g];
-    }
+    if (L->kind == 0) memcpy(out, (const float*)L->q + j * k, sizeof(float) * k);
+    else if (L->kind == 1 || L->kind == 3) int4_dequant_row(L->q, L->scales, L->offsets, (int)L->half, j, k, L->group, out);
+    else int8_dequant_row(L->q, L->scales, (int)L->half, j, k, L->group, out);
 }
 
 /* What a whole decode step adds around the layers (llmfn_decoder_layers' `step`, or NULL): x's rows
