@@ -208,7 +208,8 @@ def test_quantize_names_a_group_size_that_fits(tiny, tmp_path):
 
 @pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40, cpu_quant.MAX_ROWS + 6, cpu_quant.TILE_MAX_ROWS + 6])  # the last: dequant + matmul
-@pytest.mark.parametrize("n,k,g", [(40, 64, 32), (24, 384, 128), (8, 96, 96)])
+# (24, 96, 16): int8 groups of 16 (GGUF Q6_K) on whole 32s; (8, 80, 16): k not whole 32s
+@pytest.mark.parametrize("n,k,g", [(40, 64, 32), (24, 384, 128), (8, 96, 96), (24, 96, 16), (8, 80, 16)])
 def test_cpu_kernels_match_float64_matmul(m, n, k, g):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))

@@ -5,6 +5,7 @@
 #define LLMFN_QUANT_H
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 #include "simd.h"
 #include "q8dot.h"
@@ -30,7 +31,15 @@ static inline const float* row_f32(const void* p, int half, int64_t j, int64_t G
         return buf;
     }
 #endif
-    for (; i < G; i++) buf[i] = _cvtsh_ss(h[i]);
+    /* the tail (G % 8: 2 of SmolLM2's 18 groups a row) by 4 and 2 values: _cvtsh_ss one at a time cost the
+       AVX2 int4 decode ~5% (the EPYC, a kernel harness) */
+    if (i + 4 <= G) { _mm_storeu_ps(buf + i, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(h + i)))); i += 4; }
+    if (i + 2 <= G) {
+        int32_t two; memcpy(&two, h + i, 4);
+        _mm_storel_pi((__m64*)(buf + i), _mm_cvtph_ps(_mm_cvtsi32_si128(two)));
+        i += 2;
+    }
+    if (i < G) { buf[i] = _cvtsh_ss(h[i]); i++; }
 #endif
     for (; i < G; i++) buf[i] = f16_to_f32(h[i]);
     return buf;
@@ -224,6 +233,33 @@ static inline void NAME(const float* x, const int8_t* qr, const float* sr, float
     for (int r = 0; r < R; r++) y[r * n] = hsum(_mm256_add_ps(te[r], to[r]));                          \
 }
 
+/* int8 groups of 16 (GGUF Q6_K) on a 32-weight stride: each 32's two halves are scaled once (w * s, shared
+   by the pass's rows) and each row keeps one running sum per half, whatever the number of rows in its
+   pass (batch-invariant). The generic INT8_ROWS below walked a group of 16 in two dependent 8-wide FMAs. */
+static inline int int8_g16_takes(int64_t g, int64_t k) { return g == 16 && k % 32 == 0; }
+#define INT8_G16(NAME, R)                                                                               \
+static inline void NAME(const float* x, const int8_t* qr, const float* sr, float* y,                   \
+                        int64_t n, int64_t k, int64_t G32) {                                            \
+    __m256 al[R], ah[R];                                                                                \
+    for (int r = 0; r < R; r++) al[r] = ah[r] = _mm256_setzero_ps();                                   \
+    for (int64_t gi = 0; gi < G32; gi++) {                                                             \
+        const int8_t* qb = qr + gi * 32;                                                                \
+        prefetch_ahead(qb);                                                                             \
+        const __m256 sl = _mm256_set1_ps(sr[2 * gi]), sh = _mm256_set1_ps(sr[2 * gi + 1]);              \
+        const __m256 w0 = _mm256_mul_ps(load8(qb), sl), w1 = _mm256_mul_ps(load8(qb + 8), sl);         \
+        const __m256 w2 = _mm256_mul_ps(load8(qb + 16), sh), w3 = _mm256_mul_ps(load8(qb + 24), sh);   \
+        for (int r = 0; r < R; r++) {                                                                   \
+            const float* p = x + r * k + gi * 32;                                                       \
+            al[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), al[r]);                                    \
+            ah[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p + 16), ah[r]);                               \
+            al[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p + 8), al[r]);                                \
+            ah[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p + 24), ah[r]);                               \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++) y[r * n] = hsum(_mm256_add_ps(al[r], ah[r]));                          \
+}
+INT8_G16(int8_g16_r1, 1) INT8_G16(int8_g16_r2, 2) INT8_G16(int8_g16_r3, 3) INT8_G16(int8_g16_r4, 4)
+
 /* Groups other than 32 take one or two rows a pass, each with the same four accumulators: a row's
    summation order must not depend on how many rows share its pass (batch invariance). */
 INT8_G32(int8_g32_r1, 1) INT8_G32(int8_g32_r2, 2) INT8_G32(int8_g32_r3, 3) INT8_G32(int8_g32_r4, 4)
@@ -364,6 +400,12 @@ static inline void int8_block(const float* xi, const int8_t* qr, const float* sr
         else if (R == 3) int8_g32_r3(xi, qr, sr, yi, n, k, G);
         else if (R == 2) int8_g32_r2(xi, qr, sr, yi, n, k, G);
         else int8_g32_r1(xi, qr, sr, yi, n, k, G);
+    }
+    else if (int8_g16_takes(g, k)) {
+        if (R == 4) int8_g16_r4(xi, qr, sr, yi, n, k, k / 32);
+        else if (R == 3) int8_g16_r3(xi, qr, sr, yi, n, k, k / 32);
+        else if (R == 2) int8_g16_r2(xi, qr, sr, yi, n, k, k / 32);
+        else int8_g16_r1(xi, qr, sr, yi, n, k, k / 32);
     }
     else
         for (int64_t r = 0; r < R; r += 2) {
