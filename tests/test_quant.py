@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import llmfn
 from llmfn.errors import CheckpointError, LlmfnError, UnsupportedModelError
-from llmfn.kernels import cpu_quant, quant
+from llmfn.kernels import cpu, cpu_quant, quant
 from llmfn.loading.convert import convert_gptq_to_awq, pack_gptq, quantize_checkpoint
 from llmfn.loading.gguf import GGUF_KEPT, gguf_leaf
 from llmfn.loading.quantize import LINEARS, dequantize_params
@@ -225,8 +225,15 @@ def test_cpu_kernels_match_float64_matmul(m, n, k, g):
 
 
 @pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
+def test_the_kernels_take_every_row_count_of_an_engine_decode_step():
+    """The engine's decode steps (up to kernels.cpu.MAX_ROWS rows) stay batch-invariant only while each
+    row count takes the quantized kernels, not dequantize + matmul, on every build."""
+    assert min(cpu_quant.MAX_ROWS_NO_TILES, cpu_quant.max_rows(), cpu_quant.int4_max_rows(128, True)) >= cpu.MAX_ROWS
+
+
+@pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(2, cpu_quant.MAX_ROWS), n=st.integers(1, 40), groups=st.integers(1, 5),
+@given(m=st.integers(2, cpu_quant.max_rows()), n=st.integers(1, 40), groups=st.integers(1, 5),
        g=st.sampled_from([16, 32, 64, 128]), bits=st.sampled_from([4, 8]), acts=st.sampled_from(["fp32", "int8"]),
        seed=st.integers(0, 2**16))  # fmt: skip
 @example(m=40, n=7, groups=3, g=32, bits=4, acts="fp32", seed=1)  # the tiles of csrc/ztile.h (12 rows on)
@@ -238,6 +245,7 @@ def test_quantized_linear_rows_are_batch_invariant(m, n, groups, g, bits, acts, 
     rows into passes (int4 / int8, fp32 and int8 activations: on AMX builds one row takes VNNI dot
     products and four or more the tiles of csrc/amx.h, with the same block sums)."""
     assume(bits == 8 or g % 32 == 0)  # int4's C kernels take groups of 32s
+    assume(m <= cpu_quant.max_rows())  # the tile examples, on builds without tiles
     gen = torch.Generator().manual_seed(seed)
     k = groups * g
     leaf = (quant.Int4Weight if bits == 4 else quant.Int8Weight).quantize(torch.randn(n, k, generator=gen), g)
@@ -248,7 +256,7 @@ def test_quantized_linear_rows_are_batch_invariant(m, n, groups, g, bits, acts, 
             assert torch.equal(out[i : i + 1], leaf.linear(x[i : i + 1]))
 
 
-@pytest.mark.skipif(not (cpu_quant.available() and cpu_quant.int4_max_rows(32, False) > cpu_quant.MAX_ROWS),
+@pytest.mark.skipif(not (cpu_quant.available() and cpu_quant.int4_max_rows(32, False) > cpu_quant.max_rows()),
                     reason="needs a CPU with AVX-512 (the row tiles of csrc/ztile.h)")  # fmt: skip
 def test_prompts_up_to_tile_max_rows_stay_on_the_int4_tiles_row_for_row(monkeypatch):
     """Group-32 int4 weights with fp32 activations keep the tiles up to TILE_MAX_ROWS rows (faster
@@ -463,7 +471,7 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler for the CPU kernels")
-@pytest.mark.parametrize("m", [1, 2, 5, 17, cpu_quant.MAX_ROWS])
+@pytest.mark.parametrize("m", [1, 2, 5, 17, cpu_quant.max_rows()])
 @pytest.mark.parametrize("n,k,g", [(40, 64, 32), (24, 384, 128), (8, 96, 96), (9, 160, 32), (6, 96, -1)])
 def test_int8_act_kernels_match_the_quantized_activations_product(m, n, k, g):
     """With int8 activations the kernels compute q8(x) @ w^T (integer dot products, exact) up to the

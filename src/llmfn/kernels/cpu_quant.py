@@ -10,7 +10,7 @@ dequantizes in registers, in fp32:
 
     y[i, j] = sum_g scales[j, g] * (sum_{t in g} x[i, t] * q[j, t]) + offsets[j, g] * sum_{t in g} x[i, t]
 
-for up to MAX_ROWS activation rows (decode, small batches, short prompts; TILE_MAX_ROWS for the tiles
+for up to `max_rows()` activation rows (decode, small batches, short prompts; TILE_MAX_ROWS for the tiles
 below); bigger inputs dequantize the weight in row chunks and call F.linear (the BLAS matmul is faster
 once the weight is reused enough). On AVX-512
 the group-32 kernels (GGUF Q4 / Q8_0) dequantize each group once, w = q * s + o in fp32, for up to 8
@@ -62,10 +62,17 @@ import torch
 from llmfn.errors import LlmfnError
 from llmfn.kernels import cpu
 
-# Largest number of activation rows the streaming kernels take; more rows go dequant + matmul.
-# Measured crossover on 2 cores ([3072, 576], int4 / int8): 64 rows 3.1 / 2.6 ms in the kernel vs
-# 4.0 / 4.6 ms dequant + matmul; 128 rows 6.4 / 5.4 vs 5.1 / 5.7 ms.
+# Largest number of activation rows the streaming kernels take (`max_rows()`); more rows go dequant +
+# matmul. With csrc/ztile.h's tiles (AVX-512 builds): MAX_ROWS, from an early crossover on 2 cores
+# ([3072, 576], int4 / int8: 64 rows 3.1 / 2.6 ms in the kernel vs 4.0 / 4.6 ms dequant + matmul; 128
+# rows 6.4 / 5.4 vs 5.1 / 5.7 ms). Without them (AVX2, scalar): MAX_ROWS_NO_TILES, re-measured on the
+# AVX2 EPYC once dequantization was vectorized: SmolLM2 prefill, 2 threads, kernel up to 64 rows vs up
+# to 20, alternating in one process (tok/s, int4 / Q8_0 / Q4_K_M): 24 tokens 182 / 304 / 245 vs 166 /
+# 239 / 191, 48 tokens 283 / 286 / 250 vs 294 / 267 / 259, 64 tokens 270 / 264 / 330 vs 367 / 297 /
+# 370 (a lone [3072, 576] linear, warm, crosses over sooner: ~20 rows). Never below kernels.cpu.MAX_ROWS:
+# the engine's decode steps of up to that many rows rely on each row taking the kernel (batch invariance).
 MAX_ROWS = 64
+MAX_ROWS_NO_TILES = 48
 # Where csrc/ztile.h's tiles are built (AVX-512), int4 group-32 weights with fp32 activations keep the
 # kernel up to TILE_MAX_ROWS rows. SmolLM2's shapes, 2 threads, Xeon, tiles vs dequantize + matmul:
 # gate/up 80 rows 1.50 vs 1.76 ms, 112: 1.97 vs 2.08, 128: 2.30 vs 2.21; down 80: 0.77 vs 1.05, 128:
@@ -132,9 +139,14 @@ def int8_act8_ok(k: int, group_size: int) -> bool:
     return group_size % 32 == 0 and k % group_size == 0
 
 
+def max_rows() -> int:
+    """Most activation rows a call gives the kernel before dequantize + matmul wins (int4: int4_max_rows)."""
+    return MAX_ROWS if _load().llmfn_row_tiles() else MAX_ROWS_NO_TILES
+
+
 def int4_max_rows(group_size: int, act8: bool) -> int:
     """Most activation rows an int4 call gives the kernel before dequantize + matmul wins."""
-    return TILE_MAX_ROWS if group_size == 32 and not act8 and _load().llmfn_row_tiles() else MAX_ROWS
+    return TILE_MAX_ROWS if group_size == 32 and not act8 and _load().llmfn_row_tiles() else max_rows()
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -160,7 +172,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     m, k = x.shape
     n = qweight.shape[0]
     act8 = int8_activations() and int8_act8_ok(k, group_size)
-    if m > MAX_ROWS and not on_tiles(act8):
+    if m > max_rows() and not on_tiles(act8):
         return _chunked(x, n, lambda lo, hi: int8_dequantize(qweight[lo:hi], scales[lo:hi], group_size))
     if m > AMX_ROWS:
         return _in_slices(x, lambda rows: int8_linear(rows, qweight, scales, group_size))
