@@ -145,3 +145,32 @@ def test_sentence_transformers_folder_with_a_transformer_subfolder(tmp_path):
     nested, flat = llmfn.load(root), llmfn.load(minilm)
     texts = ["a sentence about cats", "another one"]
     assert torch.allclose(llmfn.embed(nested, texts), llmfn.embed(flat, texts), atol=1e-6)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_decode_weights_are_carved_from_shared_mappings_without_overlap(column_major, monkeypatch):
+    """decode_layout's copies (carved from huge-page mappings, loading/params.py) hold the same values and
+    layout, stay tied where the tree ties them, sit 64-byte aligned and never overlap, also where a
+    weight outgrows a mapping and where one is empty."""
+    from llmfn.loading import params
+
+    monkeypatch.setattr(params, "ARENA_BYTES", 1 << 20)  # a 1 MiB mapping: the [700, 700] weight needs its own
+    gen = torch.Generator().manual_seed(0)
+    tree = {"a": torch.randn(300, 70, generator=gen), "b": [torch.randn(5, 3, generator=gen), torch.randn(0, 4)],
+            "c": torch.randn(700, 700, generator=gen), "d": torch.randn(200, 300, generator=gen)}
+    tree["tied"] = tree["a"]
+    out = params.decode_layout(tree, column_major)
+    leaves = [("a", out["a"], tree["a"]), ("b0", out["b"][0], tree["b"][0]), ("b1", out["b"][1], tree["b"][1]),
+              ("c", out["c"], tree["c"]), ("d", out["d"], tree["d"])]
+    assert out["tied"] is out["a"]
+    spans = []
+    for name, got, want in leaves:
+        assert torch.equal(got, want), name
+        assert got.t().is_contiguous() if column_major and got.numel() else got.is_contiguous(), name
+        if got.numel():
+            assert got.data_ptr() % 64 == 0, name
+            spans.append((got.data_ptr(), got.data_ptr() + got.numel() * got.element_size(), name))
+    spans.sort()
+    assert all(end <= nxt for (_, end, _), (nxt, _, _) in zip(spans, spans[1:], strict=False)), spans
+    out["d"].fill_(1.0)  # writing one copy leaves the others as they were
+    assert torch.equal(out["a"], tree["a"]) and torch.equal(out["c"], tree["c"])
