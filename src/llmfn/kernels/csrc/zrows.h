@@ -45,7 +45,7 @@ INT4_Z(int4_z_r5, 5) INT4_Z(int4_z_r6, 6) INT4_Z(int4_z_r7, 7) INT4_Z(int4_z_r8,
 /* int8 groups of 32 (GGUF Q8_0) the same way: w = q * s once a group, two FMAs a row. Groups of 16
    (GGUF Q6_K) too, each half of a 32 with its own scale: sub = 1 takes sr[2 gi] and sr[2 gi + 1], sub
    = 0 sr[gi] for both (G counts 32s either way). */
-static inline int int8_z_takes(int64_t g, int64_t k) { return g == 32 || (g == 16 && k % 32 == 0); }
+static inline int int8_z_takes(int64_t g, int64_t k) { return g == 32 || int8_g16_takes(g, k); }
 static inline void dequant8x32_z(const int8_t* qb, float s_lo, float s_hi, __m512* lo, __m512* hi) {
     *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qb))), _mm512_set1_ps(s_lo));
     *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qb + 16)))),
