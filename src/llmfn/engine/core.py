@@ -95,8 +95,10 @@ class Engine:
                                                    cfg.max_position_embeddings, max_model_len, self._device)  # fmt: skip
         # Decode steps: where the backend's kernels are row-invariant, only the rows up to the last busy
         # place run; elsewhere every step runs the same `rows` rows (see the module docstring).
+        # More places than the kernels' row limit run in slices of that many rows (in row order).
         invariant_rows = row_invariant_rows(model)
-        self.compact = max_running <= invariant_rows
+        self.compact = invariant_rows > 0
+        self.slice_rows = invariant_rows or None
         self.rows = max_running if self.compact else -(-max_running // ROW_ALIGN) * ROW_ALIGN
         self._forward = forward_for(model)  # eager: generate's torch.compile'd step is not used here yet
         self._eos = frozenset(eos_ids(model))
@@ -388,8 +390,7 @@ class Engine:
         try:
             tok = torch.tensor(tokens, device=self._device)[:, None]  # [rows + drafted, 1]
             pos = torch.tensor(positions, device=self._device)[:, None]
-            logits, _ = self._forward(self.model.params, self.model.cfg, tok, pos, self._kv.view(held, width),
-                                      attention=batch_invariant_attention)  # [rows + drafted, 1, V]
+            logits = self._decode_forward(tok, pos, held, width)  # [rows + drafted, 1, V]
             picked = self._sampler.pick(logits[:rows, 0], slice(0, rows), pos[:rows, 0] + 1, plain) if plain else []
         except Exception as exc:
             log.exception("decode step failed")
@@ -404,6 +405,19 @@ class Engine:
         for s, ds in drafts.items():
             self._speculator.verify(s, ds, logits[[s.slot, *range(row, row + len(ds))], 0], self._accept)
             row += len(ds)
+
+    def _decode_forward(self, tok: torch.Tensor, pos: torch.Tensor, held: list, width: int) -> torch.Tensor:
+        """The decode step's forward, in slices of at most slice_rows rows taken in row order: every row
+        writes its key and value before any row of its slice attends, so a drafted row still reads the
+        keys of its sequence's rows before it, and each row's result is that of a step of its own."""
+        step = self.slice_rows or tok.shape[0]
+        out = []
+        for lo in range(0, tok.shape[0], step):
+            cache = self._kv.view(held[lo : lo + step], width)
+            logits, _ = self._forward(self.model.params, self.model.cfg, tok[lo : lo + step], pos[lo : lo + step],
+                                      cache, attention=batch_invariant_attention)  # fmt: skip
+            out.append(logits)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _prefill(self) -> None:
         """Prefill prompt chunks, oldest admission first, up to prefill_chunk tokens in all (at least one
