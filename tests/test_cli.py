@@ -274,6 +274,15 @@ def test_serve_flags_override_the_config():
     assert [m.path for m in config.models] == ["/models/a", "smollm2-135m-instruct"]
     assert config.api_keys == ["sk-test"]
     assert cli.serve_overrides(load_config(None), None, None) == load_config(None)
+    assert cli.serve_overrides(load_config(None), None, None, max_running=32).limits.max_running == 32
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_serve_refuses_a_max_running_below_one_in_one_line(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--max-running", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--max-running: must be an integer >= 1" in err and "Traceback" not in err
 
 
 def test_progress_is_quiet_off_a_terminal(capsys):

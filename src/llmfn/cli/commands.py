@@ -32,6 +32,17 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _add_quantize_flag(p: argparse.ArgumentParser, what: str = "") -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None if what else "auto",
                    help=f"auto: a quantized GGUF runs on its own Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q5_0 blocks, as llama.cpp does, "
@@ -63,7 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = serve_overrides(load_config(args.config), args.model, args.api_key, quantize=args.quantize,
                              access_log=args.access_log, access_log_format=args.access_log_format,
-                             kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
+                             kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+                             max_running=args.max_running)  # fmt: skip
     from llmfn.parallel import launch
 
     sharded = launch.should_spawn(args.tensor_parallel, args.pipeline_parallel) or launch.in_rank()
@@ -119,10 +131,11 @@ def serve_sharded(config, args: argparse.Namespace) -> int:
 
 def serve_overrides(config, models: list[str] | None, api_key: str | None, *, quantize: str | None = None,
                     access_log: bool | None = None, access_log_format: str | None = None,
-                    kv_cache_memory: str | None = None, kv_cache_dtype: str | None = None):  # fmt: skip
+                    kv_cache_memory: str | None = None, kv_cache_dtype: str | None = None,
+                    max_running: int | None = None):  # fmt: skip
     """The server config with `--model` replacing its models, `--api-key` added to its keys,
     `--quantize` set on every model not configured as an embedding model, the access log's flags and
-    `--kv-cache-memory` / `--kv-cache-dtype` replacing its limits."""
+    `--kv-cache-memory` / `--kv-cache-dtype` / `--max-running` replacing its limits."""
     import msgspec
 
     from llmfn.serve.config import check_config, models_from_paths
@@ -133,6 +146,8 @@ def serve_overrides(config, models: list[str] | None, api_key: str | None, *, qu
         changes["limits"] = replace(config.limits, kv_cache_memory=kv_cache_memory)
     if kv_cache_dtype is not None:
         changes["limits"] = replace(changes.get("limits", config.limits), kv_cache_dtype=kv_cache_dtype)
+    if max_running is not None:
+        changes["limits"] = replace(changes.get("limits", config.limits), max_running=max_running)
     if models:
         changes["models"] = models_from_paths(models)
     if quantize:
@@ -289,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "float16"),
                    help="KV cache dtype of fp32 models: bfloat16 / float16 hold twice the positions in the same "
                         "memory, keys and values rounded once (default: the model's dtype)")  # fmt: skip
+    p.add_argument("--max-running", type=_positive, metavar="N",
+                   help="requests decoded together per model, as vLLM's --max-num-seqs and llama.cpp's --parallel "
+                        "(default: the config's [limits] max_running, 16)")  # fmt: skip
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="N engine replicas on Ray Serve behind "
                    "one endpoint (needs llmfn[ray]; default 1: this process)")  # fmt: skip
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster for --replicas (default: a local Ray)")
