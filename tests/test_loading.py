@@ -174,3 +174,29 @@ def test_decode_weights_are_carved_from_shared_mappings_without_overlap(column_m
     assert all(end <= nxt for (_, end, _), (nxt, _, _) in zip(spans, spans[1:], strict=False)), spans
     out["d"].fill_(1.0)  # writing one copy leaves the others as they were
     assert torch.equal(out["a"], tree["a"]) and torch.equal(out["c"], tree["c"])
+
+
+def test_quantized_leaves_are_carved_with_the_dense_weights(monkeypatch):
+    """finish_params copies a quantized leaf's tensors into the huge-page arena beside the dense weights:
+    the same values and results, 64-byte aligned, no overlap, a leaf tied by reference still one leaf."""
+    from llmfn.kernels import quant
+    from llmfn.loading import params
+
+    taken = []
+    take = params._HugeArena.take
+    monkeypatch.setattr(params._HugeArena, "take", lambda self, shape, dtype: taken.append(t := take(self, shape, dtype)) or t)
+    gen = torch.Generator().manual_seed(1)
+    int4 = quant.Int4Weight.quantize(torch.randn(48, 64, generator=gen), 32, torch.float16)
+    int8 = quant.Int8Weight.quantize(torch.randn(40, 64, generator=gen), 32)
+    tree = {"w4": int4, "w8": int8, "tied": int8, "dense": torch.randn(8, 64, generator=gen)}
+    out = params.finish_params(tree, torch.float32, "cpu")
+    assert out["tied"] is out["w8"]
+    x = torch.randn(3, 64, generator=gen)
+    for name, leaf in (("w4", int4), ("w8", int8)):
+        assert torch.equal(out[name].linear(x), leaf.linear(x)), name
+        assert out[name].qweight.data_ptr() != leaf.qweight.data_ptr(), name
+    carved = [out["w4"].qweight, out["w4"].scales, out["w4"].offsets, out["w8"].qweight, out["w8"].scales, out["dense"]]
+    assert {t.data_ptr() for t in carved} == {t.data_ptr() for t in taken if t.numel()}
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in carved)
+    assert all(p % 64 == 0 for p, _ in spans)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False)), spans

@@ -20,7 +20,7 @@ import torch
 
 from llmfn.errors import CheckpointError, LlmfnError
 from llmfn.loading.families import FAMILIES, read_folder
-from llmfn.loading.params import decode_layout, finish_params
+from llmfn.loading.params import decode_layout, finish_params, release_freed_memory
 from llmfn.loading.quantize import normalize_method
 from llmfn.loading.registry import ALIASES, package_path
 from llmfn.loading.sentence_transformers import load_embedding_model
@@ -67,6 +67,7 @@ def load(
     alias = ALIASES.get(str(path))
     if alias is not None and alias.sampling:
         model.generation = dataclasses.replace(model.generation, **dict(alias.sampling))
+    release_freed_memory()
     return model
 
 
