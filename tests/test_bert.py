@@ -253,7 +253,8 @@ def test_feed_forward_fused_and_chunked_change_nothing(tiny, monkeypatch):
     """Packed weights run the feed-forward fused (one C pass), plain ones in row chunks of at most
     linear.FFN_ROWS: the same bits either way, and whatever the chunking."""
     model, _ = tiny
-    tokens, mask, _ = random_batch(B=4, T=17)
+    tokens, _, _ = random_batch(B=4, T=17)
+    mask = torch.ones_like(tokens)  # no padding: all 68 rows reach the feed-forward (padding rows skip it)
     plain = {**model.params, "layers": [{k: getattr(w, "w", w) for k, w in layer.items()} for layer in model.params["layers"]]}
     with torch.inference_mode():
         fused = bert.forward(model.params, model.cfg, tokens, mask)
@@ -532,3 +533,28 @@ def test_minilm_matches_transformers_plus_pooling(minilm):
     # batch composition never changes a vector (long and short texts mixed, other batch size)
     mixed = list(range(36, 48))
     torch.testing.assert_close(embed(model, [texts[i] for i in mixed[::-1]], batch_size=5).flip(0), vecs[mixed], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fused_attention", [False, True])
+def test_feed_forward_skips_padding_rows_bit_for_bit(tiny, fused_attention, monkeypatch):
+    """The feed-forward halves run on the real tokens only: every real position keeps the bits it gets
+    when the padding rows run too, and the padding rows stay finite. Fused: the attention half as C
+    passes per group of sequences."""
+    model, _ = tiny
+    B, T = 2 * llmfn_linear.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, 23
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(5, 128, (B, T), generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    if not fused_attention:
+        monkeypatch.setattr(llmfn_linear, "BLOCK_MIN_PER_THREAD", 10 * B)
+    rows = []
+    skipping = bert._feed_forward
+    monkeypatch.setattr(bert, "_feed_forward", lambda x, *a: rows.append(len(a[-1])) or skipping(x, *a))
+    with torch.inference_mode():
+        batch = bert.forward(model.params, model.cfg, tokens, mask.long())
+        assert rows == [int(lengths.sum())] * model.cfg.n_layers  # only the real tokens went through
+        monkeypatch.setattr(bert, "_feed_forward", lambda x, layer, cfg, real: skipping(x, layer, cfg, None))
+        padded = bert.forward(model.params, model.cfg, tokens, mask.long())
+    assert torch.isfinite(batch).all()
+    assert torch.equal(batch[mask], padded[mask])
