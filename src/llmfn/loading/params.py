@@ -49,7 +49,8 @@ class _HugeArena:
     runs, a C harness); SmolLM2 fp32 decode (532 of its 540 MB on huge pages, RSS unchanged) 42.5-49.4
     -> 44.3-51.8 tok/s, five alternating rounds, 4 of them faster. Quantized leaves too (`_carve_leaf`):
     SmolLM2 Q4_1 decode (94 MB on huge pages) 115-140 -> 123-150 tok/s over four alternating processes
-    (+3-7% each), but within the VM's noise in one process (six rounds: 0.85-1.12x, mean 1.0x). Each tensor keeps its mapping alive; untouched tails are never resident."""
+    (+3-7% each), but within the VM's noise in one process (six rounds: 0.85-1.12x, mean 1.0x). Each
+    tensor keeps its mapping alive; untouched tails are never resident."""
 
     def __init__(self):
         self.memory, self.used = None, 0
