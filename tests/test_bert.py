@@ -227,9 +227,10 @@ def test_empty_batch(tiny):
 
 
 def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path, monkeypatch):
-    """Batches of enough sequences run each layer's attention half as one C pass per group of sequences
-    (cpu_attention.attention_block): the bits of the three calls it replaces, padding included,
-    and transformers' hidden states."""
+    """Batches of enough sequences run each layer's attention half as one C pass per group of sequences,
+    on their real tokens packed together (cpu_attention.packed_attention_block) or padded
+    (attention_block): the bits of the three calls they replace at every real position, and
+    transformers' hidden states."""
     hf = tiny_hf()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     cfg = bert_loading.read_config(tmp_path)
@@ -238,15 +239,22 @@ def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path,
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(5, 128, (B, T), generator=g)
     mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (B, 1), generator=g)).long()
-    blocks, real = [], cpu_attention.attention_block
-    monkeypatch.setattr(cpu_attention, "attention_block", lambda *a, **k: blocks.append(1) or real(*a, **k))
-    with torch.inference_mode():
-        fused = bert.forward(params, cfg, tokens, mask)
-        assert len(blocks) == cfg.n_layers or not cpu_attention.available()
-        monkeypatch.setattr(llmfn_linear, "BLOCK_MIN_PER_THREAD", B)
-        assert torch.equal(bert.forward(params, cfg, tokens, mask), fused)
     keep = mask.bool()
-    assert (fused[keep] - hf_hidden(hf, tokens, mask)[keep]).abs().max().item() <= 1e-5
+    calls = {"packed": [], "padded": []}
+    for name, module in (("packed", cpu_attention.packed_attention_block), ("padded", cpu_attention.attention_block)):
+        monkeypatch.setattr(cpu_attention, f"{name}_attention_block" if name == "packed" else "attention_block",
+                            lambda *a, _f=module, _n=name, **k: calls[_n].append(1) or _f(*a, **k))  # fmt: skip
+    with torch.inference_mode():
+        packed = bert.forward(params, cfg, tokens, mask)
+        assert calls == {"packed": [1] * cfg.n_layers, "padded": []} or not cpu_attention.available()
+        assert torch.isfinite(packed).all() and not packed[~keep].any()  # padded positions: zeros here
+        monkeypatch.setattr(bert, "packed_attention_block", lambda *a, **k: None)
+        padded = bert.forward(params, cfg, tokens, mask)
+        assert len(calls["padded"]) == cfg.n_layers or not cpu_attention.available()
+        monkeypatch.setattr(llmfn_linear, "BLOCK_MIN_PER_THREAD", B)
+        three = bert.forward(params, cfg, tokens, mask)
+    assert torch.equal(packed[keep], three[keep]) and torch.equal(padded[keep], three[keep])
+    assert (packed[keep] - hf_hidden(hf, tokens, mask)[keep]).abs().max().item() <= 1e-5
 
 
 def test_feed_forward_fused_and_chunked_change_nothing(tiny, monkeypatch):
@@ -537,11 +545,12 @@ def test_minilm_matches_transformers_plus_pooling(minilm):
 
 @pytest.mark.parametrize("fused_attention", [False, True])
 def test_feed_forward_skips_padding_rows_bit_for_bit(tiny, fused_attention, monkeypatch):
-    """The feed-forward halves run on the real tokens only: every real position keeps the bits it gets
-    when the padding rows run too, and the padding rows stay finite. Fused: the attention half as C
-    passes per group of sequences."""
+    """Padded batches (where the C attention half does not take them packed) run the feed-forward halves
+    on the real tokens only: every real position keeps the bits it gets when the padding rows run too,
+    and the padding rows stay finite. Fused: the attention half as C passes per group of sequences."""
     model, _ = tiny
-    B, T = 2 * llmfn_linear.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, 23
+    monkeypatch.setattr(bert, "packed_attention_block", lambda *a, **k: None)
+    B, T = 2 * llmfn_linear.BLOCK_MIN_PER_THREAD * torch.get_num_threads() + 1, 29  # 2 sequences a task
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(5, 128, (B, T), generator=g)
     lengths = torch.randint(1, T + 1, (B,), generator=g)

@@ -302,6 +302,36 @@ def test_attention_block_is_bitwise_the_three_calls(b, t, heads, hd, group, mask
     assert torch.equal(on_one_thread(block), want)
 
 
+@EXAMPLES
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=7), heads=st.integers(1, 4), hd=st.integers(1, 24),
+       group=st.integers(1, 4), norm=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_packed_attention_block_is_the_padded_block_at_every_real_row(lengths, heads, hd, group, norm, seed):
+    """Sequences packed without padding (rows starts[s] .. starts[s + 1] - 1, empty ones too) get, row
+    for row, the bits the padded block with a key mask gives their real positions; on one thread too."""
+    g = torch.Generator().manual_seed(seed)
+    d, b, t = heads * hd, len(lengths), max(max(lengths), 1)
+    _, wo, bo, _, ln = operands(g, 1, d, d, True, False, norm)
+    wqkv, bqkv = randn(g, 3 * d, d) / d**0.5, randn(g, 3 * d)
+    pq, po = cpu_gemm.pack(wqkv), cpu_gemm.pack(wo)
+    x = randn(g, b, t, d)
+    mask = torch.arange(t)[None] < torch.tensor(lengths)[:, None]
+    want = cpu_attention.attention_block(x, pq, bqkv, po, bo, heads, mask, ln, group=group)[mask]
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    block = lambda: cpu_attention.packed_attention_block(x[mask], starts, t, pq, bqkv, po, bo, heads, ln, group=group)
+    assert torch.equal(block(), want)
+    assert torch.equal(on_one_thread(block), want)
+
+
+def test_packed_attention_block_checks_its_starts():
+    g = torch.Generator().manual_seed(0)
+    pq, po = cpu_gemm.pack(randn(g, 24, 8)), cpu_gemm.pack(randn(g, 8, 8))
+    x = randn(g, 7, 8)
+    for starts, longest in (([0, 3, 6], 4), ([0, 4, 7], 3), ([1, 3, 7], 4), ([0, 5, 3, 7], 5)):  # short of x, too
+        with pytest.raises(ValueError, match="packed_attention_block: shapes"):  # long, not from 0, backwards
+            cpu_attention.packed_attention_block(x, torch.tensor(starts), longest, pq, None, po, None, 2)
+    assert cpu_attention.packed_attention_block(x[:0], torch.tensor([0, 0]), 4, pq, None, po, None, 2).shape == (0, 8)
+
+
 def test_attention_block_empty_inputs_and_shape_errors():
     g = torch.Generator().manual_seed(0)
     pq, po = cpu_gemm.pack(randn(g, 24, 8)), cpu_gemm.pack(randn(g, 8, 8))

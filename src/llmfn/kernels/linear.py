@@ -170,6 +170,21 @@ def attention_block(x: torch.Tensor, wqkv, bqkv: torch.Tensor, wo, bo: torch.Ten
     return linear(a, wo, bo, residual=x, norm=norm)
 
 
+def packed_attention_block(x: torch.Tensor, starts: torch.Tensor, longest: int, wqkv, bqkv: torch.Tensor, wo,
+                           bo: torch.Tensor, n_heads: int, norm: tuple) -> torch.Tensor | None:
+    """attention_block for sequences packed without their padding (x [N, D], sequence s in rows
+    starts[s] .. starts[s + 1] - 1, none longer than `longest`), where attention_block would run them
+    fused in C; None elsewhere (the caller then runs them padded)."""
+    B = starts.numel() - 1
+    group = -(-cpu_gemm.MC // max(longest, 1))  # sequences per task, as attention_block groups them
+    fused = isinstance(wqkv, PackedWeight) and isinstance(wo, PackedWeight) and cpu_attention.available()
+    fused = fused and -(-B // group) >= BLOCK_MIN_PER_THREAD * torch.get_num_threads()
+    if not (fused and gemm_takes(x, wqkv.w, wo.w, bqkv, bo, *norm[:2])):
+        return None
+    return cpu_attention.packed_attention_block(x, starts, longest, wqkv.packed, bqkv, wo.packed, bo, n_heads, norm,
+                                                group=group)  # fmt: skip
+
+
 def embedding(w, ids: torch.Tensor) -> torch.Tensor:
     """Rows of w at ids. w: [vocab, dim], a PackedWeight or a quantized leaf."""
     if isinstance(w, torch.Tensor):

@@ -103,15 +103,17 @@ static void gemm_rows(const float* x, const float* packed, int64_t n, int64_t k,
     }
 }
 
-/* A post-LN encoder layer's attention half, `group` sequences per task (their [group * t, 3d] projection
-   and attention output stay in the thread's cache): y [b, t, d] = norm(attention(x @ wqkv.T + bqkv) @
-   wo.T + bo + x), wqkv [3d, d] and wo [d, d] packed by llmfn_gemm_pack, bqkv / bo / ln_w NULL or
-   given, mask as llmfn_encoder_attention's. Bitwise the result of llmfn_gemm, llmfn_encoder_attention
-   and llmfn_gemm in turn. Returns -1 when scratch memory cannot be allocated. */
-int llmfn_encoder_attention_block(const float* x, const float* wqkv, const float* bqkv, const float* wo,
-                                  const float* bo, const uint8_t* mask, float* y, int64_t b, int64_t t, int64_t h,
-                                  int64_t hd, int64_t group, float scale, const float* ln_w, const float* ln_b,
-                                  float eps, int nthreads) {
+/* A post-LN encoder layer's attention half, `group` sequences per task (their rows' [rows, 3d] projection
+   and attention output stay in the thread's cache): y = norm(attention(x @ wqkv.T + bqkv) @ wo.T + bo + x)
+   for x [rows, d], wqkv [3d, d] and wo [d, d] packed by llmfn_gemm_pack, bqkv / bo / ln_w NULL or given.
+   Sequence s holds rows starts[s] .. starts[s + 1] - 1 and attends to them all (mask NULL), or, with
+   starts NULL, rows s * t .. s * t + t - 1 and the keys where mask [b, t] is nonzero (mask NULL: all).
+   Bitwise the result of llmfn_gemm, llmfn_encoder_attention and llmfn_gemm in turn. Returns -1 when
+   scratch memory cannot be allocated. */
+static int attention_half(const float* x, const float* wqkv, const float* bqkv, const float* wo, const float* bo,
+                          const uint8_t* mask, const int64_t* starts, float* y, int64_t b, int64_t t, int64_t h,
+                          int64_t hd, int64_t group, float scale, const float* ln_w, const float* ln_b, float eps,
+                          int nthreads) {
     int64_t d = h * hd;
     if (b <= 0 || t <= 0 || d <= 0) return 0;
     if (group < 1) group = 1;
@@ -130,13 +132,17 @@ int llmfn_encoder_attention_block(const float* x, const float* wqkv, const float
         #pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < tasks; task++) {
             if (!xp || !qkv) continue;
-            int64_t b0 = task * group, nb = b - b0 < group ? b - b0 : group, rows = nb * t, row0 = b0 * t;
+            int64_t b0 = task * group, nb = b - b0 < group ? b - b0 : group;
+            int64_t row0 = starts ? starts[b0] : b0 * t, rows = (starts ? starts[b0 + nb] : (b0 + nb) * t) - row0;
             float *a = qkv + rows * 3 * d, *scratch = a + rows * d;
             gemm_rows(x + row0 * d, wqkv, 3 * d, d, qkv, 0, rows, &e_qkv, xp);
-            for (int64_t s = 0; s < nb; s++)
+            for (int64_t s = 0; s < nb; s++) {
+                int64_t r = (starts ? starts[b0 + s] : (b0 + s) * t) - row0;
+                int64_t ts = starts ? starts[b0 + s + 1] - starts[b0 + s] : t;
                 for (int64_t hi = 0; hi < h; hi++)
-                    attend_head(qkv + s * t * 3 * d + hi * hd, 3 * d, d, mask ? mask + (b0 + s) * t : NULL,
-                                a + s * t * d + hi * hd, d, t, hd, scale, scratch);
+                    attend_head(qkv + r * 3 * d + hi * hd, 3 * d, d, mask ? mask + (b0 + s) * t : NULL,
+                                a + r * d + hi * hd, d, ts, hd, scale, scratch);
+            }
             gemm_rows(a, wo, d, d, y + row0 * d, row0, rows, &e_out, xp);
             if (ln_w) layer_norm_rows(y, d, row0, row0 + rows, ln_w, ln_b, eps);
         }
@@ -144,4 +150,22 @@ int llmfn_encoder_attention_block(const float* x, const float* wqkv, const float
         free(qkv);
     }
     return failed ? -1 : 0;
+}
+
+/* The attention half for x, y [b, t, d] (padded sequences, mask [b, t] or NULL). */
+int llmfn_encoder_attention_block(const float* x, const float* wqkv, const float* bqkv, const float* wo,
+                                  const float* bo, const uint8_t* mask, float* y, int64_t b, int64_t t, int64_t h,
+                                  int64_t hd, int64_t group, float scale, const float* ln_w, const float* ln_b,
+                                  float eps, int nthreads) {
+    return attention_half(x, wqkv, bqkv, wo, bo, mask, NULL, y, b, t, h, hd, group, scale, ln_w, ln_b, eps, nthreads);
+}
+
+/* The attention half for b sequences packed without padding: x, y [starts[b], d], sequence s in rows
+   starts[s] .. starts[s + 1] - 1, none longer than t. */
+int llmfn_encoder_attention_block_packed(const float* x, const float* wqkv, const float* bqkv, const float* wo,
+                                         const float* bo, const int64_t* starts, float* y, int64_t b, int64_t t,
+                                         int64_t h, int64_t hd, int64_t group, float scale, const float* ln_w,
+                                         const float* ln_b, float eps, int nthreads) {
+    return attention_half(x, wqkv, bqkv, wo, bo, NULL, starts, y, b, t, h, hd, group, scale, ln_w, ln_b, eps,
+                          nthreads);
 }
