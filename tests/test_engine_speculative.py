@@ -9,6 +9,7 @@ import torch
 
 import llmfn
 from llmfn.engine import Engine, GenerationRequest
+from llmfn.engine import core as engine_core
 from llmfn.sampling import SamplingParams as SP
 from tiny import make_checkpoint
 
@@ -59,13 +60,18 @@ def test_speculation_changes_no_event_together_or_alone(model):
         assert events(alone, reqs[:3]) == expected[:3]
 
 
-def test_speculation_is_off_where_it_would_not_be_exact(model):
-    """Past the C kernels' 16 rows, steps run torch's kernels, not row-invariant: plain decoding. At 16
-    places, drafts take the rows the busy places leave free."""
+def test_speculation_is_off_where_it_would_not_be_exact(model, monkeypatch):
+    """Where the steps run torch's kernels (not row-invariant): plain decoding. On the C kernels, drafts
+    take the rows the busy places leave free in a step's first 16, also with more places than that
+    (whose steps run in slices of 16 rows)."""
+    reqs = requests()[:3]
+    with Engine(model, max_running=16, prefill_chunk=16) as plain, \
+         Engine(model, max_running=16, prefill_chunk=16, speculative="ngram") as spec, \
+         Engine(model, max_running=17, prefill_chunk=16, speculative="ngram") as wide:  # fmt: skip
+        expected = events(plain, reqs)
+        assert events(spec, reqs) == expected and spec.stats()["drafted_tokens"] > 0
+        assert events(wide, reqs) == expected and wide.stats()["drafted_tokens"] > 0
+    monkeypatch.setattr(engine_core, "row_invariant_rows", lambda model: 0)
     engine = Engine(model, max_running=17, speculative="ngram")
     assert engine._speculator is None
     engine.shutdown()
-    reqs = requests()[:3]
-    with Engine(model, max_running=16, prefill_chunk=16) as plain, \
-         Engine(model, max_running=16, prefill_chunk=16, speculative="ngram") as spec:  # fmt: skip
-        assert events(spec, reqs) == events(plain, reqs) and spec.stats()["drafted_tokens"] > 0

@@ -93,9 +93,8 @@ class Engine:
         self.kv_bytes_per_token = arch.kv_bytes_per_token(cfg, dtype)
         num_blocks, self.max_model_len = size_pool(kv_cache_memory, self.kv_bytes_per_token, block_size,
                                                    cfg.max_position_embeddings, max_model_len, self._device)  # fmt: skip
-        # Decode steps: where the backend's kernels are row-invariant, only the rows up to the last busy
-        # place run; elsewhere every step runs the same `rows` rows (see the module docstring).
-        # More places than the kernels' row limit run in slices of that many rows (in row order).
+        # Decode steps: where the backend's kernels are row-invariant, only the rows up to the last busy place
+        # run, in slices of the kernels' row limit; elsewhere every step runs the same `rows` rows (module doc).
         invariant_rows = row_invariant_rows(model)
         self.compact = invariant_rows > 0
         self.slice_rows = invariant_rows or None
@@ -166,9 +165,7 @@ class Engine:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise LlmfnError(
-                "submit() needs a running asyncio loop; use generate_many() from plain code"
-            ) from None
+            raise LlmfnError("submit() needs a running asyncio loop; use generate_many() from plain code") from None
         seq = self._prepare(request)
         queue: asyncio.Queue = asyncio.Queue()
         seq.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
@@ -176,14 +173,8 @@ class Engine:
         self._enqueue(seq)
         return stream
 
-    def generate_many(
-        self,
-        requests: Iterable[GenerationRequest | str | list[int]],
-        *,
-        max_tokens: int | None = None,
-        sampling: SamplingParams = GREEDY,
-        stop: tuple[str, ...] = (),
-    ) -> list[GenerationResult]:
+    def generate_many(self, requests: Iterable[GenerationRequest | str | list[int]], *, max_tokens: int | None = None,
+                      sampling: SamplingParams = GREEDY, stop: tuple[str, ...] = ()) -> list[GenerationResult]:
         """Generate for every request, batched, and block until all finish; results in input order.
         Plain prompts (text, encoded with the model's tokenizer, or token ids) take max_tokens,
         sampling and stop from the keywords. All requests are validated before any is queued; when
@@ -225,10 +216,8 @@ class Engine:
             free = self.max_running - sum(s is not None for s in self._slots[: self.max_running])
             behind = max(0, len(self._waiting) - free)  # requests that would wait ahead of this one
             if behind >= self.max_queued:
-                raise QueueFullError(
-                    f"{behind} requests already wait for a place (max_queued={self.max_queued})",
-                    retry_after=self._retry_after(),
-                )
+                raise QueueFullError(f"{behind} requests already wait for a place (max_queued={self.max_queued})",
+                                     retry_after=self._retry_after())
             seq.arrival = next(self._arrivals)
             self._waiting.append(seq)
             self._cv.notify_all()
@@ -241,8 +230,7 @@ class Engine:
     # ----------------------------------------------------------------------------------- stats
 
     def stats(self) -> dict:
-        """A snapshot: running, queued, places, KV blocks (used / cached / free), tokens, prefix hits,
-        preemptions, ..."""
+        """A snapshot: running, queued, places, KV blocks (used / cached / free), tokens, prefix hits, ..."""
         with self._cv:
             queued = len(self._waiting)
         used = sum(s is not None for s in list(self._slots))
