@@ -153,6 +153,13 @@ def feed_forward(x: torch.Tensor, w_up, b_up: torch.Tensor | None, w_down, b_dow
 BLOCK_MIN_PER_THREAD = 4
 
 
+def _fused_group(B: int, T: int, wqkv, wo) -> int:
+    """Sequences per task where B sequences of (at most) T tokens run the attention half fused in C, else 0."""
+    group = -(-cpu_gemm.MC // max(T, 1))
+    fused = isinstance(wqkv, PackedWeight) and isinstance(wo, PackedWeight) and cpu_attention.available()
+    return group if fused and -(-B // group) >= BLOCK_MIN_PER_THREAD * torch.get_num_threads() else 0
+
+
 def attention_block(x: torch.Tensor, wqkv, bqkv: torch.Tensor, wo, bo: torch.Tensor, n_heads: int,
                     key_mask: torch.Tensor | None, norm: tuple) -> torch.Tensor:
     """norm(encoder_attention(x @ wqkv.T + bqkv) @ wo.T + bo + x) for x [B, T, D], key_mask [B, T]
@@ -160,10 +167,8 @@ def attention_block(x: torch.Tensor, wqkv, bqkv: torch.Tensor, wo, bo: torch.Ten
     fused per group of sequences where that is faster (their [rows, 3D] projection then stays in the
     thread's cache), else in three calls; the same bits either way."""
     B, T, _ = x.shape
-    group = -(-cpu_gemm.MC // max(T, 1))  # sequences per task
-    fused = isinstance(wqkv, PackedWeight) and isinstance(wo, PackedWeight) and cpu_attention.available()
-    fused = fused and -(-B // group) >= BLOCK_MIN_PER_THREAD * torch.get_num_threads()
-    if fused and gemm_takes(x, wqkv.w, wo.w, bqkv, bo, *norm[:2]):
+    group = _fused_group(B, T, wqkv, wo)
+    if group and gemm_takes(x, wqkv.w, wo.w, bqkv, bo, *norm[:2]):
         return cpu_attention.attention_block(x, wqkv.packed, bqkv, wo.packed, bo, n_heads, key_mask, norm,
                                              group=group)  # fmt: skip
     a = encoder_attention(linear(x, wqkv, bqkv), n_heads, key_mask)  # [B, T, D]
@@ -175,11 +180,8 @@ def packed_attention_block(x: torch.Tensor, starts: torch.Tensor, longest: int, 
     """attention_block for sequences packed without their padding (x [N, D], sequence s in rows
     starts[s] .. starts[s + 1] - 1, none longer than `longest`), where attention_block would run them
     fused in C; None elsewhere (the caller then runs them padded)."""
-    B = starts.numel() - 1
-    group = -(-cpu_gemm.MC // max(longest, 1))  # sequences per task, as attention_block groups them
-    fused = isinstance(wqkv, PackedWeight) and isinstance(wo, PackedWeight) and cpu_attention.available()
-    fused = fused and -(-B // group) >= BLOCK_MIN_PER_THREAD * torch.get_num_threads()
-    if not (fused and gemm_takes(x, wqkv.w, wo.w, bqkv, bo, *norm[:2])):
+    group = _fused_group(starts.numel() - 1, longest, wqkv, wo)
+    if not (group and gemm_takes(x, wqkv.w, wo.w, bqkv, bo, *norm[:2])):
         return None
     return cpu_attention.packed_attention_block(x, starts, longest, wqkv.packed, bqkv, wo.packed, bo, n_heads, norm,
                                                 group=group)  # fmt: skip
