@@ -228,9 +228,9 @@ def test_empty_batch(tiny):
 
 def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path, monkeypatch):
     """Batches of enough sequences run each layer's attention half as one C pass per group of sequences,
-    on their real tokens packed together (cpu_attention.packed_attention_block) or padded
-    (attention_block): the bits of the three calls they replace at every real position, and
-    transformers' hidden states."""
+    on their real tokens packed together (skip_padding: cpu_attention.packed_attention_block) or padded
+    (attention_block): the bits of the three calls they replace at every real position (padded: at
+    every position), and transformers' hidden states."""
     hf = tiny_hf()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     cfg = bert_loading.read_config(tmp_path)
@@ -245,24 +245,24 @@ def test_fused_attention_half_changes_nothing_and_matches_transformers(tmp_path,
         monkeypatch.setattr(cpu_attention, f"{name}_attention_block" if name == "packed" else "attention_block",
                             lambda *a, _f=module, _n=name, **k: calls[_n].append(1) or _f(*a, **k))  # fmt: skip
     with torch.inference_mode():
-        packed = bert.forward(params, cfg, tokens, mask)
+        packed = bert.forward(params, cfg, tokens, mask, skip_padding=True)
         assert calls == {"packed": [1] * cfg.n_layers, "padded": []} or not cpu_attention.available()
         assert torch.isfinite(packed).all() and not packed[~keep].any()  # padded positions: zeros here
-        monkeypatch.setattr(bert, "packed_attention_block", lambda *a, **k: None)
-        padded = bert.forward(params, cfg, tokens, mask)
+        padded = bert.forward(params, cfg, tokens, mask)  # every position computed
         assert len(calls["padded"]) == cfg.n_layers or not cpu_attention.available()
         monkeypatch.setattr(llmfn_linear, "BLOCK_MIN_PER_THREAD", B)
         three = bert.forward(params, cfg, tokens, mask)
-    assert torch.equal(packed[keep], three[keep]) and torch.equal(padded[keep], three[keep])
-    assert (packed[keep] - hf_hidden(hf, tokens, mask)[keep]).abs().max().item() <= 1e-5
+    assert torch.equal(packed[keep], three[keep]) and torch.equal(padded, three)
+    hf_out = hf_hidden(hf, tokens, mask)
+    assert (packed[keep] - hf_out[keep]).abs().max().item() <= 1e-5
+    assert (padded - hf_out).abs().max().item() <= 1e-5  # without skip_padding, the padded positions too
 
 
 def test_feed_forward_fused_and_chunked_change_nothing(tiny, monkeypatch):
     """Packed weights run the feed-forward fused (one C pass), plain ones in row chunks of at most
     linear.FFN_ROWS: the same bits either way, and whatever the chunking."""
     model, _ = tiny
-    tokens, _, _ = random_batch(B=4, T=17)
-    mask = torch.ones_like(tokens)  # no padding: all 68 rows reach the feed-forward (padding rows skip it)
+    tokens, mask, _ = random_batch(B=4, T=17)
     plain = {**model.params, "layers": [{k: getattr(w, "w", w) for k, w in layer.items()} for layer in model.params["layers"]]}
     with torch.inference_mode():
         fused = bert.forward(model.params, model.cfg, tokens, mask)
@@ -545,7 +545,7 @@ def test_minilm_matches_transformers_plus_pooling(minilm):
 
 @pytest.mark.parametrize("fused_attention", [False, True])
 def test_feed_forward_skips_padding_rows_bit_for_bit(tiny, fused_attention, monkeypatch):
-    """Padded batches (where the C attention half does not take them packed) run the feed-forward halves
+    """skip_padding, where the C attention half does not take a batch packed: the feed-forward halves run
     on the real tokens only: every real position keeps the bits it gets when the padding rows run too,
     and the padding rows stay finite. Fused: the attention half as C passes per group of sequences."""
     model, _ = tiny
@@ -561,9 +561,9 @@ def test_feed_forward_skips_padding_rows_bit_for_bit(tiny, fused_attention, monk
     skipping = bert._feed_forward
     monkeypatch.setattr(bert, "_feed_forward", lambda x, *a: rows.append(len(a[-1])) or skipping(x, *a))
     with torch.inference_mode():
-        batch = bert.forward(model.params, model.cfg, tokens, mask.long())
+        batch = bert.forward(model.params, model.cfg, tokens, mask.long(), skip_padding=True)
         assert rows == [int(lengths.sum())] * model.cfg.n_layers  # only the real tokens went through
         monkeypatch.setattr(bert, "_feed_forward", lambda x, layer, cfg, real: skipping(x, layer, cfg, None))
-        padded = bert.forward(model.params, model.cfg, tokens, mask.long())
+        padded = bert.forward(model.params, model.cfg, tokens, mask.long(), skip_padding=True)
     assert torch.isfinite(batch).all()
     assert torch.equal(batch[mask], padded[mask])

@@ -137,7 +137,8 @@ def embed_ids(model: Model, seqs: list[list[int]], *, normalize: bool | None = N
         tokens = torch.tensor([seqs[i] + [cfg.pad_id] * (T - len(seqs[i])) for i in idx], dtype=torch.long)
         lengths = torch.tensor(lens)
         mask = None if lens[-1] == T else torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
-        hidden = bert.forward(model.params, cfg, tokens.to(device), None if mask is None else mask.to(device))
+        hidden = bert.forward(model.params, cfg, tokens.to(device), None if mask is None else mask.to(device),
+                              skip_padding=True)  # pooling reads the real positions only
         vecs = pool(hidden.float(), lengths.to(device), ex["pooling"])  # [B, dim]
         if normalize:
             vecs = F.normalize(vecs, p=2, dim=-1)

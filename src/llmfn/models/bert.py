@@ -86,14 +86,18 @@ def forward(
     tokens: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None,
+    *,
+    skip_padding: bool = False,
 ) -> torch.Tensor:
     """Last hidden states [B, T, D] of `tokens` [B, T].
 
     attention_mask [B, T]: 1 for real tokens, 0 for padding (None: no padding). Padded keys are masked
-    out, so a row's real positions do not depend on how far it is padded. Padding rows are not computed
-    (16% of the rows of a batch of 32 short sentences): the layers run on the real tokens packed
-    together where the C attention half takes them, else padded with the feed-forward halves on the
-    real rows only; padded positions hold unspecified finite values. token_type_ids: None = 0."""
+    out, so a row's real positions do not depend on how far it is padded. token_type_ids: None = 0.
+    skip_padding (what pooling callers want: llmfn.embed): padding rows are not computed (16% of the rows
+    of a batch of 32 short sentences), the layers run on the real tokens packed together where the C
+    attention half takes them, else padded with the feed-forward halves on the real rows only; real
+    positions keep their bits, padded ones hold unspecified finite values (else they are computed like
+    the real ones, as transformers does)."""
     B, T = tokens.shape
     if T > cfg.max_positions:
         raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings {cfg.max_positions}")
@@ -103,7 +107,7 @@ def forward(
         extra = params["pos_embed"][:T] + F.embedding(token_type_ids, params["type_embed"])  # [B, T, D]
     x = _norm(F.embedding(tokens, params["tok_embed"]) + extra, params["embed_norm"], cfg.norm_eps)  # [B, T, D]
     mask = None if attention_mask is None else attention_mask.bool()  # [B, T], True = attend
-    real = None if mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)  # [N] of B * T
+    real = None if not skip_padding or mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
     if real is not None:
         packed = _packed_layers(x.view(B * T, cfg.dim).index_select(0, real), mask, params, cfg)
         if packed is not None:
