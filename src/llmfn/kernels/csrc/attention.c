@@ -110,6 +110,9 @@ static void gemm_rows(const float* x, const float* packed, int64_t n, int64_t k,
    starts NULL, rows s * t .. s * t + t - 1 and the keys where mask [b, t] is nonzero (mask NULL: all).
    Bitwise the result of llmfn_gemm, llmfn_encoder_attention and llmfn_gemm in turn. Returns -1 when
    scratch memory cannot be allocated. */
+/* The first row of sequence s: starts[s] when packed, else s * t. */
+static inline int64_t seq_row(const int64_t* starts, int64_t s, int64_t t) { return starts ? starts[s] : s * t; }
+
 static int attention_half(const float* x, const float* wqkv, const float* bqkv, const float* wo, const float* bo,
                           const uint8_t* mask, const int64_t* starts, float* y, int64_t b, int64_t t, int64_t h,
                           int64_t hd, int64_t group, float scale, const float* ln_w, const float* ln_b, float eps,
@@ -133,12 +136,11 @@ static int attention_half(const float* x, const float* wqkv, const float* bqkv, 
         for (int64_t task = 0; task < tasks; task++) {
             if (!xp || !qkv) continue;
             int64_t b0 = task * group, nb = b - b0 < group ? b - b0 : group;
-            int64_t row0 = starts ? starts[b0] : b0 * t, rows = (starts ? starts[b0 + nb] : (b0 + nb) * t) - row0;
+            int64_t row0 = seq_row(starts, b0, t), rows = seq_row(starts, b0 + nb, t) - row0;
             float *a = qkv + rows * 3 * d, *scratch = a + rows * d;
             gemm_rows(x + row0 * d, wqkv, 3 * d, d, qkv, 0, rows, &e_qkv, xp);
             for (int64_t s = 0; s < nb; s++) {
-                int64_t r = (starts ? starts[b0 + s] : (b0 + s) * t) - row0;
-                int64_t ts = starts ? starts[b0 + s + 1] - starts[b0 + s] : t;
+                int64_t r = seq_row(starts, b0 + s, t) - row0, ts = seq_row(starts, b0 + s + 1, t) - row0 - r;
                 for (int64_t hi = 0; hi < h; hi++)
                     attend_head(qkv + r * 3 * d + hi * hd, 3 * d, d, mask ? mask + (b0 + s) * t : NULL,
                                 a + r * d + hi * hd, d, ts, hd, scale, scratch);
